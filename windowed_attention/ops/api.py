@@ -1,0 +1,108 @@
+"""The functional op `local_attention`: validation at the boundary, then a backend does the work."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import pack, unpack
+
+from . import backends
+from .spec import WindowSpec
+from .validation import (
+    check_attn_bias,
+    check_bool,
+    check_int,
+    check_look,
+    check_mask,
+    check_probability,
+    check_qkv,
+    check_scale,
+)
+
+
+def make_spec(window_size, causal, look_backward, look_forward, exact_windowsize) -> WindowSpec:
+    """Validated `WindowSpec` from the public keywords (`look_forward=None` resolved)."""
+    window_size = check_int("window_size", window_size, 1)
+    causal = check_bool("causal", causal)
+    exact_windowsize = check_bool("exact_windowsize", exact_windowsize)
+    look_backward, look_forward = check_look(causal, look_backward, look_forward)
+    return WindowSpec(window_size, causal, look_backward, look_forward, exact_windowsize)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: WindowSpec,
+    *,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    attn_bias: torch.Tensor | None = None,
+    mask_self: bool = False,
+    key_scale: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Trusted internal entry: `q, k, v` are `(P, n, d)`, everything already validated.
+
+    `mask_self` replaces each query's score with itself by -5e4 (the shared-qk rule); `key_scale`
+    `(span, d)` scales the keys of each neighbour window (xpos uses it to stay window-relative).
+    """
+    if q.shape[1] == 0:
+        return q.new_zeros(*q.shape[:-1], v.shape[-1])
+    name = backends.choose(q, spec, mask=mask, attn_bias=attn_bias, mask_self=mask_self,
+                           key_scale=key_scale, dropout_p=dropout_p) if backend == "auto" else backend
+    return backends.get(name)(
+        q, k, v, spec, scale=scale, mask=mask, attn_bias=attn_bias, mask_self=mask_self,
+        key_scale=key_scale, dropout_p=dropout_p,
+    )
+
+
+def local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window_size: int,
+    causal: bool = False,
+    look_backward: int = 1,
+    look_forward: int | None = None,
+    exact_windowsize: bool = False,
+    mask: torch.Tensor | None = None,
+    attn_bias: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    shared_qk: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Local windowed attention. `q, k`: `(..., n, d)`, `v`: `(..., n, d_v)` -> `(..., n, d_v)`.
+
+    Positions are cut into windows of `window_size`; query `i` sees keys of windows
+    `i // w - look_backward ... i // w + look_forward` (and `j <= i` when causal; within
+    `w * look_backward` back and `w * look_forward` ahead with `exact_windowsize`), where `mask`
+    `(b, n)` is True. `attn_bias` `(heads, w, (look_backward + look_forward + 1) * w)` is added to the
+    scores. `shared_qk` l2-normalises keys and lets a query see itself only when nothing else is
+    visible. A query that sees no key outputs zeros. Any `n` works (no padding needed).
+    """
+    check_qkv(q, k, v)
+    spec = make_spec(window_size, causal, look_backward, look_forward, exact_windowsize)
+    shared_qk = check_bool("shared_qk", shared_qk)
+    dropout_p = check_probability("dropout_p", dropout_p)
+    scale = check_scale(scale)
+    backend = backends.check_name(backend, q.device)
+
+    (q, packed_shape), (k, _), (v, _) = (pack([t], "* n d") for t in (q, k, v))
+    packed, n = q.shape[0], q.shape[1]
+    if mask is not None:
+        check_mask(mask, packed, n, q.device)
+    if attn_bias is not None:
+        check_attn_bias(attn_bias, packed, spec.window_size, spec.span, q.device)
+
+    if shared_qk:
+        k = F.normalize(k, dim=-1)
+    out = attend(
+        q, k, v, spec,
+        scale=q.shape[-1] ** -0.5 if scale is None else scale,
+        mask=mask, attn_bias=attn_bias, mask_self=shared_qk, dropout_p=dropout_p, backend=backend,
+    )
+    return unpack(out, packed_shape, "* n d")[0]

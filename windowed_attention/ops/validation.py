@@ -1,0 +1,102 @@
+"""Argument checks shared by the op and the modules: each error names the argument and what is allowed."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_probability(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(value).__name__} {value!r}")
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {value}")
+    return float(value)
+
+
+def check_look(causal: bool, look_backward, look_forward) -> tuple[int, int]:
+    """Validate the look-around and resolve `look_forward=None` (0 when causal, else 1)."""
+    look_backward = check_int("look_backward", look_backward, 0)
+    if look_forward is None:
+        look_forward = 0 if causal else 1
+    look_forward = check_int("look_forward", look_forward, 0)
+    if causal and look_forward > 0:
+        raise ValueError(f"look_forward must be 0 when causal=True (a causal query cannot see ahead), got {look_forward}")
+    return look_backward, look_forward
+
+
+def check_scale(scale) -> float | None:
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a positive float or None, got {type(scale).__name__} {scale!r}")
+    if not float(scale) > 0.0:
+        raise ValueError(f"scale must be a positive float or None, got {scale}")
+    return float(scale)
+
+
+def check_qkv(q, k, v) -> None:
+    """q, k, v: float tensors `(..., n, d)` on one device, one dtype; q and k share `d`."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape (..., n, d), got {type(t).__name__}")
+        if t.ndim < 2:
+            raise ValueError(f"{name} must have shape (..., n, d) with at least 2 dims, got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype of {name} must be one of float16, bfloat16, float32, float64, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"dtype of q, k, v must match, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape != k.shape:
+        raise ValueError(f"k must have the shape of q (..., n, d), got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if v.shape[:-1] != q.shape[:-1]:
+        raise ValueError(f"v must have shape (..., n, d_v) matching q's (..., n), got q {tuple(q.shape)} and v {tuple(v.shape)}")
+
+
+def check_mask(mask, packed: int, n: int, device, name: str = "mask") -> None:
+    """Key padding mask `(b, n)` bool, with `b` dividing the packed batch `P`."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a bool tensor of shape (b, n), got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor of shape (b, n), got dtype {mask.dtype}")
+    if mask.ndim != 2 or mask.shape[1] != n or mask.shape[0] == 0 or packed % mask.shape[0] != 0:
+        raise ValueError(
+            f"{name} must have shape (b, n) with n = {n} and b dividing the packed batch {packed}, got {tuple(mask.shape)}"
+        )
+    if mask.device != device:
+        raise ValueError(f"{name} must be on the device of q ({device}), got {mask.device}")
+
+
+def check_attn_bias(attn_bias, packed: int, window_size: int, span: int, device) -> None:
+    """Bias `(heads, w, span * w)`, float, with `heads` dividing the packed batch."""
+    if not isinstance(attn_bias, torch.Tensor):
+        raise TypeError(f"attn_bias must be a float tensor of shape (heads, w, span * w), got {type(attn_bias).__name__}")
+    if attn_bias.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"attn_bias must be a float tensor, got dtype {attn_bias.dtype}")
+    expected = (window_size, span * window_size)
+    if attn_bias.ndim != 3 or tuple(attn_bias.shape[1:]) != expected or attn_bias.shape[0] == 0 or packed % attn_bias.shape[0] != 0:
+        raise ValueError(
+            f"attn_bias must have shape (heads, {expected[0]}, {expected[1]}) = (heads, window_size, "
+            f"(look_backward + look_forward + 1) * window_size) with heads dividing the packed batch {packed}, "
+            f"got {tuple(attn_bias.shape)}"
+        )
+    if attn_bias.device != device:
+        raise ValueError(f"attn_bias must be on the device of q ({device}), got {attn_bias.device}")

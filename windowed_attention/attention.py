@@ -1,0 +1,151 @@
+"""`LocalAttention`: the op as a module, with rotary/xpos positions, autopad and dropout."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn.functional as F
+from einops import pack, unpack
+from torch import nn
+
+from .ops import attend, make_spec
+from .ops.spec import SELF_ATTN_SCORE
+from .ops.validation import check_attn_bias, check_bool, check_mask, check_probability, check_qkv, check_scale
+from .positional import SinusoidalEmbeddings, rotate, xpos_factors
+
+
+class LocalAttention(nn.Module):
+    """Local windowed attention over `q, k, v` `(..., n, d)` (drop-in for local-attention's class).
+
+    With `dim` (the head dim) and `use_rotary_pos_emb`, rotary embeddings (and xpos with `use_xpos`)
+    are applied so that scores depend only on the true distance `i - j`. `autopad` accepts any `n`
+    (padding is never attended to); without it `n` must be a multiple of `window_size`.
+    """
+
+    def __init__(
+        self,
+        window_size: int,
+        causal: bool = False,
+        look_backward: int = 1,
+        look_forward: int | None = None,
+        dropout: float = 0.0,
+        shared_qk: bool = False,
+        rel_pos_emb_config=None,
+        dim: int | None = None,
+        autopad: bool = False,
+        exact_windowsize: bool = False,
+        scale: float | None = None,
+        use_rotary_pos_emb: bool = True,
+        use_xpos: bool = False,
+        xpos_scale_base: float | None = None,
+    ):
+        super().__init__()
+        self.spec = make_spec(window_size, causal, look_backward, look_forward, exact_windowsize)
+        self.window_size, self.causal = self.spec.window_size, self.spec.causal
+        self.look_backward, self.look_forward = self.spec.look_backward, self.spec.look_forward
+        self.exact_windowsize = self.spec.exact_windowsize
+        self.dropout = nn.Dropout(check_probability("dropout", dropout))
+        self.shared_qk = check_bool("shared_qk", shared_qk)
+        self.autopad = check_bool("autopad", autopad)
+        self.scale = check_scale(scale)
+        use_rotary_pos_emb = check_bool("use_rotary_pos_emb", use_rotary_pos_emb)
+        self.use_xpos = check_bool("use_xpos", use_xpos)
+        if xpos_scale_base is not None and (
+            isinstance(xpos_scale_base, bool) or not isinstance(xpos_scale_base, numbers.Real) or xpos_scale_base <= 0
+        ):
+            raise ValueError(f"xpos_scale_base must be a positive number or None, got {xpos_scale_base!r}")
+
+        if rel_pos_emb_config is not None:  # deprecated spelling of `dim` in local-attention
+            dim = rel_pos_emb_config[0]
+        self.rel_pos = None
+        if use_rotary_pos_emb and dim is not None:
+            self.rel_pos = SinusoidalEmbeddings(
+                dim, use_xpos=self.use_xpos,
+                scale_base=xpos_scale_base if xpos_scale_base is not None else self.window_size // 2 or 1,
+            )
+        elif self.use_xpos:
+            raise ValueError("use_xpos needs rotary embeddings: give dim (the head dim) and keep use_rotary_pos_emb=True")
+
+    def forward(self, q, k, v, mask=None, input_mask=None, attn_bias=None, window_size=None):
+        """`q, k` `(..., n, d)`, `v` `(..., n, d_v)` -> `(..., n, d_v)`; `mask` `(b, n)` bool, True = attend."""
+        if mask is not None and input_mask is not None:
+            raise ValueError("give either mask or input_mask (its alias), not both")
+        mask = input_mask if mask is None else mask
+        spec = self.spec
+        if window_size is not None:
+            if not self.use_xpos:
+                raise ValueError("window_size can be overridden in forward only with use_xpos=True (length extrapolation)")
+            spec = make_spec(window_size, spec.causal, spec.look_backward, spec.look_forward, spec.exact_windowsize)
+
+        check_qkv(q, k, v)
+        (q, packed_shape), (k, _), (v, _) = (pack([t], "* n d") for t in (q, k, v))
+        packed, n, d = q.shape
+        if not self.autopad and n % spec.window_size:
+            raise ValueError(
+                f"sequence length {n} must be a multiple of window_size {spec.window_size}; pass autopad=True to allow any length"
+            )
+        if mask is not None:
+            check_mask(mask, packed, n, q.device)
+        if attn_bias is not None:
+            check_attn_bias(attn_bias, packed, spec.window_size, spec.span, q.device)
+        if self.rel_pos is not None and d != self.rel_pos.dim:
+            raise ValueError(f"dim ({self.rel_pos.dim}) must equal the head dim of q and k ({d}) for rotary embeddings")
+
+        if self.shared_qk:
+            k = F.normalize(k, dim=-1)
+        q, k, key_scale = self._positions(q, k, spec)
+        out = attend(
+            q, k, v, spec,
+            scale=d**-0.5 if self.scale is None else self.scale,
+            mask=mask, attn_bias=attn_bias, mask_self=self.shared_qk, key_scale=key_scale,
+            dropout_p=self.dropout.p if self.training else 0.0,
+        )
+        return unpack(out, packed_shape, "* n d")[0]
+
+    def _positions(self, q, k, spec):
+        """Rotary (+ window-relative xpos) on `q, k` `(P, n, d)`; returns `q, k, key_scale`."""
+        if self.rel_pos is None:
+            return q, k, None
+        n = q.shape[-2]
+        cos, sin = self.rel_pos.rotation(torch.arange(n, device=q.device))
+        if not self.use_xpos:
+            return rotate(q, cos, sin), rotate(k, cos, sin), None
+        q_factor, k_factor, key_scale = xpos_factors(
+            self.rel_pos, n, spec.window_size, spec.look_backward, spec.look_forward, q.device
+        )
+        return rotate(q, cos, sin, q_factor), rotate(k, cos, sin, k_factor), key_scale
+
+    def decode(self, q, k, v, position: int, attn_bias=None):
+        """Attention of the one query at absolute `position` over its most recent keys.
+
+        `q` `(..., 1, d)`; `k, v` `(..., m, d)` are the raw keys/values of positions
+        `position - m + 1 .. position` (the query's own last). Gives what `forward` gives for that query
+        in a causal model (keys before the window are simply not passed or are masked here).
+        """
+        spec, w = self.spec, self.spec.window_size
+        m, d = k.shape[-2], q.shape[-1]
+        key_pos = torch.arange(position - m + 1, position + 1, device=q.device)
+        visible = spec.visible(torch.tensor(position, device=q.device), key_pos, position + 1)
+
+        if self.shared_qk:
+            k = F.normalize(k, dim=-1)
+        if self.rel_pos is not None:
+            rel = key_pos - position  # the query sits at relative position 0
+            cos, sin = self.rel_pos.rotation(rel)
+            factor = self.rel_pos.xpos_scale(-rel) if self.use_xpos else None
+            k = rotate(k, cos, sin, factor)
+
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        scale = d**-0.5 if self.scale is None else self.scale
+        sim = torch.einsum("...id,...jd->...ij", q.to(compute) * scale, k.to(compute))
+        if attn_bias is not None:
+            first_key = (position // w - spec.look_backward) * w
+            cols = (key_pos - first_key).clamp(0, attn_bias.shape[-1] - 1)
+            bias = attn_bias[:, position % w, cols].to(compute)  # (heads, m)
+            sim = sim + bias.reshape(*([1] * (sim.ndim - 3)), bias.shape[0], 1, m)
+        if self.shared_qk:
+            sim[..., -1] = SELF_ATTN_SCORE
+        sim = sim.masked_fill(~visible, float("-inf"))
+        attn = sim.softmax(dim=-1)
+        return torch.einsum("...ij,...jd->...id", attn, v.to(compute)).to(q.dtype)

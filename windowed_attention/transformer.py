@@ -1,0 +1,188 @@
+"""`LocalTransformer`: a token language model of pre-norm [LocalMHA, FeedForward] residual blocks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .feedforward import FeedForward
+from .kv_cache import KVCache
+from .mha import LocalMHA
+from .ops.validation import check_bool, check_int
+from .position_bias import DynamicPositionBias
+from .sampling import check_sampling, sample
+
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+class LocalTransformer(nn.Module):
+    """Token embedding (+ learned absolute positions), `depth` x pre-norm residual [LocalMHA, FeedForward],
+    final LayerNorm and logits (drop-in for local-attention's class, with one residual stream).
+
+    `use_dynamic_pos_bias` replaces rotary embeddings by a learned bias of the distance.
+    `use_abs_pos_emb=False` drops the absolute position embedding (rotary only), which lets the model
+    run and generate past `max_seq_len`. Extra keywords (`look_backward`, `qk_rmsnorm`, ...) go to every
+    `LocalMHA`.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_tokens: int,
+        max_seq_len: int,
+        dim: int,
+        depth: int,
+        causal: bool = True,
+        local_attn_window_size: int = 512,
+        dim_head: int = 64,
+        heads: int = 8,
+        ff_mult: float = 4,
+        attn_dropout: float = 0.0,
+        ff_dropout: float = 0.0,
+        ignore_index: int = -1,
+        use_xpos: bool = False,
+        xpos_scale_base=None,
+        use_dynamic_pos_bias: bool = False,
+        use_abs_pos_emb: bool = True,
+        num_residual_streams: int = 1,
+        **kwargs,
+    ):
+        super().__init__()
+        self.num_tokens = check_int("num_tokens", num_tokens, 1)
+        self.max_seq_len = check_int("max_seq_len", max_seq_len, 1)
+        dim, depth = check_int("dim", dim, 1), check_int("depth", depth, 1)
+        self.causal = check_bool("causal", causal)
+        self.use_abs_pos_emb = check_bool("use_abs_pos_emb", use_abs_pos_emb)
+        use_dynamic_pos_bias = check_bool("use_dynamic_pos_bias", use_dynamic_pos_bias)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+        if num_residual_streams != 1:
+            raise ValueError(f"num_residual_streams must be 1 (hyper-connections are not supported), got {num_residual_streams!r}")
+        self.ignore_index = ignore_index
+        self.local_attn_window_size = local_attn_window_size
+
+        self.token_emb = nn.Embedding(num_tokens, dim)
+        self.pos_emb = nn.Embedding(max_seq_len, dim) if self.use_abs_pos_emb else None
+        self.layers = nn.ModuleList(
+            nn.ModuleList([
+                LocalMHA(
+                    dim=dim, dim_head=dim_head, heads=heads, dropout=attn_dropout, causal=causal,
+                    window_size=local_attn_window_size, use_xpos=use_xpos, xpos_scale_base=xpos_scale_base,
+                    use_rotary_pos_emb=not use_dynamic_pos_bias, prenorm=True, **kwargs,
+                ),
+                FeedForward(dim=dim, mult=ff_mult, dropout=ff_dropout),
+            ])
+            for _ in range(depth)
+        )
+        self.dynamic_pos_bias = DynamicPositionBias(dim=dim // 2 or 1, heads=heads) if use_dynamic_pos_bias else None
+        self.to_logits = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_tokens, bias=False))
+
+    @property
+    def spec(self):
+        return self.layers[0][0].attn_fn.spec
+
+    def _check_tokens(self, x, name: str = "x") -> None:
+        if not isinstance(x, torch.Tensor) or x.dtype not in INT_DTYPES:
+            raise TypeError(f"{name} must be an integer tensor of token ids (dtype torch.long), got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.ndim != 2:
+            raise ValueError(f"{name} must have shape (b, n), got {tuple(x.shape)}")
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.num_tokens):
+            raise ValueError(f"{name} must hold token ids in [0, num_tokens = {self.num_tokens}), got range [{int(x.min())}, {int(x.max())}]")
+
+    def _attn_bias(self):
+        if self.dynamic_pos_bias is None:
+            return None
+        spec = self.spec
+        w = spec.window_size
+        return self.dynamic_pos_bias(w, spec.span * w, offset=spec.look_backward * w)
+
+    def forward(self, x, mask=None, return_loss: bool = False, cache: list[KVCache] | None = None,
+                return_cache: bool = False):
+        """`x` `(b, n)` token ids -> logits `(b, n, num_tokens)`, or the mean next-token cross-entropy
+        (ignoring `ignore_index`) with `return_loss`. `mask` `(b, n)` bool marks real tokens.
+
+        Decoding: with `return_cache=True` the per-layer caches come back too; pass them as `cache`
+        with `x` holding only the next token `(b, 1)` to get its logits in O(window) work.
+        """
+        self._check_tokens(x)
+        if return_loss:
+            if cache is not None or return_cache:
+                raise ValueError("return_loss cannot be combined with cache or return_cache")
+            if x.shape[1] < 2:
+                raise ValueError(f"x must hold at least 2 tokens with return_loss=True, got {x.shape[1]}")
+            x, labels = x[:, :-1], x[:, 1:]
+            if mask is not None:
+                mask = mask[:, :-1]
+
+        if cache is not None:
+            if not isinstance(cache, (list, tuple)) or len(cache) != len(self.layers):
+                raise ValueError(f"cache must be the list of {len(self.layers)} per-layer caches returned with return_cache=True")
+            start = cache[0].length
+        else:
+            start = 0
+        n = x.shape[1]
+        if self.pos_emb is not None and start + n > self.max_seq_len:
+            raise ValueError(
+                f"sequence of {start + n} tokens exceeds max_seq_len = {self.max_seq_len} "
+                "(build the model with use_abs_pos_emb=False to run past it)"
+            )
+
+        h = self.token_emb(x)
+        if self.pos_emb is not None:
+            h = h + self.pos_emb(torch.arange(start, start + n, device=x.device))
+
+        attn_bias = self._attn_bias()
+        new_caches = []
+        for index, (attn, ff) in enumerate(self.layers):
+            out = attn(h, mask=mask, attn_bias=attn_bias, cache=None if cache is None else cache[index],
+                       return_cache=return_cache)
+            if return_cache:
+                out, layer_cache = out
+                new_caches.append(layer_cache)
+            h = h + out
+            h = h + ff(h)
+        logits = self.to_logits(h)
+
+        if return_loss:
+            return F.cross_entropy(rearrange(logits, "b n c -> b c n"), labels.long(), ignore_index=self.ignore_index)
+        return (logits, new_caches) if return_cache else logits
+
+    @torch.no_grad()
+    def generate(self, prime, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9,
+                 use_kv_cache: bool = True, top_p: float | None = None, generator: torch.Generator | None = None):
+        """Sample `seq_len` tokens after `prime` `(b, n)`; returns only the new tokens `(b, seq_len)`.
+
+        `temperature=0` is greedy; `filter_thres` keeps the top `1 - filter_thres` of the vocabulary;
+        `top_p` adds nucleus filtering. Cached and uncached generation give the same tokens.
+        """
+        self._check_tokens(prime, "prime")
+        seq_len = check_int("seq_len", seq_len, 0)
+        check_sampling(temperature, filter_thres, top_p)
+        use_kv_cache = check_bool("use_kv_cache", use_kv_cache)
+        if not self.causal:
+            raise ValueError("generate needs a causal model (causal=True)")
+        if prime.shape[1] < 1:
+            raise ValueError("prime must hold at least one token")
+        if self.pos_emb is not None and prime.shape[1] + seq_len - 1 > self.max_seq_len:
+            raise ValueError(
+                f"prime length {prime.shape[1]} + seq_len {seq_len} - 1 exceeds max_seq_len = {self.max_seq_len}"
+            )
+
+        was_training = self.training
+        self.eval()
+        try:
+            out, cache = prime, None
+            for step in range(seq_len):
+                if not use_kv_cache:
+                    logits = self.forward(out)
+                elif cache is None:
+                    logits, cache = self.forward(out, return_cache=True)
+                else:
+                    logits, cache = self.forward(out[:, -1:], cache=cache, return_cache=True)
+                token = sample(logits[:, -1], temperature, filter_thres, top_p, generator)
+                out = torch.cat((out, token.to(out.dtype)), dim=-1)
+        finally:
+            self.train(was_training)
+        return out[:, prime.shape[1]:]

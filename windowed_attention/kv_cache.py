@@ -25,12 +25,14 @@ class KVCache:
     def from_prefill(cls, k: torch.Tensor, v: torch.Tensor, capacity: int) -> "KVCache":
         """Cache after a full forward over `k, v` `(b, h, n, d)`."""
         n = k.shape[-2]
-        return cls(k[..., -capacity:, :], v[..., -capacity:, :], n, capacity)
+        start = max(n - capacity, 0)
+        return cls(k[..., start:, :], v[..., start:, :], n, capacity)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple["KVCache", torch.Tensor, torch.Tensor]:
         """Add one position's `k, v` `(b, h, 1, d)`: the new cache (this one is left as it was) and the
         keys/values that end with the new position."""
         keys = torch.cat((self.k, k), dim=-2)
         values = torch.cat((self.v, v), dim=-2)
-        cache = KVCache(keys[..., -self.capacity:, :], values[..., -self.capacity:, :], self.length + 1, self.capacity)
+        start = max(keys.shape[-2] - self.capacity, 0)
+        cache = KVCache(keys[..., start:, :], values[..., start:, :], self.length + 1, self.capacity)
         return cache, keys, values

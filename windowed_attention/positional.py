@@ -72,18 +72,18 @@ class SinusoidalEmbeddings(nn.Module):
         freqs = torch.cat((freqs, freqs), dim=-1).float()
         if not self.use_xpos:
             return freqs, torch.ones(1, device=x.device)
-        return freqs, self.xpos_scale(t - n // 2)
+        return freqs, self.xpos_scale(t - n // 2).float()
 
     def rotation(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`cos, sin` of shape `(n, dim)` (float32) for integer `positions` `(n,)`, angles in float64."""
+        """`cos, sin` of shape `(n, dim)` (float64; `rotate` casts) for integer `positions` `(n,)`."""
         angles = torch.outer(positions.to(torch.float64), self._inv_freq64())
         angles = torch.cat((angles, angles), dim=-1)
-        return angles.cos().float(), angles.sin().float()
+        return angles.cos(), angles.sin()
 
     def xpos_scale(self, power: torch.Tensor) -> torch.Tensor:
-        """`scale ** (power / scale_base)` `(n, dim)` (float32) for positions `power` `(n,)`."""
+        """`scale ** (power / scale_base)` `(n, dim)` (float64) for positions `power` `(n,)`."""
         scale = self.scale.double() ** rearrange(power.to(torch.float64) / self.scale_base, "n -> n 1")
-        return torch.cat((scale, scale), dim=-1).float()
+        return torch.cat((scale, scale), dim=-1)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:

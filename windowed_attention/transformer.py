@@ -17,6 +17,13 @@ from .sampling import check_sampling, sample
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
+def _from_single_stream_residuals(state_dict, prefix, *args):
+    """Accept local-attention checkpoints made with `num_residual_streams=1`: their blocks are wrapped in
+    a `Residual` whose parameters sit under `.branch.`."""
+    for key in [key for key in state_dict if key.startswith(prefix + "layers.") and ".branch." in key]:
+        state_dict[key.replace(".branch.", ".", 1)] = state_dict.pop(key)
+
+
 class LocalTransformer(nn.Module):
     """Token embedding (+ learned absolute positions), `depth` x pre-norm residual [LocalMHA, FeedForward],
     final LayerNorm and logits (drop-in for local-attention's class, with one residual stream).
@@ -78,6 +85,7 @@ class LocalTransformer(nn.Module):
         )
         self.dynamic_pos_bias = DynamicPositionBias(dim=dim // 2 or 1, heads=heads) if use_dynamic_pos_bias else None
         self.to_logits = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_tokens, bias=False))
+        self._register_load_state_dict_pre_hook(_from_single_stream_residuals)
 
     @property
     def spec(self):

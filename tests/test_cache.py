@@ -1,0 +1,126 @@
+"""Decoding from a KV cache gives what the full forward gives, token by token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from windowed_attention import DynamicPositionBias, KVCache, LocalMHA, LocalTransformer
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    window=st.integers(1, 9),
+    look_backward=st.integers(0, 2),
+    exact=st.booleans(),
+    xpos=st.booleans(),
+    qk_rmsnorm=st.booleans(),
+    gates=st.booleans(),
+    shared_qk=st.booleans(),
+    bias=st.booleans(),
+    prefix=st.integers(1, 12),
+    seed=st.integers(0, 2**16),
+)
+def test_mha_cache_matches_full_forward(window, look_backward, exact, xpos, qk_rmsnorm, gates, shared_qk, bias,
+                                        prefix, seed):
+    torch.manual_seed(seed)
+    heads = 2
+    mha = LocalMHA(
+        dim=12, dim_head=8, heads=heads, window_size=window, causal=True, look_backward=look_backward,
+        exact_windowsize=exact, use_xpos=xpos and not bias, qk_rmsnorm=qk_rmsnorm,
+        gate_values_per_head=gates, shared_qk=shared_qk, prenorm=True,
+        use_rotary_pos_emb=not bias,
+    ).double().eval()
+    attn_bias = None
+    if bias:
+        span = look_backward + 1
+        attn_bias = DynamicPositionBias(dim=4, heads=heads).double()(window, span * window, offset=look_backward * window)
+    n = prefix + 3 * window + 2
+    x = torch.randn(2, n, 12, dtype=torch.float64)
+    full = mha(x, attn_bias=attn_bias)
+
+    out, cache = mha(x[:, :prefix], attn_bias=attn_bias, return_cache=True)
+    torch.testing.assert_close(out, full[:, :prefix])
+    for t in range(prefix, n):
+        step, cache = mha(x[:, t : t + 1], attn_bias=attn_bias, cache=cache, return_cache=True)
+        torch.testing.assert_close(step[:, 0], full[:, t], rtol=1e-9, atol=1e-9)
+        assert cache.k.shape[-2] <= mha.cache_capacity  # O(window), whatever t is
+    assert cache.length == n
+
+
+def test_cache_is_not_mutated():
+    torch.manual_seed(0)
+    mha = LocalMHA(dim=8, dim_head=4, heads=2, window_size=4, causal=True).eval()
+    x = torch.randn(1, 9, 8)
+    _, cache = mha(x[:, :6], return_cache=True)
+    k_before = cache.k.clone()
+    a, _ = mha(x[:, 6:7], cache=cache, return_cache=True)
+    b, _ = mha(x[:, 6:7], cache=cache, return_cache=True)
+    assert torch.equal(a, b) and torch.equal(cache.k, k_before) and cache.length == 6
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(exact_windowsize=False),
+        dict(look_backward=2),
+        dict(use_dynamic_pos_bias=True),
+        dict(use_xpos=True),
+        dict(qk_rmsnorm=True, gate_values_per_head=True),
+        dict(shared_qk=True, exact_windowsize=False, look_backward=2),
+        dict(use_abs_pos_emb=False),
+    ],
+)
+def test_generate_cached_equals_uncached(options):
+    torch.manual_seed(0)
+    model = LocalTransformer(num_tokens=40, max_seq_len=96, dim=32, depth=2, heads=2, dim_head=16,
+                             local_attn_window_size=6, **options)
+    prime = torch.randint(0, 40, (2, 7))
+    greedy_cached = model.generate(prime, 30, temperature=0, use_kv_cache=True)
+    greedy_full = model.generate(prime, 30, temperature=0, use_kv_cache=False)
+    assert greedy_cached.shape == (2, 30)
+    assert torch.equal(greedy_cached, greedy_full)
+
+    sampled = [
+        model.generate(prime, 20, temperature=1.0, filter_thres=0.5, use_kv_cache=use_cache,
+                       generator=torch.Generator().manual_seed(3))
+        for use_cache in (True, False)
+    ]
+    assert torch.equal(*sampled)
+
+
+def test_generate_keeps_training_mode_and_rejects_bad_sampling():
+    model = LocalTransformer(num_tokens=10, max_seq_len=16, dim=8, depth=1, heads=1, dim_head=8,
+                             local_attn_window_size=4).train()
+    prime = torch.zeros(1, 2, dtype=torch.long)
+    model.generate(prime, 3)
+    assert model.training
+    for name, kwargs in [("temperature", dict(temperature=-1)), ("filter_thres", dict(filter_thres=1.5)),
+                         ("top_p", dict(top_p=0.0)), ("seq_len", dict(seq_len=-1)),
+                         ("max_seq_len", dict(seq_len=20))]:
+        kwargs = {"seq_len": 3, **kwargs}
+        with pytest.raises(ValueError, match=name):
+            model.generate(prime, **kwargs)
+    with pytest.raises(TypeError, match="prime"):
+        model.generate(prime.float(), 3)
+
+
+def test_generation_past_max_seq_len_without_absolute_positions():
+    torch.manual_seed(0)
+    model = LocalTransformer(num_tokens=20, max_seq_len=8, dim=16, depth=1, heads=2, dim_head=8,
+                             local_attn_window_size=4, use_abs_pos_emb=False)
+    prime = torch.randint(0, 20, (1, 3))
+    out = model.generate(prime, 40, temperature=0)
+    assert out.shape == (1, 40)
+    assert torch.equal(out, model.generate(prime, 40, temperature=0, use_kv_cache=False))
+
+
+def test_kv_cache_keeps_at_most_capacity():
+    k = torch.randn(1, 2, 10, 4)
+    cache = KVCache.from_prefill(k, k, capacity=6)
+    assert cache.k.shape[-2] == 6 and cache.length == 10
+    cache, keys, _ = cache.append(k[..., :1, :], k[..., :1, :])
+    assert keys.shape[-2] == 7 and cache.k.shape[-2] == 6 and cache.length == 11

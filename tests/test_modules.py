@@ -1,0 +1,194 @@
+"""Modules: shapes, training behaviour, positions at scale, and validation errors that name the argument."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from oracle import oracle_attention
+
+from windowed_attention import (
+    GEGLU,
+    DynamicPositionBias,
+    FeedForward,
+    LocalAttention,
+    LocalMHA,
+    LocalTransformer,
+    SinusoidalEmbeddings,
+)
+
+
+def small_model(**kwargs):
+    options = dict(num_tokens=32, max_seq_len=64, dim=16, depth=2, heads=2, dim_head=8, local_attn_window_size=8)
+    return LocalTransformer(**{**options, **kwargs})
+
+
+def test_transformer_shapes_loss_and_ignore_index():
+    torch.manual_seed(0)
+    model = small_model()
+    x = torch.randint(0, 32, (3, 40))
+    assert model(x).shape == (3, 40, 32)
+    loss = model(x, return_loss=True)
+    logits = model(x[:, :-1])
+    expected = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:])
+    torch.testing.assert_close(loss, expected)
+
+    ignored = small_model(ignore_index=0)
+    ignored.load_state_dict(model.state_dict())
+    y = x.clone()
+    y[:, 20:] = 0
+    logits = ignored(y[:, :-1])
+    keep = y[:, 1:] != 0
+    expected = torch.nn.functional.cross_entropy(logits[keep], y[:, 1:][keep])
+    torch.testing.assert_close(ignored(y, return_loss=True), expected)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_transformer_attn_dropout_drops_attention_weights():
+    torch.manual_seed(0)
+    model = small_model(attn_dropout=0.5)
+    x = torch.randint(0, 32, (2, 32))
+    model.train()
+    assert not torch.allclose(model(x), model(x))
+    model.eval()
+    assert torch.equal(model(x), model(x))
+
+
+def test_transformer_without_abs_positions_runs_past_max_seq_len():
+    model = small_model(use_abs_pos_emb=False, max_seq_len=16)
+    assert model(torch.randint(0, 32, (1, 40))).shape == (1, 40, 32)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        small_model(max_seq_len=16)(torch.randint(0, 32, (1, 40)))
+
+
+def test_geglu_and_feedforward():
+    x = torch.randn(2, 6)
+    a, gate = x.chunk(2, dim=-1)
+    torch.testing.assert_close(GEGLU()(x), a * torch.nn.functional.gelu(gate))
+    ff = FeedForward(12, mult=2)
+    assert ff(torch.randn(2, 3, 12)).shape == (2, 3, 12)
+    assert ff[1].out_features == 2 * int(12 * 2 * 2 / 3)
+
+
+def test_local_mha_with_mask_and_non_causal():
+    torch.manual_seed(0)
+    mha = LocalMHA(dim=16, dim_head=8, heads=2, window_size=4, causal=False, look_backward=1, look_forward=1)
+    x = torch.randn(2, 10, 16)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, 7:] = False
+    out = mha(x, mask=mask)
+    assert out.shape == (2, 10, 16)
+    # Masked keys do not influence the other positions.
+    x2 = x.clone()
+    x2[1, 7:] = torch.randn(3, 16)
+    torch.testing.assert_close(mha(x2, mask=mask)[1, :7], out[1, :7])
+
+
+def test_xpos_is_finite_and_window_relative_at_a_million_positions():
+    torch.manual_seed(0)
+    n, w, d = 1_000_000, 64, 8
+    attn = LocalAttention(window_size=w, causal=True, dim=d, use_xpos=True, autopad=True)
+    q, k, v = (torch.randn(1, n, d) for _ in range(3))
+    out = attn(q, k, v)
+    assert torch.isfinite(out).all()
+    # The last two windows only depend on their own neighbourhood: compare with the oracle there.
+    start = n - 3 * w + (n % w)
+    start -= start % w
+    local = slice(start, n)
+    expected = oracle_attention(*(t[:, local].double() for t in (q, k, v)), window_size=w, causal=True,
+                                rotary=True, xpos_scale_base=w // 2)
+    torch.testing.assert_close(out[:, start + w :].double(), expected[:, w:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "build, name",
+    [
+        (lambda: LocalAttention(window_size=0), "window_size"),
+        (lambda: LocalAttention(window_size=2.5), "window_size"),
+        (lambda: LocalAttention(window_size=4, look_backward=-1), "look_backward"),
+        (lambda: LocalAttention(window_size=4, causal=True, look_forward=1), "look_forward"),
+        (lambda: LocalAttention(window_size=4, dropout=1.0), "dropout"),
+        (lambda: LocalAttention(window_size=4, scale=-1.0), "scale"),
+        (lambda: LocalAttention(window_size=4, use_xpos=True), "use_xpos"),
+        (lambda: LocalAttention(window_size=4, dim=8, use_xpos=True, xpos_scale_base=0), "xpos_scale_base"),
+        (lambda: LocalMHA(dim=0, window_size=4), "dim"),
+        (lambda: LocalMHA(dim=8, window_size=4, heads=0), "heads"),
+        (lambda: LocalMHA(dim=8, window_size=4, qk_scale=0), "qk_scale"),
+        (lambda: LocalMHA(dim=8, window_size=4, dropout=-0.1), "dropout"),
+        (lambda: FeedForward(8, mult=0), "mult"),
+        (lambda: DynamicPositionBias(dim=0, heads=2), "dim"),
+        (lambda: SinusoidalEmbeddings(7), "dim"),
+        (lambda: SinusoidalEmbeddings(8, use_xpos=True), "scale_base"),
+        (lambda: small_model(max_seq_len=0), "max_seq_len"),
+        (lambda: small_model(num_tokens=0), "num_tokens"),
+        (lambda: small_model(local_attn_window_size=0), "window_size"),
+        (lambda: small_model(attn_dropout=2.0), "dropout"),
+        (lambda: small_model(num_residual_streams=4), "num_residual_streams"),
+    ],
+)
+def test_constructor_errors_name_the_argument(build, name):
+    with pytest.raises((ValueError, TypeError), match=name):
+        build()
+
+
+def test_forward_errors_name_the_argument():
+    attn = LocalAttention(window_size=4, causal=True)
+    q = torch.randn(2, 8, 4)
+    with pytest.raises(ValueError, match="window_size"):
+        attn(q[:, :6], q[:, :6], q[:, :6])  # 6 is not a multiple of 4 without autopad
+    with pytest.raises(ValueError, match="window_size"):
+        attn(q, q, q, window_size=2)  # override only with xpos
+    with pytest.raises(ValueError, match="input_mask"):
+        attn(q, q, q, mask=torch.ones(2, 8, dtype=torch.bool), input_mask=torch.ones(2, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask"):
+        attn(q, q, q, input_mask=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attn_bias"):
+        attn(q, q, q, attn_bias=torch.zeros(1, 4, 4))
+    with pytest.raises(ValueError, match="dim"):
+        LocalAttention(window_size=4, dim=6)(q, q, q)
+
+    mha = LocalMHA(dim=8, window_size=4, heads=2, dim_head=4, causal=False)
+    with pytest.raises(ValueError, match="cache"):
+        mha(torch.randn(1, 4, 8), return_cache=True)
+
+    model = small_model()
+    with pytest.raises(TypeError, match="x"):
+        model(torch.randn(1, 4))
+    with pytest.raises(ValueError, match="num_tokens"):
+        model(torch.full((1, 4), 99))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_validation_survives_python_O():
+    script = textwrap.dedent(
+        """
+        import torch
+        from windowed_attention import LocalAttention, LocalTransformer, local_attention
+        checks = [
+            lambda: LocalAttention(window_size=0),
+            lambda: LocalAttention(window_size=4, causal=True, look_forward=1),
+            lambda: LocalAttention(window_size=4)(torch.randn(1, 6, 4), torch.randn(1, 6, 4), torch.randn(1, 6, 4)),
+            lambda: local_attention(torch.randn(1, 4, 2), torch.randn(1, 4, 2), torch.randn(1, 4, 2), window_size=-2),
+            lambda: LocalTransformer(num_tokens=4, max_seq_len=4, dim=4, depth=1, heads=1, dim_head=4,
+                                     local_attn_window_size=2)(torch.zeros(1, 9, dtype=torch.long)),
+            lambda: LocalTransformer(num_tokens=4, max_seq_len=4, dim=4, depth=1, heads=1, dim_head=4,
+                                     local_attn_window_size=2).generate(torch.zeros(1, 1, dtype=torch.long), 2,
+                                                                        temperature=-1.0),
+        ]
+        for check in checks:
+            try:
+                check()
+            except (ValueError, TypeError):
+                continue
+            raise SystemExit("no error raised")
+        print("all raised")
+        """
+    )
+    result = subprocess.run([sys.executable, "-O", "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "all raised" in result.stdout

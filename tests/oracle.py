@@ -1,0 +1,163 @@
+"""A dense O(n^2) oracle for local attention, written from API.md alone.
+
+It deliberately shares no code (and no structure) with `windowed_attention`: no blocks, no look-around,
+no padding. Every query is compared with every key of the sequence through an `(n, n)` visibility
+matrix built from the definition. Everything is computed in float64 and stays differentiable, so
+gradients can be compared too. Only meant for small `n`.
+
+Positional encodings (rotary, xpos) are applied densely with absolute positions; the attention result
+then depends on positions only through `i - j`, which is what the modules must reproduce.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SELF_SCORE = -5e4
+ROTARY_THETA = 10000.0
+
+
+def visibility(
+    n: int,
+    window_size: int,
+    *,
+    causal: bool = False,
+    look_backward: int = 1,
+    look_forward: int | None = None,
+    exact_windowsize: bool = False,
+    device=None,
+) -> torch.Tensor:
+    """`(n, n)` bool: entry `[i, j]` is True when query `i` may see key `j` (ignoring the key mask)."""
+    if look_forward is None:
+        look_forward = 0 if causal else 1
+    w = window_size
+    i = torch.arange(n, device=device)[:, None]
+    j = torch.arange(n, device=device)[None, :]
+    block_i, block_j = i // w, j // w
+    vis = (block_j >= block_i - look_backward) & (block_j <= block_i + look_forward)
+    if causal:
+        vis = vis & (j <= i)
+        if exact_windowsize:
+            vis = vis & (i - j <= w * look_backward)
+    elif exact_windowsize:
+        vis = vis & (i - w * look_backward <= j) & (j <= i + w * look_forward)
+    return vis
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """`[x1, x2] -> [-x2, x1]` over the halves of the last dim (local-attention's convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary_angles(positions: torch.Tensor, dim: int, theta: float = ROTARY_THETA) -> torch.Tensor:
+    """`(n,) -> (n, dim)` float64 angles `cat(t * inv_freq, t * inv_freq)`."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim))
+    freqs = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    return torch.cat((freqs, freqs), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotate `(..., n, d)` (float64) by absolute `positions` `(n,)`."""
+    angles = rotary_angles(positions, x.shape[-1])
+    return x * angles.cos() + rotate_half(x) * angles.sin()
+
+
+def xpos_scale(dim: int) -> torch.Tensor:
+    """`(dim,)` float64 per-feature xpos base, `(arange(0, d, 2) + 0.4 d) / (1.4 d)` twice."""
+    half = (torch.arange(0, dim, 2, dtype=torch.float64) + 0.4 * dim) / (1.4 * dim)
+    return torch.cat((half, half))
+
+
+def apply_xpos(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, scale_base: float):
+    """q_i * s**(i / scale_base), k_j * s**(-j / scale_base): the q.k factor is s**((i - j) / scale_base)."""
+    s = xpos_scale(q.shape[-1]).to(q.device)
+    power = positions.to(torch.float64)[:, None] / scale_base
+    return q * s ** power, k * s ** (-power)
+
+
+def oracle_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window_size: int,
+    causal: bool = False,
+    look_backward: int = 1,
+    look_forward: int | None = None,
+    exact_windowsize: bool = False,
+    mask: torch.Tensor | None = None,
+    attn_bias: torch.Tensor | None = None,
+    scale: float | None = None,
+    shared_qk: bool = False,
+    rotary: bool = False,
+    xpos_scale_base: float | None = None,
+) -> torch.Tensor:
+    """Dense local attention. `q, k`: `(..., n, d)`, `v`: `(..., n, d_v)` -> float64 `(..., n, d_v)`.
+
+    `rotary` rotates q and k with their absolute positions (after the shared-qk normalisation of k);
+    `xpos_scale_base` additionally applies xpos (requires `rotary`).
+    """
+    if look_forward is None:
+        look_forward = 0 if causal else 1
+    lead, n, d = q.shape[:-2], q.shape[-2], q.shape[-1]
+    dv = v.shape[-1]
+    q, k, v = (t.to(torch.float64).reshape(-1, n, t.shape[-1]) for t in (q, k, v))
+    P = q.shape[0]
+    w = window_size
+    if scale is None:
+        scale = d ** -0.5
+
+    if shared_qk:
+        k = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    device = q.device
+    positions = torch.arange(n, device=device)
+    if rotary:
+        q, k = apply_rotary(q, positions), apply_rotary(k, positions)
+        if xpos_scale_base is not None:
+            q, k = apply_xpos(q, k, positions, xpos_scale_base)
+    elif xpos_scale_base is not None:
+        raise ValueError("xpos needs rotary")
+
+    scores = (q @ k.transpose(-1, -2)) * scale  # (P, n, n)
+
+    vis = visibility(n, w, causal=causal, look_backward=look_backward, look_forward=look_forward,
+                     exact_windowsize=exact_windowsize, device=device)
+    vis = vis[None].expand(P, n, n)
+
+    if attn_bias is not None:
+        heads = attn_bias.shape[0]
+        i = torch.arange(n, device=device)[:, None].expand(n, n)
+        j = torch.arange(n, device=device)[None, :].expand(n, n)
+        col = j - (i // w - look_backward) * w
+        col = col.clamp(0, attn_bias.shape[-1] - 1)  # only read where visible (then already in range)
+        bias64 = attn_bias.to(torch.float64)
+        rows = []
+        for p in range(P):
+            rows.append(bias64[p % heads][i % w, col])
+        scores = scores + torch.stack(rows)
+
+    if shared_qk:
+        eye = torch.eye(n, dtype=torch.bool, device=device)[None]
+        scores = torch.where(eye, torch.full_like(scores, SELF_SCORE), scores)
+
+    if mask is not None:
+        b = mask.shape[0]
+        per = P // b
+        key_ok = torch.stack([mask[p // per] for p in range(P)]).to(device=device, dtype=torch.bool)  # (P, n)
+        vis = vis & key_ok[:, None, :]
+
+    # softmax over visible keys only, written out: rows that see nothing get all-zero weights
+    neg_inf = torch.tensor(float("-inf"), dtype=torch.float64, device=device)
+    row_max = torch.where(vis, scores, neg_inf).amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    e = torch.where(vis, torch.exp(torch.where(vis, scores - row_max, torch.zeros_like(scores))),
+                    torch.zeros_like(scores))
+    denom = e.sum(dim=-1, keepdim=True)
+    denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+    weights = e / denom
+
+    out = weights @ v
+    return out.reshape(*lead, n, dv)
+

@@ -194,3 +194,33 @@ def test_deviation_cached_decoding_does_not_drift():
         our_err.append((logits[:, -1] - full_ours[:, t]).abs().max().item())
     assert their_err[0] < 1e-4 and max(their_err[1:]) > 1e-2  # drifts from the second cached token on
     assert max(our_err) < 1e-4
+
+
+def test_deviation_cached_decoding_uses_qk_rmsnorm_scale():
+    torch.manual_seed(0)
+    kw = dict(num_tokens=64, max_seq_len=64, dim=32, depth=1, heads=2, dim_head=16, local_attn_window_size=8,
+              qk_rmsnorm=True)
+    theirs = la.LocalTransformer(**kw, num_residual_streams=1).eval()
+    ours = LocalTransformer(**kw).eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randint(0, 64, (1, 21))
+    _, cache = theirs(x[:, :20], return_cache=True)
+    their_step, _ = theirs(x, cache=cache, return_cache=True)
+    _, our_cache = ours(x[:, :20], return_cache=True)
+    our_step, _ = ours(x[:, 20:], cache=our_cache, return_cache=True)
+    full = ours(x)[:, 20]
+    assert (their_step[:, -1] - theirs(x)[:, 20]).abs().max() > 1e-2  # scale d ** -0.5 instead of qk_scale
+    torch.testing.assert_close(our_step[:, -1], full, rtol=1e-4, atol=1e-5)
+
+
+def test_deviation_top_k_keeps_at_least_one_token():
+    from local_attention.transformer import top_k as their_top_k
+
+    from windowed_attention.sampling import top_k
+
+    logits = torch.randn(2, 10)
+    assert torch.isinf(their_top_k(logits, thres=1.0)).all()  # nothing left to sample from
+    kept = top_k(logits, thres=1.0)
+    assert torch.equal(kept.argmax(-1), logits.argmax(-1)) and torch.isfinite(kept).sum() == 2
+    wide = torch.randn(2, 256)
+    torch.testing.assert_close(top_k(wide, 0.9), their_top_k(wide, 0.9))  # same count otherwise

@@ -79,13 +79,15 @@ class LocalMHA(nn.Module):
             raise ValueError(f"x must be a tensor of shape (b, n, dim), got {getattr(x, 'shape', type(x).__name__)}")
         if (cache is not None or return_cache) and not self.causal:
             raise ValueError("cache and return_cache need causal=True (decoding one token at a time)")
+        if return_cache and mask is not None:
+            raise ValueError("mask cannot be combined with return_cache (the cache keeps no key mask)")
         if cache is not None:
             if not isinstance(cache, KVCache):
                 raise TypeError(f"cache must be the KVCache returned with return_cache=True, got {type(cache).__name__}")
             if x.shape[1] != 1:
                 raise ValueError(f"with cache, x must hold exactly one new position (b, 1, dim), got {tuple(x.shape)}")
             if mask is not None:
-                raise ValueError("mask cannot be used together with cache")
+                raise ValueError("mask cannot be combined with cache (the cache keeps no key mask)")
 
         h = self.norm(x) if self.norm is not None else x
         q, k, v = rearrange(self.to_qkv(h), "b n (qkv h d) -> qkv b h n d", qkv=3, h=self.heads)

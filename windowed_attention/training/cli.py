@@ -1,0 +1,154 @@
+"""`windowed-attention train`: parse the flags, build the configs, call the trainer.
+
+Flags left out take the quickstart defaults (`config.py`). With `--resume` the run's configuration comes
+from the checkpoint in `--out`; flags given on the command line may change how the run is driven
+(`--steps`, `--eval-every`, ...) but not what it trains (model, data, optimizer): those must match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields, replace
+
+from .checkpoint import CheckpointError, has_checkpoint, load_config
+from .config import RUN_CONTROL, ModelConfig, TrainConfig
+
+# flag -> (config, field)
+MODEL_FLAGS = {"dim": "dim", "depth": "depth", "heads": "heads", "dim_head": "dim_head",
+               "window_size": "local_attn_window_size"}
+TRAIN_FLAGS = ["data", "steps", "batch_size", "grad_accum", "seq_len", "lr", "warmup_steps", "lr_decay_steps",
+               "min_lr_ratio", "weight_decay", "max_grad_norm", "seed", "eval_every", "eval_batches", "save_every",
+               "log_every", "sample_length", "precision", "device", "compile"]
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d_model, d_train = ModelConfig(), TrainConfig()
+    pos, nonneg = _int_at_least(1), _int_at_least(0)
+    add = parser.add_argument
+    # every default is None so that a resumed run knows which flags were given
+    add("--data", help="text file or .gz to train on (enwik8 works as is); default: the built-in corpus "
+                       "(Python standard library sources)")
+    add("--out", default="runs/latest", help="run folder: checkpoint, metrics.jsonl, loss.png (default: %(default)s)")
+    add("--steps", type=pos, help=f"optimizer steps in total (default: {d_train.steps})")
+    add("--batch-size", type=pos, help=f"sequences per micro-batch and process (default: {d_train.batch_size})")
+    add("--grad-accum", type=pos, help=f"micro-batches per optimizer step (default: {d_train.grad_accum})")
+    add("--seq-len", type=pos, help=f"training sequence length (default: {d_train.seq_len})")
+    add("--window-size", type=pos, help=f"local attention window (default: {d_model.local_attn_window_size})")
+    add("--dim", type=pos, help=f"model width (default: {d_model.dim})")
+    add("--depth", type=pos, help=f"number of layers (default: {d_model.depth})")
+    add("--heads", type=pos, help=f"attention heads (default: {d_model.heads})")
+    add("--dim-head", type=pos, help=f"dimension per head (default: {d_model.dim_head})")
+    add("--lr", type=_positive_float, help=f"peak learning rate (default: {d_train.lr})")
+    add("--warmup-steps", type=nonneg, help=f"linear warmup steps (default: {d_train.warmup_steps})")
+    add("--lr-decay-steps", type=pos, help="step at which the cosine reaches its floor (default: --steps); give "
+                                           "the final step count when training in several runs with --resume")
+    add("--min-lr-ratio", type=_fraction, help=f"cosine floor as a fraction of --lr (default: {d_train.min_lr_ratio})")
+    add("--weight-decay", type=float, help=f"AdamW weight decay (default: {d_train.weight_decay})")
+    add("--max-grad-norm", type=_positive_float, help=f"gradient clipping norm (default: {d_train.max_grad_norm})")
+    add("--seed", type=int, help=f"random seed (default: {d_train.seed})")
+    add("--eval-every", type=pos, help=f"evaluate every N steps (default: {d_train.eval_every})")
+    add("--eval-batches", type=pos, help=f"validation batches per evaluation (default: {d_train.eval_batches})")
+    add("--save-every", type=pos, help=f"checkpoint every N steps (default: {d_train.save_every})")
+    add("--log-every", type=pos, help=f"write metrics.jsonl every N steps (default: {d_train.log_every})")
+    add("--sample-length", type=nonneg, help=f"bytes sampled at each evaluation (default: {d_train.sample_length})")
+    add("--precision", choices=["fp32", "bf16"], help="fp32, or bf16 autocast (default: fp32)")
+    add("--device", choices=["cpu", "cuda"], help="cpu or cuda (default: cpu)")
+    add("--compile", action="store_true", default=None, help="torch.compile the model")
+    add("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
+    add("--no-progress", action="store_true", help="no progress bar")
+
+
+def configs_from_args(args) -> tuple[ModelConfig, TrainConfig, int | None]:
+    """`(model_config, train_config, resume_step)` from parsed flags (and the checkpoint with --resume)."""
+    model_given = {field: getattr(args, flag) for flag, field in MODEL_FLAGS.items() if getattr(args, flag) is not None}
+    train_given = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
+    if not args.resume:
+        model_config = ModelConfig(**model_given)
+        train_config = TrainConfig(**train_given)
+        seq_len = train_config.seq_len
+        return replace(model_config, max_seq_len=max(model_config.max_seq_len, seq_len)), train_config, None
+
+    if not has_checkpoint(args.out):
+        raise CheckpointError(f"--resume: no checkpoint in {args.out}")
+    model_config, train_config, step = load_config(args.out)
+    for field, value in model_given.items():
+        if getattr(model_config, field) != value:
+            flag = next(f for f, name in MODEL_FLAGS.items() if name == field).replace("_", "-")
+            raise ValueError(f"--{flag} {value} differs from the checkpoint's {getattr(model_config, field)}; "
+                             "a resumed run keeps its model")
+    for name, value in train_given.items():
+        if name not in RUN_CONTROL and getattr(train_config, name) != value:
+            raise ValueError(f"--{name.replace('_', '-')} {value} differs from the checkpoint's "
+                             f"{getattr(train_config, name)}; a resumed run keeps its data and optimizer settings")
+    train_config = replace(train_config, **{k: v for k, v in train_given.items() if k in RUN_CONTROL})
+    if train_config.steps < step:
+        raise ValueError(f"--steps {train_config.steps} is below the checkpoint's step {step}")
+    return model_config, train_config, step
+
+
+def run(args) -> int:
+    from .trainer import train  # torch-heavy imports only when the command runs
+
+    try:
+        model_config, train_config, resume_step = configs_from_args(args)
+        if train_config.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("--device cuda: CUDA is not available on this machine")
+        if resume_step is None and has_checkpoint(args.out):
+            print(f"note: {args.out} holds a checkpoint; starting a new run over it (use --resume to continue it)",
+                  file=sys.stderr)
+        result = train(model_config, train_config, args.out, resume_step=resume_step, progress=not args.no_progress)
+    except (CheckpointError, ValueError, TypeError, FileNotFoundError) as error:
+        print(f"windowed-attention train: error: {error}", file=sys.stderr)
+        return 2
+    if result.stopped_by is not None:
+        print(f"stopped by {result.stopped_by} at step {result.step}; checkpoint saved in {args.out} "
+              "(continue with --resume)", file=sys.stderr)
+        return 130 if result.stopped_by == "SIGINT" else 143
+    summary = f"done: step {result.step} in {result.seconds:.0f} s"
+    if result.val_bpc is not None:
+        summary += f", validation {result.val_bpc:.3f} bits/byte"
+    print(f"{summary}; checkpoint in {args.out}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="windowed-attention train", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

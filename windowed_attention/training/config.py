@@ -1,0 +1,74 @@
+"""The run's configuration: what the model is and how it is trained, saved as `config.json`.
+
+`ModelConfig` holds exactly the keywords of `LocalTransformer`, so a checkpoint rebuilds its model from
+`config.json` alone. `TrainConfig` holds the recipe. The defaults are the quickstart: a small model on
+the built-in corpus that reaches about 2 bits per byte within a few minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from ..transformer import LocalTransformer
+
+
+@dataclass
+class ModelConfig:
+    num_tokens: int = 256
+    max_seq_len: int = 256
+    dim: int = 256
+    depth: int = 4
+    heads: int = 4
+    dim_head: int = 64
+    local_attn_window_size: int = 128
+    use_abs_pos_emb: bool = False  # rotary only: the model can generate past max_seq_len
+
+    def build(self) -> LocalTransformer:
+        return LocalTransformer(**asdict(self))
+
+
+@dataclass
+class TrainConfig:
+    data: str | None = None  # None: the built-in corpus
+    steps: int = 600
+    batch_size: int = 16  # per process and micro-batch
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30
+    lr_decay_steps: int | None = None  # the cosine's horizon; None: `steps`
+    weight_decay: float = 0.1
+    max_grad_norm: float = 0.5
+    seed: int = 0
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 200
+    log_every: int = 10
+    sample_length: int = 200
+    precision: str = "fp32"
+    device: str = "cpu"
+    compile: bool = False
+
+    @property
+    def decay_steps(self) -> int:
+        return self.steps if self.lr_decay_steps is None else self.lr_decay_steps
+
+
+# Fields a resumed run may change; every other field must match the checkpoint.
+RUN_CONTROL = {"steps", "eval_every", "save_every", "log_every", "sample_length", "device", "compile", "precision"}
+
+
+def from_dict(cls, data: dict):
+    """A dataclass from a dict, with errors that name the bad field."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{cls.__name__} must be a JSON object, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    return cls(**data)
+
+
+def to_dict(config) -> dict:
+    return asdict(config)

@@ -1,0 +1,73 @@
+"""`metrics.jsonl` (one JSON object per logged step) and the loss curve drawn from it."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+METRICS, PLOT = "metrics.jsonl", "loss.png"
+
+
+def bits_per_byte(loss_nats: float) -> float:
+    return loss_nats / math.log(2)
+
+
+class MetricsLog:
+    """Appends one line per logged step to `<out>/metrics.jsonl`, flushed at once (a killed run keeps
+    what it logged)."""
+
+    def __init__(self, out: str | Path, resume_step: int | None = None):
+        self.path = Path(out) / METRICS
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        else:  # drop what a killed run logged after its last checkpoint: those steps run again
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def log(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics file (a torn last line, from a killed run, is skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def plot_metrics(out: str | Path) -> Path | None:
+    """Train and validation loss (bits per byte) against step, saved as `<out>/loss.png`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(Path(out) / METRICS)
+    train = [(r["step"], bits_per_byte(r["train_loss"])) for r in records if "train_loss" in r]
+    val = [(r["step"], r["val_bpc"]) for r in records if "val_bpc" in r]
+    if not train and not val:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per byte")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(out) / PLOT
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,222 @@
+"""The training loop, top to bottom: data, model, optimizer, (resume), then steps of
+[sample batches -> forward/backward (accumulated) -> clip -> AdamW step], with evaluation, samples,
+logs and checkpoints along the way.
+
+Everything random comes from seeded generators whose states are checkpointed (torch CPU/CUDA, Python
+`random`, the batch sampler's generator), and evaluation and samples use their own generators, so a
+resumed run computes bitwise the same losses as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..generation import generate
+from . import distributed
+from .checkpoint import load_trainer_state, load_weights, save_checkpoint
+from .config import ModelConfig, TrainConfig
+from .data import BatchSampler, decode_bytes, eval_batches, load_corpus
+from .metrics import MetricsLog, bits_per_byte, plot_metrics
+
+
+@dataclass
+class TrainResult:
+    step: int
+    train_loss: float | None
+    val_loss: float | None
+    val_bpc: float | None
+    seconds: float
+    stopped_by: str | None = None  # "SIGINT" / "SIGTERM" when a signal ended the run early
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warmup over `warmup_steps`, then cosine from `lr` down to `lr * min_lr_ratio` at `decay_steps`."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(config.decay_steps - config.warmup_steps, 1)
+    progress = min((step - config.warmup_steps) / span, 1.0)
+    floor = config.lr * config.min_lr_ratio
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on norms, biases or embeddings)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (decay if param.ndim >= 2 and "emb" not in name else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device, autocast) -> float:
+    """Mean validation loss (nats per byte) over the fixed batches."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for batch in batches:
+        with autocast():
+            total += model(batch.to(device), return_loss=True).item()
+    model.train(was_training)
+    return total / len(batches)
+
+
+def sample_text(model, prime: torch.Tensor, length: int, seed: int, device: torch.device) -> str:
+    generator = torch.Generator(device=device).manual_seed(seed)
+    tokens = generate(model, prime[None].to(device), length, temperature=0.8, filter_thres=0.9, generator=generator)
+    return decode_bytes(tokens[0].tolist())
+
+
+class StopSignal:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (the step finishes, the run
+    saves and stops); a second signal of the same kind raises KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self):
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def train(model_config: ModelConfig, config: TrainConfig, out: str | Path, *, resume_step: int | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train (or, with `resume_step`, continue from the checkpoint in `out`) until `config.steps`."""
+    started = time.perf_counter()
+    info = distributed.setup(config.device)
+    try:
+        return _train(model_config, config, Path(out), resume_step, progress and info.is_main, info, started)
+    finally:
+        distributed.teardown(info)
+
+
+def _train(model_config, config, out, resume_step, progress, info, started) -> TrainResult:
+    device = distributed.device_for(config.device, info)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+
+    # data
+    corpus = load_corpus(config.data)
+    sampler = BatchSampler(corpus.train, config.seq_len, config.batch_size, config.seed, info.rank, info.world_size)
+    val_batches = eval_batches(corpus.val, config.seq_len, config.batch_size, config.eval_batches)
+    prime = corpus.val[: min(64, corpus.val.numel())]
+
+    # model and optimizer
+    model = model_config.build().to(device)
+    optimizer = make_optimizer(model, config)
+    step = 0
+    if resume_step is not None:
+        load_weights(out, model, resume_step)
+        state = load_trainer_state(out, resume_step)
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        step = resume_step
+    train_model = distributed.wrap(model, info, device)
+    if config.compile:
+        train_model = torch.compile(train_model)
+    use_bf16 = config.precision == "bf16"
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    metrics = MetricsLog(out, resume_step) if info.is_main else None
+    tokens_per_step = config.batch_size * config.grad_accum * info.world_size * config.seq_len
+
+    def checkpoint():
+        if info.is_main:
+            state = {"optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(), "rng": rng_state()}
+            save_checkpoint(out, model=model, model_config=model_config, train_config=config, step=step,
+                            trainer_state=state)
+        distributed.barrier(info)
+
+    bar = tqdm(total=config.steps, initial=step, disable=not progress, dynamic_ncols=True, unit="step")
+    result = TrainResult(step, None, None, None, 0.0)
+    with StopSignal() as stop:
+        while step < config.steps:
+            tick = time.perf_counter()
+            lr = learning_rate(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            # one optimizer step over grad_accum micro-batches; gradients sync on the last one only
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(config.grad_accum):
+                batch = sampler.next().to(device)
+                sync = micro == config.grad_accum - 1 or not info.enabled
+                with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
+                    loss = train_model(batch, return_loss=True)
+                (loss / config.grad_accum).backward()
+                loss_sum += loss.detach().float()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            train_loss = distributed.mean(loss_sum / config.grad_accum, info).item()
+            result.step, result.train_loss = step, train_loss
+            elapsed = time.perf_counter() - tick
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
+
+            stopped = distributed.any_rank(stop.received is not None, info, device)
+            last = step == config.steps or stopped
+            record = {"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
+                      "tokens": step * tokens_per_step}
+            if info.is_main and (step % config.eval_every == 0 or last):
+                val_loss = evaluate(model, val_batches, device, autocast)
+                record.update(val_loss=val_loss, val_bpc=bits_per_byte(val_loss))
+                result.val_loss, result.val_bpc = val_loss, record["val_bpc"]
+                bar.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+                          f"val {record['val_bpc']:.3f} bits/byte")
+                if config.sample_length > 0:
+                    text = sample_text(model, prime, config.sample_length, config.seed + step, device)
+                    bar.write(f"--- sample after {decode_bytes(prime.tolist())!r} ---\n{text}\n---")
+            if info.is_main and (step % config.log_every == 0 or "val_loss" in record or last):
+                record["elapsed_s"] = round(time.perf_counter() - started, 3)
+                metrics.log(record)
+            if step % config.save_every == 0 or last:
+                checkpoint()
+            if stopped:
+                result.stopped_by = stop.received or "signal"
+                break
+    bar.close()
+    if info.is_main:
+        plot_metrics(out)
+    result.seconds = time.perf_counter() - started
+    return result

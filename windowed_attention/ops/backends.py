@@ -2,20 +2,42 @@
 
 Every backend takes the same trusted arguments as `reference.reference_attention` and returns the same
 result (tested against the reference on random configurations, forward and backward).
+
+| backend     | device | dtypes            | does not support                              |
+|-------------|--------|-------------------|-----------------------------------------------|
+| `sdpa`      | CPU    | all float         | attn_bias, shared_qk, dropout                 |
+| `flex`      | CUDA   | fp32, bf16, fp16  | xpos (key_scale), dropout                     |
+| `flash`     | CUDA   | bf16, fp16        | anything but exact windows without mask/bias  |
+| `reference` | any    | all float         | (everything; materialises window scores)      |
+
+`auto` (`choose`) takes the first that supports the call: CUDA `flash` > `flex` > `reference`;
+CPU `sdpa` > `reference`. The decision is `decide`, a pure function of device type, dtype, window spec,
+options and availability flags, so it is tested without a GPU.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Callable, Mapping
 
 import torch
 
+from . import flash, flex, sdpa_blocks
+from .flash import flash_attn_backend
+from .flex import flex_attention_backend
 from .reference import reference_attention
+from .sdpa_blocks import sdpa_blocks_attention
 from .spec import WindowSpec
 
 _BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "reference": reference_attention,
+    "sdpa": sdpa_blocks_attention,
+    "flex": flex_attention_backend,
+    "flash": flash_attn_backend,
 }
+
+# Which device types a backend can run on at all (explicit choices are checked against this).
+_DEVICES = {"reference": None, "sdpa": ("cpu",), "flex": ("cuda",), "flash": ("cuda",)}
 
 
 def names() -> list[str]:
@@ -27,14 +49,67 @@ def get(name: str) -> Callable[..., torch.Tensor]:
     return _BACKENDS[name]
 
 
+@functools.lru_cache(maxsize=1)
+def _availability() -> tuple[tuple[str, bool], ...]:
+    return tuple({"sdpa": sdpa_blocks.available(), "flex": flex.available(), "flash": flash.available()}.items())
+
+
+def availability() -> dict[str, bool]:
+    """Which optional backends this torch / environment can run (probed once)."""
+    return dict(_availability())
+
+
 def check_name(backend, device: torch.device) -> str:
+    """Validate an explicit `backend` for tensors on `device` (ValueError/TypeError naming `backend`)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, one of {['auto', *names()]}, got {type(backend).__name__}")
     if backend != "auto" and backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {['auto', *names()]}, got {backend!r}")
+    devices = _DEVICES.get(backend)
+    if devices is not None and torch.device(device).type not in devices:
+        raise ValueError(f"backend {backend!r} runs only on {', '.join(devices)} tensors, got {device}; use backend='auto'")
+    if backend in ("sdpa", "flex", "flash") and not availability()[backend]:
+        raise ValueError(f"backend {backend!r} is not available in this environment; use backend='auto'")
     return backend
 
 
-def choose(q: torch.Tensor, spec: WindowSpec, **options) -> str:
-    """The fastest backend that supports this device, dtype and these options."""
+def decide(
+    device_type: str,
+    dtype: torch.dtype,
+    spec: WindowSpec,
+    *,
+    mask: bool = False,
+    attn_bias: bool = False,
+    mask_self: bool = False,
+    key_scale: bool = False,
+    dropout: bool = False,
+    available: Mapping[str, bool],
+) -> str:
+    """The dispatch rule: the fastest backend that supports this call (pure; booleans for options)."""
+    if device_type == "cuda":
+        if available.get("flash") and flash.supports(
+            device_type, dtype, spec, mask=mask, attn_bias=attn_bias, mask_self=mask_self, key_scale=key_scale
+        ):
+            return "flash"
+        if available.get("flex") and flex.supports(device_type, dtype, key_scale=key_scale, dropout=dropout):
+            return "flex"
+    if device_type == "cpu" and available.get("sdpa") and sdpa_blocks.supports(
+        device_type, dtype, attn_bias=attn_bias, mask_self=mask_self, dropout=dropout
+    ):
+        return "sdpa"
     return "reference"
+
+
+def choose(q: torch.Tensor, spec: WindowSpec, **options) -> str:
+    """The fastest backend that supports this device, dtype and these options (see `decide`)."""
+    return decide(
+        q.device.type,
+        q.dtype,
+        spec,
+        mask=options.get("mask") is not None,
+        attn_bias=options.get("attn_bias") is not None,
+        mask_self=bool(options.get("mask_self", False)),
+        key_scale=options.get("key_scale") is not None,
+        dropout=float(options.get("dropout_p", 0.0)) > 0.0,
+        available=availability(),
+    )

@@ -146,23 +146,32 @@ class _FlashBlocks(torch.autograd.Function):
         lse = torch.empty(P, windows, w, dtype=acc_dtype, device=q.device)
         fwd = getattr(_aten, _FLASH_FWD)
         for b0, b1, items in plan.chunks():
-            acc = torch.zeros(P, b1 - b0, w, v.shape[-1], dtype=acc_dtype, device=q.device)
-            total = torch.full((P, b1 - b0, w), float("-inf"), dtype=acc_dtype, device=q.device)
-            for task, a, b in items:
+            parts, lses = [], torch.full((len(items), P, b1 - b0, w), float("-inf"), dtype=acc_dtype, device=q.device)
+            for slot, (task, a, b) in enumerate(items):
                 o = task.offset
                 causal, attn_mask, sees = plan.call_args(task, a, b)
                 part, part_lse = fwd(q[:, a:b], plan.keys(k[:, a + o : b + o], task), v[:, a + o : b + o],
                                      0.0, causal, attn_mask=attn_mask, scale=plan.scale)
-                part_lse = part_lse.to(acc_dtype)
                 if sees is not None:  # the kernel reports lse 0 for a row that sees nothing
                     part_lse = part_lse.masked_fill(~sees, float("-inf"))
+                lses[slot, :, a - b0 : b - b0] = part_lse
+                parts.append(part)
+            total = torch.logsumexp(lses, dim=0) if len(items) > 1 else lses[0]
+            safe = total.masked_fill(total == float("-inf"), 0.0)
+            weights = (lses - safe).exp_()  # each task's share of a row's softmax mass
+            in_place = acc_dtype == q.dtype
+            acc = out[:, b0:b1] if in_place else torch.empty(P, b1 - b0, w, v.shape[-1], dtype=acc_dtype, device=q.device)
+            for slot, ((task, a, b), part) in enumerate(zip(items, parts)):
                 rows = slice(a - b0, b - b0)
-                old = total[:, rows]
-                new = torch.logaddexp(old, part_lse)
-                safe = new.masked_fill(new == float("-inf"), 0.0)
-                acc[:, rows] = acc[:, rows] * (old - safe).exp_()[..., None] + part.to(acc_dtype) * (part_lse - safe).exp_()[..., None]
-                total[:, rows] = new
-            out[:, b0:b1] = acc
+                share = weights[slot, :, rows, :, None]
+                if slot == 0 and (a, b) == (b0, b1):
+                    torch.mul(part, share, out=acc)
+                else:
+                    if slot == 0:
+                        acc.zero_()
+                    acc[:, rows].addcmul_(part.to(acc_dtype), share)
+            if not in_place:
+                out[:, b0:b1] = acc
             lse[:, b0:b1] = total
         # A row that sees no key: lse +inf makes every backward weight exp(s - lse) exactly 0.
         lse.masked_fill_(lse == float("-inf"), float("inf"))
@@ -222,6 +231,14 @@ def sdpa_blocks_attention(
         low = torch.get_autocast_dtype(device_type)
         q, k, v = q.to(low), k.to(low), v.to(low)
     P, n, d = q.shape
+    dv = v.shape[-1]
+    if dv != d:
+        # The fused kernel wants one head size: zero channels change neither scores nor outputs.
+        width = max(d, dv)
+        q, k = (F.pad(t, (0, width - d)) for t in (q, k))
+        v = F.pad(v, (0, width - dv))
+        if key_scale is not None:
+            key_scale = F.pad(key_scale, (0, width - d), value=1.0)
     w = spec.window_size
     windows = -(-n // w)
     pad = windows * w - n
@@ -233,6 +250,6 @@ def sdpa_blocks_attention(
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
     bq, bk, bv = (t.unflatten(1, (windows, w)) for t in (q, k, v))
     with torch.autocast(device_type, enabled=False):
-        plan = _Plan(spec, windows, key_ok, scale, key_scale, q.dtype, q.device, P * w * max(d, v.shape[-1]))
+        plan = _Plan(spec, windows, key_ok, scale, key_scale, q.dtype, q.device, P * w * v.shape[-1])
         out = _FlashBlocks.apply(bq, bk, bv, plan)
-    return out.flatten(1, 2)[:, :n]
+    return out.flatten(1, 2)[:, :n, :dv]

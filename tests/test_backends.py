@@ -1,0 +1,188 @@
+"""Every backend against `reference_attention` on random configurations, forward and backward.
+
+Backends are called directly with the trusted `(P, n, d)` contract (see ops/reference.py). CUDA-only
+backends are checked here as far as a CPU allows: flex forward in eager mode, flash's argument mapping
+through a dense stand-in for `flash_attn_func`.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from windowed_attention import local_attention
+from windowed_attention.ops import backends
+from windowed_attention.ops.flash import flash_attn_backend
+from windowed_attention.ops.flex import flex_attention_backend
+from windowed_attention.ops.reference import reference_attention
+from windowed_attention.ops.sdpa_blocks import sdpa_blocks_attention, window_tasks
+from windowed_attention.ops.spec import WindowSpec
+
+# (forward, gradient) tolerances relative to the largest reference magnitude
+TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 1e-4), torch.bfloat16: (3e-2, 6e-2)}
+
+
+@st.composite
+def problems(draw, dtypes=(torch.float64, torch.float32, torch.bfloat16), max_w=64, with_bias=False):
+    causal = draw(st.booleans())
+    w = draw(st.integers(1, max_w))
+    spec = WindowSpec(w, causal, draw(st.integers(0, 2)), 0 if causal else draw(st.integers(0, 2)), draw(st.booleans()))
+    n = draw(st.integers(1, min(3 * w + 5, 160)))
+    heads = draw(st.sampled_from([1, 2]))
+    batch = draw(st.sampled_from([1, 2]))
+    d = draw(st.sampled_from([4, 8]))
+    dv = draw(st.sampled_from([d, 6]))
+    mask = None
+    if draw(st.booleans()):
+        mask = torch.rand(batch, n, generator=torch.Generator().manual_seed(draw(st.integers(0, 99)))) < 0.7
+        if draw(st.booleans()):
+            mask[0] = False  # every query of these rows sees nothing
+    key_scale = None
+    if draw(st.booleans()):
+        key_scale = 0.5 + torch.rand(spec.span, d, dtype=torch.float64)
+    bias = None
+    if with_bias and draw(st.booleans()):
+        bias = torch.randn(heads, w, spec.span * w, dtype=torch.float64)
+    return dict(
+        spec=spec, n=n, P=batch * heads, d=d, dv=dv, mask=mask, key_scale=key_scale, attn_bias=bias,
+        mask_self=with_bias and draw(st.booleans()), dtype=draw(st.sampled_from(dtypes)), seed=draw(st.integers(0, 99)),
+    )
+
+
+def _inputs(pb, requires_grad=True):
+    g = torch.Generator().manual_seed(pb["seed"])
+    P, n, d, dv, dtype = pb["P"], pb["n"], pb["d"], pb["dv"], pb["dtype"]
+    q, k = (torch.randn(P, n, d, generator=g).to(dtype).requires_grad_(requires_grad) for _ in range(2))
+    v = torch.randn(P, n, dv, generator=g).to(dtype).requires_grad_(requires_grad)
+    bias = pb["attn_bias"]
+    if bias is not None:
+        bias = bias.to(dtype).requires_grad_(requires_grad)
+    ks = None if pb["key_scale"] is None else pb["key_scale"].to(dtype)
+    return q, k, v, bias, ks
+
+
+def _compare(fn, pb, backward=True):
+    """Run `fn` and the reference on the same inputs; compare outputs (and q, k, v, bias grads)."""
+    results = []
+    for f in (reference_attention, fn):
+        q, k, v, bias, ks = _inputs(pb, requires_grad=backward)
+        out = f(q, k, v, pb["spec"], scale=0.5, mask=pb["mask"], attn_bias=bias, mask_self=pb["mask_self"], key_scale=ks)
+        tensors = [out]
+        if backward:
+            weights = torch.linspace(-1, 1, out.numel()).view_as(out).to(out.dtype)
+            wrt = [t for t in (q, k, v, bias) if t is not None]
+            tensors += torch.autograd.grad((out * weights).sum(), wrt)
+        results.append(tensors)
+    fwd_tol, grad_tol = TOL[pb["dtype"]]
+    for index, (ref, got) in enumerate(zip(*results)):
+        assert got.dtype == ref.dtype and got.shape == ref.shape
+        assert torch.isfinite(got).all()
+        ref, got = ref.double(), got.double()
+        tol = (fwd_tol if index == 0 else grad_tol) * max(1.0, ref.abs().max().item())
+        assert (got - ref).abs().max().item() <= tol, f"tensor {index} (0 = out, then grads of q, k, v, bias)"
+
+
+@settings(max_examples=120)
+@given(pb=problems())
+def test_sdpa_matches_reference_forward_and_backward(pb):
+    _compare(sdpa_blocks_attention, pb)
+
+
+def test_sdpa_small_chunks_match_reference(monkeypatch):
+    """Work in many chunks (each a window) gives the same result as one chunk."""
+    monkeypatch.setattr("windowed_attention.ops.sdpa_blocks.CHUNK_ELEMENTS", 1)
+    for causal, exact in ((True, False), (True, True), (False, True)):
+        spec = WindowSpec(5, causal, 2, 0 if causal else 1, exact)
+        mask = torch.rand(2, 37, generator=torch.Generator().manual_seed(1)) < 0.6
+        pb = dict(spec=spec, n=37, P=4, d=8, dv=8, mask=mask, key_scale=None, attn_bias=None, mask_self=False,
+                  dtype=torch.float64, seed=3)
+        _compare(sdpa_blocks_attention, pb)
+
+
+def test_sdpa_rows_that_see_nothing_are_zero_with_zero_grads():
+    spec = WindowSpec(4, True, 1, 0, False)
+    q, k, v = (torch.randn(2, 10, 8, requires_grad=True) for _ in range(3))
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[0] = False
+    out = sdpa_blocks_attention(q, k, v, spec, scale=0.3, mask=mask)
+    assert out[0].eq(0).all()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all() and t.grad[0].eq(0).all()
+
+
+def test_window_tasks_cover_exactly_the_window_pattern():
+    for causal, exact, lb, lf in ((True, False, 1, 0), (True, True, 2, 0), (False, True, 1, 2), (False, False, 0, 1), (True, True, 0, 0)):
+        spec = WindowSpec(3, causal, lb, lf, exact)
+        w, n = 3, 3 * (lb + lf + 3)
+        covered = torch.zeros(n, n, dtype=torch.int64)
+        for task in window_tasks(spec):
+            for b in range(n // w):
+                for i in range(w):
+                    for j in range(w):
+                        if (not task.lower or j <= i) and (not task.upper or j >= i) and 0 <= b + task.offset < n // w:
+                            covered[b * w + i, (b + task.offset) * w + j] += 1
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None]
+        assert torch.equal(covered, spec.visible(i, j, n).long())
+
+
+def test_sdpa_refuses_what_it_does_not_support():
+    spec = WindowSpec(4, True, 1, 0, False)
+    q = torch.randn(2, 8, 4)
+    for kwargs in (dict(attn_bias=torch.zeros(1, 4, 8)), dict(mask_self=True), dict(dropout_p=0.1)):
+        with pytest.raises(ValueError, match="sdpa"):
+            sdpa_blocks_attention(q, q, q, spec, scale=1.0, **kwargs)
+
+
+def test_sdpa_under_cpu_autocast_runs_in_bfloat16_close_to_reference():
+    spec = WindowSpec(16, True, 1, 0, True)
+    q, k, v = (torch.randn(4, 70, 16) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = local_attention(q, k, v, window_size=16, causal=True, exact_windowsize=True)
+    ref = reference_attention(q.double(), k.double(), v.double(), spec, scale=0.25)
+    assert out.dtype == torch.bfloat16
+    assert (out.double() - ref).abs().max() < 5e-2
+
+
+def test_reference_bias_and_mask_self_grads_through_auto():
+    """Options the fast path does not take (attn_bias, shared_qk) still dispatch to a correct backend."""
+    pb = dict(spec=WindowSpec(4, False, 1, 1, False), n=13, P=4, d=8, dv=8, mask=None, key_scale=None,
+              attn_bias=torch.randn(2, 4, 12, dtype=torch.float64), mask_self=True, dtype=torch.float64, seed=0)
+    backend = backends.choose(torch.zeros(1, dtype=pb["dtype"]), pb["spec"], attn_bias=pb["attn_bias"], mask_self=True)
+    _compare(backends.get(backend), pb)
+
+
+@settings(max_examples=6)
+@given(pb=problems(dtypes=(torch.float32,), max_w=8, with_bias=True))
+def test_flex_forward_matches_reference(pb):
+    """Flex in eager mode on CPU (no backward there; CUDA runs the same mask_mod / score_mod compiled)."""
+    pb["key_scale"] = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _compare(flex_attention_backend, pb, backward=False)
+
+
+def _dense_sliding_window(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1)):
+    """Stand-in for flash_attn_func: `(b, n, h, d)`, keys in `[i - left, i + right]` (and `j <= i` if causal)."""
+    n = q.shape[1]
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None]
+    left, right = window_size
+    keep = (j >= i - left) & (j <= i + right)
+    if causal:
+        keep &= j <= i
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * softmax_scale
+    return torch.einsum("bhij,bjhd->bihd", scores.masked_fill(~keep, float("-inf")).softmax(-1), v)
+
+
+@pytest.mark.parametrize("causal,look_backward,look_forward", [(True, 1, 0), (True, 2, 0), (False, 1, 1), (False, 0, 2)])
+def test_flash_maps_exact_windows_to_window_size(monkeypatch, causal, look_backward, look_forward):
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=_dense_sliding_window))
+    pb = dict(spec=WindowSpec(4, causal, look_backward, look_forward, True), n=19, P=3, d=8, dv=8, mask=None,
+              key_scale=None, attn_bias=None, mask_self=False, dtype=torch.float64, seed=0)
+    _compare(flash_attn_backend, pb)

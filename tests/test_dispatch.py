@@ -1,0 +1,107 @@
+"""The `auto` dispatch rule (`backends.decide`, a pure function) and explicit backend checks, without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from windowed_attention import local_attention
+from windowed_attention.ops import backends
+from windowed_attention.ops.spec import WindowSpec
+
+ALL = {"sdpa": True, "flex": True, "flash": True}
+PLAIN = WindowSpec(256, True, 1, 0, False)
+EXACT = WindowSpec(256, True, 1, 0, True)
+
+
+def decide(device, dtype, spec=PLAIN, available=ALL, **options):
+    return backends.decide(device, dtype, spec, available=available, **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_cpu_takes_the_fused_sdpa_path(dtype):
+    assert decide("cpu", dtype) == "sdpa"
+    assert decide("cpu", dtype, EXACT, mask=True, key_scale=True) == "sdpa"
+
+
+@pytest.mark.parametrize("option", ["attn_bias", "mask_self", "dropout"])
+def test_cpu_falls_back_to_reference_for_what_sdpa_lacks(option):
+    assert decide("cpu", torch.float32, **{option: True}) == "reference"
+
+
+def test_cpu_without_the_fused_kernel_uses_reference():
+    assert decide("cpu", torch.float32, available={"sdpa": False, "flex": True, "flash": True}) == "reference"
+
+
+def test_cuda_prefers_flash_for_exact_half_precision_windows():
+    assert decide("cuda", torch.bfloat16, EXACT) == "flash"
+    assert decide("cuda", torch.float16, EXACT, dropout=True) == "flash"
+
+
+@pytest.mark.parametrize(
+    "dtype,spec,options",
+    [
+        (torch.float32, EXACT, {}),  # flash-attn has no fp32
+        (torch.bfloat16, PLAIN, {}),  # window blocks are not a sliding window
+        (torch.bfloat16, EXACT, {"mask": True}),
+        (torch.bfloat16, EXACT, {"attn_bias": True}),
+        (torch.bfloat16, EXACT, {"mask_self": True}),
+    ],
+)
+def test_cuda_uses_flex_where_flash_cannot(dtype, spec, options):
+    assert decide("cuda", dtype, spec, **options) == "flex"
+
+
+def test_cuda_without_flash_attn_installed_uses_flex():
+    assert decide("cuda", torch.bfloat16, EXACT, available={"sdpa": True, "flex": True, "flash": False}) == "flex"
+
+
+@pytest.mark.parametrize("options", [{"key_scale": True}, {"dropout": True}])
+def test_cuda_falls_back_to_reference_for_what_flex_lacks(options):
+    assert decide("cuda", torch.float32, PLAIN, **options) == "reference"
+    assert decide("cuda", torch.float32, PLAIN, available={"sdpa": True, "flex": False, "flash": False}) == "reference"
+
+
+@pytest.mark.parametrize("device", ["mps", "meta", "xpu"])
+def test_other_devices_use_reference(device):
+    assert decide(device, torch.float32) == "reference"
+
+
+def test_choose_reads_device_dtype_and_options_from_the_call():
+    q = torch.zeros(2, 8, 4)
+    assert backends.choose(q, PLAIN) == ("sdpa" if backends.availability()["sdpa"] else "reference")
+    assert backends.choose(q, PLAIN, attn_bias=torch.zeros(1, 256, 512)) == "reference"
+    assert backends.choose(q, PLAIN, mask_self=True) == "reference"
+    assert backends.choose(q, PLAIN, dropout_p=0.1) == "reference"
+    assert backends.choose(torch.zeros(2, 8, 4, device="meta"), PLAIN) == "reference"
+
+
+@pytest.mark.parametrize("name", ["flex", "flash"])
+def test_check_name_refuses_cuda_backends_for_cpu_tensors(name):
+    with pytest.raises(ValueError, match="backend"):
+        backends.check_name(name, torch.device("cpu"))
+    q = torch.randn(1, 8, 4)
+    with pytest.raises(ValueError, match="backend"):
+        local_attention(q, q, q, window_size=4, backend=name)
+
+
+def test_check_name_refuses_the_cpu_kernel_for_cuda_tensors():
+    with pytest.raises(ValueError, match="backend"):
+        backends.check_name("sdpa", torch.device("cuda"))
+
+
+def test_check_name_refuses_unknown_names_and_non_strings():
+    with pytest.raises(ValueError, match="backend"):
+        backends.check_name("fastest", torch.device("cpu"))
+    with pytest.raises(TypeError, match="backend"):
+        backends.check_name(1, torch.device("cpu"))
+    assert backends.check_name("auto", torch.device("cpu")) == "auto"
+    assert backends.check_name("reference", torch.device("cuda")) == "reference"
+
+
+def test_explicit_cpu_backends_agree_through_the_public_op():
+    q, k, v = (torch.randn(2, 3, 50, 8, dtype=torch.float64) for _ in range(3))
+    kwargs = dict(window_size=8, causal=True, exact_windowsize=True)
+    ref = local_attention(q, k, v, backend="reference", **kwargs)
+    assert torch.allclose(local_attention(q, k, v, backend="sdpa", **kwargs), ref, atol=1e-12)
+    assert torch.allclose(local_attention(q, k, v, **kwargs), ref, atol=1e-12)

@@ -59,9 +59,10 @@ def split_bytes(data: bytes) -> tuple[bytes, bytes]:
 
 
 def stdlib_sources() -> list[Path]:
-    """The standard library's `.py` files in sorted order, without installed packages."""
+    """The standard library's `.py` files in sorted order, without installed packages, test suites or
+    generated tables (codec maps, pydoc topics): hand-written Python."""
     root = sysconfig.get_paths()["stdlib"]
-    skip = {"site-packages", "dist-packages", "__pycache__"}
+    skip = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "encodings", "pydoc_data"}
     found = []
     for folder, subfolders, files in os.walk(root):
         subfolders[:] = [name for name in subfolders if name not in skip]
@@ -80,7 +81,7 @@ def builtin_corpus(budget: int = BUILTIN_BUDGET) -> Corpus:
             continue
         (val if index % BUILTIN_VAL_EVERY == BUILTIN_VAL_EVERY - 1 else train).append(text)
         total += len(text)
-        if total >= budget:
+        if total >= budget and val:
             break
     if not val or not train:
         raise RuntimeError(f"the built-in corpus found too little Python source under {sysconfig.get_paths()['stdlib']}")

@@ -1,0 +1,86 @@
+"""`windowed-attention generate`: load a checkpoint and stream sampled text to stdout, token by token."""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import sys
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--checkpoint", default="runs/latest", help="run folder written by `train` (default: %(default)s)")
+    add("--prime", default="\n", help="text to continue (default: a newline)")
+    add("--length", type=_nonneg_int, default=500, help="bytes to generate (default: %(default)s)")
+    add("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy (default: %(default)s)")
+    add("--filter-thres", type=float, default=0.9,
+        help="top-k: keep the top (1 - F) of the 256 byte values (default: %(default)s)")
+    add("--top-p", type=float, default=None, help="nucleus sampling: keep the smallest set with probability P")
+    add("--seed", type=int, default=None, help="random seed (default: unseeded)")
+    add("--device", choices=["cpu", "cuda"], default="cpu", help="device (default: %(default)s)")
+
+
+def run(args) -> int:
+    import torch
+
+    from ..sampling import check_sampling
+    from ..training.checkpoint import CheckpointError, load_model
+    from .engine import stream
+
+    try:
+        check_sampling(args.temperature, args.filter_thres, args.top_p)
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: CUDA is not available on this machine")
+        model, _, _ = load_model(args.checkpoint, device=args.device)
+        prime = args.prime.encode("utf-8")
+        if not prime:
+            raise ValueError("--prime must not be empty")
+        generator = None
+        if args.seed is not None:
+            generator = torch.Generator(device=args.device).manual_seed(args.seed)
+        prompt = torch.tensor([list(prime)], dtype=torch.long, device=args.device)
+        tokens = stream(model, prompt, args.length, temperature=args.temperature, filter_thres=args.filter_thres,
+                        top_p=args.top_p, generator=generator)
+        # sample the first token before printing anything, so that argument errors come before output
+        first = next(tokens, None)
+    except (CheckpointError, ValueError, TypeError) as error:
+        print(f"windowed-attention generate: error: {error}", file=sys.stderr)
+        return 2
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out = sys.stdout
+    out.write(args.prime)
+    try:
+        token = first
+        while token is not None:
+            out.write(decoder.decode(bytes([int(token[0, 0])])))
+            out.flush()
+            token = next(tokens, None)
+        out.write(decoder.decode(b"", final=True) + "\n")
+        out.flush()
+    except BrokenPipeError:  # e.g. piped into `head`
+        return 0
+    except KeyboardInterrupt:
+        out.write("\n")
+        return 130
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="windowed-attention generate", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Side-by-side benchmark of local attention implementations (`windowed-attention bench`)."""

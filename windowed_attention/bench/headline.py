@@ -1,0 +1,121 @@
+"""The issue's headline figures, measured side by side in one process (interleaved medians).
+
+Shapes: B=1, H=8, D=64, W=256, causal, look_backward=1, fp32 unless stated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import impls, measure
+
+N, W = 8192, 256
+
+
+def _pair(make_ours, make_theirs, n, backward, reps, dtype=torch.float32):
+    inputs = measure.make_inputs(n, dtype, backward)
+    fns = {"ours": measure.step(make_ours, inputs, backward), "theirs": measure.step(make_theirs, inputs, backward)}
+    times = measure.interleaved(fns, reps)
+    return dict(ours_ms=times["ours"] * 1e3, theirs_ms=times["theirs"] * 1e3, speedup=times["theirs"] / times["ours"])
+
+
+def _training(reps: int) -> dict | None:
+    try:
+        from local_attention import LocalTransformer as Theirs
+
+        from windowed_attention.transformer import LocalTransformer as Ours
+    except ImportError:
+        return None
+    config = dict(num_tokens=256, max_seq_len=2048, dim=256, depth=4, heads=4, dim_head=64, local_attn_window_size=256,
+                  causal=True)
+    batch = torch.randint(0, 256, (4, 2048), generator=torch.Generator().manual_seed(0))
+    steps = {}
+    for name, cls, extra in (("ours", Ours, {}), ("theirs", Theirs, {"num_residual_streams": 1})):
+        torch.manual_seed(0)
+        model = cls(**config, **extra)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+        def step(model=model, opt=opt):
+            loss = model(batch, return_loss=True)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        steps[name] = step
+    times = measure.interleaved(steps, reps)
+    tokens = batch.numel()
+    return dict(config=dict(config, batch="4x2048", optimizer="Adam fp32"), ours_tokens_per_s=tokens / times["ours"],
+                theirs_tokens_per_s=tokens / times["theirs"], speedup=times["theirs"] / times["ours"])
+
+
+def run(train: bool = True, reps: int = 7) -> dict:
+    peak = measure.matmul_peak()
+    peak_bf16 = measure.matmul_peak(torch.bfloat16)
+    result = dict(shapes=f"B=1 H={impls.HEADS} D={impls.DIM} W={W} causal look_backward=1",
+                  matmul_peak_gflops_fp32=peak, matmul_peak_gflops_bf16=peak_bf16)
+
+    plain = _pair(impls.ours(N, W), impls.theirs(N, W), N, True, reps)
+    flops = impls.useful_flops(N, W, False, True)
+    plain["ours_gflops"] = flops / plain["ours_ms"] * 1e-6
+    plain["ours_pct_matmul_peak"] = 100 * plain["ours_gflops"] / peak
+    result["fwd_bwd_plain_n8192"] = plain
+
+    rot = _pair(impls.ours(N, W, exact=True, rotary_pos=True), impls.theirs(N, W, exact=True, rotary_pos=True), N, True, reps)
+    rot["ours_gflops"] = impls.useful_flops(N, W, True, True) / rot["ours_ms"] * 1e-6
+    rot["ours_pct_matmul_peak"] = 100 * rot["ours_gflops"] / peak
+    result["fwd_bwd_rotary_exact_n8192"] = rot
+
+    result["fwd_plain_n8192_vs_local_attention"] = _pair(impls.ours(N, W), impls.theirs(N, W), N, False, reps)
+    try:
+        inference = _pair(impls.ours(N, W), impls.compiled_flex(N, W), N, False, reps)
+        result["fwd_plain_n8192_vs_compiled_flex"] = dict(ours_ms=inference["ours_ms"], flex_ms=inference["theirs_ms"],
+                                                          speedup=inference["speedup"])
+    except Exception as error:  # compile may fail on some setups
+        result["fwd_plain_n8192_vs_compiled_flex"] = dict(error=f"{type(error).__name__}: {error}"[:300])
+
+    ours_mem = measure.peak_memory("ours", 32768, W)
+    theirs_mem = measure.peak_memory("local-attention", 32768, W)
+    result["peak_memory_fwd_bwd_n32768"] = dict(
+        ours_mib=None if ours_mem is None else ours_mem / 2**20, theirs_mib=None if theirs_mem is None else theirs_mem / 2**20,
+        ratio=None if not (ours_mem and theirs_mem) else ours_mem / theirs_mem, method="fresh subprocess, VmHWM - VmRSS after clear_refs")
+
+    per_token = {}
+    for n in (4096, 65536):
+        inputs = measure.make_inputs(n, torch.float32, True)
+        per_token[n] = measure.median_time(measure.step(impls.ours(n, W), inputs, True), 3) / n * 1e6
+    result["linear_cost_fwd_bwd"] = dict(us_per_token_n4096=per_token[4096], us_per_token_n65536=per_token[65536],
+                                         ratio=per_token[65536] / per_token[4096])
+
+    fp32_in = measure.make_inputs(N, torch.float32, True)
+    bf16_in = measure.make_inputs(N, torch.bfloat16, True)
+    fn = impls.ours(N, W)
+
+    def autocast_step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fn(*fp32_in).float().sum().backward()
+
+    times = measure.interleaved({"fp32": measure.step(fn, fp32_in, True), "bf16": measure.step(fn, bf16_in, True),
+                                 "autocast": autocast_step}, reps)
+    result["bf16_fwd_bwd_n8192"] = dict(fp32_ms=times["fp32"] * 1e3, bf16_ms=times["bf16"] * 1e3,
+                                        autocast_bf16_ms=times["autocast"] * 1e3, bf16_speedup=times["fp32"] / times["bf16"])
+    if train:
+        result["train_step_local_transformer"] = _training(3)
+    return result
+
+
+def report(result: dict) -> None:
+    def show(key, text):
+        value = result.get(key)
+        if value:
+            print(f"{text:48} " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items()
+                                            if not isinstance(v, dict)))
+
+    print(f"fp32 matmul peak {result['matmul_peak_gflops_fp32']:.0f} GFLOP/s, bf16 {result['matmul_peak_gflops_bf16']:.0f}")
+    show("fwd_bwd_plain_n8192", "fwd+bwd N=8192 vs local-attention")
+    show("fwd_bwd_rotary_exact_n8192", "fwd+bwd N=8192 rotary+exact vs local-attention")
+    show("fwd_plain_n8192_vs_local_attention", "fwd N=8192 vs local-attention")
+    show("fwd_plain_n8192_vs_compiled_flex", "fwd N=8192 vs compiled flex (speedup>1: ours faster)")
+    show("peak_memory_fwd_bwd_n32768", "peak memory fwd+bwd N=32768")
+    show("linear_cost_fwd_bwd", "time/token fwd+bwd N=65536 vs 4096")
+    show("bf16_fwd_bwd_n8192", "bf16 vs fp32 fwd+bwd N=8192")
+    show("train_step_local_transformer", "LocalTransformer train step tokens/s")

@@ -1,0 +1,103 @@
+"""The implementations under test, each as `make(n, w, dtype, *, exact, rotary) -> (fn, inputs)`.
+
+Shapes follow the issue: `q, k, v (B=1, H=8, n, D=64)`, causal, `look_backward=1`. `fn(*inputs)` returns
+the attention output; inputs that need gradients have `requires_grad` set by the caller.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from windowed_attention import local_attention
+from windowed_attention.ops import sdpa_blocks
+from windowed_attention.ops.spec import WindowSpec
+
+HEADS, DIM = 8, 64
+
+
+def qkv(n: int, dtype=torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(1, HEADS, n, DIM, generator=g).to(dtype) for _ in range(3))
+
+
+@functools.lru_cache(maxsize=8)
+def _rotary_tables(n: int, dtype):
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, DIM, 2, dtype=torch.float64) / DIM))
+    angles = torch.arange(n, dtype=torch.float64)[:, None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotary(x: torch.Tensor) -> torch.Tensor:
+    """Standard rotary embedding by absolute position: scores then depend on `i - j` only."""
+    cos, sin = _rotary_tables(x.shape[-2], x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def ours(n, w, dtype=torch.float32, exact=False, rotary_pos=False, backend="auto"):
+    def fn(q, k, v):
+        if rotary_pos:
+            q, k = rotary(q), rotary(k)
+        return local_attention(q, k, v, window_size=w, causal=True, look_backward=1, exact_windowsize=exact, backend=backend)
+
+    return fn
+
+
+def theirs(n, w, dtype=torch.float32, exact=False, rotary_pos=False):
+    """lucidrains' LocalAttention (rotary applied inside when `dim` is given)."""
+    from local_attention import LocalAttention
+
+    module = LocalAttention(window_size=w, causal=True, look_backward=1, look_forward=0, exact_windowsize=exact,
+                            dim=DIM if rotary_pos else None, use_rotary_pos_emb=rotary_pos)
+    return lambda q, k, v: module(q, k, v)
+
+
+def dense_sdpa(n, w, dtype=torch.float32, exact=False, rotary_pos=False):
+    """One SDPA call over the whole sequence with an `(n, n)` band mask: O(n^2), for reference only."""
+    spec = WindowSpec(w, True, 1, 0, exact)
+    i = torch.arange(n)
+    band = spec.visible(i[:, None], i[None, :], n)
+    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=band)
+
+
+def compiled_flex(n, w, dtype=torch.float32, exact=False, rotary_pos=False):
+    """`torch.compile(flex_attention)` with the window block mask (forward only on CPU)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(b, h, i, j):
+        ok = (j <= i) & (j // w >= i // w - 1)
+        return ok & (i - j <= w) if exact else ok
+
+    block_mask = create_block_mask(mask_mod, None, None, n, n, device="cpu")
+    flex = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v: flex(q, k, v, block_mask=block_mask)
+
+
+IMPLS = {"ours": ours, "local-attention": theirs, "dense-sdpa": dense_sdpa, "flex-compiled": compiled_flex}
+
+
+def installed(name: str) -> bool:
+    if name == "local-attention":
+        try:
+            import local_attention  # noqa: F401
+        except ImportError:
+            return False
+    if name == "ours":
+        return True
+    return True
+
+
+def useful_flops(n: int, w: int, exact: bool, backward: bool) -> float:
+    """Matmul flops of the visible (query, key) pairs: 4 d per pair forward, x3.5 with backward."""
+    spec = WindowSpec(w, True, 1, 0, exact)
+    windows = n // w
+    pairs = 0
+    for task in sdpa_blocks.window_tasks(spec):
+        per_pair = w if task.lower and task.upper else w * (w + 1) // 2 if task.lower or task.upper else w * w
+        pairs += (windows - abs(task.offset)) * per_pair
+    flops = 4.0 * HEADS * DIM * pairs
+    return flops * 3.5 if backward else flops

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from oracle import oracle_attention, visibility
-from windowed_attention.ops import local_attention
+from windowed_attention import local_attention
 
 LEADING = [(), (1,), (2,), (2, 2), (2, 3), (1, 2, 2)]  # 0 to 3 leading dims
 BACKENDS = ["auto", "reference"]
@@ -355,7 +355,7 @@ def test_dropout_zeroes_weights_and_rescales_the_rest(backend, causal):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_expectation_equals_undropped_output(backend):
-    p, draws = 0.4, 400
+    p, draws = 0.4, 250
     torch.manual_seed(5)
     q, k, v = torch.randn(3, 2, 10, 4, dtype=torch.float64).unbind(0)
     kw = dict(window_size=3, look_backward=1, look_forward=1)

@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--headline", action="store_true", help="measure the issue's headline figures only")
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="sequence lengths N")
     parser.add_argument("--windows", type=int, nargs="+", default=None, help="window sizes W")
-    parser.add_argument("--impls", nargs="+", default=list(impls.IMPLS), choices=list(impls.IMPLS))
+    parser.add_argument("--impls", nargs="+", default=["ours", "local-attention", "dense-sdpa", "flex-compiled"],
+                        choices=list(impls.IMPLS))
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions per point (median)")
     parser.add_argument("--no-memory", action="store_true", help="skip the subprocess memory measurements")
     parser.add_argument("--dense-max", type=int, default=8192, help="largest N for dense SDPA")

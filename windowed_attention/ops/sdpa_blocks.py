@@ -184,7 +184,6 @@ class _FlashBlocks(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         plan: _Plan = ctx.plan
         acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        grad_out = grad_out.contiguous()
         dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
         dk = torch.zeros(k.shape, dtype=acc_dtype, device=q.device)
         dv = torch.zeros(v.shape, dtype=acc_dtype, device=q.device)
@@ -196,7 +195,8 @@ class _FlashBlocks(torch.autograd.Function):
                 lse_ab = lse[:, a:b]
                 if q.dtype in (torch.bfloat16, torch.float16):
                     lse_ab = lse_ab.float()
-                g_q, g_k, g_v = bwd(grad_out[:, a:b], q[:, a:b], plan.keys(k[:, a + o : b + o], task),
+                # per-task copy: a broadcast grad (from .sum()) is never materialised whole
+                g_q, g_k, g_v = bwd(grad_out[:, a:b].contiguous(), q[:, a:b], plan.keys(k[:, a + o : b + o], task),
                                     v[:, a + o : b + o], out[:, a:b], lse_ab.contiguous(), 0.0, causal,
                                     attn_mask=attn_mask, scale=plan.scale)
                 dq[:, a:b] += g_q
@@ -252,4 +252,6 @@ def sdpa_blocks_attention(
     with torch.autocast(device_type, enabled=False):
         plan = _Plan(spec, windows, key_ok, scale, key_scale, q.dtype, q.device, P * w * v.shape[-1])
         out = _FlashBlocks.apply(bq, bk, bv, plan)
-    return out.flatten(1, 2)[:, :n, :dv]
+    out = out.flatten(1, 2)
+    # slice only when needed: a slice's backward allocates a zero-filled gradient of the full output
+    return out if (pad == 0 and dv == out.shape[-1]) else out[:, :n, :dv]

@@ -35,6 +35,12 @@ def _check_prompt(prompt) -> torch.Tensor:
     return prompt.long()
 
 
+def _check_count(max_new_tokens) -> int:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    return max_new_tokens
+
+
 @torch.no_grad()
 def prefill(model: LocalTransformer, prompt: torch.Tensor) -> tuple[torch.Tensor, list[KVCache]]:
     """One forward over `prompt` `(b, n)`: the logits of its last position `(b, vocab)` and the caches."""
@@ -69,8 +75,7 @@ def stream(model: LocalTransformer, prompt: torch.Tensor, max_new_tokens: int | 
     prompt = _check_prompt(prompt)
     check_sampling(temperature, filter_thres, top_p)
     if max_new_tokens is not None:
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0 or None, got {max_new_tokens!r}")
+        _check_count(max_new_tokens)
         if model.use_abs_pos_emb and prompt.shape[1] + max_new_tokens - 1 > model.max_seq_len:
             raise ValueError(
                 f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} - 1 exceeds max_seq_len = "
@@ -108,6 +113,7 @@ def generate(model: LocalTransformer, prompt: torch.Tensor, max_new_tokens: int,
     """
     if max_new_tokens is None:
         raise ValueError("max_new_tokens must be an int >= 0 (use stream() to generate without end)")
+    _check_count(max_new_tokens)
     prompt = _check_prompt(prompt)
     out = torch.empty(prompt.shape[0], max_new_tokens, dtype=torch.long, device=prompt.device)
     for index, token in enumerate(stream(model, prompt, max_new_tokens, temperature=temperature,

@@ -1,0 +1,88 @@
+"""The `train` and `generate` commands end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from windowed_attention.generation import cli as generate_cli
+from windowed_attention.training import cli as train_cli
+
+TINY = ["--dim", "32", "--depth", "1", "--heads", "2", "--dim-head", "16", "--seq-len", "32", "--window-size", "16",
+        "--batch-size", "4", "--eval-batches", "2", "--sample-length", "16", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    data = root / "data.txt"
+    data.write_text("hello windowed attention, " * 800)
+    out = root / "run"
+    assert train_cli.main(["--out", str(out), "--data", str(data), "--steps", "3", "--eval-every", "3", *TINY]) == 0
+    return out
+
+
+def test_train_writes_the_run_folder(trained):
+    for name in ("config.json", "model.safetensors", "trainer_state.pt", "metrics.jsonl", "loss.png"):
+        assert (trained / name).is_file(), name
+    assert json.loads((trained / "config.json").read_text())["step"] == 3
+
+
+def test_generate_streams_text(trained, capsys):
+    args = ["--checkpoint", str(trained), "--prime", "héllo", "--length", "40", "--seed", "1"]
+    assert generate_cli.main(args) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("héllo") and first.endswith("\n")
+    assert generate_cli.main(args) == 0
+    assert capsys.readouterr().out == first  # seeded: reproducible
+
+
+def test_generate_greedy_and_top_p(trained, capsys):
+    assert generate_cli.main(["--checkpoint", str(trained), "--prime", "a", "--length", "10",
+                              "--temperature", "0"]) == 0
+    assert generate_cli.main(["--checkpoint", str(trained), "--prime", "a", "--length", "10", "--top-p", "0.9",
+                              "--seed", "0"]) == 0
+    assert capsys.readouterr().out.count("\n") >= 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "-1"], "temperature"),
+    (["--filter-thres", "3"], "filter_thres"),
+    (["--top-p", "0"], "top_p"),
+    (["--prime", ""], "prime"),
+])
+def test_generate_bad_arguments_exit_2(trained, capsys, args, message):
+    assert generate_cli.main(["--checkpoint", str(trained), *args]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""
+
+
+def test_generate_bad_checkpoint_exits_2(tmp_path, capsys):
+    assert generate_cli.main(["--checkpoint", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text("{garbage")
+    assert generate_cli.main(["--checkpoint", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "config.json is corrupted" in err and "Traceback" not in err
+
+
+def test_console_entry_point_train_then_generate(tmp_path):
+    """`python -m windowed_attention.cli train ...` then `... generate ...`, as a user runs them."""
+    data = tmp_path / "data.txt"
+    data.write_text("abc def ghi " * 500)
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "windowed_attention.cli"]
+    done = subprocess.run([*command, "train", "--out", str(out), "--data", str(data), "--steps", "3", *TINY],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "done: step 3" in done.stderr
+    done = subprocess.run([*command, "generate", "--checkpoint", str(out), "--prime", "abc", "--length", "25"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("abc") and len(done.stdout.encode()) >= 3 + 1
+    bad = subprocess.run([*command, "generate", "--checkpoint", str(tmp_path / "nope")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1

@@ -163,18 +163,11 @@ def _compare(case: ModuleCase, atol=1e-9, rtol=1e-8, grads=True):
         torch.testing.assert_close(a.grad, b.grad, atol=atol * 10, rtol=rtol * 10, msg=lambda m: f"grad of {name}: {m}")
 
 
-# xpos in float64 is only float32-accurate for now (see test_xpos_is_float64_accurate_in_float64);
-# drop this tolerance once that test passes
-XPOS_TOL = dict(atol=1e-4, rtol=1e-4)
-
-
 @given(case=module_cases())
 def test_module_matches_oracle_float64_forward_and_backward(case):
-    _compare(case, **(XPOS_TOL if case.xpos_scale_base is not None else {}))
+    _compare(case)
 
 
-@pytest.mark.xfail(strict=True, reason="positional.py: SinusoidalEmbeddings.scale (xpos base) is a float32 buffer; "
-                   "xpos_scale() upcasts the rounded value, so float64 xpos is off by ~1e-8 relative")
 def test_xpos_is_float64_accurate_in_float64():
     case = ModuleCase(ctor=dict(window_size=4, look_backward=1, look_forward=1, dim=6, use_xpos=True,
                                 xpos_scale_base=2), layout=(1,), n=16, d=6, dv=3, seed=0)
@@ -204,7 +197,7 @@ def test_rotary_with_look_forward_depends_only_on_distance(use_xpos, look_backwa
                   use_xpos=use_xpos, xpos_scale_base=6 if use_xpos else None),
         layout=(2, 3), n=n, d=d, dv=4, seed=11,
     )
-    _compare(case, **(XPOS_TOL if use_xpos else {}))
+    _compare(case)
     # and positions matter at all: without rotary the output is different
     q, k, v, _, _ = case.inputs()
     plain = LocalAttention(window_size=w, look_backward=look_backward, look_forward=look_forward)
@@ -306,7 +299,7 @@ def test_window_size_override_with_xpos_matches_oracle(override):
     n = 24
     case = ModuleCase(ctor=dict(window_size=4, dim=8, use_xpos=True, causal=True, autopad=True),
                       layout=(2,), n=n, d=8, dv=4, seed=override, window_override=override)
-    _compare(case, **XPOS_TOL)
+    _compare(case)
 
 
 @pytest.mark.parametrize("n, w", [(6, 4), (7, 2), (1, 3), (10, 4)])
@@ -340,7 +333,7 @@ def test_default_xpos_scale_base_is_half_the_window():
     case = ModuleCase(ctor=dict(window_size=8, causal=True, dim=8, use_xpos=True), layout=(1,), n=32, d=8,
                       dv=4, seed=2)
     assert case.xpos_scale_base == 4
-    _compare(case, grads=False, **XPOS_TOL)
+    _compare(case, grads=False)
     wrong = ModuleCase(**{**case.__dict__, "ctor": {**case.ctor, "xpos_scale_base": 8}})
     q, k, v, _, _ = case.inputs()
     with torch.no_grad():

@@ -79,6 +79,8 @@ class LocalAttention(nn.Module):
             spec = make_spec(window_size, spec.causal, spec.look_backward, spec.look_forward, spec.exact_windowsize)
 
         check_qkv(q, k, v)
+        if q.shape[-2] == 0:
+            return q.new_zeros(*q.shape[:-1], v.shape[-1])
         (q, packed_shape), (k, _), (v, _) = (pack([t], "* n d") for t in (q, k, v))
         packed, n, d = q.shape
         if not self.autopad and n % spec.window_size:

@@ -82,7 +82,8 @@ class SinusoidalEmbeddings(nn.Module):
 
     def xpos_scale(self, power: torch.Tensor) -> torch.Tensor:
         """`scale ** (power / scale_base)` `(n, dim)` (float64) for positions `power` `(n,)`."""
-        scale = self.scale.double() ** rearrange(power.to(torch.float64) / self.scale_base, "n -> n 1")
+        base = (torch.arange(0, self.dim, 2, dtype=torch.float64, device=self.scale.device) + 0.4 * self.dim) / (1.4 * self.dim)
+        scale = base ** rearrange(power.to(torch.float64) / self.scale_base, "n -> n 1")
         return torch.cat((scale, scale), dim=-1)
 
 

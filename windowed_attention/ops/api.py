@@ -91,6 +91,8 @@ def local_attention(
     scale = check_scale(scale)
     backend = backends.check_name(backend, q.device)
 
+    if q.shape[-2] == 0:  # nothing to attend; einops cannot pack an empty sequence
+        return q.new_zeros(*q.shape[:-1], v.shape[-1])
     (q, packed_shape), (k, _), (v, _) = (pack([t], "* n d") for t in (q, k, v))
     packed, n = q.shape[0], q.shape[1]
     if mask is not None:

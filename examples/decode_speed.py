@@ -1,10 +1,10 @@
 """Cached decoding speed at short and long context: windowed-attention vs local-attention, side by side.
 
 Both models: dim 256, depth 4, heads 4, dim_head 64, window 256, byte vocabulary, random weights. For each
-context length C the prime holds C tokens; we time generating 64 and 192 tokens after the same prime and
-divide the difference (128 tokens) by the difference in time, so the prefill is counted out:
+context length C the prime holds C tokens; we time generating 64 and 320 tokens after the same prime and
+divide the difference (256 tokens) by the difference in time, so the prefill is counted out:
 
-    rate(C) = (192 - 64) / (t(192) - t(64))    [tokens/s]
+    rate(C) = (320 - 64) / (t(320) - t(64))    [tokens/s]
 
 Each timing is the best of `--repeats` runs. Run: python examples/decode_speed.py [--contexts 512 8192]
 """
@@ -20,7 +20,7 @@ from windowed_attention import LocalTransformer
 from windowed_attention.generation import generate
 
 CONFIG = dict(num_tokens=256, dim=256, depth=4, heads=4, dim_head=64, local_attn_window_size=256)
-SHORT, LONG = 64, 192
+SHORT, LONG = 64, 320
 
 
 def best_time(fn, repeats: int) -> float:

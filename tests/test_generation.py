@@ -134,3 +134,21 @@ def test_ring_buffer_matches_a_plain_list(capacity, prefill_len, steps):
         assert torch.equal(keys, k[..., start:t + 1, :]) and torch.equal(values, v[..., start:t + 1, :])
         assert cache.length == t + 1 and cache.nbytes() == nbytes
         assert torch.equal(cache.v, v[..., max(t + 1 - capacity, 0):t + 1, :])
+
+
+@pytest.mark.parametrize("options", [o for o in OPTIONS if not o.get("use_xpos")], ids=str)
+def test_fast_step_matches_reference_decode(options):
+    """decoder.step (rotated-key cache, hoisted masks and bias) against the model's own cached forward."""
+    from windowed_attention.generation import decoder
+
+    model = tiny(seed=6, **options)
+    assert decoder.supported(model)
+    tokens = torch.randint(0, 40, (2, 70))
+    logits, caches = prefill(model, tokens[:, :3])
+    state = decoder.from_reference(model, caches)
+    for t in range(3, 70):
+        reference, caches = decode_step(model, tokens[:, t:t + 1], caches)
+        fast, state = decoder.step(model, tokens[:, t:t + 1], state)
+        torch.testing.assert_close(fast, reference, atol=1e-4, rtol=1e-4)
+        assert state.position == caches[0].length == t + 1
+    assert not decoder.supported(tiny(use_xpos=True))

@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..kv_cache import KVCache
+from . import decoder
 from ..sampling import check_sampling, sample
 from ..transformer import LocalTransformer
 
@@ -64,12 +65,13 @@ def cache_nbytes(caches: list[KVCache]) -> int:
 def stream(model: LocalTransformer, prompt: torch.Tensor, max_new_tokens: int | None, *,
            temperature: float = 1.0, filter_thres: float = 0.9, top_p: float | None = None,
            generator: torch.Generator | None = None,
-           on_caches: Callable[[int, list[KVCache]], None] | None = None) -> Iterator[torch.Tensor]:
+           on_caches: Callable[[int, list[KVCache]], None] | None = None, fast: bool = True) -> Iterator[torch.Tensor]:
     """Yield new tokens `(b, 1)` one by one after `prompt` `(b, n)`; `max_new_tokens=None` never stops
     (needs a model without absolute positions to run past `max_seq_len`).
 
     `temperature=0` is greedy; `filter_thres` keeps the top `1 - filter_thres` of the vocabulary (top-k);
     `top_p` adds nucleus filtering. `on_caches(step, caches)` is called after each decode step.
+    `fast=False` decodes with the model's own cached forward instead of `decoder.step` (same tokens).
     """
     model = _check_model(model)
     prompt = _check_prompt(prompt)
@@ -87,6 +89,7 @@ def stream(model: LocalTransformer, prompt: torch.Tensor, max_new_tokens: int | 
     model.eval()
     try:
         logits, caches = prefill(model, prompt)
+        state = decoder.from_reference(model, caches) if fast and decoder.supported(model) else None
         step = 0
         while True:
             token = sample(logits, temperature, filter_thres, top_p, generator)
@@ -96,7 +99,11 @@ def stream(model: LocalTransformer, prompt: torch.Tensor, max_new_tokens: int | 
                 return
             if model.use_abs_pos_emb and caches[0].length >= model.max_seq_len:
                 raise ValueError(f"generation reached max_seq_len = {model.max_seq_len} (build the model with use_abs_pos_emb=False to stream past it)")
-            logits, caches = decode_step(model, token, caches)
+            if state is not None:
+                logits, state = decoder.step(model, token, state)
+                caches = state.caches
+            else:
+                logits, caches = decode_step(model, token, caches)
             if on_caches is not None:
                 on_caches(step, caches)
     finally:
@@ -106,7 +113,7 @@ def stream(model: LocalTransformer, prompt: torch.Tensor, max_new_tokens: int | 
 @torch.no_grad()
 def generate(model: LocalTransformer, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              filter_thres: float = 0.9, top_p: float | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, fast: bool = True) -> torch.Tensor:
     """Sample `max_new_tokens` tokens after `prompt` `(b, n)` with the rolling KV cache; returns `(b, max_new_tokens)`.
 
     Gives the same tokens as `model.generate(prompt, max_new_tokens, ..., use_kv_cache=False)`.
@@ -117,6 +124,7 @@ def generate(model: LocalTransformer, prompt: torch.Tensor, max_new_tokens: int,
     prompt = _check_prompt(prompt)
     out = torch.empty(prompt.shape[0], max_new_tokens, dtype=torch.long, device=prompt.device)
     for index, token in enumerate(stream(model, prompt, max_new_tokens, temperature=temperature,
-                                         filter_thres=filter_thres, top_p=top_p, generator=generator)):
+                                         filter_thres=filter_thres, top_p=top_p, generator=generator,
+                                         fast=fast)):
         out[:, index:index + 1] = token
     return out

@@ -79,7 +79,8 @@ def test_console_entry_point_train_then_generate(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "done: step 3" in done.stderr
-    done = subprocess.run([*command, "generate", "--checkpoint", str(out), "--prime", "abc", "--length", "25"],
+    done = subprocess.run([*command, "generate", "--checkpoint", str(out), "--prime", "abc", "--length", "25",
+                           "--threads", "1"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("abc") and len(done.stdout.encode()) >= 3 + 1

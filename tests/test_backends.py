@@ -21,7 +21,7 @@ from windowed_attention.ops import backends
 from windowed_attention.ops.flash import flash_attn_backend
 from windowed_attention.ops.flex import flex_attention_backend
 from windowed_attention.ops.reference import reference_attention
-from windowed_attention.ops.sdpa_blocks import sdpa_blocks_attention, window_tasks
+from windowed_attention.ops.sdpa_blocks import _Plan, sdpa_blocks_attention
 from windowed_attention.ops.spec import WindowSpec
 
 # (forward, gradient) tolerances relative to the largest reference magnitude
@@ -117,19 +117,26 @@ def test_sdpa_rows_that_see_nothing_are_zero_with_zero_grads():
         assert torch.isfinite(t.grad).all() and t.grad[0].eq(0).all()
 
 
-def test_window_tasks_cover_exactly_the_window_pattern():
+@pytest.mark.parametrize("chunk_elements", [1, 1 << 22])
+def test_chunk_masks_cover_exactly_the_window_pattern(monkeypatch, chunk_elements):
+    """The shared interior mask, the edge masks and the chunking together give exactly `spec.visible`."""
+    monkeypatch.setattr("windowed_attention.ops.sdpa_blocks.CHUNK_ELEMENTS", chunk_elements)
     for causal, exact, lb, lf in ((True, False, 1, 0), (True, True, 2, 0), (False, True, 1, 2), (False, False, 0, 1), (True, True, 0, 0)):
         spec = WindowSpec(3, causal, lb, lf, exact)
-        w, n = 3, 3 * (lb + lf + 3)
-        covered = torch.zeros(n, n, dtype=torch.int64)
-        for task in window_tasks(spec):
-            for b in range(n // w):
-                for i in range(w):
-                    for j in range(w):
-                        if (not task.lower or j <= i) and (not task.upper or j >= i) and 0 <= b + task.offset < n // w:
-                            covered[b * w + i, (b + task.offset) * w + j] += 1
-        i, j = torch.arange(n)[:, None], torch.arange(n)[None]
-        assert torch.equal(covered, spec.visible(i, j, n).long())
+        w = 3
+        for n in (1, 7, 3 * (lb + lf + 3), 3 * (lb + lf + 3) + 2):
+            windows = -(-n // w)
+            plan = _Plan(spec, n, windows, None, 1.0, None, torch.float32, torch.device("cpu"), 1)
+            seen = torch.zeros(windows * w, (windows + lb + lf) * w, dtype=torch.int64)
+            covered = []
+            for b0, b1 in plan.chunks():
+                covered += range(b0, b1)
+                keep = plan.mask(b0, b1).expand(1, b1 - b0, w, spec.span * w)[0] == 0
+                for b in range(b0, b1):
+                    seen[b * w : (b + 1) * w, b * w : (b + spec.span) * w] += keep[b - b0].long()
+            assert covered == list(range(windows))
+            i, j = torch.arange(windows * w)[:, None], torch.arange(-lb * w, (windows + lf) * w)[None]
+            assert torch.equal(seen, spec.visible(i, j, n).long())
 
 
 def test_sdpa_refuses_what_it_does_not_support():

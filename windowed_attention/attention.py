@@ -6,10 +6,10 @@ import numbers
 
 import torch
 import torch.nn.functional as F
-from einops import pack, unpack
 from torch import nn
 
 from .ops import attend, make_spec
+from .ops.api import pack_leading, unpack_leading
 from .ops.spec import SELF_ATTN_SCORE
 from .ops.validation import check_attn_bias, check_bool, check_mask, check_probability, check_qkv, check_scale
 from .positional import SinusoidalEmbeddings, rotate, xpos_factors
@@ -81,7 +81,7 @@ class LocalAttention(nn.Module):
         check_qkv(q, k, v)
         if q.shape[-2] == 0:
             return q.new_zeros(*q.shape[:-1], v.shape[-1])
-        (q, packed_shape), (k, _), (v, _) = (pack([t], "* n d") for t in (q, k, v))
+        lead, (q, k, v) = pack_leading(q, k, v)
         packed, n, d = q.shape
         if not self.autopad and n % spec.window_size:
             raise ValueError(
@@ -103,7 +103,7 @@ class LocalAttention(nn.Module):
             mask=mask, attn_bias=attn_bias, mask_self=self.shared_qk, key_scale=key_scale,
             dropout_p=self.dropout.p if self.training else 0.0,
         )
-        return unpack(out, packed_shape, "* n d")[0]
+        return unpack_leading(out, lead)
 
     def _positions(self, q, k, spec):
         """Rotary (+ window-relative xpos) on `q, k` `(P, n, d)`; returns `q, k, key_scale`."""

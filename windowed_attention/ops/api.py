@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import pack, unpack
 
 from . import backends
 from .spec import WindowSpec
@@ -18,6 +17,17 @@ from .validation import (
     check_qkv,
     check_scale,
 )
+
+
+def pack_leading(*tensors: torch.Tensor) -> tuple[tuple[int, ...], list[torch.Tensor]]:
+    """`(..., n, d) -> (P, n, d)` for each tensor (a view when possible; einops.pack would always copy)."""
+    lead = tuple(tensors[0].shape[:-2])
+    return lead, [t.reshape(-1, *t.shape[-2:]) for t in tensors]
+
+
+def unpack_leading(out: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
+    """`(P, n, d) -> (..., n, d)`: undo `pack_leading`."""
+    return out.reshape(*lead, *out.shape[-2:])
 
 
 def make_spec(window_size, causal, look_backward, look_forward, exact_windowsize) -> WindowSpec:
@@ -91,9 +101,9 @@ def local_attention(
     scale = check_scale(scale)
     backend = backends.check_name(backend, q.device)
 
-    if q.shape[-2] == 0:  # nothing to attend; einops cannot pack an empty sequence
+    if q.shape[-2] == 0:  # nothing to attend (and no packed batch size can be inferred)
         return q.new_zeros(*q.shape[:-1], v.shape[-1])
-    (q, packed_shape), (k, _), (v, _) = (pack([t], "* n d") for t in (q, k, v))
+    lead, (q, k, v) = pack_leading(q, k, v)
     packed, n = q.shape[0], q.shape[1]
     if mask is not None:
         check_mask(mask, packed, n, q.device)
@@ -107,4 +117,4 @@ def local_attention(
         scale=q.shape[-1] ** -0.5 if scale is None else scale,
         mask=mask, attn_bias=attn_bias, mask_self=shared_qk, dropout_p=dropout_p, backend=backend,
     )
-    return unpack(out, packed_shape, "* n d")[0]
+    return unpack_leading(out, lead)

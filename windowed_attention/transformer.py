@@ -178,18 +178,19 @@ class LocalTransformer(nn.Module):
                 f"prime length {prime.shape[1]} + seq_len {seq_len} - 1 exceeds max_seq_len = {self.max_seq_len}"
             )
 
+        if use_kv_cache:
+            # The generation engine: one blocked prefill, then O(window) steps on a rolling cache.
+            from .generation.engine import generate as generate_cached
+
+            return generate_cached(self, prime, seq_len, temperature=temperature, filter_thres=filter_thres,
+                                   top_p=top_p, generator=generator).to(prime.dtype)
+
         was_training = self.training
         self.eval()
         try:
-            out, cache = prime, None
-            for step in range(seq_len):
-                if not use_kv_cache:
-                    logits = self.forward(out)
-                elif cache is None:
-                    logits, cache = self.forward(out, return_cache=True)
-                else:
-                    logits, cache = self.forward(out[:, -1:], cache=cache, return_cache=True)
-                token = sample(logits[:, -1], temperature, filter_thres, top_p, generator)
+            out = prime
+            for _ in range(seq_len):
+                token = sample(self.forward(out)[:, -1], temperature, filter_thres, top_p, generator)
                 out = torch.cat((out, token.to(out.dtype)), dim=-1)
         finally:
             self.train(was_training)

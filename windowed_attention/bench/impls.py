@@ -110,10 +110,6 @@ def installed(name: str) -> bool:
 def useful_flops(n: int, w: int, exact: bool, backward: bool) -> float:
     """Matmul flops of the visible (query, key) pairs: 4 d per pair forward, x3.5 with backward."""
     spec = WindowSpec(w, True, 1, 0, exact)
-    windows = n // w
-    pairs = 0
-    for task in sdpa_blocks.window_tasks(spec):
-        per_pair = w if task.lower and task.upper else w * (w + 1) // 2 if task.lower or task.upper else w * w
-        pairs += (windows - abs(task.offset)) * per_pair
+    pairs = int(sdpa_blocks.block_visibility(spec, 0, -(-n // w), n, "cpu").sum())
     flops = 4.0 * HEADS * DIM * pairs
     return flops * 3.5 if backward else flops

@@ -1,9 +1,9 @@
 """Local attention as one fused flash-attention call per chunk of windows (CPU fast path, backend "sdpa").
 
 The keys a query window can see, windows `b - look_backward .. b + look_forward`, lie next to each other
-in memory. So after padding the keys by `look_backward` windows in front (and `look_forward` behind),
-the key block of every query window is a *strided view* of the padded keys, `(P, windows, span * w, d)`
-with stride `w * d` between windows: no gather, no copy. One call of PyTorch's fused CPU flash kernel
+in memory, so the key block of every query window is a *strided view* of the keys,
+`(P, windows, span * w, d)` with stride `w * d` between windows: no gather, no copy (only chunks at the
+ends of the sequence take a small zero-padded copy of their rows). One call of PyTorch's fused CPU flash kernel
 per chunk of windows does the whole softmax with a small `(w, span * w)` mask of what each local query
 sees, shared by every interior window (edge windows and key padding masks get their own).
 
@@ -93,56 +93,69 @@ class _Plan:
             keep = keep & self.blocks(self.key_ok, b0, b1)[:, :, None, :]
         return self._as_float(keep)
 
-    def blocks(self, padded: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
-        """Key blocks of windows `[b0, b1)` as a strided view of `padded` `(P, lb*w + n' + lf*w, ...)`."""
-        w, span = self.spec.window_size, self.spec.span
-        size = (padded.shape[0], b1 - b0, span * w, *padded.shape[2:])
-        stride = (padded.stride(0), w * padded.stride(1), *padded.stride()[1:])
-        return padded.as_strided(size, stride, padded.storage_offset() + b0 * w * padded.stride(1))
+    def rows(self, t: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
+        """Rows `(b0 - lb) * w .. (b1 + lf) * w` of `t` `(P, n, ...)`: a view inside the sequence, a small
+        zero-filled copy for edge chunks that reach past either end."""
+        w, lb, lf = self.spec.window_size, self.spec.look_backward, self.spec.look_forward
+        lo, hi = (b0 - lb) * w, (b1 + lf) * w
+        if lo >= 0 and hi <= t.shape[1]:
+            return t[:, lo:hi]
+        slab = t.new_zeros(t.shape[0], hi - lo, *t.shape[2:])
+        a, b = max(lo, 0), min(hi, t.shape[1])
+        slab[:, a - lo : b - lo] = t[:, a:b]
+        return slab
 
-    def keys(self, kp: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
-        blocks = self.blocks(kp, b0, b1)
+    def blocks(self, t: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
+        """Key blocks of windows `[b0, b1)`, `(P, c, span * w, ...)`: a strided view of `rows(t, b0, b1)`."""
+        w, span = self.spec.window_size, self.spec.span
+        rows = self.rows(t, b0, b1)
+        size = (rows.shape[0], b1 - b0, span * w, *rows.shape[2:])
+        stride = (rows.stride(0), w * rows.stride(1), *rows.stride()[1:])
+        return rows.as_strided(size, stride, rows.storage_offset())
+
+    def keys(self, k: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
+        blocks = self.blocks(k, b0, b1)
         if self.key_scale is None:
             return blocks
         w = self.spec.window_size
-        return (blocks.unflatten(2, (self.spec.span, w)) * self.key_scale[:, None, :].to(kp.dtype)).flatten(2, 3)
+        return (blocks.unflatten(2, (self.spec.span, w)) * self.key_scale[:, None, :].to(k.dtype)).flatten(2, 3)
 
 
 class _FlashSpans(torch.autograd.Function):
-    """`q (P, windows * w, d)`, padded `k, v` -> `out (P, windows * w, d_v)`; saves out and log-sum-exp."""
+    """`q (P, windows * w, d)`, `k, v (P, n, d)` -> `out (P, windows * w, d_v)`; saves out and log-sum-exp."""
 
     @staticmethod
-    def forward(ctx, q, kp, vp, plan: _Plan):
+    def forward(ctx, q, k, v, plan: _Plan):
         P, w = q.shape[0], plan.spec.window_size
-        out = q.new_empty(P, q.shape[1], vp.shape[-1])
+        out = q.new_empty(P, q.shape[1], v.shape[-1])
         lse = torch.empty(P, plan.windows, w, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
                           device=q.device)
         fwd = getattr(_aten, _FLASH_FWD)
         for b0, b1 in plan.chunks():
             rows = slice(b0 * w, b1 * w)
-            part, part_lse = fwd(q[:, rows].unflatten(1, (b1 - b0, w)), plan.keys(kp, b0, b1), plan.blocks(vp, b0, b1),
+            part, part_lse = fwd(q[:, rows].unflatten(1, (b1 - b0, w)), plan.keys(k, b0, b1), plan.blocks(v, b0, b1),
                                  0.0, False, attn_mask=plan.mask(b0, b1), scale=plan.scale)
             out[:, rows] = part.flatten(1, 2)
             lse[:, b0:b1] = part_lse
-        ctx.save_for_backward(q, kp, vp, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan = plan
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, kp, vp, out, lse = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         plan: _Plan = ctx.plan
         w, span = plan.spec.window_size, plan.spec.span
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         dq = torch.empty_like(q)
-        dk = torch.zeros(kp.shape, dtype=acc, device=kp.device)
-        dv = torch.zeros(vp.shape, dtype=acc, device=vp.device)
+        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
         bwd = getattr(_aten, _FLASH_BWD)
         for b0, b1 in plan.chunks():
             c, rows = b1 - b0, slice(b0 * w, b1 * w)
             g_q, g_k, g_v = bwd(
                 grad_out[:, rows].unflatten(1, (c, w)).contiguous(), q[:, rows].unflatten(1, (c, w)),
-                plan.keys(kp, b0, b1), plan.blocks(vp, b0, b1), out[:, rows].unflatten(1, (c, w)),
+                plan.keys(k, b0, b1), plan.blocks(v, b0, b1), out[:, rows].unflatten(1, (c, w)),
                 lse[:, b0:b1].contiguous(), 0.0, False,
                 attn_mask=plan.mask(b0, b1), scale=plan.scale,
             )
@@ -150,11 +163,14 @@ class _FlashSpans(torch.autograd.Function):
             g_k, g_v = g_k.unflatten(2, (span, w)), g_v.unflatten(2, (span, w))
             if plan.key_scale is not None:
                 g_k = g_k * plan.key_scale[:, None, :].to(g_k.dtype)
-            for s in range(span):  # slot s of window b is padded key window b + s
-                keys = slice((b0 + s) * w, (b1 + s) * w)
-                dk[:, keys] += g_k[:, :, s].flatten(1, 2)
-                dv[:, keys] += g_v[:, :, s].flatten(1, 2)
-        return dq, dk.to(kp.dtype), dv.to(vp.dtype), None
+            n = k.shape[1]
+            for s in range(span):  # slot s of window b is key window b - look_backward + s
+                lo = (b0 + s - plan.spec.look_backward) * w
+                a, b = max(lo, 0), min(lo + c * w, n)
+                if a < b:
+                    dk[:, a:b] += g_k[:, :, s].flatten(1, 2)[:, a - lo : b - lo]
+                    dv[:, a:b] += g_v[:, :, s].flatten(1, 2)[:, a - lo : b - lo]
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None
 
 
 def sdpa_blocks_attention(
@@ -194,15 +210,11 @@ def sdpa_blocks_attention(
     w = spec.window_size
     windows = -(-n // w)
     pad = windows * w - n
-    front, back = spec.look_backward * w, pad + spec.look_forward * w
-    kp, vp = (F.pad(t, (0, 0, front, back)) for t in (k, v))
-    key_ok = None
-    if mask is not None:
-        key_ok = F.pad(mask.repeat_interleave(P // mask.shape[0], dim=0), (front, back), value=False)
+    key_ok = None if mask is None else mask.repeat_interleave(P // mask.shape[0], dim=0)
     if pad:
         q = F.pad(q, (0, 0, 0, pad))
     with torch.autocast(device_type, enabled=False):
         plan = _Plan(spec, n, windows, key_ok, scale, key_scale, q.dtype, q.device, P * spec.span * w * q.shape[-1])
-        out = _FlashSpans.apply(q, kp, vp, plan)
+        out = _FlashSpans.apply(q, k.contiguous(), v.contiguous(), plan)
     # slice only when needed: a slice's backward allocates a zero-filled gradient of the full output
     return out if (pad == 0 and dv == out.shape[-1]) else out[:, :n, :dv]

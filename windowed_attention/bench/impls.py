@@ -89,6 +89,9 @@ def compiled_flex(n, w, dtype=torch.float32, exact=False, rotary_pos=False):
         return ok & (i - j <= w) if exact else ok
 
     block_mask = create_block_mask(mask_mod, None, None, n, n, device="cpu")
+    # A fresh compile per shape: past dynamo's recompile limit flex would silently fall back to an
+    # unfused implementation that materialises the n x n scores.
+    torch._dynamo.reset()
     flex = torch.compile(flex_attention, dynamic=False)
     return lambda q, k, v: flex(q, k, v, block_mask=block_mask)
 

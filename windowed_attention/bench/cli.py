@@ -95,6 +95,7 @@ def plot(rows, out: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
 
     written = []
     for key, label, name in (("ms", "time (ms)", "time"), ("peak_rise_mib", "peak memory rise (MiB)", "memory")):
@@ -108,6 +109,7 @@ def plot(rows, out: Path) -> list[str]:
                     if pts:
                         ax.plot(*zip(*pts), style, marker="o", label=f"{impl} {'fwd+bwd' if backward else 'fwd'}")
             ax.set(xscale="log", yscale="log", xlabel="sequence length N", ylabel=label, title=f"W = {w}")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"{name}_vs_n.png"

@@ -75,11 +75,6 @@ def run(train: bool = True, reps: int = 7) -> dict:
 
     ours_mem = measure.peak_memory("ours", 32768, W)
     theirs_mem = measure.peak_memory("local-attention", 32768, W)
-    attend_mem = measure.peak_memory("ours-attend", 32768, W)
-    result["peak_memory_fwd_bwd_n32768_op_without_input_copy"] = dict(
-        ours_mib=None if attend_mem is None else attend_mem / 2**20,
-        ratio=None if not (attend_mem and theirs_mem) else attend_mem / theirs_mem,
-        note="ops.api.attend on views: local_attention's einops.pack copies q, k, v (api.py)")
     result["peak_memory_fwd_bwd_n32768"] = dict(
         ours_mib=None if ours_mem is None else ours_mem / 2**20, theirs_mib=None if theirs_mem is None else theirs_mem / 2**20,
         ratio=None if not (ours_mem and theirs_mem) else ours_mem / theirs_mem, method="fresh subprocess, VmHWM - VmRSS after clear_refs")
@@ -121,7 +116,6 @@ def report(result: dict) -> None:
     show("fwd_plain_n8192_vs_local_attention", "fwd N=8192 vs local-attention")
     show("fwd_plain_n8192_vs_compiled_flex", "fwd N=8192 vs compiled flex (speedup>1: ours faster)")
     show("peak_memory_fwd_bwd_n32768", "peak memory fwd+bwd N=32768")
-    show("peak_memory_fwd_bwd_n32768_op_without_input_copy", "peak memory, op without the pack copy")
     show("linear_cost_fwd_bwd", "time/token fwd+bwd N=65536 vs 4096")
     show("bf16_fwd_bwd_n8192", "bf16 vs fp32 fwd+bwd N=8192")
     show("train_step_local_transformer", "LocalTransformer train step tokens/s")

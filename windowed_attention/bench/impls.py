@@ -47,22 +47,6 @@ def ours(n, w, dtype=torch.float32, exact=False, rotary_pos=False, backend="auto
     return fn
 
 
-def ours_attend(n, w, dtype=torch.float32, exact=False, rotary_pos=False):
-    """The op below the public boundary (`ops.api.attend` on views): what `local_attention` costs
-    once its input packing stops copying q, k, v (einops.pack concatenates, i.e. copies)."""
-    from windowed_attention.ops.api import attend, make_spec
-
-    spec = make_spec(w, True, 1, None, exact)
-
-    def fn(q, k, v):
-        if rotary_pos:
-            q, k = rotary(q), rotary(k)
-        flat = [t.reshape(-1, *t.shape[-2:]) for t in (q, k, v)]
-        return attend(*flat, spec, scale=q.shape[-1] ** -0.5).view(q.shape[:-1] + (v.shape[-1],))
-
-    return fn
-
-
 def theirs(n, w, dtype=torch.float32, exact=False, rotary_pos=False):
     """lucidrains' LocalAttention (rotary applied inside when `dim` is given)."""
     from local_attention import LocalAttention
@@ -96,7 +80,7 @@ def compiled_flex(n, w, dtype=torch.float32, exact=False, rotary_pos=False):
     return lambda q, k, v: flex(q, k, v, block_mask=block_mask)
 
 
-IMPLS = {"ours": ours, "ours-attend": ours_attend, "local-attention": theirs, "dense-sdpa": dense_sdpa, "flex-compiled": compiled_flex}
+IMPLS = {"ours": ours, "local-attention": theirs, "dense-sdpa": dense_sdpa, "flex-compiled": compiled_flex}
 
 
 def installed(name: str) -> bool:

@@ -50,15 +50,39 @@ def test_mha_cache_matches_full_forward(window, look_backward, exact, xpos, qk_r
     assert cache.length == n
 
 
-def test_cache_is_not_mutated():
+def test_cache_cannot_branch():
     torch.manual_seed(0)
     mha = LocalMHA(dim=8, dim_head=4, heads=2, window_size=4, causal=True).eval()
     x = torch.randn(1, 9, 8)
     _, cache = mha(x[:, :6], return_cache=True)
     k_before = cache.k.clone()
-    a, _ = mha(x[:, 6:7], cache=cache, return_cache=True)
-    b, _ = mha(x[:, 6:7], cache=cache, return_cache=True)
-    assert torch.equal(a, b) and torch.equal(cache.k, k_before) and cache.length == 6
+    a, newer = mha(x[:, 6:7], cache=cache, return_cache=True)
+    assert torch.equal(cache.k, k_before) and cache.length == 6  # the old cache's view is untouched
+    with pytest.raises(ValueError, match="cache"):
+        mha(x[:, 7:8], cache=cache, return_cache=True)  # its buffers now hold position 6
+    b, _ = mha(x[:, 7:8], cache=newer, return_cache=True)
+    torch.testing.assert_close(b[:, 0], mha(x[:, :8])[:, 7], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(shared_qk=True, exact_windowsize=False), dict(qk_rmsnorm=True),
+                                     dict(use_dynamic_pos_bias=True), dict(use_abs_pos_emb=False, look_backward=2)])
+@pytest.mark.parametrize("prompt", [1, 7, 9, 13, 30])
+def test_engine_decoding_after_prompts_longer_than_the_cache(options, prompt):
+    """Prompts longer than the cache capacity (here 7 or 11) must land in the right ring slots."""
+    from windowed_attention.generation import engine
+
+    torch.manual_seed(prompt)
+    model = LocalTransformer(num_tokens=17, max_seq_len=64, dim=16, depth=2, heads=2, dim_head=8,
+                             local_attn_window_size=4, **options).double().eval()
+    tokens = torch.randint(0, 17, (2, prompt + 6))
+    full = model(tokens)
+    logits, caches = engine.prefill(model, tokens[:, :prompt])
+    state = engine.decoder.from_reference(model, caches)
+    for t in range(prompt, prompt + 6):
+        torch.testing.assert_close(logits, full[:, t - 1], rtol=1e-9, atol=1e-9)
+        logits, state = engine.decoder.step(model, tokens[:, t : t + 1], state)
+    generated = model.generate(tokens[:, :prompt], 12, temperature=0)
+    assert torch.equal(generated, model.generate(tokens[:, :prompt], 12, temperature=0, use_kv_cache=False))
 
 
 @pytest.mark.parametrize(

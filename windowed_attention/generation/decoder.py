@@ -75,8 +75,7 @@ def from_reference(model: LocalTransformer, caches: list[KVCache]) -> DecodeStat
         k, v = cache.k, cache.v
         positions = torch.arange(length - k.shape[-2], length, device=k.device)
         keys = _prepare_keys(model, k, _rotary(model, positions))
-        converted.append(KVCache.from_prefill(keys, v, cache.capacity))
-        converted[-1].length = length  # the cache held the last keys of `length` positions
+        converted.append(KVCache.from_prefill(keys, v, cache.capacity, length=length))
     return DecodeState(converted, length, model._attn_bias())
 
 

@@ -119,6 +119,7 @@ def test_xpos_is_finite_and_window_relative_at_a_million_positions():
         (lambda: LocalMHA(dim=8, window_size=4, heads=0), "heads"),
         (lambda: LocalMHA(dim=8, window_size=4, qk_scale=0), "qk_scale"),
         (lambda: LocalMHA(dim=8, window_size=4, dropout=-0.1), "dropout"),
+        (lambda: LocalMHA(dim=8, window_size=4, dim_head=3), "dim_head"),
         (lambda: FeedForward(8, mult=0), "mult"),
         (lambda: DynamicPositionBias(dim=0, heads=2), "dim"),
         (lambda: SinusoidalEmbeddings(7), "dim"),
@@ -154,6 +155,10 @@ def test_forward_errors_name_the_argument():
     mha = LocalMHA(dim=8, window_size=4, heads=2, dim_head=4, causal=False)
     with pytest.raises(ValueError, match="cache"):
         mha(torch.randn(1, 4, 8), return_cache=True)
+    with pytest.raises(ValueError, match="x must"):
+        mha(torch.randn(1, 4, 6))
+    with pytest.raises(ValueError, match="scale"):
+        LocalAttention(window_size=4, scale=float("inf"))
 
     model = small_model()
     with pytest.raises(TypeError, match="x"):
@@ -162,6 +167,13 @@ def test_forward_errors_name_the_argument():
         model(torch.full((1, 4), 99))
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 65, dtype=torch.long))
+    prime = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(prime, 3, temperature=float("inf"))
+    with pytest.raises(TypeError, match="mask"):
+        model.generate(prime, 3, mask=torch.ones(1, 2, dtype=torch.bool))
+    # A tiny temperature samples (almost) greedily instead of overflowing.
+    assert torch.equal(model.generate(prime, 3, temperature=1e-30), model.generate(prime, 3, temperature=0))
 
 
 def test_validation_survives_python_O():

@@ -48,6 +48,8 @@ class LocalMHA(nn.Module):
         gate_values_per_head = check_bool("gate_values_per_head", gate_values_per_head)
         if isinstance(qk_scale, bool) or not isinstance(qk_scale, numbers.Real) or qk_scale <= 0:
             raise ValueError(f"qk_scale must be a positive number, got {qk_scale!r}")
+        if kwargs.get("use_rotary_pos_emb", True) and dim_head % 2:
+            raise ValueError(f"dim_head must be even for rotary embeddings (or pass use_rotary_pos_emb=False), got {dim_head}")
         exact_windowsize = True if exact_windowsize is None else exact_windowsize
         inner = dim_head * heads
 
@@ -75,8 +77,11 @@ class LocalMHA(nn.Module):
 
     def forward(self, x, mask=None, attn_bias=None, cache: KVCache | None = None, return_cache: bool = False):
         """`x` `(b, n, dim)` -> `(b, n, dim)` (and the `KVCache` with `return_cache`)."""
-        if not isinstance(x, torch.Tensor) or x.ndim != 3:
-            raise ValueError(f"x must be a tensor of shape (b, n, dim), got {getattr(x, 'shape', type(x).__name__)}")
+        if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.to_qkv.in_features:
+            raise ValueError(
+                f"x must be a tensor of shape (b, n, dim = {self.to_qkv.in_features}), got {getattr(x, 'shape', type(x).__name__)}"
+            )
+        return_cache = check_bool("return_cache", return_cache)
         if (cache is not None or return_cache) and not self.causal:
             raise ValueError("cache and return_cache need causal=True (decoding one token at a time)")
         if return_cache and mask is not None:

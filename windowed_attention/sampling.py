@@ -9,8 +9,8 @@ import torch
 
 def check_sampling(temperature, filter_thres, top_p) -> None:
     """Errors name the parameter: temperature >= 0, filter_thres in [0, 1], top_p in (0, 1] or None."""
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature >= 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 <= temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if isinstance(filter_thres, bool) or not isinstance(filter_thres, numbers.Real) or not 0 <= filter_thres <= 1:
         raise ValueError(f"filter_thres must be a number in [0, 1] (keep the top (1 - filter_thres) of tokens), got {filter_thres!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
@@ -44,5 +44,6 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, filter_thres: float =
     logits = top_k(logits.float(), filter_thres)
     if p is not None:
         logits = top_p(logits, p)
-    probs = (logits / temperature).softmax(dim=-1)
+    # Shift by the max first: a tiny temperature then sharpens towards greedy instead of overflowing.
+    probs = ((logits - logits.amax(dim=-1, keepdim=True)) / temperature).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator)

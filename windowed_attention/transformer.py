@@ -159,12 +159,15 @@ class LocalTransformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, prime, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9,
-                 use_kv_cache: bool = True, top_p: float | None = None, generator: torch.Generator | None = None):
+                 use_kv_cache: bool = True, top_p: float | None = None, generator: torch.Generator | None = None,
+                 **kwargs):
         """Sample `seq_len` tokens after `prime` `(b, n)`; returns only the new tokens `(b, seq_len)`.
 
         `temperature=0` is greedy; `filter_thres` keeps the top `1 - filter_thres` of the vocabulary;
         `top_p` adds nucleus filtering. Cached and uncached generation give the same tokens.
         """
+        if kwargs:  # local-attention forwards these to every step's forward; no step here takes any
+            raise TypeError(f"generate got unsupported keyword arguments {sorted(kwargs)} (a key mask cannot be used with the KV cache)")
         self._check_tokens(prime, "prime")
         seq_len = check_int("seq_len", seq_len, 0)
         check_sampling(temperature, filter_thres, top_p)

@@ -47,8 +47,8 @@ def check_scale(scale) -> float | None:
         return None
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a positive float or None, got {type(scale).__name__} {scale!r}")
-    if not float(scale) > 0.0:
-        raise ValueError(f"scale must be a positive float or None, got {scale}")
+    if not 0.0 < float(scale) < float("inf"):
+        raise ValueError(f"scale must be a positive finite float or None, got {scale}")
     return float(scale)
 
 
@@ -61,6 +61,9 @@ def check_qkv(q, k, v) -> None:
             raise ValueError(f"{name} must have shape (..., n, d) with at least 2 dims, got shape {tuple(t.shape)}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype of {name} must be one of float16, bfloat16, float32, float64, got {t.dtype}")
+    for name, t in (("q", q), ("v", v)):
+        if t.shape[-1] == 0:
+            raise ValueError(f"{name} must have a last dim d >= 1, got shape {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"dtype of q, k, v must match, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):

@@ -20,6 +20,7 @@ from windowed_attention import local_attention
 from windowed_attention.ops import backends
 from windowed_attention.ops.flash import flash_attn_backend
 from windowed_attention.ops.flex import flex_attention_backend
+from windowed_attention.ops.fused_cpu import fused_cpu_attention
 from windowed_attention.ops.reference import reference_attention
 from windowed_attention.ops.sdpa_blocks import _Plan, sdpa_blocks_attention
 from windowed_attention.ops.spec import WindowSpec
@@ -157,12 +158,76 @@ def test_sdpa_under_cpu_autocast_runs_in_bfloat16_close_to_reference():
     assert (out.double() - ref).abs().max() < 5e-2
 
 
-def test_reference_bias_and_mask_self_grads_through_auto():
-    """Options the fast path does not take (attn_bias, shared_qk) still dispatch to a correct backend."""
+def test_bias_and_mask_self_grads_through_auto():
+    """attn_bias and shared_qk dispatch to a backend that takes them (fused, or reference without it)."""
     pb = dict(spec=WindowSpec(4, False, 1, 1, False), n=13, P=4, d=8, dv=8, mask=None, key_scale=None,
               attn_bias=torch.randn(2, 4, 12, dtype=torch.float64), mask_self=True, dtype=torch.float64, seed=0)
     backend = backends.choose(torch.zeros(1, dtype=pb["dtype"]), pb["spec"], attn_bias=pb["attn_bias"], mask_self=True)
     _compare(backends.get(backend), pb)
+
+
+@settings(max_examples=150)
+@given(pb=problems(dtypes=(torch.float64, torch.float32), max_w=80, with_bias=True))
+def test_fused_matches_reference_forward_and_backward(pb):
+    """Windows up to 80 (more than one 64-row block), masks, bias (and its gradient), shared_qk, any n."""
+    pb["key_scale"] = None
+    _compare(fused_cpu_attention, pb)
+
+
+@pytest.mark.parametrize(
+    "causal,look_backward,look_forward,exact", [(True, 1, 0, False), (True, 2, 0, True), (False, 1, 1, False), (False, 2, 1, True)]
+)
+def test_fused_blocks_and_phases_at_larger_windows(causal, look_backward, look_forward, exact):
+    """w = 100 (blocks of 64 and 36 rows), n not a multiple of w, enough windows for both backward phases."""
+    mask = torch.rand(3, 523, generator=torch.Generator().manual_seed(2)) < 0.8
+    bias = torch.randn(2, 100, (look_backward + look_forward + 1) * 100, dtype=torch.float64)
+    pb = dict(spec=WindowSpec(100, causal, look_backward, look_forward, exact), n=523, P=6, d=16, dv=8, mask=mask,
+              key_scale=None, attn_bias=bias, mask_self=True, dtype=torch.float64, seed=5)
+    _compare(fused_cpu_attention, pb)
+    pb.update(mask=None, attn_bias=None, mask_self=False, dtype=torch.float32)
+    _compare(fused_cpu_attention, pb)
+
+
+def test_fused_rows_that_see_nothing_are_zero_with_zero_grads():
+    spec = WindowSpec(4, True, 1, 0, False)
+    q, k, v = (torch.randn(2, 10, 8, requires_grad=True) for _ in range(3))
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[0] = False
+    out = fused_cpu_attention(q, k, v, spec, scale=0.3, mask=mask)
+    assert out[0].eq(0).all()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all() and t.grad[0].eq(0).all()
+
+
+def test_fused_gradients_do_not_depend_on_the_thread_count():
+    """The backward's two phases give each key range one owner: the same bits with 1 or 2 threads."""
+    spec = WindowSpec(64, True, 1, 0, False)
+    q, k, v = (torch.randn(4, 700, 16, generator=torch.Generator().manual_seed(s)) for s in range(3))
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = fused_cpu_attention(*leaves, spec, scale=0.25)
+            results.append([out, *torch.autograd.grad(out.square().sum(), leaves)])
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+def test_fused_refuses_what_it_does_not_support():
+    spec = WindowSpec(4, True, 1, 0, False)
+    q = torch.randn(2, 8, 4)
+    for args, kwargs in (
+        ((q, q, q), dict(key_scale=torch.ones(2, 4))),
+        ((q, q, q), dict(dropout_p=0.1)),
+        ((q.bfloat16(),) * 3, {}),
+    ):
+        with pytest.raises(ValueError, match="fused"):
+            fused_cpu_attention(*args, spec, scale=1.0, **kwargs)
 
 
 @settings(max_examples=6)

@@ -9,7 +9,8 @@ from windowed_attention import local_attention
 from windowed_attention.ops import backends
 from windowed_attention.ops.spec import WindowSpec
 
-ALL = {"sdpa": True, "flex": True, "flash": True}
+ALL = {"fused": True, "sdpa": True, "flex": True, "flash": True}
+NO_FUSED = {**ALL, "fused": False}
 PLAIN = WindowSpec(256, True, 1, 0, False)
 EXACT = WindowSpec(256, True, 1, 0, True)
 
@@ -18,19 +19,44 @@ def decide(device, dtype, spec=PLAIN, available=ALL, **options):
     return backends.decide(device, dtype, spec, available=available, **options)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_cpu_takes_the_fused_sdpa_path(dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_takes_our_fused_kernel_for_float32_and_float64(dtype):
+    assert decide("cpu", dtype) == "fused"
+    assert decide("cpu", dtype, EXACT, mask=True) == "fused"
+    assert decide("cpu", dtype, attn_bias=True, mask_self=True) == "fused"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_half_precision_takes_the_sdpa_path(dtype):
     assert decide("cpu", dtype) == "sdpa"
     assert decide("cpu", dtype, EXACT, mask=True, key_scale=True) == "sdpa"
 
 
-@pytest.mark.parametrize("option", ["attn_bias", "mask_self", "dropout"])
-def test_cpu_falls_back_to_reference_for_what_sdpa_lacks(option):
-    assert decide("cpu", torch.float32, **{option: True}) == "reference"
+def test_cpu_xpos_takes_the_sdpa_path():
+    assert decide("cpu", torch.float32, key_scale=True) == "sdpa"
+    assert decide("cpu", torch.float32, EXACT, mask=True, key_scale=True) == "sdpa"
 
 
-def test_cpu_without_the_fused_kernel_uses_reference():
-    assert decide("cpu", torch.float32, available={"sdpa": False, "flex": True, "flash": True}) == "reference"
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_without_the_built_kernel_takes_the_sdpa_path(dtype):
+    assert decide("cpu", dtype, available=NO_FUSED) == "sdpa"
+    assert decide("cpu", dtype, EXACT, mask=True, available=NO_FUSED) == "sdpa"
+
+
+@pytest.mark.parametrize("option", ["attn_bias", "mask_self"])
+def test_cpu_half_precision_falls_back_to_reference_for_what_sdpa_lacks(option):
+    assert decide("cpu", torch.bfloat16, **{option: True}) == "reference"
+    assert decide("cpu", torch.float32, available=NO_FUSED, **{option: True}) == "reference"
+
+
+def test_cpu_dropout_runs_on_the_reference():
+    assert decide("cpu", torch.float32, dropout=True) == "reference"
+    assert decide("cpu", torch.bfloat16, dropout=True) == "reference"
+
+
+def test_cpu_without_any_kernel_uses_reference():
+    available = {"fused": False, "sdpa": False, "flex": True, "flash": True}
+    assert decide("cpu", torch.float32, available=available) == "reference"
 
 
 def test_cuda_prefers_flash_for_exact_half_precision_windows():
@@ -53,13 +79,13 @@ def test_cuda_uses_flex_where_flash_cannot(dtype, spec, options):
 
 
 def test_cuda_without_flash_attn_installed_uses_flex():
-    assert decide("cuda", torch.bfloat16, EXACT, available={"sdpa": True, "flex": True, "flash": False}) == "flex"
+    assert decide("cuda", torch.bfloat16, EXACT, available={**ALL, "flash": False}) == "flex"
 
 
 @pytest.mark.parametrize("options", [{"key_scale": True}, {"dropout": True}])
 def test_cuda_falls_back_to_reference_for_what_flex_lacks(options):
     assert decide("cuda", torch.float32, PLAIN, **options) == "reference"
-    assert decide("cuda", torch.float32, PLAIN, available={"sdpa": True, "flex": False, "flash": False}) == "reference"
+    assert decide("cuda", torch.float32, PLAIN, available={**ALL, "flex": False, "flash": False}) == "reference"
 
 
 @pytest.mark.parametrize("device", ["mps", "meta", "xpu"])
@@ -69,11 +95,39 @@ def test_other_devices_use_reference(device):
 
 def test_choose_reads_device_dtype_and_options_from_the_call():
     q = torch.zeros(2, 8, 4)
-    assert backends.choose(q, PLAIN) == ("sdpa" if backends.availability()["sdpa"] else "reference")
-    assert backends.choose(q, PLAIN, attn_bias=torch.zeros(1, 256, 512)) == "reference"
-    assert backends.choose(q, PLAIN, mask_self=True) == "reference"
+    cpu = "fused" if backends.availability()["fused"] else "sdpa" if backends.availability()["sdpa"] else "reference"
+    assert backends.choose(q, PLAIN) == cpu
+    assert backends.choose(q, PLAIN, key_scale=torch.ones(2, 4)) != "fused"
     assert backends.choose(q, PLAIN, dropout_p=0.1) == "reference"
+    assert backends.choose(q.bfloat16(), PLAIN, attn_bias=torch.zeros(1, 256, 512)) == "reference"
+    assert backends.choose(q.bfloat16(), PLAIN, mask_self=True) == "reference"
     assert backends.choose(torch.zeros(2, 8, 4, device="meta"), PLAIN) == "reference"
+
+
+def test_choose_under_cpu_autocast_decides_by_the_autocast_dtype():
+    q = torch.zeros(2, 8, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chosen = backends.choose(q, PLAIN)
+    assert chosen == ("sdpa" if backends.availability()["sdpa"] else "reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert backends.choose(q.double(), PLAIN) == backends.choose(q.double(), PLAIN)
+
+
+def test_the_fused_kernel_builds_here():
+    """CI machines have a C++ compiler: a build failure must show up as a failure, not as a silent fallback."""
+    from windowed_attention.ops import fused_cpu
+
+    assert fused_cpu.available(), fused_cpu._state.get("error")
+
+
+def test_disabled_build_reports_unavailable_and_explicit_choice_is_refused(monkeypatch):
+    from windowed_attention.ops import fused_cpu
+
+    monkeypatch.setattr(fused_cpu, "_state", {})
+    monkeypatch.setenv(fused_cpu.DISABLE_ENV, "1")
+    assert not fused_cpu.available()
+    with pytest.raises(RuntimeError, match=fused_cpu.DISABLE_ENV):
+        fused_cpu.kernel()
 
 
 @pytest.mark.parametrize("name", ["flex", "flash"])
@@ -85,9 +139,10 @@ def test_check_name_refuses_cuda_backends_for_cpu_tensors(name):
         local_attention(q, q, q, window_size=4, backend=name)
 
 
-def test_check_name_refuses_the_cpu_kernel_for_cuda_tensors():
+@pytest.mark.parametrize("name", ["fused", "sdpa"])
+def test_check_name_refuses_the_cpu_kernels_for_cuda_tensors(name):
     with pytest.raises(ValueError, match="backend"):
-        backends.check_name("sdpa", torch.device("cuda"))
+        backends.check_name(name, torch.device("cuda"))
 
 
 def test_check_name_refuses_unknown_names_and_non_strings():
@@ -104,4 +159,5 @@ def test_explicit_cpu_backends_agree_through_the_public_op():
     kwargs = dict(window_size=8, causal=True, exact_windowsize=True)
     ref = local_attention(q, k, v, backend="reference", **kwargs)
     assert torch.allclose(local_attention(q, k, v, backend="sdpa", **kwargs), ref, atol=1e-12)
+    assert torch.allclose(local_attention(q, k, v, backend="fused", **kwargs), ref, atol=1e-12)
     assert torch.allclose(local_attention(q, k, v, **kwargs), ref, atol=1e-12)

@@ -5,14 +5,16 @@ result (tested against the reference on random configurations, forward and backw
 
 | backend     | device | dtypes            | does not support                              |
 |-------------|--------|-------------------|-----------------------------------------------|
+| `fused`     | CPU    | fp32, fp64        | xpos (key_scale), dropout; needs a C++ build  |
 | `sdpa`      | CPU    | all float         | attn_bias, shared_qk, dropout                 |
 | `flex`      | CUDA   | fp32, bf16, fp16  | xpos (key_scale), dropout                     |
 | `flash`     | CUDA   | bf16, fp16        | anything but exact windows without mask/bias  |
 | `reference` | any    | all float         | (everything; materialises window scores)      |
 
 `auto` (`choose`) takes the first that supports the call: CUDA `flash` > `flex` > `reference`;
-CPU `sdpa` > `reference`. The decision is `decide`, a pure function of device type, dtype, window spec,
-options and availability flags, so it is tested without a GPU.
+CPU `fused` > `sdpa` > `reference`. Under autocast the dtype that counts is the autocast dtype (a float32
+input then computes in bfloat16, which `fused` does not do). The decision is `decide`, a pure function of
+device type, dtype, window spec, options and availability flags, so it is tested without a GPU.
 """
 
 from __future__ import annotations
@@ -22,22 +24,24 @@ from typing import Callable, Mapping
 
 import torch
 
-from . import flash, flex, sdpa_blocks
+from . import flash, flex, fused_cpu, sdpa_blocks
 from .flash import flash_attn_backend
 from .flex import flex_attention_backend
+from .fused_cpu import fused_cpu_attention
 from .reference import reference_attention
 from .sdpa_blocks import sdpa_blocks_attention
 from .spec import WindowSpec
 
 _BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "reference": reference_attention,
+    "fused": fused_cpu_attention,
     "sdpa": sdpa_blocks_attention,
     "flex": flex_attention_backend,
     "flash": flash_attn_backend,
 }
 
 # Which device types a backend can run on at all (explicit choices are checked against this).
-_DEVICES = {"reference": None, "sdpa": ("cpu",), "flex": ("cuda",), "flash": ("cuda",)}
+_DEVICES = {"reference": None, "fused": ("cpu",), "sdpa": ("cpu",), "flex": ("cuda",), "flash": ("cuda",)}
 
 
 def names() -> list[str]:
@@ -51,7 +55,10 @@ def get(name: str) -> Callable[..., torch.Tensor]:
 
 @functools.lru_cache(maxsize=1)
 def _availability() -> tuple[tuple[str, bool], ...]:
-    return tuple({"sdpa": sdpa_blocks.available(), "flex": flex.available(), "flash": flash.available()}.items())
+    return tuple({
+        "fused": fused_cpu.available(), "sdpa": sdpa_blocks.available(), "flex": flex.available(),
+        "flash": flash.available(),
+    }.items())
 
 
 def availability() -> dict[str, bool]:
@@ -68,7 +75,7 @@ def check_name(backend, device: torch.device) -> str:
     devices = _DEVICES.get(backend)
     if devices is not None and torch.device(device).type not in devices:
         raise ValueError(f"backend {backend!r} runs only on {', '.join(devices)} tensors, got {device}; use backend='auto'")
-    if backend in ("sdpa", "flex", "flash") and not availability()[backend]:
+    if backend in ("fused", "sdpa", "flex", "flash") and not availability()[backend]:
         raise ValueError(f"backend {backend!r} is not available in this environment; use backend='auto'")
     return backend
 
@@ -93,6 +100,10 @@ def decide(
             return "flash"
         if available.get("flex") and flex.supports(device_type, dtype, key_scale=key_scale, dropout=dropout):
             return "flex"
+    if device_type == "cpu" and available.get("fused") and fused_cpu.supports(
+        device_type, dtype, key_scale=key_scale, dropout=dropout
+    ):
+        return "fused"
     if device_type == "cpu" and available.get("sdpa") and sdpa_blocks.supports(
         device_type, dtype, attn_bias=attn_bias, mask_self=mask_self, dropout=dropout
     ):
@@ -102,9 +113,12 @@ def decide(
 
 def choose(q: torch.Tensor, spec: WindowSpec, **options) -> str:
     """The fastest backend that supports this device, dtype and these options (see `decide`)."""
+    device_type, dtype = q.device.type, q.dtype
+    if dtype == torch.float32 and device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
     return decide(
-        q.device.type,
-        q.dtype,
+        device_type,
+        dtype,
         spec,
         mask=options.get("mask") is not None,
         attn_bias=options.get("attn_bias") is not None,

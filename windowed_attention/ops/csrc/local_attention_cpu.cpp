@@ -1,0 +1,409 @@
+// Fused local attention for CPU (backend "fused"): forward and backward, float32 and float64.
+//
+// Each task owns a block of at most BLOCK_Q query rows inside one window. The keys every row of a block
+// may see form one contiguous range [klo, khi) (each row's visible keys are an interval, and the
+// intervals move right with the row), so a block costs two (forward) or five (backward) BLAS calls on
+// exactly that range: masked work is skipped down to BLOCK_Q-sized steps, unlike a dense window block.
+// The scores of one block (BLOCK_Q x span*w) live in a per-thread buffer, so memory stays O(n d).
+//
+// Forward: S = Q K^T; P = softmax of the visible entries (row max and sum in one sweep); O = P V; saves
+// the log-sum-exp. Backward recomputes P from the log-sum-exp and accumulates dK, dV over the overlapping
+// key ranges. Blocks of neighbouring windows share keys, so the backward runs in two phases over groups
+// of `max(look_backward + look_forward, 1)` windows: the groups of one phase never touch the same keys
+// and need no locks. Bias gradients go to one buffer per thread, summed at the end.
+//
+// Semantics are those of `reference.py`: a row that sees no key outputs zeros with zero gradients;
+// `mask_self` replaces a query's score with itself by -5e4; `bias` is (H, w, span*w), head = p % H;
+// `keep` is the (B, n) key padding mask, batch = p / (P / B).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+            const int*, const float*, const int*, const float*, float*, const int*);
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+            const int*, const double*, const int*, const double*, double*, const int*);
+}
+
+namespace {
+
+constexpr int64_t BLOCK_Q = 64;
+constexpr double SELF_SCORE = -5e4;
+
+// Row-major C (m x n) = alpha * op(A) (m x k) * op(B) (k x n) + beta * C, through Fortran BLAS
+// (column-major: C^T = op(B)^T op(A)^T).
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
+  const int M = m, N = n, K = k, LDA = lda, LDB = ldb, LDC = ldc;
+  sgemm_(&trb, &tra, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
+}
+
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
+          const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
+  const int M = m, N = n, K = k, LDA = lda, LDB = ldb, LDC = ldc;
+  dgemm_(&trb, &tra, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
+}
+
+// Row kernels on at::vec::Vectorized (the build sets CPU_CAPABILITY_* to the CPU torch runs on).
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// x = x * scale (+ add1) (+ add2), for the `add`s that are not null.
+template <typename T>
+inline void scale_add(T* x, int64_t n, T scale, const T* add1, const T* add2) {
+  const Vec<T> vs(scale);
+  int64_t c = 0;
+  for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) {
+    Vec<T> y = Vec<T>::loadu(x + c) * vs;
+    if (add1 != nullptr) y = y + Vec<T>::loadu(add1 + c);
+    if (add2 != nullptr) y = y + Vec<T>::loadu(add2 + c);
+    y.store(x + c);
+  }
+  for (; c < n; ++c) x[c] = x[c] * scale + (add1 ? add1[c] : T(0)) + (add2 ? add2[c] : T(0));
+}
+
+template <typename T>
+inline T row_max(const T* x, int64_t n) {
+  Vec<T> vm(-std::numeric_limits<T>::max());
+  int64_t c = 0;
+  for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) vm = at::vec::maximum(vm, Vec<T>::loadu(x + c));
+  T m = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::maximum(a, b); }, vm);
+  for (; c < n; ++c) m = std::max(m, x[c]);
+  return m;
+}
+
+// x = exp(x - shift) (* keep); returns the sum.
+template <typename T>
+inline T exp_sum(T* x, int64_t n, T shift, const T* keep) {
+  const Vec<T> vshift(shift);
+  Vec<T> vsum(T(0));
+  int64_t c = 0;
+  for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) {
+    Vec<T> y = (Vec<T>::loadu(x + c) - vshift).exp_u20();
+    if (keep != nullptr) y = y * Vec<T>::loadu(keep + c);
+    y.store(x + c);
+    vsum = vsum + y;
+  }
+  T sum = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, vsum);
+  for (; c < n; ++c) {
+    x[c] = std::exp(x[c] - shift) * (keep ? keep[c] : T(1));
+    sum += x[c];
+  }
+  return sum;
+}
+
+template <typename T>
+inline void scale_row(T* x, int64_t n, T f) {
+  const Vec<T> vf(f);
+  int64_t c = 0;
+  for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) (Vec<T>::loadu(x + c) * vf).store(x + c);
+  for (; c < n; ++c) x[c] *= f;
+}
+
+// g = p * (g - delta): the gradient of the logits from that of the weights.
+template <typename T>
+inline void logit_grad(const T* p, T* g, int64_t n, T delta) {
+  const Vec<T> vd(delta);
+  int64_t c = 0;
+  for (; c + Vec<T>::size() <= n; c += Vec<T>::size())
+    (Vec<T>::loadu(p + c) * (Vec<T>::loadu(g + c) - vd)).store(g + c);
+  for (; c < n; ++c) g[c] = p[c] * (g[c] - delta);
+}
+
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  Vec<T> acc(T(0));
+  int64_t c = 0;
+  for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) acc = at::vec::fmadd(Vec<T>::loadu(a + c), Vec<T>::loadu(b + c), acc);
+  T sum = at::vec::vec_reduce_all<T>([](Vec<T>& x, Vec<T>& y) { return x + y; }, acc);
+  for (; c < n; ++c) sum += a[c] * b[c];
+  return sum;
+}
+
+struct Geometry {
+  int64_t n, w, lb, lf;
+  bool causal, exact;
+
+  // Keys [lo, hi) that query i may see by position (the window rule of spec.py).
+  void interval(int64_t i, int64_t& lo, int64_t& hi) const {
+    const int64_t b = i / w;
+    lo = std::max<int64_t>((b - lb) * w, 0);
+    hi = std::min<int64_t>((b + lf + 1) * w, n);
+    if (causal) {
+      hi = std::min(hi, i + 1);
+      if (exact) lo = std::max(lo, i - w * lb);
+    } else if (exact) {
+      lo = std::max(lo, i - w * lb);
+      hi = std::min(hi, i + w * lf + 1);
+    }
+  }
+};
+
+// One block of query rows [r0, r1) of head p and the key range all of them may see.
+struct Block {
+  int64_t p, win, r0, r1, klo, khi;
+  int64_t rows() const { return r1 - r0; }
+  int64_t keys() const { return khi - klo; }
+};
+
+template <typename T>
+struct Inputs {
+  const T *q, *k, *v, *bias, *keep;
+  int64_t P, d, dv, heads, per_keep;
+  T scale;
+  bool mask_self;
+  Geometry g;
+
+  Block block(int64_t p, int64_t win, int64_t j) const {
+    Block b{p, win, win * g.w + j * BLOCK_Q, 0, 0, 0};
+    b.r1 = std::min({b.r0 + BLOCK_Q, (win + 1) * g.w, g.n});
+    int64_t lo, hi;
+    g.interval(b.r0, b.klo, hi);
+    g.interval(b.r1 - 1, lo, b.khi);
+    return b;
+  }
+
+  // The key padding mask over the block's keys (1 = kept), or null.
+  const T* keep_row(const Block& b) const { return keep == nullptr ? nullptr : keep + (b.p / per_keep) * g.n + b.klo; }
+
+  // For masked keys: a large negative logit so they never win the row max (then weight 0 via keep_row).
+  void penalty(const Block& b, T* pen) const {
+    const T* kr = keep_row(b);
+    for (int64_t c = 0; c < b.keys(); ++c) pen[c] = kr[c] > T(0) ? T(0) : T(-1e30);
+  }
+
+  // Row i of the block (s: its scores over keys klo..khi): zero the keys it cannot see and turn the rest
+  // into the logits the softmax sees (scale, bias, key padding, the self score). Returns the visible
+  // range [a, e) relative to klo.
+  void logits(const Block& b, int64_t i, T* s, const T* pen, int64_t& a, int64_t& e) const {
+    int64_t lo, hi;
+    g.interval(i, lo, hi);
+    a = lo - b.klo;
+    e = std::max(hi - b.klo, a);
+    const T* brow = nullptr;
+    if (bias != nullptr)
+      brow = bias + ((b.p % heads) * g.w + (i - b.win * g.w)) * ((g.lb + g.lf + 1) * g.w) + (b.klo - (b.win - g.lb) * g.w);
+    scale_add(s + a, e - a, scale, brow ? brow + a : nullptr, static_cast<const T*>(nullptr));
+    if (mask_self && i >= lo && i < hi) s[i - b.klo] = static_cast<T>(SELF_SCORE);
+    if (pen != nullptr) scale_add(s + a, e - a, T(1), pen + a, static_cast<const T*>(nullptr));
+    std::fill(s, s + a, T(0));
+    std::fill(s + e, s + b.keys(), T(0));
+  }
+};
+
+template <typename T>
+int64_t windows_of(const Inputs<T>& in) {
+  return (in.g.n + in.g.w - 1) / in.g.w;
+}
+
+int64_t blocks_per_window(int64_t w) { return (w + BLOCK_Q - 1) / BLOCK_Q; }
+
+template <typename T>
+void forward_impl(const Inputs<T>& in, T* out, T* lse) {
+  const int64_t nw = windows_of(in), bpw = blocks_per_window(in.g.w), n = in.g.n;
+  const int64_t span_keys = (in.g.lb + in.g.lf + 1) * in.g.w;
+  at::parallel_for(0, in.P * nw * bpw, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(BLOCK_Q * span_keys), pbuf(span_keys);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t p = t / (nw * bpw), win = (t / bpw) % nw, j = t % bpw;
+      if (win * in.g.w + j * BLOCK_Q >= n) continue;
+      const Block b = in.block(p, win, j);
+      T* o = out + (p * n + b.r0) * in.dv;
+      const int64_t L = b.keys();
+      if (L <= 0) {
+        std::fill(o, o + b.rows() * in.dv, T(0));
+        std::fill(lse + p * n + b.r0, lse + p * n + b.r1, T(0));
+        continue;
+      }
+      T* S = buf.data();
+      gemm(false, true, b.rows(), L, in.d, T(1), in.q + (p * n + b.r0) * in.d, in.d, in.k + (p * n + b.klo) * in.d,
+           in.d, T(0), S, L);
+      const T* keep = in.keep_row(b);
+      T* pen = nullptr;
+      if (keep != nullptr) {
+        pen = pbuf.data();
+        in.penalty(b, pen);
+      }
+      for (int64_t i = b.r0; i < b.r1; ++i) {
+        T* s = S + (i - b.r0) * L;
+        int64_t a, e;
+        in.logits(b, i, s, pen, a, e);
+        const T mx = row_max(s + a, e - a);
+        const T sum = exp_sum(s + a, e - a, mx, keep ? keep + a : nullptr);
+        if (sum > T(0)) {
+          scale_row(s + a, e - a, T(1) / sum);
+          lse[p * n + i] = mx + std::log(sum);
+        } else {
+          lse[p * n + i] = 0;  // sees no key: all weights are zero
+        }
+      }
+      gemm(false, false, b.rows(), in.dv, L, T(1), S, L, in.v + (p * n + b.klo) * in.dv, in.dv, T(0), o, in.dv);
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const Inputs<T>& in, const T* grad_out, const T* out, const T* lse, T* dq, T* dk, T* dv,
+                   T* dbias) {
+  const int64_t nw = windows_of(in), bpw = blocks_per_window(in.g.w), n = in.g.n, P = in.P;
+  const int64_t span_keys = (in.g.lb + in.g.lf + 1) * in.g.w;
+  const int64_t bias_numel = in.bias == nullptr ? 0 : in.heads * in.g.w * span_keys;
+
+  std::vector<T> delta(P * n);  // delta_i = <dO_i, O_i>
+  at::parallel_for(0, P * n, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) delta[r] = dot(grad_out + r * in.dv, out + r * in.dv, in.dv);
+  });
+
+  std::vector<std::vector<T>> dbias_parts(bias_numel ? at::get_num_threads() : 0);
+  const int64_t group = std::max<int64_t>(in.g.lb + in.g.lf, 1);
+  const int64_t groups = (nw + group - 1) / group;
+  for (int64_t phase = 0; phase < 2; ++phase) {
+    const int64_t mine = (groups - phase + 1) / 2;  // groups phase, phase + 2, ...
+    at::parallel_for(0, P * mine, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> sbuf(BLOCK_Q * span_keys), gbuf(BLOCK_Q * span_keys), pbuf(span_keys);
+      T* db = nullptr;
+      if (bias_numel) {
+        auto& part = dbias_parts[at::get_thread_num()];
+        if (part.empty()) part.assign(bias_numel, T(0));
+        db = part.data();
+      }
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t p = t / mine, gi = phase + 2 * (t % mine);
+        for (int64_t win = gi * group; win < std::min((gi + 1) * group, nw); ++win) {
+          for (int64_t j = 0; j < bpw && win * in.g.w + j * BLOCK_Q < n; ++j) {
+            const Block b = in.block(p, win, j);
+            T* dqb = dq + (p * n + b.r0) * in.d;
+            const int64_t L = b.keys(), m = b.rows();
+            if (L <= 0) {
+              std::fill(dqb, dqb + m * in.d, T(0));
+              continue;
+            }
+            const T* qb = in.q + (p * n + b.r0) * in.d;
+            const T* kb = in.k + (p * n + b.klo) * in.d;
+            const T* vb = in.v + (p * n + b.klo) * in.dv;
+            const T* gob = grad_out + (p * n + b.r0) * in.dv;
+            T* S = sbuf.data();
+            T* G = gbuf.data();
+            gemm(false, true, m, L, in.d, T(1), qb, in.d, kb, in.d, T(0), S, L);
+            gemm(false, true, m, L, in.dv, T(1), gob, in.dv, vb, in.dv, T(0), G, L);
+            const T* keep = in.keep_row(b);
+            T* pen = nullptr;
+            if (keep != nullptr) {
+              pen = pbuf.data();
+              in.penalty(b, pen);
+            }
+            for (int64_t i = b.r0; i < b.r1; ++i) {
+              T* s = S + (i - b.r0) * L;  // scores -> weights P
+              T* g = G + (i - b.r0) * L;  // grad of weights -> grad of logits dS
+              int64_t a, e;
+              in.logits(b, i, s, pen, a, e);
+              exp_sum(s + a, e - a, lse[p * n + i], keep ? keep + a : nullptr);
+              logit_grad(s + a, g + a, e - a, delta[p * n + i]);
+              std::fill(g, g + a, T(0));
+              std::fill(g + e, g + L, T(0));
+              if (in.mask_self && i >= b.klo + a && i < b.klo + e) g[i - b.klo] = 0;  // a constant score
+              if (db != nullptr) {
+                T* brow = db + ((p % in.heads) * in.g.w + (i - win * in.g.w)) * span_keys + (b.klo - (win - in.g.lb) * in.g.w);
+                for (int64_t c = a; c < e; ++c) brow[c] += g[c];
+              }
+            }
+            // dV += P^T dO, dQ = scale dS K, dK += scale dS^T Q
+            gemm(true, false, L, in.dv, m, T(1), S, L, gob, in.dv, T(1), dv + (p * n + b.klo) * in.dv, in.dv);
+            gemm(false, false, m, in.d, L, in.scale, G, L, kb, in.d, T(0), dqb, in.d);
+            gemm(true, false, L, in.d, m, in.scale, G, L, qb, in.d, T(1), dk + (p * n + b.klo) * in.d, in.d);
+          }
+        }
+      }
+    });
+  }
+  if (bias_numel) {
+    std::fill(dbias, dbias + bias_numel, T(0));
+    for (const auto& part : dbias_parts)
+      if (!part.empty())
+        for (int64_t x = 0; x < bias_numel; ++x) dbias[x] += part[x];
+  }
+}
+
+template <typename T>
+Inputs<T> make_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& keep, int64_t w,
+                      int64_t lb, int64_t lf, bool causal, bool exact, double scale, bool mask_self) {
+  Inputs<T> in{};
+  in.P = q.size(0);
+  in.d = q.size(2);
+  in.dv = v.size(2);
+  in.q = q.data_ptr<T>();
+  in.k = k.data_ptr<T>();
+  in.v = v.data_ptr<T>();
+  in.bias = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+  in.heads = bias.has_value() ? bias->size(0) : 1;
+  in.keep = keep.has_value() ? keep->data_ptr<T>() : nullptr;
+  in.per_keep = keep.has_value() ? in.P / keep->size(0) : 1;
+  in.scale = static_cast<T>(scale);
+  in.mask_self = mask_self;
+  in.g = Geometry{q.size(1), w, lb, lf, causal, exact};
+  return in;
+}
+
+void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
+           const std::optional<at::Tensor>& keep) {
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k, v must be contiguous");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "q, k, v dtypes differ");
+  TORCH_CHECK(!bias.has_value() || (bias->is_contiguous() && bias->scalar_type() == q.scalar_type()),
+              "bias must be contiguous and of q's dtype");
+  TORCH_CHECK(!keep.has_value() || (keep->is_contiguous() && keep->scalar_type() == q.scalar_type()),
+              "keep must be contiguous and of q's dtype (1 = kept, 0 = masked)");
+}
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const std::optional<at::Tensor>& bias,
+                                           const std::optional<at::Tensor>& keep, int64_t w, int64_t lb,
+                                           int64_t lf, bool causal, bool exact, double scale, bool mask_self) {
+  check(q, k, v, bias, keep);
+  auto out = at::empty({q.size(0), q.size(1), v.size(2)}, q.options());
+  auto lse = at::empty({q.size(0), q.size(1)}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "windowed_attention_forward", [&] {
+    auto in = make_inputs<scalar_t>(q, k, v, bias, keep, w, lb, lf, causal, exact, scale, mask_self);
+    forward_impl(in, out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& keep, int64_t w, int64_t lb, int64_t lf, bool causal, bool exact,
+    double scale, bool mask_self) {
+  check(q, k, v, bias, keep);
+  TORCH_CHECK(grad_out.is_contiguous() && out.is_contiguous() && lse.is_contiguous(), "saved tensors must be contiguous");
+  auto dq = at::empty_like(q);
+  auto dk = at::zeros_like(k);
+  auto dv = at::zeros_like(v);
+  auto dbias = bias.has_value() ? at::empty_like(*bias) : at::empty({0}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "windowed_attention_backward", [&] {
+    auto in = make_inputs<scalar_t>(q, k, v, bias, keep, w, lb, lf, causal, exact, scale, mask_self);
+    backward_impl(in, grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
+                  dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
+                  bias.has_value() ? dbias.data_ptr<scalar_t>() : nullptr);
+  });
+  return {dq, dk, dv, dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(windowed_attention_cpu, m) {
+  m.def("forward", &forward);
+  m.def("backward", &backward);
+}

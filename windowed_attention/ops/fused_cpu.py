@@ -1,0 +1,134 @@
+"""Local attention in our own fused CPU kernel (backend "fused"): float32 and float64, forward and backward.
+
+PyTorch's fused CPU attention kernels cost a whole `(w, span * w)` block per window whatever the mask, and
+FlexAttention has no CPU backward. The kernel in `csrc/local_attention_cpu.cpp` works on blocks of 64
+query rows and computes, per block, only the contiguous range of keys those rows can see, so causal and
+exact windows skip their masked work; it keeps O(n d) memory (the log-sum-exp is saved, the weights are
+recomputed in the backward) and takes key padding masks, `attn_bias` (with its gradient) and `shared_qk`.
+
+The source is compiled on first use by `torch.utils.cpp_extension` (about 10 s with a C++ compiler that
+supports OpenMP; cached under `TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`). Where it
+cannot be built `available()` is False and `auto` takes the `sdpa` backend; `WINDOWED_ATTENTION_NO_FUSED=1`
+skips the build altogether.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from .spec import WindowSpec
+
+SOURCE = Path(__file__).parent / "csrc" / "local_attention_cpu.cpp"
+DISABLE_ENV = "WINDOWED_ATTENTION_NO_FUSED"
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _capability_flags() -> list[str]:
+    """Compiler flags for the vector width torch itself uses on this CPU (at::vec picks its code by them)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX512":
+        return ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
+    if capability == "AVX2":
+        return ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
+    return []
+
+
+def _build():
+    """Compile (or find in the cache) and load the kernel; returns `torch.ops.windowed_attention_cpu`."""
+    from torch.utils import cpp_extension
+
+    flags = ["-O3", "-fopenmp", "-fvisibility=hidden", *_capability_flags()]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([torch.__version__, *flags]).encode()).hexdigest()[:16]
+    cpp_extension.load(
+        name=f"windowed_attention_cpu_{digest}", sources=[str(SOURCE)], extra_cflags=flags,
+        extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False,
+    )
+    return torch.ops.windowed_attention_cpu
+
+
+def kernel():
+    """The loaded kernel ops, building them once per process; raises RuntimeError when that is impossible."""
+    with _lock:
+        if "ops" not in _state and "error" not in _state:
+            if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+                _state["error"] = f"disabled by {DISABLE_ENV}"
+            else:
+                try:
+                    _state["ops"] = _build()
+                except Exception as exc:  # no compiler, no OpenMP, unsupported platform: fall back
+                    _state["error"] = f"{type(exc).__name__}: {exc}".strip()
+        if "ops" not in _state:
+            raise RuntimeError(f"the fused CPU kernel is unavailable ({_state['error']})")
+        return _state["ops"]
+
+
+def available() -> bool:
+    """Whether the kernel is built (or can be built now) in this environment."""
+    try:
+        kernel()
+    except RuntimeError:
+        return False
+    return True
+
+
+def supports(device_type: str, dtype: torch.dtype, *, key_scale: bool, dropout: bool) -> bool:
+    """Whether this backend computes these options on this device (a pure function of its inputs)."""
+    return device_type == "cpu" and dtype in (torch.float32, torch.float64) and not (key_scale or dropout)
+
+
+class _FusedLocalAttention(torch.autograd.Function):
+    """`q, k (P, n, d)`, `v (P, n, d_v)`, `bias (H, w, span * w)` or None, `keep (B, n)` 1/0 or None."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, keep, spec: WindowSpec, scale: float, mask_self: bool):
+        window = (spec.window_size, spec.look_backward, spec.look_forward, spec.causal, spec.exact_windowsize)
+        out, lse = kernel().forward(q, k, v, bias, keep, *window, scale, mask_self)
+        ctx.save_for_backward(q, k, v, out, lse, bias, keep)
+        ctx.options = (window, scale, mask_self)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, bias, keep = ctx.saved_tensors
+        window, scale, mask_self = ctx.options
+        dq, dk, dv, dbias = kernel().backward(grad_out.contiguous(), q, k, v, out, lse, bias, keep, *window, scale,
+                                              mask_self)
+        return dq, dk, dv, (dbias if ctx.needs_input_grad[3] else None), None, None, None, None
+
+
+def fused_cpu_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: WindowSpec,
+    *,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    attn_bias: torch.Tensor | None = None,
+    mask_self: bool = False,
+    key_scale: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Same contract as `reference_attention`: `q, k (P, n, d)`, `v (P, n, d_v)` -> `(P, n, d_v)`.
+
+    Under CPU autocast an explicit `backend="fused"` computes in the inputs' dtype (`auto` takes `sdpa`,
+    which runs in the autocast dtype).
+    """
+    if not supports(q.device.type, q.dtype, key_scale=key_scale is not None, dropout=dropout_p > 0.0):
+        raise ValueError(
+            "backend 'fused' supports float32/float64 CPU tensors without xpos or dropout; "
+            "use backend='auto' or 'reference'"
+        )
+    dtype = q.dtype
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v = (t.to(dtype).contiguous() for t in (q, k, v))
+        keep = None if mask is None else mask.to(dtype).contiguous()
+        bias = None if attn_bias is None else attn_bias.to(dtype).contiguous()
+        return _FusedLocalAttention.apply(q, k, v, bias, keep, spec, float(scale), bool(mask_self))

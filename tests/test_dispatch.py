@@ -120,6 +120,18 @@ def test_the_fused_kernel_builds_here():
     assert fused_cpu.available(), fused_cpu._state.get("error")
 
 
+def test_a_failed_build_falls_back_with_the_compiler_error(monkeypatch, tmp_path):
+    from windowed_attention.ops import fused_cpu
+
+    monkeypatch.setattr(fused_cpu, "_state", {})
+    monkeypatch.setenv("WINDOWED_ATTENTION_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert not fused_cpu.available()
+    with pytest.raises(RuntimeError, match="no-such-compiler"):
+        fused_cpu.kernel()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_disabled_build_reports_unavailable_and_explicit_choice_is_refused(monkeypatch):
     from windowed_attention.ops import fused_cpu
 

@@ -6,16 +6,17 @@ query rows and computes, per block, only the contiguous range of keys those rows
 exact windows skip their masked work; it keeps O(n d) memory (the log-sum-exp is saved, the weights are
 recomputed in the backward) and takes key padding masks, `attn_bias` (with its gradient) and `shared_qk`.
 
-The source is compiled on first use by `torch.utils.cpp_extension` (about 10 s with a C++ compiler that
-supports OpenMP; cached under `TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`). Where it
-cannot be built `available()` is False and `auto` takes the `sdpa` backend; `WINDOWED_ATTENTION_NO_FUSED=1`
-skips the build altogether.
+The source is compiled on first use (about 10 s; needs a C++20 compiler with OpenMP, `c++` or `$CXX`) into
+`~/.cache/windowed_attention` (or `$WINDOWED_ATTENTION_CACHE`) and reused from there. Where it cannot be
+built `available()` is False and `auto` takes the `sdpa` backend; `WINDOWED_ATTENTION_NO_FUSED=1` skips
+the build altogether.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 import threading
 from pathlib import Path
 
@@ -40,16 +41,44 @@ def _capability_flags() -> list[str]:
     return []
 
 
-def _build():
-    """Compile (or find in the cache) and load the kernel; returns `torch.ops.windowed_attention_cpu`."""
-    from torch.utils import cpp_extension
-
-    flags = ["-O3", "-fopenmp", "-fvisibility=hidden", *_capability_flags()]
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([torch.__version__, *flags]).encode()).hexdigest()[:16]
-    cpp_extension.load(
-        name=f"windowed_attention_cpu_{digest}", sources=[str(SOURCE)], extra_cflags=flags,
-        extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False,
+def _cache_dir() -> Path:
+    root = os.environ.get("WINDOWED_ATTENTION_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "windowed_attention"
     )
+    return Path(root)
+
+
+def _build():
+    """Compile the kernel once per (source, torch, flags) into the cache and load it into torch.ops.
+
+    A plain compiler call (no ninja or setuptools needed); the library is written under a temporary name
+    and renamed into place, so processes building at the same time (torchrun) never load a partial file.
+    """
+    torch_dir = Path(torch.__file__).parent
+    compiler = os.environ.get("CXX", "c++")
+    flags = [
+        "-O3", "-std=c++20", "-fPIC", "-shared", "-fopenmp", "-fvisibility=hidden",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", *_capability_flags(),
+    ]
+    digest = hashlib.sha256(
+        SOURCE.read_bytes() + " ".join([torch.__version__, compiler, *flags]).encode()
+    ).hexdigest()[:16]
+    library = _cache_dir() / f"local_attention_cpu_{digest}.so"
+    if not library.exists():
+        library.parent.mkdir(parents=True, exist_ok=True)
+        partial = library.with_name(f"{library.name}.{os.getpid()}.tmp")
+        command = [
+            compiler, *flags, "-isystem", str(torch_dir / "include"),
+            "-isystem", str(torch_dir / "include" / "torch" / "csrc" / "api" / "include"),
+            str(SOURCE), "-o", str(partial), f"-L{torch_dir / 'lib'}", f"-Wl,-rpath,{torch_dir / 'lib'}",
+            "-lc10", "-ltorch_cpu",
+        ]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            partial.unlink(missing_ok=True)
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(partial, library)
+    torch.ops.load_library(str(library))
     return torch.ops.windowed_attention_cpu
 
 
@@ -62,7 +91,7 @@ def kernel():
             else:
                 try:
                     _state["ops"] = _build()
-                except Exception as exc:  # no compiler, no OpenMP, unsupported platform: fall back
+                except (OSError, RuntimeError) as exc:  # no compiler, no OpenMP, unsupported platform: fall back
                     _state["error"] = f"{type(exc).__name__}: {exc}".strip()
         if "ops" not in _state:
             raise RuntimeError(f"the fused CPU kernel is unavailable ({_state['error']})")

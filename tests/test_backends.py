@@ -167,9 +167,10 @@ def test_bias_and_mask_self_grads_through_auto():
 
 
 @settings(max_examples=150)
-@given(pb=problems(dtypes=(torch.float64, torch.float32), max_w=80, with_bias=True))
+@given(pb=problems(dtypes=(torch.float64, torch.float32, torch.bfloat16), max_w=80, with_bias=True))
 def test_fused_matches_reference_forward_and_backward(pb):
-    """Windows up to 80 (more than one 64-row block), masks, bias (and its gradient), shared_qk, any n."""
+    """Windows up to 80 (more than one 64-row block), masks, bias (and its gradient), shared_qk, any n,
+    float64/float32/bfloat16."""
     pb["key_scale"] = None
     _compare(fused_cpu_attention, pb)
 
@@ -186,6 +187,20 @@ def test_fused_blocks_and_phases_at_larger_windows(causal, look_backward, look_f
     _compare(fused_cpu_attention, pb)
     pb.update(mask=None, attn_bias=None, mask_self=False, dtype=torch.float32)
     _compare(fused_cpu_attention, pb)
+    pb.update(dtype=torch.bfloat16)
+    _compare(fused_cpu_attention, pb)
+
+
+def test_fused_under_cpu_autocast_runs_in_bfloat16_close_to_reference():
+    spec = WindowSpec(16, True, 1, 0, True)
+    q, k, v = (torch.randn(4, 70, 16, requires_grad=True) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused_cpu_attention(q, k, v, spec, scale=0.25)
+    ref = reference_attention(q.double(), k.double(), v.double(), spec, scale=0.25)
+    assert out.dtype == torch.bfloat16
+    assert (out.double() - ref).abs().max() < 5e-2
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in (q, k, v))
 
 
 def test_fused_rows_that_see_nothing_are_zero_with_zero_grads():
@@ -224,7 +239,7 @@ def test_fused_refuses_what_it_does_not_support():
     for args, kwargs in (
         ((q, q, q), dict(key_scale=torch.ones(2, 4))),
         ((q, q, q), dict(dropout_p=0.1)),
-        ((q.bfloat16(),) * 3, {}),
+        ((q.half(),) * 3, {}),
     ):
         with pytest.raises(ValueError, match="fused"):
             fused_cpu_attention(*args, spec, scale=1.0, **kwargs)

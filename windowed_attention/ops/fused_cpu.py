@@ -1,4 +1,4 @@
-"""Local attention in our own fused CPU kernel (backend "fused"): float32 and float64, forward and backward.
+"""Local attention in our own fused CPU kernel (backend "fused"): float32, float64 and bfloat16, with backward.
 
 PyTorch's fused CPU attention kernels cost a whole `(w, span * w)` block per window whatever the mask, and
 FlexAttention has no CPU backward. The kernel in `csrc/local_attention_cpu.cpp` works on blocks of 64
@@ -109,11 +109,15 @@ def available() -> bool:
 
 def supports(device_type: str, dtype: torch.dtype, *, key_scale: bool, dropout: bool) -> bool:
     """Whether this backend computes these options on this device (a pure function of its inputs)."""
-    return device_type == "cpu" and dtype in (torch.float32, torch.float64) and not (key_scale or dropout)
+    return device_type == "cpu" and dtype in (torch.float32, torch.float64, torch.bfloat16) and not (key_scale or dropout)
 
 
 class _FusedLocalAttention(torch.autograd.Function):
-    """`q, k (P, n, d)`, `v (P, n, d_v)`, `bias (H, w, span * w)` or None, `keep (B, n)` 1/0 or None."""
+    """`q, k (P, n, d)`, `v (P, n, d_v)`, `bias (H, w, span * w)` or None, `keep (B, n)` 1/0 or None.
+
+    `bias` and `keep` are in the accumulation dtype (float64 for float64 inputs, else float32); the
+    kernel returns k, v and bias gradients in it too.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, bias, keep, spec: WindowSpec, scale: float, mask_self: bool):
@@ -129,7 +133,7 @@ class _FusedLocalAttention(torch.autograd.Function):
         window, scale, mask_self = ctx.options
         dq, dk, dv, dbias = kernel().backward(grad_out.contiguous(), q, k, v, out, lse, bias, keep, *window, scale,
                                               mask_self)
-        return dq, dk, dv, (dbias if ctx.needs_input_grad[3] else None), None, None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), (dbias if ctx.needs_input_grad[3] else None), None, None, None, None
 
 
 def fused_cpu_attention(
@@ -147,17 +151,20 @@ def fused_cpu_attention(
 ) -> torch.Tensor:
     """Same contract as `reference_attention`: `q, k (P, n, d)`, `v (P, n, d_v)` -> `(P, n, d_v)`.
 
-    Under CPU autocast an explicit `backend="fused"` computes in the inputs' dtype (`auto` takes `sdpa`,
-    which runs in the autocast dtype).
+    Under CPU autocast to bfloat16, float32 inputs compute in bfloat16 (as every matmul does there).
     """
-    if not supports(q.device.type, q.dtype, key_scale=key_scale is not None, dropout=dropout_p > 0.0):
+    device_type = q.device.type
+    if (device_type == "cpu" and q.dtype == torch.float32 and torch.is_autocast_enabled(device_type)
+            and torch.get_autocast_dtype(device_type) == torch.bfloat16):
+        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    if not supports(device_type, q.dtype, key_scale=key_scale is not None, dropout=dropout_p > 0.0):
         raise ValueError(
-            "backend 'fused' supports float32/float64 CPU tensors without xpos or dropout; "
+            "backend 'fused' supports float32/float64/bfloat16 CPU tensors without xpos or dropout; "
             "use backend='auto' or 'reference'"
         )
-    dtype = q.dtype
-    with torch.autocast(q.device.type, enabled=False):
-        q, k, v = (t.to(dtype).contiguous() for t in (q, k, v))
-        keep = None if mask is None else mask.to(dtype).contiguous()
-        bias = None if attn_bias is None else attn_bias.to(dtype).contiguous()
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    with torch.autocast(device_type, enabled=False):
+        q, k, v = (t.to(q.dtype).contiguous() for t in (q, k, v))
+        keep = None if mask is None else mask.to(acc).contiguous()
+        bias = None if attn_bias is None else attn_bias.to(acc).contiguous()
         return _FusedLocalAttention.apply(q, k, v, bias, keep, spec, float(scale), bool(mask_self))

@@ -1,4 +1,5 @@
-// Fused local attention for CPU (backend "fused"): forward and backward, float32 and float64.
+// Fused local attention for CPU (backend "fused"): forward and backward in float32, float64 and bfloat16
+// (bfloat16 operands into MKL's bf16 x bf16 -> fp32 matmul, softmax and gradient sums in float32).
 //
 // Each task owns a block of at most BLOCK_Q query rows inside one window. The keys every row of a block
 // may see form one contiguous range [klo, khi) (each row's visible keys are an interval, and the
@@ -17,6 +18,7 @@
 // `keep` is the (B, n) key padding mask, batch = p / (P / B).
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -26,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 extern "C" {
@@ -33,6 +36,9 @@ void sgemm_(const char*, const char*, const int*, const int*, const int*, const 
             const int*, const float*, const int*, const float*, float*, const int*);
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
             const int*, const double*, const int*, const double*, double*, const int*);
+// MKL: bfloat16 operands, float32 result (AMX or AVX512-BF16 where the CPU has them).
+void gemm_bf16bf16f32_(const char*, const char*, const int*, const int*, const int*, const float*,
+                       const uint16_t*, const int*, const uint16_t*, const int*, const float*, float*, const int*);
 }
 
 namespace {
@@ -54,6 +60,30 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const
   const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
   const int M = m, N = n, K = k, LDA = lda, LDB = ldb, LDC = ldc;
   dgemm_(&trb, &tra, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
+}
+
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloat16* a, int64_t lda,
+          const c10::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
+  const int M = m, N = n, K = k, LDA = lda, LDB = ldb, LDC = ldc;
+  gemm_bf16bf16f32_(&trb, &tra, &N, &M, &K, &alpha, reinterpret_cast<const uint16_t*>(b), &LDB,
+                    reinterpret_cast<const uint16_t*>(a), &LDA, &beta, c, &LDC);
+}
+
+// The storage type S of q, k, v, and the type A that scores, softmax and gradient sums are kept in.
+template <typename S>
+using Acc = at::opmath_type<S>;
+
+// `count` values of an A buffer as S operands for the next matmul: the buffer itself when S == A, else a
+// rounded copy in `tmp`.
+template <typename S>
+const S* operand(const Acc<S>* x, S* tmp, int64_t count) {
+  if constexpr (std::is_same_v<S, Acc<S>>) {
+    return x;
+  } else {
+    at::vec::convert(x, tmp, count);
+    return tmp;
+  }
 }
 
 // Row kernels on at::vec::Vectorized (the build sets CPU_CAPABILITY_* to the CPU torch runs on).
@@ -158,9 +188,11 @@ struct Block {
   int64_t keys() const { return khi - klo; }
 };
 
-template <typename T>
+template <typename S>
 struct Inputs {
-  const T *q, *k, *v, *bias, *keep;
+  using T = Acc<S>;
+  const S *q, *k, *v;
+  const T *bias, *keep;
   int64_t P, d, dv, heads, per_keep;
   T scale;
   bool mask_self;
@@ -203,33 +235,36 @@ struct Inputs {
   }
 };
 
-template <typename T>
-int64_t windows_of(const Inputs<T>& in) {
+template <typename S>
+int64_t windows_of(const Inputs<S>& in) {
   return (in.g.n + in.g.w - 1) / in.g.w;
 }
 
 int64_t blocks_per_window(int64_t w) { return (w + BLOCK_Q - 1) / BLOCK_Q; }
 
-template <typename T>
-void forward_impl(const Inputs<T>& in, T* out, T* lse) {
+template <typename S>
+void forward_impl(const Inputs<S>& in, S* out, Acc<S>* lse) {
+  using T = Acc<S>;
+  constexpr bool same = std::is_same_v<S, T>;
   const int64_t nw = windows_of(in), bpw = blocks_per_window(in.g.w), n = in.g.n;
   const int64_t span_keys = (in.g.lb + in.g.lf + 1) * in.g.w;
   at::parallel_for(0, in.P * nw * bpw, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(BLOCK_Q * span_keys), pbuf(span_keys);
+    std::vector<T> buf(BLOCK_Q * span_keys), pbuf(span_keys), obuf(same ? 0 : BLOCK_Q * in.dv);
+    std::vector<S> wbuf(same ? 0 : BLOCK_Q * span_keys);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t p = t / (nw * bpw), win = (t / bpw) % nw, j = t % bpw;
       if (win * in.g.w + j * BLOCK_Q >= n) continue;
       const Block b = in.block(p, win, j);
-      T* o = out + (p * n + b.r0) * in.dv;
+      S* o = out + (p * n + b.r0) * in.dv;
       const int64_t L = b.keys();
       if (L <= 0) {
-        std::fill(o, o + b.rows() * in.dv, T(0));
+        std::fill(o, o + b.rows() * in.dv, S(0));
         std::fill(lse + p * n + b.r0, lse + p * n + b.r1, T(0));
         continue;
       }
-      T* S = buf.data();
+      T* scores = buf.data();
       gemm(false, true, b.rows(), L, in.d, T(1), in.q + (p * n + b.r0) * in.d, in.d, in.k + (p * n + b.klo) * in.d,
-           in.d, T(0), S, L);
+           in.d, T(0), scores, L);
       const T* keep = in.keep_row(b);
       T* pen = nullptr;
       if (keep != nullptr) {
@@ -237,7 +272,7 @@ void forward_impl(const Inputs<T>& in, T* out, T* lse) {
         in.penalty(b, pen);
       }
       for (int64_t i = b.r0; i < b.r1; ++i) {
-        T* s = S + (i - b.r0) * L;
+        T* s = scores + (i - b.r0) * L;
         int64_t a, e;
         in.logits(b, i, s, pen, a, e);
         const T mx = row_max(s + a, e - a);
@@ -249,21 +284,39 @@ void forward_impl(const Inputs<T>& in, T* out, T* lse) {
           lse[p * n + i] = 0;  // sees no key: all weights are zero
         }
       }
-      gemm(false, false, b.rows(), in.dv, L, T(1), S, L, in.v + (p * n + b.klo) * in.dv, in.dv, T(0), o, in.dv);
+      const S* weights = operand<S>(scores, wbuf.data(), b.rows() * L);
+      const S* vb = in.v + (p * n + b.klo) * in.dv;
+      if constexpr (same) {
+        gemm(false, false, b.rows(), in.dv, L, T(1), weights, L, vb, in.dv, T(0), o, in.dv);
+      } else {
+        gemm(false, false, b.rows(), in.dv, L, T(1), weights, L, vb, in.dv, T(0), obuf.data(), in.dv);
+        at::vec::convert(obuf.data(), o, b.rows() * in.dv);
+      }
     }
   });
 }
 
-template <typename T>
-void backward_impl(const Inputs<T>& in, const T* grad_out, const T* out, const T* lse, T* dq, T* dk, T* dv,
-                   T* dbias) {
+template <typename S>
+void backward_impl(const Inputs<S>& in, const S* grad_out, const S* out, const Acc<S>* lse, S* dq, Acc<S>* dk,
+                   Acc<S>* dv, Acc<S>* dbias) {
+  using T = Acc<S>;
+  constexpr bool same = std::is_same_v<S, T>;
   const int64_t nw = windows_of(in), bpw = blocks_per_window(in.g.w), n = in.g.n, P = in.P;
   const int64_t span_keys = (in.g.lb + in.g.lf + 1) * in.g.w;
   const int64_t bias_numel = in.bias == nullptr ? 0 : in.heads * in.g.w * span_keys;
 
   std::vector<T> delta(P * n);  // delta_i = <dO_i, O_i>
   at::parallel_for(0, P * n, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) delta[r] = dot(grad_out + r * in.dv, out + r * in.dv, in.dv);
+    std::vector<T> x(same ? 0 : in.dv), y(same ? 0 : in.dv);
+    for (int64_t r = begin; r < end; ++r) {
+      if constexpr (same) {
+        delta[r] = dot(grad_out + r * in.dv, out + r * in.dv, in.dv);
+      } else {
+        at::vec::convert(grad_out + r * in.dv, x.data(), in.dv);
+        at::vec::convert(out + r * in.dv, y.data(), in.dv);
+        delta[r] = dot(x.data(), y.data(), in.dv);
+      }
+    }
   });
 
   std::vector<std::vector<T>> dbias_parts(bias_numel ? at::get_num_threads() : 0);
@@ -273,6 +326,8 @@ void backward_impl(const Inputs<T>& in, const T* grad_out, const T* out, const T
     const int64_t mine = (groups - phase + 1) / 2;  // groups phase, phase + 2, ...
     at::parallel_for(0, P * mine, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> sbuf(BLOCK_Q * span_keys), gbuf(BLOCK_Q * span_keys), pbuf(span_keys);
+      std::vector<S> wbuf(same ? 0 : BLOCK_Q * span_keys), dsbuf(same ? 0 : BLOCK_Q * span_keys);
+      std::vector<T> qbuf(same ? 0 : BLOCK_Q * in.d);
       T* db = nullptr;
       if (bias_numel) {
         auto& part = dbias_parts[at::get_thread_num()];
@@ -284,19 +339,19 @@ void backward_impl(const Inputs<T>& in, const T* grad_out, const T* out, const T
         for (int64_t win = gi * group; win < std::min((gi + 1) * group, nw); ++win) {
           for (int64_t j = 0; j < bpw && win * in.g.w + j * BLOCK_Q < n; ++j) {
             const Block b = in.block(p, win, j);
-            T* dqb = dq + (p * n + b.r0) * in.d;
+            S* dqb = dq + (p * n + b.r0) * in.d;
             const int64_t L = b.keys(), m = b.rows();
             if (L <= 0) {
-              std::fill(dqb, dqb + m * in.d, T(0));
+              std::fill(dqb, dqb + m * in.d, S(0));
               continue;
             }
-            const T* qb = in.q + (p * n + b.r0) * in.d;
-            const T* kb = in.k + (p * n + b.klo) * in.d;
-            const T* vb = in.v + (p * n + b.klo) * in.dv;
-            const T* gob = grad_out + (p * n + b.r0) * in.dv;
-            T* S = sbuf.data();
+            const S* qb = in.q + (p * n + b.r0) * in.d;
+            const S* kb = in.k + (p * n + b.klo) * in.d;
+            const S* vb = in.v + (p * n + b.klo) * in.dv;
+            const S* gob = grad_out + (p * n + b.r0) * in.dv;
+            T* scores = sbuf.data();
             T* G = gbuf.data();
-            gemm(false, true, m, L, in.d, T(1), qb, in.d, kb, in.d, T(0), S, L);
+            gemm(false, true, m, L, in.d, T(1), qb, in.d, kb, in.d, T(0), scores, L);
             gemm(false, true, m, L, in.dv, T(1), gob, in.dv, vb, in.dv, T(0), G, L);
             const T* keep = in.keep_row(b);
             T* pen = nullptr;
@@ -305,8 +360,8 @@ void backward_impl(const Inputs<T>& in, const T* grad_out, const T* out, const T
               in.penalty(b, pen);
             }
             for (int64_t i = b.r0; i < b.r1; ++i) {
-              T* s = S + (i - b.r0) * L;  // scores -> weights P
-              T* g = G + (i - b.r0) * L;  // grad of weights -> grad of logits dS
+              T* s = scores + (i - b.r0) * L;  // scores -> weights P
+              T* g = G + (i - b.r0) * L;       // grad of weights -> grad of logits dS
               int64_t a, e;
               in.logits(b, i, s, pen, a, e);
               exp_sum(s + a, e - a, lse[p * n + i], keep ? keep + a : nullptr);
@@ -320,9 +375,16 @@ void backward_impl(const Inputs<T>& in, const T* grad_out, const T* out, const T
               }
             }
             // dV += P^T dO, dQ = scale dS K, dK += scale dS^T Q
-            gemm(true, false, L, in.dv, m, T(1), S, L, gob, in.dv, T(1), dv + (p * n + b.klo) * in.dv, in.dv);
-            gemm(false, false, m, in.d, L, in.scale, G, L, kb, in.d, T(0), dqb, in.d);
-            gemm(true, false, L, in.d, m, in.scale, G, L, qb, in.d, T(1), dk + (p * n + b.klo) * in.d, in.d);
+            const S* weights = operand<S>(scores, wbuf.data(), m * L);
+            const S* dlogits = operand<S>(G, dsbuf.data(), m * L);
+            gemm(true, false, L, in.dv, m, T(1), weights, L, gob, in.dv, T(1), dv + (p * n + b.klo) * in.dv, in.dv);
+            if constexpr (same) {
+              gemm(false, false, m, in.d, L, in.scale, dlogits, L, kb, in.d, T(0), dqb, in.d);
+            } else {
+              gemm(false, false, m, in.d, L, in.scale, dlogits, L, kb, in.d, T(0), qbuf.data(), in.d);
+              at::vec::convert(qbuf.data(), dqb, m * in.d);
+            }
+            gemm(true, false, L, in.d, m, in.scale, dlogits, L, qb, in.d, T(1), dk + (p * n + b.klo) * in.d, in.d);
           }
         }
       }
@@ -336,17 +398,18 @@ void backward_impl(const Inputs<T>& in, const T* grad_out, const T* out, const T
   }
 }
 
-template <typename T>
-Inputs<T> make_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+template <typename S>
+Inputs<S> make_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& keep, int64_t w,
                       int64_t lb, int64_t lf, bool causal, bool exact, double scale, bool mask_self) {
-  Inputs<T> in{};
+  using T = Acc<S>;
+  Inputs<S> in{};
   in.P = q.size(0);
   in.d = q.size(2);
   in.dv = v.size(2);
-  in.q = q.data_ptr<T>();
-  in.k = k.data_ptr<T>();
-  in.v = v.data_ptr<T>();
+  in.q = q.data_ptr<S>();
+  in.k = k.data_ptr<S>();
+  in.v = v.data_ptr<S>();
   in.bias = bias.has_value() ? bias->data_ptr<T>() : nullptr;
   in.heads = bias.has_value() ? bias->size(0) : 1;
   in.keep = keep.has_value() ? keep->data_ptr<T>() : nullptr;
@@ -357,30 +420,34 @@ Inputs<T> make_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   return in;
 }
 
+at::ScalarType acc_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
 void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
            const std::optional<at::Tensor>& keep) {
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k, v must be contiguous");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "q, k, v dtypes differ");
-  TORCH_CHECK(!bias.has_value() || (bias->is_contiguous() && bias->scalar_type() == q.scalar_type()),
-              "bias must be contiguous and of q's dtype");
-  TORCH_CHECK(!keep.has_value() || (keep->is_contiguous() && keep->scalar_type() == q.scalar_type()),
-              "keep must be contiguous and of q's dtype (1 = kept, 0 = masked)");
+  TORCH_CHECK(!bias.has_value() || (bias->is_contiguous() && bias->scalar_type() == acc_type(q)),
+              "bias must be contiguous, float64 for float64 inputs and float32 otherwise");
+  TORCH_CHECK(!keep.has_value() || (keep->is_contiguous() && keep->scalar_type() == acc_type(q)),
+              "keep must be contiguous (1 = kept, 0 = masked), float64 for float64 inputs and float32 otherwise");
 }
 
+// q, k (P, n, d), v (P, n, dv) -> out (P, n, dv) in q's dtype, lse (P, n) in the accumulation type.
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const std::optional<at::Tensor>& bias,
                                            const std::optional<at::Tensor>& keep, int64_t w, int64_t lb,
                                            int64_t lf, bool causal, bool exact, double scale, bool mask_self) {
   check(q, k, v, bias, keep);
   auto out = at::empty({q.size(0), q.size(1), v.size(2)}, q.options());
-  auto lse = at::empty({q.size(0), q.size(1)}, q.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "windowed_attention_forward", [&] {
+  auto lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(acc_type(q)));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "windowed_attention_forward", [&] {
     auto in = make_inputs<scalar_t>(q, k, v, bias, keep, w, lb, lf, causal, exact, scale, mask_self);
-    forward_impl(in, out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
+    forward_impl(in, out.data_ptr<scalar_t>(), lse.data_ptr<Acc<scalar_t>>());
   });
   return {out, lse};
 }
 
+// Gradients of q (q's dtype), of k and v and of bias (the accumulation type).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& bias,
@@ -388,15 +455,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     double scale, bool mask_self) {
   check(q, k, v, bias, keep);
   TORCH_CHECK(grad_out.is_contiguous() && out.is_contiguous() && lse.is_contiguous(), "saved tensors must be contiguous");
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && lse.scalar_type() == acc_type(q), "saved tensor dtypes");
+  const auto acc = q.options().dtype(acc_type(q));
   auto dq = at::empty_like(q);
-  auto dk = at::zeros_like(k);
-  auto dv = at::zeros_like(v);
-  auto dbias = bias.has_value() ? at::empty_like(*bias) : at::empty({0}, q.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "windowed_attention_backward", [&] {
+  auto dk = at::zeros(k.sizes(), acc);
+  auto dv = at::zeros(v.sizes(), acc);
+  auto dbias = bias.has_value() ? at::empty_like(*bias) : at::empty({0}, acc);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "windowed_attention_backward", [&] {
+    using T = Acc<scalar_t>;
     auto in = make_inputs<scalar_t>(q, k, v, bias, keep, w, lb, lf, causal, exact, scale, mask_self);
-    backward_impl(in, grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
-                  dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
-                  bias.has_value() ? dbias.data_ptr<scalar_t>() : nullptr);
+    backward_impl(in, grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<T>(),
+                  dq.data_ptr<scalar_t>(), dk.data_ptr<T>(), dv.data_ptr<T>(),
+                  bias.has_value() ? dbias.data_ptr<T>() : nullptr);
   });
   return {dq, dk, dv, dbias};
 }

@@ -1,6 +1,7 @@
 """`windowed-attention bench`: time, memory and GFLOP/s of local attention implementations.
 
-Sweep (default): N in 1k..64k, W in {64, 256, 1024}, forward and fwd+bwd, for ours, local-attention,
+Sweep (default): N in 1k..64k, W in {64, 256, 1024}, forward and fwd+bwd, for ours (`auto`, the fused
+CPU kernel), ours-sdpa (our `sdpa` backend), local-attention,
 dense SDPA with a band mask (skipped when N > --dense-max) and compiled FlexAttention (forward only
 on CPU; skipped when compiling fails). Writes `results.json` and PNG plots to `--out`.
 `--headline`: the issue's figures (interleaved medians, side by side) into `headline.json`.
@@ -29,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--headline", action="store_true", help="measure the issue's headline figures only")
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="sequence lengths N")
     parser.add_argument("--windows", type=int, nargs="+", default=None, help="window sizes W")
-    parser.add_argument("--impls", nargs="+", default=["ours", "local-attention", "dense-sdpa", "flex-compiled"],
+    parser.add_argument("--impls", nargs="+", default=["ours", "ours-sdpa", "local-attention", "dense-sdpa", "flex-compiled"],
                         choices=list(impls.IMPLS))
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions per point (median)")
     parser.add_argument("--no-memory", action="store_true", help="skip the subprocess memory measurements")

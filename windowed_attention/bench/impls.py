@@ -39,12 +39,19 @@ def rotary(x: torch.Tensor) -> torch.Tensor:
 
 
 def ours(n, w, dtype=torch.float32, exact=False, rotary_pos=False, backend="auto"):
+    """Our op as users call it (`auto`: the fused CPU kernel when built)."""
+
     def fn(q, k, v):
         if rotary_pos:
             q, k = rotary(q), rotary(k)
         return local_attention(q, k, v, window_size=w, causal=True, look_backward=1, exact_windowsize=exact, backend=backend)
 
     return fn
+
+
+def ours_sdpa(n, w, dtype=torch.float32, exact=False, rotary_pos=False):
+    """Our `sdpa` backend (PyTorch's fused CPU flash kernel per chunk of windows), for comparison."""
+    return ours(n, w, dtype, exact, rotary_pos, backend="sdpa")
 
 
 def theirs(n, w, dtype=torch.float32, exact=False, rotary_pos=False):
@@ -80,7 +87,7 @@ def compiled_flex(n, w, dtype=torch.float32, exact=False, rotary_pos=False):
     return lambda q, k, v: flex(q, k, v, block_mask=block_mask)
 
 
-IMPLS = {"ours": ours, "local-attention": theirs, "dense-sdpa": dense_sdpa, "flex-compiled": compiled_flex}
+IMPLS = {"ours": ours, "ours-sdpa": ours_sdpa, "local-attention": theirs, "dense-sdpa": dense_sdpa, "flex-compiled": compiled_flex}
 
 
 def installed(name: str) -> bool:

@@ -15,6 +15,7 @@ the build altogether.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import threading
@@ -27,6 +28,7 @@ from .spec import WindowSpec
 SOURCE = Path(__file__).parent / "csrc" / "local_attention_cpu.cpp"
 DISABLE_ENV = "WINDOWED_ATTENTION_NO_FUSED"
 
+_log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -73,6 +75,7 @@ def _build():
             str(SOURCE), "-o", str(partial), f"-L{torch_dir / 'lib'}", f"-Wl,-rpath,{torch_dir / 'lib'}",
             "-lc10", "-ltorch_cpu",
         ]
+        _log.info("compiling the fused CPU kernel into %s (once)", library)
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             partial.unlink(missing_ok=True)

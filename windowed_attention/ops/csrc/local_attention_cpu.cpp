@@ -211,9 +211,12 @@ struct Inputs {
   const T* keep_row(const Block& b) const { return keep == nullptr ? nullptr : keep + (b.p / per_keep) * g.n + b.klo; }
 
   // For masked keys: a large negative logit so they never win the row max (then weight 0 via keep_row).
-  void penalty(const Block& b, T* pen) const {
+  // Written into `buf` (the block's keys long); null when there is no key padding mask.
+  const T* penalty(const Block& b, T* buf) const {
     const T* kr = keep_row(b);
-    for (int64_t c = 0; c < b.keys(); ++c) pen[c] = kr[c] > T(0) ? T(0) : T(-1e30);
+    if (kr == nullptr) return nullptr;
+    for (int64_t c = 0; c < b.keys(); ++c) buf[c] = kr[c] > T(0) ? T(0) : T(-1e30);
+    return buf;
   }
 
   // Row i of the block (s: its scores over keys klo..khi): zero the keys it cannot see and turn the rest
@@ -266,11 +269,7 @@ void forward_impl(const Inputs<S>& in, S* out, Acc<S>* lse) {
       gemm(false, true, b.rows(), L, in.d, T(1), in.q + (p * n + b.r0) * in.d, in.d, in.k + (p * n + b.klo) * in.d,
            in.d, T(0), scores, L);
       const T* keep = in.keep_row(b);
-      T* pen = nullptr;
-      if (keep != nullptr) {
-        pen = pbuf.data();
-        in.penalty(b, pen);
-      }
+      const T* pen = in.penalty(b, pbuf.data());
       for (int64_t i = b.r0; i < b.r1; ++i) {
         T* s = scores + (i - b.r0) * L;
         int64_t a, e;
@@ -354,11 +353,7 @@ void backward_impl(const Inputs<S>& in, const S* grad_out, const S* out, const A
             gemm(false, true, m, L, in.d, T(1), qb, in.d, kb, in.d, T(0), scores, L);
             gemm(false, true, m, L, in.dv, T(1), gob, in.dv, vb, in.dv, T(0), G, L);
             const T* keep = in.keep_row(b);
-            T* pen = nullptr;
-            if (keep != nullptr) {
-              pen = pbuf.data();
-              in.penalty(b, pen);
-            }
+            const T* pen = in.penalty(b, pbuf.data());
             for (int64_t i = b.r0; i < b.r1; ++i) {
               T* s = scores + (i - b.r0) * L;  // scores -> weights P
               T* g = G + (i - b.r0) * L;       // grad of weights -> grad of logits dS

@@ -191,6 +191,31 @@ def test_fused_blocks_and_phases_at_larger_windows(causal, look_backward, look_f
     _compare(fused_cpu_attention, pb)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["expanded", "wider rows", "transposed", "heads inside rows"])
+def test_fused_takes_the_upstream_gradient_in_any_layout(layout, dtype):
+    """Autograd hands over gradients with any strides (`.sum()` gives an expanded one): the kernel reads
+    them in place or gathers them per block, with the same result as a contiguous gradient."""
+    P, n, dv = 3, 150, 8
+    g = torch.Generator().manual_seed(3)
+    grad = {
+        "expanded": lambda: torch.tensor(0.7).expand(P, n, dv),
+        "wider rows": lambda: torch.randn(P, n, dv + 5, generator=g)[..., 2:2 + dv],
+        "transposed": lambda: torch.randn(P, dv, n, generator=g).transpose(1, 2),
+        "heads inside rows": lambda: torch.randn(n, P, dv, generator=g).transpose(0, 1),
+    }[layout]().to(dtype)
+    spec = WindowSpec(40, False, 1, 1, False)
+    results = []
+    for f, upstream in ((reference_attention, grad.contiguous().double()), (fused_cpu_attention, grad)):
+        leaves = [torch.randn(P, n, dv, generator=torch.Generator().manual_seed(s)).to(upstream.dtype).requires_grad_()
+                  for s in range(3)]
+        out = f(*leaves, spec, scale=0.3)
+        results.append(torch.autograd.grad(out, leaves, upstream))
+    tol = 1e-9 if dtype == torch.float64 else 5e-2
+    for ref, got in zip(*results):
+        assert (got.double() - ref).abs().max() <= tol * max(1.0, ref.abs().max().item())
+
+
 def test_fused_under_cpu_autocast_runs_in_bfloat16_close_to_reference():
     spec = WindowSpec(16, True, 1, 0, True)
     q, k, v = (torch.randn(4, 70, 16, requires_grad=True) for _ in range(3))

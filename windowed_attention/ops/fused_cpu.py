@@ -134,7 +134,7 @@ class _FusedLocalAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse, bias, keep = ctx.saved_tensors
         window, scale, mask_self = ctx.options
-        dq, dk, dv, dbias = kernel().backward(grad_out.contiguous(), q, k, v, out, lse, bias, keep, *window, scale,
+        dq, dk, dv, dbias = kernel().backward(grad_out, q, k, v, out, lse, bias, keep, *window, scale,
                                               mask_self)
         return dq, dk.to(k.dtype), dv.to(v.dtype), (dbias if ctx.needs_input_grad[3] else None), None, None, None, None
 

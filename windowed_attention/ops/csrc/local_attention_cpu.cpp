@@ -295,28 +295,46 @@ void forward_impl(const Inputs<S>& in, S* out, Acc<S>* lse) {
   });
 }
 
+// The upstream gradient as autograd hands it over: any strides (an expanded `.sum()` gradient has all
+// strides 0). Rows that BLAS can read in place are used there; others are gathered per block.
 template <typename S>
-void backward_impl(const Inputs<S>& in, const S* grad_out, const S* out, const Acc<S>* lse, S* dq, Acc<S>* dk,
-                   Acc<S>* dv, Acc<S>* dbias) {
+struct Strided {
+  const S* data;
+  int64_t sp, sn, sd;
+
+  bool in_place(int64_t cols) const { return sd == 1 && sn >= cols; }
+  const S* row(int64_t p, int64_t i) const { return data + p * sp + i * sn; }
+
+  // Rows [r0, r0 + m) of head p as a matrix with leading dimension `ld`: in place or copied into `buf`.
+  const S* rows(int64_t p, int64_t r0, int64_t m, int64_t cols, S* buf, int64_t& ld) const {
+    if (in_place(cols)) {
+      ld = sn;
+      return row(p, r0);
+    }
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t c = 0; c < cols; ++c) buf[r * cols + c] = row(p, r0 + r)[c * sd];
+    ld = cols;
+    return buf;
+  }
+};
+
+// Key windows whose dK, dV rows a phase-0 task of group `gi` zeroes before it accumulates into them: from
+// the first key window it touches up to the first of the next phase-0 group (the last group: to the end).
+// These ranges tile [0, nw), and no other phase-0 task touches them (phase-0 groups never share keys),
+// so the gradients need no separate zeroing pass and their pages are first touched by the task using them.
+void zeroed_windows(int64_t gi, int64_t group, int64_t groups, int64_t lb, int64_t nw, int64_t& from, int64_t& to) {
+  from = gi == 0 ? 0 : std::max<int64_t>(gi * group - lb, 0);
+  to = gi + 2 >= groups ? nw : std::min<int64_t>((gi + 2) * group - lb, nw);
+}
+
+template <typename S>
+void backward_impl(const Inputs<S>& in, const Strided<S>& grad_out, const S* out, const Acc<S>* lse, S* dq,
+                   Acc<S>* dk, Acc<S>* dv, Acc<S>* dbias) {
   using T = Acc<S>;
   constexpr bool same = std::is_same_v<S, T>;
-  const int64_t nw = windows_of(in), bpw = blocks_per_window(in.g.w), n = in.g.n, P = in.P;
-  const int64_t span_keys = (in.g.lb + in.g.lf + 1) * in.g.w;
-  const int64_t bias_numel = in.bias == nullptr ? 0 : in.heads * in.g.w * span_keys;
-
-  std::vector<T> delta(P * n);  // delta_i = <dO_i, O_i>
-  at::parallel_for(0, P * n, 1024, [&](int64_t begin, int64_t end) {
-    std::vector<T> x(same ? 0 : in.dv), y(same ? 0 : in.dv);
-    for (int64_t r = begin; r < end; ++r) {
-      if constexpr (same) {
-        delta[r] = dot(grad_out + r * in.dv, out + r * in.dv, in.dv);
-      } else {
-        at::vec::convert(grad_out + r * in.dv, x.data(), in.dv);
-        at::vec::convert(out + r * in.dv, y.data(), in.dv);
-        delta[r] = dot(x.data(), y.data(), in.dv);
-      }
-    }
-  });
+  const int64_t nw = windows_of(in), bpw = blocks_per_window(in.g.w), n = in.g.n, P = in.P, w = in.g.w;
+  const int64_t span_keys = (in.g.lb + in.g.lf + 1) * w;
+  const int64_t bias_numel = in.bias == nullptr ? 0 : in.heads * w * span_keys;
 
   std::vector<std::vector<T>> dbias_parts(bias_numel ? at::get_num_threads() : 0);
   const int64_t group = std::max<int64_t>(in.g.lb + in.g.lf, 1);
@@ -324,9 +342,10 @@ void backward_impl(const Inputs<S>& in, const S* grad_out, const S* out, const A
   for (int64_t phase = 0; phase < 2; ++phase) {
     const int64_t mine = (groups - phase + 1) / 2;  // groups phase, phase + 2, ...
     at::parallel_for(0, P * mine, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> sbuf(BLOCK_Q * span_keys), gbuf(BLOCK_Q * span_keys), pbuf(span_keys);
+      std::vector<T> sbuf(BLOCK_Q * span_keys), gbuf(BLOCK_Q * span_keys), pbuf(span_keys), delta(BLOCK_Q);
       std::vector<S> wbuf(same ? 0 : BLOCK_Q * span_keys), dsbuf(same ? 0 : BLOCK_Q * span_keys);
-      std::vector<T> qbuf(same ? 0 : BLOCK_Q * in.d);
+      std::vector<S> gobuf(grad_out.in_place(in.dv) ? 0 : BLOCK_Q * in.dv);
+      std::vector<T> qbuf(same ? 0 : BLOCK_Q * in.d), x(same ? 0 : in.dv), y(same ? 0 : in.dv);
       T* db = nullptr;
       if (bias_numel) {
         auto& part = dbias_parts[at::get_thread_num()];
@@ -335,8 +354,15 @@ void backward_impl(const Inputs<S>& in, const S* grad_out, const S* out, const A
       }
       for (int64_t t = begin; t < end; ++t) {
         const int64_t p = t / mine, gi = phase + 2 * (t % mine);
+        if (phase == 0) {
+          int64_t from, to;
+          zeroed_windows(gi, group, groups, in.g.lb, nw, from, to);
+          const int64_t r0 = p * n + from * w, r1 = p * n + std::min(to * w, n);
+          std::fill(dk + r0 * in.d, dk + r1 * in.d, T(0));
+          std::fill(dv + r0 * in.dv, dv + r1 * in.dv, T(0));
+        }
         for (int64_t win = gi * group; win < std::min((gi + 1) * group, nw); ++win) {
-          for (int64_t j = 0; j < bpw && win * in.g.w + j * BLOCK_Q < n; ++j) {
+          for (int64_t j = 0; j < bpw && win * w + j * BLOCK_Q < n; ++j) {
             const Block b = in.block(p, win, j);
             S* dqb = dq + (p * n + b.r0) * in.d;
             const int64_t L = b.keys(), m = b.rows();
@@ -347,11 +373,22 @@ void backward_impl(const Inputs<S>& in, const S* grad_out, const S* out, const A
             const S* qb = in.q + (p * n + b.r0) * in.d;
             const S* kb = in.k + (p * n + b.klo) * in.d;
             const S* vb = in.v + (p * n + b.klo) * in.dv;
-            const S* gob = grad_out + (p * n + b.r0) * in.dv;
+            int64_t ldg;
+            const S* gob = grad_out.rows(p, b.r0, m, in.dv, gobuf.data(), ldg);
+            for (int64_t r = 0; r < m; ++r) {  // delta_i = <dO_i, O_i>
+              const S* o = out + (p * n + b.r0 + r) * in.dv;
+              if constexpr (same) {
+                delta[r] = dot(gob + r * ldg, o, in.dv);
+              } else {
+                at::vec::convert(gob + r * ldg, x.data(), in.dv);
+                at::vec::convert(o, y.data(), in.dv);
+                delta[r] = dot(x.data(), y.data(), in.dv);
+              }
+            }
             T* scores = sbuf.data();
             T* G = gbuf.data();
             gemm(false, true, m, L, in.d, T(1), qb, in.d, kb, in.d, T(0), scores, L);
-            gemm(false, true, m, L, in.dv, T(1), gob, in.dv, vb, in.dv, T(0), G, L);
+            gemm(false, true, m, L, in.dv, T(1), gob, ldg, vb, in.dv, T(0), G, L);
             const T* keep = in.keep_row(b);
             const T* pen = in.penalty(b, pbuf.data());
             for (int64_t i = b.r0; i < b.r1; ++i) {
@@ -360,19 +397,19 @@ void backward_impl(const Inputs<S>& in, const S* grad_out, const S* out, const A
               int64_t a, e;
               in.logits(b, i, s, pen, a, e);
               exp_sum(s + a, e - a, lse[p * n + i], keep ? keep + a : nullptr);
-              logit_grad(s + a, g + a, e - a, delta[p * n + i]);
+              logit_grad(s + a, g + a, e - a, delta[i - b.r0]);
               std::fill(g, g + a, T(0));
               std::fill(g + e, g + L, T(0));
               if (in.mask_self && i >= b.klo + a && i < b.klo + e) g[i - b.klo] = 0;  // a constant score
               if (db != nullptr) {
-                T* brow = db + ((p % in.heads) * in.g.w + (i - win * in.g.w)) * span_keys + (b.klo - (win - in.g.lb) * in.g.w);
+                T* brow = db + ((p % in.heads) * w + (i - win * w)) * span_keys + (b.klo - (win - in.g.lb) * w);
                 for (int64_t c = a; c < e; ++c) brow[c] += g[c];
               }
             }
             // dV += P^T dO, dQ = scale dS K, dK += scale dS^T Q
             const S* weights = operand<S>(scores, wbuf.data(), m * L);
             const S* dlogits = operand<S>(G, dsbuf.data(), m * L);
-            gemm(true, false, L, in.dv, m, T(1), weights, L, gob, in.dv, T(1), dv + (p * n + b.klo) * in.dv, in.dv);
+            gemm(true, false, L, in.dv, m, T(1), weights, L, gob, ldg, T(1), dv + (p * n + b.klo) * in.dv, in.dv);
             if constexpr (same) {
               gemm(false, false, m, in.d, L, in.scale, dlogits, L, kb, in.d, T(0), dqb, in.d);
             } else {
@@ -449,17 +486,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const std::optional<at::Tensor>& keep, int64_t w, int64_t lb, int64_t lf, bool causal, bool exact,
     double scale, bool mask_self) {
   check(q, k, v, bias, keep);
-  TORCH_CHECK(grad_out.is_contiguous() && out.is_contiguous() && lse.is_contiguous(), "saved tensors must be contiguous");
+  TORCH_CHECK(out.is_contiguous() && lse.is_contiguous(), "saved tensors must be contiguous");
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.sizes() == out.sizes(), "grad_out must have out's shape");
   TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && lse.scalar_type() == acc_type(q), "saved tensor dtypes");
   const auto acc = q.options().dtype(acc_type(q));
   auto dq = at::empty_like(q);
-  auto dk = at::zeros(k.sizes(), acc);
-  auto dv = at::zeros(v.sizes(), acc);
+  auto dk = at::empty(k.sizes(), acc);  // zeroed by the backward's first phase
+  auto dv = at::empty(v.sizes(), acc);
   auto dbias = bias.has_value() ? at::empty_like(*bias) : at::empty({0}, acc);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "windowed_attention_backward", [&] {
     using T = Acc<scalar_t>;
     auto in = make_inputs<scalar_t>(q, k, v, bias, keep, w, lb, lf, causal, exact, scale, mask_self);
-    backward_impl(in, grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<T>(),
+    const Strided<scalar_t> go{grad_out.data_ptr<scalar_t>(), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2)};
+    backward_impl(in, go, out.data_ptr<scalar_t>(), lse.data_ptr<T>(),
                   dq.data_ptr<scalar_t>(), dk.data_ptr<T>(), dv.data_ptr<T>(),
                   bias.has_value() ? dbias.data_ptr<T>() : nullptr);
   });

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -75,6 +77,20 @@ def test_cuda_prefers_flash_for_exact_half_precision_windows():
 )
 def test_cuda_uses_flex_where_flash_cannot(dtype, spec, options):
     assert decide("cuda", dtype, spec, **options) == "flex"
+
+
+@pytest.mark.parametrize("head_dim,value_dim", [(64, 32), (32, 64), (320, 320)])
+def test_cuda_uses_flex_for_head_dims_flash_attn_does_not_take(head_dim, value_dim):
+    assert decide("cuda", torch.bfloat16, EXACT, head_dim=head_dim, value_dim=value_dim) == "flex"
+    assert decide("cuda", torch.bfloat16, EXACT, head_dim=256, value_dim=256) == "flash"
+
+
+def test_choose_passes_the_value_head_dim(monkeypatch):
+    """`choose` reads the head dims from the tensors (a stand-in for a CUDA tensor: no GPU here)."""
+    monkeypatch.setattr(backends, "availability", lambda: ALL)
+    q = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, shape=(2, 16, 64))
+    assert backends.choose(q, EXACT) == "flash"
+    assert backends.choose(q, EXACT, value_dim=32) == "flex"
 
 
 def test_cuda_without_flash_attn_installed_uses_flex():

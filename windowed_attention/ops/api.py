@@ -60,7 +60,7 @@ def attend(
     """
     if q.shape[1] == 0:
         return q.new_zeros(*q.shape[:-1], v.shape[-1])
-    name = backends.choose(q, spec, mask=mask, attn_bias=attn_bias, mask_self=mask_self,
+    name = backends.choose(q, spec, value_dim=v.shape[-1], mask=mask, attn_bias=attn_bias, mask_self=mask_self,
                            key_scale=key_scale, dropout_p=dropout_p) if backend == "auto" else backend
     return backends.get(name)(
         q, k, v, spec, scale=scale, mask=mask, attn_bias=attn_bias, mask_self=mask_self,

@@ -5,7 +5,7 @@ result (tested against the reference on random configurations, forward and backw
 
 | backend     | device | dtypes            | does not support                              |
 |-------------|--------|-------------------|-----------------------------------------------|
-| `fused`     | CPU    | fp32, fp64        | xpos (key_scale), dropout; needs a C++ build  |
+| `fused`     | CPU    | fp32, fp64, bf16  | xpos (key_scale), dropout; needs a C++ build  |
 | `sdpa`      | CPU    | all float         | attn_bias, shared_qk, dropout                 |
 | `flex`      | CUDA   | fp32, bf16, fp16  | xpos (key_scale), dropout                     |
 | `flash`     | CUDA   | bf16, fp16        | anything but exact windows without mask/bias  |
@@ -13,7 +13,7 @@ result (tested against the reference on random configurations, forward and backw
 
 `auto` (`choose`) takes the first that supports the call: CUDA `flash` > `flex` > `reference`;
 CPU `fused` > `sdpa` > `reference`. Under autocast the dtype that counts is the autocast dtype (a float32
-input then computes in bfloat16, which `fused` does not do). The decision is `decide`, a pure function of
+input then computes in bfloat16). The decision is `decide`, a pure function of
 device type, dtype, window spec, options and availability flags, so it is tested without a GPU.
 """
 
@@ -90,12 +90,16 @@ def decide(
     mask_self: bool = False,
     key_scale: bool = False,
     dropout: bool = False,
+    head_dim: int = 64,
+    value_dim: int | None = None,
     available: Mapping[str, bool],
 ) -> str:
-    """The dispatch rule: the fastest backend that supports this call (pure; booleans for options)."""
+    """The dispatch rule: the fastest backend that supports this call (pure; booleans for options,
+    `value_dim` None meaning `head_dim`)."""
     if device_type == "cuda":
         if available.get("flash") and flash.supports(
-            device_type, dtype, spec, mask=mask, attn_bias=attn_bias, mask_self=mask_self, key_scale=key_scale
+            device_type, dtype, spec, mask=mask, attn_bias=attn_bias, mask_self=mask_self, key_scale=key_scale,
+            head_dim=head_dim, value_dim=head_dim if value_dim is None else value_dim,
         ):
             return "flash"
         if available.get("flex") and flex.supports(device_type, dtype, key_scale=key_scale, dropout=dropout):
@@ -111,8 +115,8 @@ def decide(
     return "reference"
 
 
-def choose(q: torch.Tensor, spec: WindowSpec, **options) -> str:
-    """The fastest backend that supports this device, dtype and these options (see `decide`)."""
+def choose(q: torch.Tensor, spec: WindowSpec, *, value_dim: int | None = None, **options) -> str:
+    """The fastest backend that supports this device, dtype, head dims and these options (see `decide`)."""
     device_type, dtype = q.device.type, q.dtype
     if dtype == torch.float32 and device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -125,5 +129,7 @@ def choose(q: torch.Tensor, spec: WindowSpec, **options) -> str:
         mask_self=bool(options.get("mask_self", False)),
         key_scale=options.get("key_scale") is not None,
         dropout=float(options.get("dropout_p", 0.0)) > 0.0,
+        head_dim=q.shape[-1],
+        value_dim=value_dim,
         available=availability(),
     )

@@ -2,7 +2,8 @@
 
 `exact_windowsize=True` is a plain sliding window: query `i` sees `i - w*look_backward <= j <=
 i + w*look_forward` (the window-block bound follows from it), which is flash-attn's `window_size=(left,
-right)`. Only that pattern, without masks, biases, shared qk or xpos.
+right)`. Only that pattern, without masks, biases, shared qk or xpos, and only the head dims flash-attn 2
+takes: values as wide as queries, at most 256.
 """
 
 from __future__ import annotations
@@ -18,14 +19,18 @@ def available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
+MAX_HEAD_DIM = 256
+
+
 def supports(device_type: str, dtype: torch.dtype, spec: WindowSpec, *, mask: bool, attn_bias: bool,
-             mask_self: bool, key_scale: bool) -> bool:
+             mask_self: bool, key_scale: bool, head_dim: int, value_dim: int) -> bool:
     """Whether this backend computes these options on this device (a pure function of its inputs)."""
     return (
         device_type == "cuda"
         and dtype in (torch.float16, torch.bfloat16)
         and spec.exact_windowsize
         and not (mask or attn_bias or mask_self or key_scale)
+        and head_dim == value_dim <= MAX_HEAD_DIM
     )
 
 

@@ -98,6 +98,21 @@ def test_stream_without_end_keeps_going():
     assert len([next(gen) for _ in range(100)]) == 100
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_suspended_stream_leaves_the_model_in_its_mode(fast):
+    """Eval mode (no dropout) while computing a token, the caller's mode while the stream waits."""
+    model = tiny(seed=6, attn_dropout=0.5, ff_dropout=0.5)
+    prime = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(1))
+    expected = generate(model, prime, 12, temperature=0, fast=fast)
+    model.train()
+    tokens = []
+    for token in stream(model, prime, 12, temperature=0, fast=fast):
+        assert model.training
+        tokens.append(token)
+    assert model.training
+    assert torch.equal(torch.cat(tokens, dim=1), expected)
+
+
 def test_errors_name_the_argument():
     model = tiny()
     prime = torch.randint(0, 40, (1, 4))

@@ -8,6 +8,7 @@ model has no maximum length, and `stream` can run indefinitely in constant memor
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterator
 
 import torch
@@ -40,6 +41,17 @@ def _check_count(max_new_tokens) -> int:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     return max_new_tokens
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """The model in eval mode inside the block only, so a suspended `stream` leaves it as it found it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -85,29 +97,26 @@ def stream(model: LocalTransformer, prompt: torch.Tensor, max_new_tokens: int | 
             )
     if max_new_tokens == 0:
         return
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         logits, caches = prefill(model, prompt)
         state = decoder.from_reference(model, caches) if fast and decoder.supported(model) else None
-        step = 0
-        while True:
-            token = sample(logits, temperature, filter_thres, top_p, generator)
-            yield token
-            step += 1
-            if max_new_tokens is not None and step >= max_new_tokens:
-                return
-            if model.use_abs_pos_emb and caches[0].length >= model.max_seq_len:
-                raise ValueError(f"generation reached max_seq_len = {model.max_seq_len} (build the model with use_abs_pos_emb=False to stream past it)")
+    step = 0
+    while True:
+        token = sample(logits, temperature, filter_thres, top_p, generator)
+        yield token
+        step += 1
+        if max_new_tokens is not None and step >= max_new_tokens:
+            return
+        if model.use_abs_pos_emb and caches[0].length >= model.max_seq_len:
+            raise ValueError(f"generation reached max_seq_len = {model.max_seq_len} (build the model with use_abs_pos_emb=False to stream past it)")
+        with _eval_mode(model):
             if state is not None:
                 logits, state = decoder.step(model, token, state)
                 caches = state.caches
             else:
                 logits, caches = decode_step(model, token, caches)
-            if on_caches is not None:
-                on_caches(step, caches)
-    finally:
-        model.train(was_training)
+        if on_caches is not None:
+            on_caches(step, caches)
 
 
 @torch.no_grad()

@@ -10,7 +10,8 @@ from torch import nn
 
 from .ops import attend, make_spec
 from .ops.api import pack_leading, unpack_leading
-from .ops.spec import SELF_ATTN_SCORE
+from .ops.decode import attend_one, score_row
+from .ops.dtypes import accumulation_dtype
 from .ops.validation import check_attn_bias, check_bool, check_mask, check_probability, check_qkv, check_scale
 from .positional import SinusoidalEmbeddings, rotate, xpos_factors
 
@@ -125,29 +126,15 @@ class LocalAttention(nn.Module):
         `position - m + 1 .. position` (the query's own last). Gives what `forward` gives for that query
         in a causal model (keys before the window are simply not passed or are masked here).
         """
-        spec, w = self.spec, self.spec.window_size
-        m, d = k.shape[-2], q.shape[-1]
-        key_pos = torch.arange(position - m + 1, position + 1, device=q.device)
-        visible = spec.visible(torch.tensor(position, device=q.device), key_pos, position + 1)
-
+        m = k.shape[-2]
         if self.shared_qk:
             k = F.normalize(k, dim=-1)
         if self.rel_pos is not None:
-            rel = key_pos - position  # the query sits at relative position 0
+            rel = torch.arange(1 - m, 1, device=q.device)  # key positions relative to the query's
             cos, sin = self.rel_pos.rotation(rel)
             factor = self.rel_pos.xpos_scale(-rel) if self.use_xpos else None
             k = rotate(k, cos, sin, factor)
-
-        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-        scale = d**-0.5 if self.scale is None else self.scale
-        sim = torch.einsum("...id,...jd->...ij", q.to(compute) * scale, k.to(compute))
-        if attn_bias is not None:
-            first_key = (position // w - spec.look_backward) * w
-            cols = (key_pos - first_key).clamp(0, attn_bias.shape[-1] - 1)
-            bias = attn_bias[:, position % w, cols].to(compute)  # (heads, m)
-            sim = sim + bias.reshape(*([1] * (sim.ndim - 3)), bias.shape[0], 1, m)
-        if self.shared_qk:
-            sim[..., -1] = SELF_ATTN_SCORE
-        sim = sim.masked_fill(~visible, float("-inf"))
-        attn = sim.softmax(dim=-1)
-        return torch.einsum("...ij,...jd->...id", attn, v.to(compute)).to(q.dtype)
+        compute = accumulation_dtype(q.dtype)
+        row = score_row(self.spec, position, m, attn_bias, q.device, compute)
+        scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
+        return attend_one(q, k, v, row, scale=scale, shared_qk=self.shared_qk)

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..kv_cache import KVCache
-from ..ops.spec import SELF_ATTN_SCORE
+from ..ops.decode import attend_one, score_row
+from ..ops.dtypes import accumulation_dtype
 from ..positional import rotate
 from ..transformer import LocalTransformer
 
@@ -81,20 +82,12 @@ def from_reference(model: LocalTransformer, caches: list[KVCache]) -> DecodeStat
 
 def _score_row(model: LocalTransformer, state: DecodeState, m: int, device, dtype) -> torch.Tensor:
     """Additive row `(heads or 1, 1, m)`: the position bias where visible, -inf where not."""
-    spec = _attention(model).spec
-    w, position = spec.window_size, state.position
+    spec, position = _attention(model).spec, state.position
     full = position - m + 1 >= 0 and m == state.caches[0].capacity + 1
-    key = (position % w, m) if full else None
+    key = (position % spec.window_size, m) if full else None
     if key is not None and key in state.row_cache:
         return state.row_cache[key]
-    key_pos = torch.arange(position - m + 1, position + 1, device=device)
-    visible = spec.visible(torch.tensor(position, device=device), key_pos, position + 1)
-    row = torch.zeros(1, 1, m, device=device, dtype=dtype)
-    if state.attn_bias is not None:
-        first_key = (position // w - spec.look_backward) * w
-        cols = (key_pos - first_key).clamp(0, state.attn_bias.shape[-1] - 1)
-        row = rearrange(state.attn_bias[:, position % w, cols].to(dtype), "h m -> h 1 m")
-    row = row.masked_fill(~visible, float("-inf"))
+    row = score_row(spec, position, m, state.attn_bias, device, dtype)
     if key is not None:
         state.row_cache[key] = row
     return row
@@ -123,15 +116,11 @@ def step(model: LocalTransformer, token: torch.Tensor, state: DecodeState) -> tu
         cache, keys, values = cache.append(_prepare_keys(model, k, table), v)
         new_caches.append(cache)
 
-        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        compute = accumulation_dtype(q.dtype)
+        if row is None or row.shape[-1] != keys.shape[-2]:
+            row = _score_row(model, state, keys.shape[-2], device, compute)
         scale = q.shape[-1] ** -0.5 if attn_fn.scale is None else attn_fn.scale
-        sim = (q.to(compute) * scale) @ keys.to(compute).transpose(-1, -2)  # (b, h, 1, m)
-        if row is None or row.shape[-1] != sim.shape[-1]:
-            row = _score_row(model, state, sim.shape[-1], device, compute)
-        sim = sim + row
-        if attn_fn.shared_qk:
-            sim[..., -1] = SELF_ATTN_SCORE
-        out = (sim.softmax(dim=-1) @ values.to(compute)).to(q.dtype)
+        out = attend_one(q, keys, values, row, scale=scale, shared_qk=attn_fn.shared_qk)
 
         if attn.to_v_gate is not None:
             out = out * rearrange(attn.to_v_gate(x), "b n h -> b h n 1").sigmoid()

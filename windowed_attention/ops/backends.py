@@ -25,6 +25,7 @@ from typing import Callable, Mapping
 import torch
 
 from . import flash, flex, fused_cpu, sdpa_blocks
+from .dtypes import autocast_dtype
 from .flash import flash_attn_backend
 from .flex import flex_attention_backend
 from .fused_cpu import fused_cpu_attention
@@ -118,8 +119,8 @@ def decide(
 def choose(q: torch.Tensor, spec: WindowSpec, *, value_dim: int | None = None, **options) -> str:
     """The fastest backend that supports this device, dtype, head dims and these options (see `decide`)."""
     device_type, dtype = q.device.type, q.dtype
-    if dtype == torch.float32 and device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+    if dtype == torch.float32:
+        dtype = autocast_dtype(device_type) or dtype
     return decide(
         device_type,
         dtype,

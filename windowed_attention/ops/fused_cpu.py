@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .dtypes import accumulation_dtype, autocast_inputs
 from .spec import WindowSpec
 
 SOURCE = Path(__file__).parent / "csrc" / "local_attention_cpu.cpp"
@@ -157,15 +158,13 @@ def fused_cpu_attention(
     Under CPU autocast to bfloat16, float32 inputs compute in bfloat16 (as every matmul does there).
     """
     device_type = q.device.type
-    if (device_type == "cpu" and q.dtype == torch.float32 and torch.is_autocast_enabled(device_type)
-            and torch.get_autocast_dtype(device_type) == torch.bfloat16):
-        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    q, k, v = autocast_inputs(q, k, v, takes=(torch.bfloat16,)) if device_type == "cpu" else (q, k, v)
     if not supports(device_type, q.dtype, key_scale=key_scale is not None, dropout=dropout_p > 0.0):
         raise ValueError(
             "backend 'fused' supports float32/float64/bfloat16 CPU tensors without xpos or dropout; "
             "use backend='auto' or 'reference'"
         )
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     with torch.autocast(device_type, enabled=False):
         q, k, v = (t.to(q.dtype).contiguous() for t in (q, k, v))
         keep = None if mask is None else mask.to(acc).contiguous()

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
+from .dtypes import accumulation_dtype
 from .spec import SELF_ATTN_SCORE, WindowSpec
 
 
@@ -54,7 +55,7 @@ def reference_attention(
     """Local attention over windows, materialising the `(P, windows, w, span * w)` scores."""
     P, n, d = q.shape
     w, out_dtype = spec.window_size, q.dtype
-    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute_dtype = accumulation_dtype(q.dtype)
     q, k, v = (t.to(compute_dtype) for t in (q, k, v))
 
     windows = -(-n // w)

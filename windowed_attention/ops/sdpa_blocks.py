@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .dtypes import accumulation_dtype, autocast_inputs
 from .spec import WindowSpec
 
 _aten = torch.ops.aten
@@ -128,7 +129,7 @@ class _FlashSpans(torch.autograd.Function):
     def forward(ctx, q, k, v, plan: _Plan):
         P, w = q.shape[0], plan.spec.window_size
         out = q.new_empty(P, q.shape[1], v.shape[-1])
-        lse = torch.empty(P, plan.windows, w, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+        lse = torch.empty(P, plan.windows, w, dtype=accumulation_dtype(q.dtype),
                           device=q.device)
         fwd = getattr(_aten, _FLASH_FWD)
         for b0, b1 in plan.chunks():
@@ -146,7 +147,7 @@ class _FlashSpans(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         plan: _Plan = ctx.plan
         w, span = plan.spec.window_size, plan.spec.span
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(q.dtype)
         dq = torch.empty_like(q)
         dk = torch.zeros(k.shape, dtype=acc, device=k.device)
         dv = torch.zeros(v.shape, dtype=acc, device=v.device)
@@ -194,10 +195,7 @@ def sdpa_blocks_attention(
             "use backend='auto' or 'reference'"
         )
     device_type = q.device.type
-    if torch.is_autocast_enabled(device_type) and q.dtype == torch.float32:
-        # Match what the matmuls of any other backend do under autocast: run in the autocast dtype.
-        low = torch.get_autocast_dtype(device_type)
-        q, k, v = q.to(low), k.to(low), v.to(low)
+    q, k, v = autocast_inputs(q, k, v)
     P, n, d = q.shape
     dv = v.shape[-1]
     if dv != d:

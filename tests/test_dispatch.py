@@ -21,21 +21,17 @@ def decide(device, dtype, spec=PLAIN, available=ALL, **options):
     return backends.decide(device, dtype, spec, available=available, **options)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_cpu_takes_our_fused_kernel(dtype):
     assert decide("cpu", dtype) == "fused"
     assert decide("cpu", dtype, EXACT, mask=True) == "fused"
     assert decide("cpu", dtype, attn_bias=True, mask_self=True) == "fused"
 
 
-def test_cpu_float16_takes_the_sdpa_path():
-    assert decide("cpu", torch.float16) == "sdpa"
-    assert decide("cpu", torch.float16, EXACT, mask=True, key_scale=True) == "sdpa"
-
-
-def test_cpu_xpos_takes_the_sdpa_path():
-    assert decide("cpu", torch.float32, key_scale=True) == "sdpa"
-    assert decide("cpu", torch.float32, EXACT, mask=True, key_scale=True) == "sdpa"
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cpu_xpos_takes_the_sdpa_path(dtype):
+    assert decide("cpu", dtype, key_scale=True) == "sdpa"
+    assert decide("cpu", dtype, EXACT, mask=True, key_scale=True) == "sdpa"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -45,8 +41,8 @@ def test_cpu_without_the_built_kernel_takes_the_sdpa_path(dtype):
 
 
 @pytest.mark.parametrize("option", ["attn_bias", "mask_self"])
-def test_cpu_float16_falls_back_to_reference_for_what_sdpa_lacks(option):
-    assert decide("cpu", torch.float16, **{option: True}) == "reference"
+def test_cpu_falls_back_to_reference_for_what_neither_kernel_takes(option):
+    assert decide("cpu", torch.float16, key_scale=True, **{option: True}) == "reference"
     assert decide("cpu", torch.float32, available=NO_FUSED, **{option: True}) == "reference"
 
 
@@ -114,19 +110,20 @@ def test_choose_reads_device_dtype_and_options_from_the_call():
     assert backends.choose(q, PLAIN) == cpu
     assert backends.choose(q, PLAIN, key_scale=torch.ones(2, 4)) != "fused"
     assert backends.choose(q, PLAIN, dropout_p=0.1) == "reference"
-    assert backends.choose(q.half(), PLAIN, attn_bias=torch.zeros(1, 256, 512)) == "reference"
-    assert backends.choose(q.half(), PLAIN, mask_self=True) == "reference"
+    assert backends.choose(q.half(), PLAIN, attn_bias=torch.zeros(1, 256, 512)) == cpu
+    assert backends.choose(q.half(), PLAIN, mask_self=True, key_scale=torch.ones(2, 4)) == "reference"
     assert backends.choose(torch.zeros(2, 8, 4, device="meta"), PLAIN) == "reference"
 
 
 def test_choose_under_cpu_autocast_decides_by_the_autocast_dtype():
     q = torch.zeros(2, 8, 4)
+    fused, sdpa = backends.availability()["fused"], backends.availability()["sdpa"]
     with torch.autocast("cpu", dtype=torch.float16):
-        assert backends.choose(q, PLAIN) == ("sdpa" if backends.availability()["sdpa"] else "reference")
-        assert backends.choose(q, PLAIN, attn_bias=torch.zeros(1, 256, 512)) == "reference"
-        assert backends.choose(q.double(), PLAIN, attn_bias=torch.zeros(1, 256, 512)) != "reference" or not (
-            backends.availability()["fused"]
-        )
+        assert backends.choose(q, PLAIN) == ("fused" if fused else "sdpa" if sdpa else "reference")
+        # xpos is not the fused kernel's: sdpa takes it, in float16; with shared_qk as well only the reference
+        assert backends.choose(q, PLAIN, key_scale=torch.ones(2, 4)) == ("sdpa" if sdpa else "reference")
+        assert backends.choose(q, PLAIN, key_scale=torch.ones(2, 4), mask_self=True) == "reference"
+        assert backends.choose(q.double(), PLAIN, attn_bias=torch.zeros(1, 256, 512)) == ("fused" if fused else "reference")
 
 
 def test_the_fused_kernel_builds_here():

@@ -1,4 +1,5 @@
-"""Local attention in our own fused CPU kernel (backend "fused"): float32, float64 and bfloat16, with backward.
+"""Local attention in our own fused CPU kernel (backend "fused"): float32, float64, bfloat16 and float16,
+with backward.
 
 PyTorch's fused CPU attention kernels cost a whole `(w, span * w)` block per window whatever the mask, and
 FlexAttention has no CPU backward. The kernel in `csrc/local_attention_cpu.cpp` works on blocks of 64
@@ -28,6 +29,7 @@ from .spec import WindowSpec
 
 SOURCE = Path(__file__).parent / "csrc" / "local_attention_cpu.cpp"
 DISABLE_ENV = "WINDOWED_ATTENTION_NO_FUSED"
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -113,7 +115,7 @@ def available() -> bool:
 
 def supports(device_type: str, dtype: torch.dtype, *, key_scale: bool, dropout: bool) -> bool:
     """Whether this backend computes these options on this device (a pure function of its inputs)."""
-    return device_type == "cpu" and dtype in (torch.float32, torch.float64, torch.bfloat16) and not (key_scale or dropout)
+    return device_type == "cpu" and dtype in DTYPES and not (key_scale or dropout)
 
 
 class _FusedLocalAttention(torch.autograd.Function):
@@ -155,13 +157,13 @@ def fused_cpu_attention(
 ) -> torch.Tensor:
     """Same contract as `reference_attention`: `q, k (P, n, d)`, `v (P, n, d_v)` -> `(P, n, d_v)`.
 
-    Under CPU autocast to bfloat16, float32 inputs compute in bfloat16 (as every matmul does there).
+    Under CPU autocast, float32 inputs compute in the autocast dtype (as every matmul does there).
     """
     device_type = q.device.type
-    q, k, v = autocast_inputs(q, k, v, takes=(torch.bfloat16,)) if device_type == "cpu" else (q, k, v)
+    q, k, v = autocast_inputs(q, k, v, takes=DTYPES) if device_type == "cpu" else (q, k, v)
     if not supports(device_type, q.dtype, key_scale=key_scale is not None, dropout=dropout_p > 0.0):
         raise ValueError(
-            "backend 'fused' supports float32/float64/bfloat16 CPU tensors without xpos or dropout; "
+            "backend 'fused' supports float32/float64/bfloat16/float16 CPU tensors without xpos or dropout; "
             "use backend='auto' or 'reference'"
         )
     acc = accumulation_dtype(q.dtype)

@@ -1,5 +1,6 @@
-// Fused local attention for CPU (backend "fused"): forward and backward in float32, float64 and bfloat16
-// (bfloat16 operands into MKL's bf16 x bf16 -> fp32 matmul, softmax and gradient sums in float32).
+// Fused local attention for CPU (backend "fused"): forward and backward in float32, float64, bfloat16 and
+// float16 (16-bit operands into MKL's bf16/f16 x bf16/f16 -> fp32 matmuls, softmax and gradient sums in
+// float32).
 //
 // Each task owns a block of at most BLOCK_Q query rows inside one window. The keys every row of a block
 // may see form one contiguous range [klo, khi) (each row's visible keys are an interval, and the
@@ -39,6 +40,9 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*, const 
 // MKL: bfloat16 operands, float32 result (AMX or AVX512-BF16 where the CPU has them).
 void gemm_bf16bf16f32_(const char*, const char*, const int*, const int*, const int*, const float*,
                        const uint16_t*, const int*, const uint16_t*, const int*, const float*, float*, const int*);
+// MKL: float16 operands, float32 result.
+void gemm_f16f16f32_(const char*, const char*, const int*, const int*, const int*, const float*, const uint16_t*,
+                     const int*, const uint16_t*, const int*, const float*, float*, const int*);
 }
 
 namespace {
@@ -68,6 +72,14 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
   const int M = m, N = n, K = k, LDA = lda, LDB = ldb, LDC = ldc;
   gemm_bf16bf16f32_(&trb, &tra, &N, &M, &K, &alpha, reinterpret_cast<const uint16_t*>(b), &LDB,
                     reinterpret_cast<const uint16_t*>(a), &LDA, &beta, c, &LDC);
+}
+
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const c10::Half* a, int64_t lda,
+          const c10::Half* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
+  const int M = m, N = n, K = k, LDA = lda, LDB = ldb, LDC = ldc;
+  gemm_f16f16f32_(&trb, &tra, &N, &M, &K, &alpha, reinterpret_cast<const uint16_t*>(b), &LDB,
+                  reinterpret_cast<const uint16_t*>(a), &LDA, &beta, c, &LDC);
 }
 
 // The storage type S of q, k, v, and the type A that scores, softmax and gradient sums are kept in.
@@ -472,7 +484,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
   check(q, k, v, bias, keep);
   auto out = at::empty({q.size(0), q.size(1), v.size(2)}, q.options());
   auto lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(acc_type(q)));
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "windowed_attention_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "windowed_attention_forward", [&] {
     auto in = make_inputs<scalar_t>(q, k, v, bias, keep, w, lb, lf, causal, exact, scale, mask_self);
     forward_impl(in, out.data_ptr<scalar_t>(), lse.data_ptr<Acc<scalar_t>>());
   });
@@ -494,7 +506,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   auto dk = at::empty(k.sizes(), acc);  // zeroed by the backward's first phase
   auto dv = at::empty(v.sizes(), acc);
   auto dbias = bias.has_value() ? at::empty_like(*bias) : at::empty({0}, acc);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "windowed_attention_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "windowed_attention_backward", [&] {
     using T = Acc<scalar_t>;
     auto in = make_inputs<scalar_t>(q, k, v, bias, keep, w, lb, lf, causal, exact, scale, mask_self);
     const Strided<scalar_t> go{grad_out.data_ptr<scalar_t>(), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2)};

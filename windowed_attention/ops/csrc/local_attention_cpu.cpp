@@ -138,12 +138,15 @@ inline T exp_sum(T* x, int64_t n, T shift, const T* keep) {
     y.store(x + c);
     vsum = vsum + y;
   }
-  T sum = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, vsum);
-  for (; c < n; ++c) {
-    x[c] = std::exp(x[c] - shift) * (keep ? keep[c] : T(1));
-    sum += x[c];
+  if (c < n) {  // the ragged end of the row: one partial vector, its unused lanes zeroed
+    const int64_t rest = n - c;
+    Vec<T> y = (Vec<T>::loadu(x + c, rest) - vshift).exp_u20();
+    if (keep != nullptr) y = y * Vec<T>::loadu(keep + c, rest);
+    y = Vec<T>::set(Vec<T>(T(0)), y, rest);
+    y.store(x + c, rest);
+    vsum = vsum + y;
   }
-  return sum;
+  return at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, vsum);
 }
 
 template <typename T>

@@ -7,6 +7,8 @@ through a dense stand-in for `flash_attn_func`.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import types
 import warnings
@@ -301,3 +303,51 @@ def test_flash_maps_exact_windows_to_window_size(monkeypatch, causal, look_backw
     pb = dict(spec=WindowSpec(4, causal, look_backward, look_forward, True), n=19, P=3, d=8, dv=8, mask=None,
               key_scale=None, attn_bias=None, mask_self=False, dtype=torch.float64, seed=0)
     _compare(flash_attn_backend, pb)
+
+
+def test_fused_outputs_reuse_pooled_memory_exactly():
+    """Outputs of 32 MB and more come back from the kernel's pool uninitialised, holding the last call's
+    values: a second call on other inputs that reuses them must still match the reference everywhere
+    (rows that see nothing, the ragged last window, gradients zeroed by the backward's first phase)."""
+    from windowed_attention.ops import fused_cpu
+
+    spec = WindowSpec(16, False, 1, 1, True)
+    P, n, d = 2, 65536 + 5, 64  # each output just over 32 MB in float32
+    mask = torch.rand(2, n, generator=torch.Generator().manual_seed(0)) < 0.9
+    mask[1, : 3 * 16] = False  # whole windows of keys masked: their queries see nothing
+    fused_cpu.release_memory()
+
+    def run(f, seed):
+        leaves = [torch.randn(P, n, d, generator=torch.Generator().manual_seed(seed + s)).requires_grad_() for s in range(3)]
+        out = f(*leaves, spec, scale=0.125, mask=mask)
+        weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+        return [out.detach(), *torch.autograd.grad((out * weights).sum(), leaves)]
+
+    first = run(fused_cpu_attention, 0)
+    freed = {t.data_ptr() for t in first}
+    del first
+    assert fused_cpu.idle_bytes() >= 4 * P * n * d * 4
+    second = run(fused_cpu_attention, 10)
+    assert {t.data_ptr() for t in second} <= freed  # every output is a reused buffer
+    for index, (got, ref) in enumerate(zip(second, run(reference_attention, 10))):
+        assert (got - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item()), index
+    assert second[0][1, :16].eq(0).all() and second[1][1, :16].eq(0).all()
+    del second
+    fused_cpu.release_memory()
+    assert fused_cpu.idle_bytes() == 0
+
+
+def test_fused_pool_can_be_turned_off():
+    code = (
+        "import torch\n"
+        "from windowed_attention.ops import fused_cpu\n"
+        "from windowed_attention.ops.spec import WindowSpec\n"
+        "q = torch.randn(1, 2**17 + 1, 64)\n"
+        "out = fused_cpu.fused_cpu_attention(q, q, q, WindowSpec(8, True, 1, 0, False), scale=1.0)\n"
+        "del out\n"
+        "print(fused_cpu.idle_bytes())\n"
+    )
+    for cap, pooled in (("0", False), ("64", True)):
+        env = dict(os.environ, WINDOWED_ATTENTION_POOL_MB=cap)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        assert (int(done.stdout.split()[-1]) > 0) == pooled, (cap, done.stdout)

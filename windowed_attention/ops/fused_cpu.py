@@ -7,6 +7,11 @@ query rows and computes, per block, only the contiguous range of keys those rows
 exact windows skip their masked work; it keeps O(n d) memory (the log-sum-exp is saved, the weights are
 recomputed in the backward) and takes key padding masks, `attn_bias` (with its gradient) and `shared_qk`.
 
+Outputs of 32 MB and more (the output and the q, k, v gradients) come from a pool inside the kernel that
+keeps the memory of freed outputs for the next call, so long sequences do not pay fresh page faults
+every step; idle memory is marked reclaimable (MADV_FREE), bounded by `$WINDOWED_ATTENTION_POOL_MB`
+(default 1024, 0 turns the pool off) and returned by `release_memory()`.
+
 The source is compiled on first use (about 10 s; needs a C++20 compiler with OpenMP, `c++` or `$CXX`) into
 `~/.cache/windowed_attention` (or `$WINDOWED_ATTENTION_CACHE`) and reused from there. Where it cannot be
 built `available()` is False and `auto` takes the `sdpa` backend; `WINDOWED_ATTENTION_NO_FUSED=1` skips
@@ -29,6 +34,7 @@ from .spec import WindowSpec
 
 SOURCE = Path(__file__).parent / "csrc" / "local_attention_cpu.cpp"
 DISABLE_ENV = "WINDOWED_ATTENTION_NO_FUSED"
+POOL_ENV = "WINDOWED_ATTENTION_POOL_MB"
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 _log = logging.getLogger(__name__)
@@ -111,6 +117,17 @@ def available() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def release_memory() -> None:
+    """Unmap the output memory the kernel keeps for reuse (nothing to do when it is not loaded)."""
+    if "ops" in _state:
+        _state["ops"].release_memory()
+
+
+def idle_bytes() -> int:
+    """Bytes of freed outputs the kernel keeps for reuse (0 when it is not loaded)."""
+    return int(_state["ops"].idle_bytes()) if "ops" in _state else 0
 
 
 def supports(device_type: str, dtype: torch.dtype, *, key_scale: bool, dropout: bool) -> bool:

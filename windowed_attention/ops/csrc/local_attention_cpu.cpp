@@ -25,11 +25,16 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 extern "C" {
@@ -467,6 +472,93 @@ Inputs<S> make_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   return in;
 }
 
+// Where the large outputs (out, dq, dk, dv) live. glibc maps every allocation over 32 MB afresh and unmaps it
+// when freed, so each call would first-touch its outputs page by page: at n = 65536 that was a tenth to a
+// fifth of a forward+backward, the only part of its cost that grew faster than n. This pool keeps the
+// mappings of freed outputs (up to `cap` bytes, $WINDOWED_ATTENTION_POOL_MB, default 1024; 0 turns it off)
+// and hands them to the next call of a size that fits. Idle mappings are marked MADV_FREE: reusing them
+// costs no page faults, yet the kernel may still reclaim their pages under memory pressure (a reclaimed
+// page reads as zeros, which is fine: every output is written in full before it is read).
+class OutputPool {
+ public:
+  static OutputPool& instance() {
+    static auto* pool = new OutputPool();  // never destroyed: tensors may be freed during interpreter exit
+    return *pool;
+  }
+
+  // An uninitialised tensor; from the pool (or a fresh mapping) when it is large, else torch's allocator.
+  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    constexpr size_t large = size_t(32) << 20, page = size_t(1) << 16;
+    const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+    if (bytes < large || cap_ == 0) return at::empty(sizes, options);
+    const size_t need = (bytes + page - 1) / page * page;
+    void* data = nullptr;
+    size_t len = 0;
+    {
+      std::lock_guard<std::mutex> hold(mutex_);
+      auto best = idle_.end();  // the smallest idle mapping that fits without wasting over a quarter
+      for (auto it = idle_.begin(); it != idle_.end(); ++it)
+        if (it->second >= need && it->second <= need + need / 4 && (best == idle_.end() || it->second < best->second))
+          best = it;
+      if (best != idle_.end()) {
+        std::tie(data, len) = *best;
+        idle_bytes_ -= len;
+        idle_.erase(best);
+      }
+    }
+    if (data == nullptr) {
+      data = mmap(nullptr, need, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (data == MAP_FAILED) return at::empty(sizes, options);
+      len = need;
+    }
+    return at::from_blob(data, sizes, [len](void* p) { OutputPool::instance().give_back(p, len); }, options);
+  }
+
+  // Unmap every idle mapping.
+  void release() {
+    std::vector<std::pair<void*, size_t>> idle;
+    {
+      std::lock_guard<std::mutex> hold(mutex_);
+      idle.swap(idle_);
+      idle_bytes_ = 0;
+    }
+    for (const auto& [p, len] : idle) munmap(p, len);
+  }
+
+  int64_t idle_bytes() {
+    std::lock_guard<std::mutex> hold(mutex_);
+    return static_cast<int64_t>(idle_bytes_);
+  }
+
+ private:
+  OutputPool() {
+    const char* mb = std::getenv("WINDOWED_ATTENTION_POOL_MB");
+    cap_ = static_cast<size_t>(mb != nullptr && *mb != '\0' ? std::max(std::atoll(mb), 0LL) : 1024) << 20;
+  }
+
+  void give_back(void* p, size_t len) {
+#ifdef MADV_FREE
+    madvise(p, len, MADV_FREE);
+#endif
+    std::vector<std::pair<void*, size_t>> evicted;
+    {
+      std::lock_guard<std::mutex> hold(mutex_);
+      idle_.emplace_back(p, len);
+      idle_bytes_ += len;
+      while (idle_bytes_ > cap_) {  // the oldest go first
+        evicted.push_back(idle_.front());
+        idle_bytes_ -= idle_.front().second;
+        idle_.erase(idle_.begin());
+      }
+    }
+    for (const auto& [q, n] : evicted) munmap(q, n);
+  }
+
+  std::mutex mutex_;
+  std::vector<std::pair<void*, size_t>> idle_;  // oldest first
+  size_t idle_bytes_ = 0, cap_ = 0;
+};
+
 at::ScalarType acc_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
@@ -485,7 +577,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
                                            const std::optional<at::Tensor>& keep, int64_t w, int64_t lb,
                                            int64_t lf, bool causal, bool exact, double scale, bool mask_self) {
   check(q, k, v, bias, keep);
-  auto out = at::empty({q.size(0), q.size(1), v.size(2)}, q.options());
+  auto& pool = OutputPool::instance();
+  auto out = pool.empty({q.size(0), q.size(1), v.size(2)}, q.options());
   auto lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(acc_type(q)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "windowed_attention_forward", [&] {
     auto in = make_inputs<scalar_t>(q, k, v, bias, keep, w, lb, lf, causal, exact, scale, mask_self);
@@ -505,9 +598,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   TORCH_CHECK(grad_out.dim() == 3 && grad_out.sizes() == out.sizes(), "grad_out must have out's shape");
   TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && lse.scalar_type() == acc_type(q), "saved tensor dtypes");
   const auto acc = q.options().dtype(acc_type(q));
-  auto dq = at::empty_like(q);
-  auto dk = at::empty(k.sizes(), acc);  // zeroed by the backward's first phase
-  auto dv = at::empty(v.sizes(), acc);
+  auto& pool = OutputPool::instance();
+  auto dq = pool.empty(q.sizes(), q.options());
+  auto dk = pool.empty(k.sizes(), acc);  // zeroed by the backward's first phase
+  auto dv = pool.empty(v.sizes(), acc);
   auto dbias = bias.has_value() ? at::empty_like(*bias) : at::empty({0}, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "windowed_attention_backward", [&] {
     using T = Acc<scalar_t>;
@@ -525,4 +619,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
 TORCH_LIBRARY(windowed_attention_cpu, m) {
   m.def("forward", &forward);
   m.def("backward", &backward);
+  m.def("release_memory", [] { OutputPool::instance().release(); });
+  m.def("idle_bytes", [] { return OutputPool::instance().idle_bytes(); });
 }

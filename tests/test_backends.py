@@ -245,8 +245,10 @@ def test_fused_rows_that_see_nothing_are_zero_with_zero_grads():
         assert torch.isfinite(t.grad).all() and t.grad[0].eq(0).all()
 
 
-def test_fused_gradients_do_not_depend_on_the_thread_count():
-    """The backward's two phases give each key range one owner: the same bits with 1 or 2 threads."""
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_fused_gradients_do_not_depend_on_the_thread_count(dropout_p):
+    """The backward's two phases give each key range one owner, and dropout is a hash of positions:
+    the same bits with 1 or 2 threads."""
     spec = WindowSpec(64, True, 1, 0, False)
     q, k, v = (torch.randn(4, 700, 16, generator=torch.Generator().manual_seed(s)) for s in range(3))
     results = []
@@ -255,7 +257,8 @@ def test_fused_gradients_do_not_depend_on_the_thread_count():
         for count in (1, 2):
             torch.set_num_threads(count)
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-            out = fused_cpu_attention(*leaves, spec, scale=0.25)
+            torch.manual_seed(0)
+            out = fused_cpu_attention(*leaves, spec, scale=0.25, dropout_p=dropout_p)
             results.append([out, *torch.autograd.grad(out.square().sum(), leaves)])
     finally:
         torch.set_num_threads(threads)
@@ -263,12 +266,46 @@ def test_fused_gradients_do_not_depend_on_the_thread_count():
         assert torch.equal(one, two)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("spec", [WindowSpec(8, False, 1, 1, False), WindowSpec(70, True, 1, 0, True)])
+def test_fused_dropout_is_the_exact_gradient_of_the_weights_it_drops(dtype, spec):
+    """Which weights drop depends only on the seed and the (head, query, key) positions. A run with
+    v = identity reveals them (its output rows are the dropped weights); the forward and backward of a
+    run with the same seed must then be those of the reference's weights times the revealed factors."""
+    p, P, n, d = 0.3, 3, 150, 8
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(P, n, d, generator=g).to(dtype) for _ in range(3))
+    mask = torch.rand(1, n, generator=g) < 0.8
+    eye = torch.eye(n, dtype=torch.float64).expand(P, n, n).contiguous()
+    torch.manual_seed(11)
+    revealed = fused_cpu_attention(q.double(), k.double(), eye, spec, scale=0.4, mask=mask, dropout_p=p)
+    weights = reference_attention(q.double(), k.double(), eye, spec, scale=0.4, mask=mask)
+    kept = revealed != 0
+    assert 0.2 < 1 - kept[weights > 0].double().mean() < 0.4  # about p of the weights are dropped
+    torch.testing.assert_close(revealed[kept], weights[kept] / (1 - p))
+
+    results = []
+    for run in ("fused", "reference"):
+        leaves = [t.clone().requires_grad_() if run == "fused" else t.double().requires_grad_() for t in (q, k, v)]
+        if run == "fused":
+            torch.manual_seed(11)
+            out = fused_cpu_attention(*leaves, spec, scale=0.4, mask=mask, dropout_p=p)
+        else:
+            dropped = reference_attention(leaves[0], leaves[1], eye, spec, scale=0.4, mask=mask) * kept / (1 - p)
+            out = dropped @ leaves[2]
+        weights_out = torch.linspace(-1, 1, out.numel()).view_as(out).to(out.dtype)
+        results.append([out, *torch.autograd.grad((out * weights_out).sum(), leaves)])
+    fwd_tol, grad_tol = TOL[dtype]
+    for index, (got, ref) in enumerate(zip(*results)):
+        tol = (fwd_tol if index == 0 else grad_tol) * max(1.0, ref.abs().max().item())
+        assert (got.double() - ref).abs().max().item() <= tol, index
+
+
 def test_fused_refuses_what_it_does_not_support():
     spec = WindowSpec(4, True, 1, 0, False)
     q = torch.randn(2, 8, 4)
     for args, kwargs in (
         ((q, q, q), dict(key_scale=torch.ones(2, 4))),
-        ((q, q, q), dict(dropout_p=0.1)),
         ((q.to(torch.complex64),) * 3, {}),
     ):
         with pytest.raises(ValueError, match="fused"):

@@ -46,9 +46,12 @@ def test_cpu_falls_back_to_reference_for_what_neither_kernel_takes(option):
     assert decide("cpu", torch.float32, available=NO_FUSED, **{option: True}) == "reference"
 
 
-def test_cpu_dropout_runs_on_the_reference():
-    assert decide("cpu", torch.float32, dropout=True) == "reference"
-    assert decide("cpu", torch.bfloat16, dropout=True) == "reference"
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_takes_the_fused_kernel_else_the_reference(dtype):
+    assert decide("cpu", dtype, dropout=True) == "fused"
+    assert decide("cpu", dtype, EXACT, mask=True, attn_bias=True, dropout=True) == "fused"
+    assert decide("cpu", dtype, dropout=True, available=NO_FUSED) == "reference"  # sdpa has no dropout
+    assert decide("cpu", dtype, dropout=True, key_scale=True) == "reference"
 
 
 def test_cpu_without_any_kernel_uses_reference():
@@ -109,7 +112,7 @@ def test_choose_reads_device_dtype_and_options_from_the_call():
     cpu = "fused" if backends.availability()["fused"] else "sdpa" if backends.availability()["sdpa"] else "reference"
     assert backends.choose(q, PLAIN) == cpu
     assert backends.choose(q, PLAIN, key_scale=torch.ones(2, 4)) != "fused"
-    assert backends.choose(q, PLAIN, dropout_p=0.1) == "reference"
+    assert backends.choose(q, PLAIN, dropout_p=0.1) == ("fused" if backends.availability()["fused"] else "reference")
     assert backends.choose(q.half(), PLAIN, attn_bias=torch.zeros(1, 256, 512)) == cpu
     assert backends.choose(q.half(), PLAIN, mask_self=True, key_scale=torch.ones(2, 4)) == "reference"
     assert backends.choose(torch.zeros(2, 8, 4, device="meta"), PLAIN) == "reference"

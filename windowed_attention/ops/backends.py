@@ -5,7 +5,7 @@ result (tested against the reference on random configurations, forward and backw
 
 | backend     | device | dtypes            | does not support                              |
 |-------------|--------|-------------------|-----------------------------------------------|
-| `fused`     | CPU    | fp32, fp64, bf16  | xpos (key_scale), dropout; needs a C++ build  |
+| `fused`     | CPU    | all float         | xpos (key_scale); needs a C++ build           |
 | `sdpa`      | CPU    | all float         | attn_bias, shared_qk, dropout                 |
 | `flex`      | CUDA   | fp32, bf16, fp16  | xpos (key_scale), dropout                     |
 | `flash`     | CUDA   | bf16, fp16        | anything but exact windows without mask/bias  |

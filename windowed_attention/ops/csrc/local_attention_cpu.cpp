@@ -16,7 +16,9 @@
 //
 // Semantics are those of `reference.py`: a row that sees no key outputs zeros with zero gradients;
 // `mask_self` replaces a query's score with itself by -5e4; `bias` is (H, w, span*w), head = p % H;
-// `keep` is the (B, n) key padding mask, batch = p / (P / B).
+// `keep` is the (B, n) key padding mask, batch = p / (P / B). Dropout (probability `dropout_p`) zeroes
+// each weight with that probability and divides the rest by 1 - p; which weights drop is a hash of
+// (seed, head, query, key), so the backward recomputes the same ones for any blocking or thread count.
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -172,6 +174,23 @@ inline void logit_grad(const T* p, T* g, int64_t n, T delta) {
   for (; c < n; ++c) g[c] = p[c] * (g[c] - delta);
 }
 
+// x = x * f elementwise.
+template <typename T>
+inline void mul_row(T* x, const T* f, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) x[c] *= f[c];
+}
+
+// A 32-bit integer mixer (Chris Wellons' lowbias32): every input bit flips each output bit with
+// probability close to 1/2, which is all dropout asks of a counter-based random stream.
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
 template <typename T>
 inline T dot(const T* a, const T* b, int64_t n) {
   Vec<T> acc(T(0));
@@ -217,6 +236,18 @@ struct Inputs {
   T scale;
   bool mask_self;
   Geometry g;
+  bool dropout;
+  uint32_t drop_below, seed_lo, seed_hi;  // a weight drops when its hash is below drop_below
+  T kept_scale;                           // 1 / (1 - dropout_p)
+
+  // The dropout factors of query i of head p on keys [j0, j0 + count): 0 (dropped) or 1 / (1 - p).
+  void dropout_factors(int64_t p, int64_t i, int64_t j0, int64_t count, T* f) const {
+    const uint64_t row = static_cast<uint64_t>(p) * static_cast<uint64_t>(g.n) + static_cast<uint64_t>(i);
+    const uint32_t key = mix32(mix32(static_cast<uint32_t>(row) ^ seed_lo) + static_cast<uint32_t>(row >> 32) + seed_hi);
+    const uint32_t start = key + static_cast<uint32_t>(j0) * 0x9e3779b9U, m = static_cast<uint32_t>(count);
+    const T kept = kept_scale;
+    for (uint32_t c = 0; c < m; ++c) f[c] = mix32(start + c * 0x9e3779b9U) >= drop_below ? kept : T(0);
+  }
 
   Block block(int64_t p, int64_t win, int64_t j) const {
     Block b{p, win, win * g.w + j * BLOCK_Q, 0, 0, 0};
@@ -272,7 +303,8 @@ void forward_impl(const Inputs<S>& in, S* out, Acc<S>* lse) {
   const int64_t nw = windows_of(in), bpw = blocks_per_window(in.g.w), n = in.g.n;
   const int64_t span_keys = (in.g.lb + in.g.lf + 1) * in.g.w;
   at::parallel_for(0, in.P * nw * bpw, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(BLOCK_Q * span_keys), pbuf(span_keys), obuf(same ? 0 : BLOCK_Q * in.dv);
+    std::vector<T> buf(BLOCK_Q * span_keys), pbuf(span_keys), fbuf(in.dropout ? span_keys : 0);
+    std::vector<T> obuf(same ? 0 : BLOCK_Q * in.dv);
     std::vector<S> wbuf(same ? 0 : BLOCK_Q * span_keys);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t p = t / (nw * bpw), win = (t / bpw) % nw, j = t % bpw;
@@ -299,6 +331,10 @@ void forward_impl(const Inputs<S>& in, S* out, Acc<S>* lse) {
         if (sum > T(0)) {
           scale_row(s + a, e - a, T(1) / sum);
           lse[p * n + i] = mx + std::log(sum);
+          if (in.dropout) {
+            in.dropout_factors(p, i, b.klo + a, e - a, fbuf.data());
+            mul_row(s + a, fbuf.data(), e - a);
+          }
         } else {
           lse[p * n + i] = 0;  // sees no key: all weights are zero
         }
@@ -363,6 +399,7 @@ void backward_impl(const Inputs<S>& in, const Strided<S>& grad_out, const S* out
     const int64_t mine = (groups - phase + 1) / 2;  // groups phase, phase + 2, ...
     at::parallel_for(0, P * mine, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> sbuf(BLOCK_Q * span_keys), gbuf(BLOCK_Q * span_keys), pbuf(span_keys), delta(BLOCK_Q);
+      std::vector<T> fbuf(in.dropout ? span_keys : 0);
       std::vector<S> wbuf(same ? 0 : BLOCK_Q * span_keys), dsbuf(same ? 0 : BLOCK_Q * span_keys);
       std::vector<S> gobuf(grad_out.in_place(in.dv) ? 0 : BLOCK_Q * in.dv);
       std::vector<T> qbuf(same ? 0 : BLOCK_Q * in.d), x(same ? 0 : in.dv), y(same ? 0 : in.dv);
@@ -417,7 +454,12 @@ void backward_impl(const Inputs<S>& in, const Strided<S>& grad_out, const S* out
               int64_t a, e;
               in.logits(b, i, s, pen, a, e);
               exp_sum(s + a, e - a, lse[p * n + i], keep ? keep + a : nullptr);
+              if (in.dropout) {  // g: the gradient of the dropped weights -> of the softmax weights
+                in.dropout_factors(p, i, b.klo + a, e - a, fbuf.data());
+                mul_row(g + a, fbuf.data(), e - a);
+              }
               logit_grad(s + a, g + a, e - a, delta[i - b.r0]);
+              if (in.dropout) mul_row(s + a, fbuf.data(), e - a);  // s: the dropped weights, for dV
               std::fill(g, g + a, T(0));
               std::fill(g + e, g + L, T(0));
               if (in.mask_self && i >= b.klo + a && i < b.klo + e) g[i - b.klo] = 0;  // a constant score
@@ -426,7 +468,7 @@ void backward_impl(const Inputs<S>& in, const Strided<S>& grad_out, const S* out
                 for (int64_t c = a; c < e; ++c) brow[c] += g[c];
               }
             }
-            // dV += P^T dO, dQ = scale dS K, dK += scale dS^T Q
+            // dV += P^T dO (P with dropout applied), dQ = scale dS K, dK += scale dS^T Q
             const S* weights = operand<S>(scores, wbuf.data(), m * L);
             const S* dlogits = operand<S>(G, dsbuf.data(), m * L);
             gemm(true, false, L, in.dv, m, T(1), weights, L, gob, ldg, T(1), dv + (p * n + b.klo) * in.dv, in.dv);
@@ -453,7 +495,8 @@ void backward_impl(const Inputs<S>& in, const Strided<S>& grad_out, const S* out
 template <typename S>
 Inputs<S> make_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& keep, int64_t w,
-                      int64_t lb, int64_t lf, bool causal, bool exact, double scale, bool mask_self) {
+                      int64_t lb, int64_t lf, bool causal, bool exact, double scale, bool mask_self,
+                      double dropout_p, int64_t seed) {
   using T = Acc<S>;
   Inputs<S> in{};
   in.P = q.size(0);
@@ -469,6 +512,11 @@ Inputs<S> make_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   in.scale = static_cast<T>(scale);
   in.mask_self = mask_self;
   in.g = Geometry{q.size(1), w, lb, lf, causal, exact};
+  in.dropout = dropout_p > 0.0;
+  in.drop_below = static_cast<uint32_t>(std::min(std::ldexp(dropout_p, 32), 4294967295.0));
+  in.seed_lo = static_cast<uint32_t>(static_cast<uint64_t>(seed));
+  in.seed_hi = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
+  in.kept_scale = static_cast<T>(1.0 / (1.0 - dropout_p));
   return in;
 }
 
@@ -575,13 +623,15 @@ void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const 
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const std::optional<at::Tensor>& bias,
                                            const std::optional<at::Tensor>& keep, int64_t w, int64_t lb,
-                                           int64_t lf, bool causal, bool exact, double scale, bool mask_self) {
+                                           int64_t lf, bool causal, bool exact, double scale, bool mask_self,
+                                           double dropout_p, int64_t seed) {
   check(q, k, v, bias, keep);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1)");
   auto& pool = OutputPool::instance();
   auto out = pool.empty({q.size(0), q.size(1), v.size(2)}, q.options());
   auto lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(acc_type(q)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "windowed_attention_forward", [&] {
-    auto in = make_inputs<scalar_t>(q, k, v, bias, keep, w, lb, lf, causal, exact, scale, mask_self);
+    auto in = make_inputs<scalar_t>(q, k, v, bias, keep, w, lb, lf, causal, exact, scale, mask_self, dropout_p, seed);
     forward_impl(in, out.data_ptr<scalar_t>(), lse.data_ptr<Acc<scalar_t>>());
   });
   return {out, lse};
@@ -592,8 +642,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& keep, int64_t w, int64_t lb, int64_t lf, bool causal, bool exact,
-    double scale, bool mask_self) {
+    double scale, bool mask_self, double dropout_p, int64_t seed) {
   check(q, k, v, bias, keep);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1)");
   TORCH_CHECK(out.is_contiguous() && lse.is_contiguous(), "saved tensors must be contiguous");
   TORCH_CHECK(grad_out.dim() == 3 && grad_out.sizes() == out.sizes(), "grad_out must have out's shape");
   TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && lse.scalar_type() == acc_type(q), "saved tensor dtypes");
@@ -605,7 +656,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   auto dbias = bias.has_value() ? at::empty_like(*bias) : at::empty({0}, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "windowed_attention_backward", [&] {
     using T = Acc<scalar_t>;
-    auto in = make_inputs<scalar_t>(q, k, v, bias, keep, w, lb, lf, causal, exact, scale, mask_self);
+    auto in = make_inputs<scalar_t>(q, k, v, bias, keep, w, lb, lf, causal, exact, scale, mask_self, dropout_p, seed);
     const Strided<scalar_t> go{grad_out.data_ptr<scalar_t>(), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2)};
     backward_impl(in, go, out.data_ptr<scalar_t>(), lse.data_ptr<T>(),
                   dq.data_ptr<scalar_t>(), dk.data_ptr<T>(), dv.data_ptr<T>(),

@@ -172,9 +172,8 @@ def test_bias_and_mask_self_grads_through_auto():
 @settings(max_examples=150)
 @given(pb=problems(dtypes=(torch.float64, torch.float32, torch.bfloat16, torch.float16), max_w=80, with_bias=True))
 def test_fused_matches_reference_forward_and_backward(pb):
-    """Windows up to 80 (more than one 64-row block), masks, bias (and its gradient), shared_qk, any n,
-    float64/float32/bfloat16/float16."""
-    pb["key_scale"] = None
+    """Windows up to 80 (more than one 64-row block), masks, bias (and its gradient), shared_qk, xpos key
+    scales, any n, float64/float32/bfloat16/float16."""
     _compare(fused_cpu_attention, pb)
 
 
@@ -185,10 +184,11 @@ def test_fused_blocks_and_phases_at_larger_windows(causal, look_backward, look_f
     """w = 100 (blocks of 64 and 36 rows), n not a multiple of w, enough windows for both backward phases."""
     mask = torch.rand(3, 523, generator=torch.Generator().manual_seed(2)) < 0.8
     bias = torch.randn(2, 100, (look_backward + look_forward + 1) * 100, dtype=torch.float64)
+    key_scale = 0.5 + torch.rand(look_backward + look_forward + 1, 16, dtype=torch.float64)
     pb = dict(spec=WindowSpec(100, causal, look_backward, look_forward, exact), n=523, P=6, d=16, dv=8, mask=mask,
-              key_scale=None, attn_bias=bias, mask_self=True, dtype=torch.float64, seed=5)
+              key_scale=key_scale, attn_bias=bias, mask_self=True, dtype=torch.float64, seed=5)
     _compare(fused_cpu_attention, pb)
-    pb.update(mask=None, attn_bias=None, mask_self=False, dtype=torch.float32)
+    pb.update(mask=None, attn_bias=None, mask_self=False, key_scale=None, dtype=torch.float32)
     _compare(fused_cpu_attention, pb)
     for dtype in (torch.bfloat16, torch.float16):
         pb.update(dtype=dtype)
@@ -304,12 +304,8 @@ def test_fused_dropout_is_the_exact_gradient_of_the_weights_it_drops(dtype, spec
 def test_fused_refuses_what_it_does_not_support():
     spec = WindowSpec(4, True, 1, 0, False)
     q = torch.randn(2, 8, 4)
-    for args, kwargs in (
-        ((q, q, q), dict(key_scale=torch.ones(2, 4))),
-        ((q.to(torch.complex64),) * 3, {}),
-    ):
-        with pytest.raises(ValueError, match="fused"):
-            fused_cpu_attention(*args, spec, scale=1.0, **kwargs)
+    with pytest.raises(ValueError, match="fused"):
+        fused_cpu_attention(*(q.to(torch.complex64),) * 3, spec, scale=1.0)
 
 
 @settings(max_examples=6)

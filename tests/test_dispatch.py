@@ -22,16 +22,18 @@ def decide(device, dtype, spec=PLAIN, available=ALL, **options):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_cpu_takes_our_fused_kernel(dtype):
+def test_cpu_takes_our_fused_kernel_for_every_option(dtype):
     assert decide("cpu", dtype) == "fused"
     assert decide("cpu", dtype, EXACT, mask=True) == "fused"
     assert decide("cpu", dtype, attn_bias=True, mask_self=True) == "fused"
+    assert decide("cpu", dtype, EXACT, mask=True, key_scale=True) == "fused"
+    assert decide("cpu", dtype, mask=True, attn_bias=True, mask_self=True, key_scale=True, dropout=True) == "fused"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_cpu_xpos_takes_the_sdpa_path(dtype):
-    assert decide("cpu", dtype, key_scale=True) == "sdpa"
-    assert decide("cpu", dtype, EXACT, mask=True, key_scale=True) == "sdpa"
+def test_cpu_xpos_without_the_built_kernel_takes_the_sdpa_path(dtype):
+    assert decide("cpu", dtype, key_scale=True, available=NO_FUSED) == "sdpa"
+    assert decide("cpu", dtype, EXACT, mask=True, key_scale=True, available=NO_FUSED) == "sdpa"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -41,8 +43,8 @@ def test_cpu_without_the_built_kernel_takes_the_sdpa_path(dtype):
 
 
 @pytest.mark.parametrize("option", ["attn_bias", "mask_self"])
-def test_cpu_falls_back_to_reference_for_what_neither_kernel_takes(option):
-    assert decide("cpu", torch.float16, key_scale=True, **{option: True}) == "reference"
+def test_cpu_without_the_built_kernel_falls_back_to_reference_for_what_sdpa_lacks(option):
+    assert decide("cpu", torch.float16, key_scale=True, available=NO_FUSED, **{option: True}) == "reference"
     assert decide("cpu", torch.float32, available=NO_FUSED, **{option: True}) == "reference"
 
 
@@ -51,7 +53,6 @@ def test_cpu_dropout_takes_the_fused_kernel_else_the_reference(dtype):
     assert decide("cpu", dtype, dropout=True) == "fused"
     assert decide("cpu", dtype, EXACT, mask=True, attn_bias=True, dropout=True) == "fused"
     assert decide("cpu", dtype, dropout=True, available=NO_FUSED) == "reference"  # sdpa has no dropout
-    assert decide("cpu", dtype, dropout=True, key_scale=True) == "reference"
 
 
 def test_cpu_without_any_kernel_uses_reference():
@@ -111,10 +112,11 @@ def test_choose_reads_device_dtype_and_options_from_the_call():
     q = torch.zeros(2, 8, 4)
     cpu = "fused" if backends.availability()["fused"] else "sdpa" if backends.availability()["sdpa"] else "reference"
     assert backends.choose(q, PLAIN) == cpu
-    assert backends.choose(q, PLAIN, key_scale=torch.ones(2, 4)) != "fused"
-    assert backends.choose(q, PLAIN, dropout_p=0.1) == ("fused" if backends.availability()["fused"] else "reference")
+    fused = backends.availability()["fused"]
+    assert backends.choose(q, PLAIN, key_scale=torch.ones(2, 4)) == cpu
+    assert backends.choose(q, PLAIN, dropout_p=0.1) == ("fused" if fused else "reference")
     assert backends.choose(q.half(), PLAIN, attn_bias=torch.zeros(1, 256, 512)) == cpu
-    assert backends.choose(q.half(), PLAIN, mask_self=True, key_scale=torch.ones(2, 4)) == "reference"
+    assert backends.choose(q.half(), PLAIN, mask_self=True, key_scale=torch.ones(2, 4)) == ("fused" if fused else "reference")
     assert backends.choose(torch.zeros(2, 8, 4, device="meta"), PLAIN) == "reference"
 
 
@@ -123,9 +125,9 @@ def test_choose_under_cpu_autocast_decides_by_the_autocast_dtype():
     fused, sdpa = backends.availability()["fused"], backends.availability()["sdpa"]
     with torch.autocast("cpu", dtype=torch.float16):
         assert backends.choose(q, PLAIN) == ("fused" if fused else "sdpa" if sdpa else "reference")
-        # xpos is not the fused kernel's: sdpa takes it, in float16; with shared_qk as well only the reference
-        assert backends.choose(q, PLAIN, key_scale=torch.ones(2, 4)) == ("sdpa" if sdpa else "reference")
-        assert backends.choose(q, PLAIN, key_scale=torch.ones(2, 4), mask_self=True) == "reference"
+        # the fused kernel takes xpos and shared_qk in float16; without it, sdpa takes xpos alone
+        assert backends.choose(q, PLAIN, key_scale=torch.ones(2, 4)) == ("fused" if fused else "sdpa" if sdpa else "reference")
+        assert backends.choose(q, PLAIN, key_scale=torch.ones(2, 4), mask_self=True) == ("fused" if fused else "reference")
         assert backends.choose(q.double(), PLAIN, attn_bias=torch.zeros(1, 256, 512)) == ("fused" if fused else "reference")
 
 

@@ -5,7 +5,7 @@ result (tested against the reference on random configurations, forward and backw
 
 | backend     | device | dtypes            | does not support                              |
 |-------------|--------|-------------------|-----------------------------------------------|
-| `fused`     | CPU    | all float         | xpos (key_scale); needs a C++ build           |
+| `fused`     | CPU    | all float         | (takes every option); needs a C++ build       |
 | `sdpa`      | CPU    | all float         | attn_bias, shared_qk, dropout                 |
 | `flex`      | CUDA   | fp32, bf16, fp16  | xpos (key_scale), dropout                     |
 | `flash`     | CUDA   | bf16, fp16        | anything but exact windows without mask/bias  |
@@ -105,9 +105,7 @@ def decide(
             return "flash"
         if available.get("flex") and flex.supports(device_type, dtype, key_scale=key_scale, dropout=dropout):
             return "flex"
-    if device_type == "cpu" and available.get("fused") and fused_cpu.supports(
-        device_type, dtype, key_scale=key_scale, dropout=dropout
-    ):
+    if device_type == "cpu" and available.get("fused") and fused_cpu.supports(device_type, dtype):
         return "fused"
     if device_type == "cpu" and available.get("sdpa") and sdpa_blocks.supports(
         device_type, dtype, attn_bias=attn_bias, mask_self=mask_self, dropout=dropout

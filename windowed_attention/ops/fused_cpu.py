@@ -5,8 +5,8 @@ PyTorch's fused CPU attention kernels cost a whole `(w, span * w)` block per win
 FlexAttention has no CPU backward. The kernel in `csrc/local_attention_cpu.cpp` works on blocks of 64
 query rows and computes, per block, only the contiguous range of keys those rows can see, so causal and
 exact windows skip their masked work; it keeps O(n d) memory (the log-sum-exp is saved, the weights are
-recomputed in the backward) and takes key padding masks, `attn_bias` (with its gradient), `shared_qk` and
-dropout (which weights drop is a hash of a seed drawn from torch's generator and the (head, query, key)
+recomputed in the backward) and takes key padding masks, `attn_bias` (with its gradient), `shared_qk`, xpos
+(`key_scale`, a constant) and dropout (which weights drop is a hash of a seed drawn from torch's generator and the (head, query, key)
 position, so the backward recomputes them instead of storing a mask).
 
 Outputs of 32 MB and more (the output and the q, k, v gradients) come from a pool inside the kernel that
@@ -132,34 +132,36 @@ def idle_bytes() -> int:
     return int(_state["ops"].idle_bytes()) if "ops" in _state else 0
 
 
-def supports(device_type: str, dtype: torch.dtype, *, key_scale: bool, dropout: bool = False) -> bool:
-    """Whether this backend computes these options on this device (a pure function of its inputs)."""
-    return device_type == "cpu" and dtype in DTYPES and not key_scale
+def supports(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether this backend computes on this device and dtype (it takes every option)."""
+    return device_type == "cpu" and dtype in DTYPES
 
 
 class _FusedLocalAttention(torch.autograd.Function):
-    """`q, k (P, n, d)`, `v (P, n, d_v)`, `bias (H, w, span * w)` or None, `keep (B, n)` 1/0 or None.
+    """`q, k (P, n, d)`, `v (P, n, d_v)`, `bias (H, w, span * w)`, `keep (B, n)` 1/0 and `key_scale (span, d)`
+    or None.
 
-    `bias` and `keep` are in the accumulation dtype (float64 for float64 inputs, else float32); the
+    `bias`, `keep` and `key_scale` are in the accumulation dtype (float64 for float64 inputs, else float32); the
     kernel returns k, v and bias gradients in it too.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, keep, spec: WindowSpec, scale: float, mask_self: bool, dropout: tuple[float, int]):
+    def forward(ctx, q, k, v, bias, keep, key_scale, spec: WindowSpec, scale: float, mask_self: bool,
+                dropout: tuple[float, int]):
         window = (spec.window_size, spec.look_backward, spec.look_forward, spec.causal, spec.exact_windowsize)
-        out, lse = kernel().forward(q, k, v, bias, keep, *window, scale, mask_self, *dropout)
-        ctx.save_for_backward(q, k, v, out, lse, bias, keep)
+        out, lse = kernel().forward(q, k, v, bias, keep, key_scale, *window, scale, mask_self, *dropout)
+        ctx.save_for_backward(q, k, v, out, lse, bias, keep, key_scale)
         ctx.options = (window, scale, mask_self, dropout)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, bias, keep = ctx.saved_tensors
+        q, k, v, out, lse, bias, keep, key_scale = ctx.saved_tensors
         window, scale, mask_self, dropout = ctx.options
-        dq, dk, dv, dbias = kernel().backward(grad_out, q, k, v, out, lse, bias, keep, *window, scale,
+        dq, dk, dv, dbias = kernel().backward(grad_out, q, k, v, out, lse, bias, keep, key_scale, *window, scale,
                                               mask_self, *dropout)
         dbias = dbias if ctx.needs_input_grad[3] else None
-        return dq, dk.to(k.dtype), dv.to(v.dtype), dbias, None, None, None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), dbias, None, None, None, None, None, None
 
 
 def fused_cpu_attention(
@@ -181,10 +183,9 @@ def fused_cpu_attention(
     """
     device_type = q.device.type
     q, k, v = autocast_inputs(q, k, v, takes=DTYPES) if device_type == "cpu" else (q, k, v)
-    if not supports(device_type, q.dtype, key_scale=key_scale is not None):
+    if not supports(device_type, q.dtype):
         raise ValueError(
-            "backend 'fused' supports float32/float64/bfloat16/float16 CPU tensors without xpos; "
-            "use backend='auto' or 'reference'"
+            "backend 'fused' supports float32/float64/bfloat16/float16 CPU tensors; use backend='auto' or 'reference'"
         )
     # the seed comes from torch's default generator, so torch.manual_seed makes dropout reproducible
     dropout = (float(dropout_p), int(torch.randint(0, 2**62, ())) if dropout_p > 0.0 else 0)
@@ -193,4 +194,5 @@ def fused_cpu_attention(
         q, k, v = (t.to(q.dtype).contiguous() for t in (q, k, v))
         keep = None if mask is None else mask.to(acc).contiguous()
         bias = None if attn_bias is None else attn_bias.to(acc).contiguous()
-        return _FusedLocalAttention.apply(q, k, v, bias, keep, spec, float(scale), bool(mask_self), dropout)
+        key_scale = None if key_scale is None else key_scale.detach().to(acc).contiguous()
+        return _FusedLocalAttention.apply(q, k, v, bias, keep, key_scale, spec, float(scale), bool(mask_self), dropout)

@@ -16,7 +16,9 @@
 //
 // Semantics are those of `reference.py`: a row that sees no key outputs zeros with zero gradients;
 // `mask_self` replaces a query's score with itself by -5e4; `bias` is (H, w, span*w), head = p % H;
-// `keep` is the (B, n) key padding mask, batch = p / (P / B). Dropout (probability `dropout_p`) zeroes
+// `keep` is the (B, n) key padding mask, batch = p / (P / B); `key_scale` (span, d) multiplies the keys of
+// each neighbour-window slot (xpos), applied to a per-slot scaled copy of the block's queries instead (the
+// same products, no copy of the keys), and treated as a constant. Dropout (probability `dropout_p`) zeroes
 // each weight with that probability and divides the rest by 1 - p; which weights drop is a hash of
 // (seed, head, query, key), so the backward recomputes the same ones for any blocking or thread count.
 
@@ -231,7 +233,7 @@ template <typename S>
 struct Inputs {
   using T = Acc<S>;
   const S *q, *k, *v;
-  const T *bias, *keep;
+  const T *bias, *keep, *key_scale;
   int64_t P, d, dv, heads, per_keep;
   T scale;
   bool mask_self;
@@ -256,6 +258,35 @@ struct Inputs {
     g.interval(b.r0, b.klo, hi);
     g.interval(b.r1 - 1, lo, b.khi);
     return b;
+  }
+
+  // f(slot, lo, hi) for the keys [lo, hi) of the block that lie in each neighbour-window slot.
+  template <typename F>
+  void for_each_slot(const Block& b, F&& f) const {
+    for (int64_t lo = b.klo; lo < b.khi;) {
+      const int64_t hi = std::min(b.khi, (lo / g.w + 1) * g.w);
+      f(lo / g.w - (b.win - g.lb), lo, hi);
+      lo = hi;
+    }
+  }
+
+  // The block's scores Q K^T (rows x keys, leading dimension keys). With key_scale, the queries are
+  // scaled per slot into qs (slot s at qs + s * BLOCK_Q * d), which the backward reuses for dK.
+  void scores(const Block& b, T* out, S* qs) const {
+    const S* qb = q + (b.p * g.n + b.r0) * d;
+    const S* kb = k + (b.p * g.n + b.klo) * d;
+    const int64_t m = b.rows(), L = b.keys();
+    if (key_scale == nullptr) {
+      gemm(false, true, m, L, d, T(1), qb, d, kb, d, T(0), out, L);
+      return;
+    }
+    for_each_slot(b, [&](int64_t slot, int64_t lo, int64_t hi) {
+      S* qsb = qs + slot * BLOCK_Q * d;
+      const T* f = key_scale + slot * d;
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t c = 0; c < d; ++c) qsb[r * d + c] = static_cast<S>(static_cast<T>(qb[r * d + c]) * f[c]);
+      gemm(false, true, m, hi - lo, d, T(1), qsb, d, kb + (lo - b.klo) * d, d, T(0), out + (lo - b.klo), L);
+    });
   }
 
   // The key padding mask over the block's keys (1 = kept), or null.
@@ -305,7 +336,7 @@ void forward_impl(const Inputs<S>& in, S* out, Acc<S>* lse) {
   at::parallel_for(0, in.P * nw * bpw, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(BLOCK_Q * span_keys), pbuf(span_keys), fbuf(in.dropout ? span_keys : 0);
     std::vector<T> obuf(same ? 0 : BLOCK_Q * in.dv);
-    std::vector<S> wbuf(same ? 0 : BLOCK_Q * span_keys);
+    std::vector<S> wbuf(same ? 0 : BLOCK_Q * span_keys), qsbuf(in.key_scale ? span_keys / in.g.w * BLOCK_Q * in.d : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t p = t / (nw * bpw), win = (t / bpw) % nw, j = t % bpw;
       if (win * in.g.w + j * BLOCK_Q >= n) continue;
@@ -318,8 +349,7 @@ void forward_impl(const Inputs<S>& in, S* out, Acc<S>* lse) {
         continue;
       }
       T* scores = buf.data();
-      gemm(false, true, b.rows(), L, in.d, T(1), in.q + (p * n + b.r0) * in.d, in.d, in.k + (p * n + b.klo) * in.d,
-           in.d, T(0), scores, L);
+      in.scores(b, scores, qsbuf.data());
       const T* keep = in.keep_row(b);
       const T* pen = in.penalty(b, pbuf.data());
       for (int64_t i = b.r0; i < b.r1; ++i) {
@@ -402,7 +432,9 @@ void backward_impl(const Inputs<S>& in, const Strided<S>& grad_out, const S* out
       std::vector<T> fbuf(in.dropout ? span_keys : 0);
       std::vector<S> wbuf(same ? 0 : BLOCK_Q * span_keys), dsbuf(same ? 0 : BLOCK_Q * span_keys);
       std::vector<S> gobuf(grad_out.in_place(in.dv) ? 0 : BLOCK_Q * in.dv);
-      std::vector<T> qbuf(same ? 0 : BLOCK_Q * in.d), x(same ? 0 : in.dv), y(same ? 0 : in.dv);
+      std::vector<T> qbuf(same && !in.key_scale ? 0 : BLOCK_Q * in.d), x(same ? 0 : in.dv), y(same ? 0 : in.dv);
+      std::vector<T> tbuf(in.key_scale ? BLOCK_Q * in.d : 0);
+      std::vector<S> qsbuf(in.key_scale ? span_keys / w * BLOCK_Q * in.d : 0);
       T* db = nullptr;
       if (bias_numel) {
         auto& part = dbias_parts[at::get_thread_num()];
@@ -444,7 +476,7 @@ void backward_impl(const Inputs<S>& in, const Strided<S>& grad_out, const S* out
             }
             T* scores = sbuf.data();
             T* G = gbuf.data();
-            gemm(false, true, m, L, in.d, T(1), qb, in.d, kb, in.d, T(0), scores, L);
+            in.scores(b, scores, qsbuf.data());
             gemm(false, true, m, L, in.dv, T(1), gob, ldg, vb, in.dv, T(0), G, L);
             const T* keep = in.keep_row(b);
             const T* pen = in.penalty(b, pbuf.data());
@@ -472,13 +504,29 @@ void backward_impl(const Inputs<S>& in, const Strided<S>& grad_out, const S* out
             const S* weights = operand<S>(scores, wbuf.data(), m * L);
             const S* dlogits = operand<S>(G, dsbuf.data(), m * L);
             gemm(true, false, L, in.dv, m, T(1), weights, L, gob, ldg, T(1), dv + (p * n + b.klo) * in.dv, in.dv);
-            if constexpr (same) {
-              gemm(false, false, m, in.d, L, in.scale, dlogits, L, kb, in.d, T(0), dqb, in.d);
+            if (in.key_scale != nullptr) {  // per slot: dQ += scale (dS K) * f, dK += scale dS^T (Q * f)
+              T* acc = qbuf.data();
+              std::fill(acc, acc + m * in.d, T(0));
+              in.for_each_slot(b, [&](int64_t slot, int64_t lo, int64_t hi) {
+                const S* ds = dlogits + (lo - b.klo);
+                gemm(false, false, m, in.d, hi - lo, in.scale, ds, L, kb + (lo - b.klo) * in.d, in.d, T(0), tbuf.data(), in.d);
+                const T* f = in.key_scale + slot * in.d;
+                for (int64_t r = 0; r < m; ++r)
+                  for (int64_t c = 0; c < in.d; ++c) acc[r * in.d + c] += tbuf[r * in.d + c] * f[c];
+                gemm(true, false, hi - lo, in.d, m, in.scale, ds, L, qsbuf.data() + slot * BLOCK_Q * in.d, in.d, T(1),
+                     dk + (p * n + lo) * in.d, in.d);
+              });
+              if constexpr (same) std::copy(acc, acc + m * in.d, dqb);
+              else at::vec::convert(acc, dqb, m * in.d);
             } else {
-              gemm(false, false, m, in.d, L, in.scale, dlogits, L, kb, in.d, T(0), qbuf.data(), in.d);
-              at::vec::convert(qbuf.data(), dqb, m * in.d);
+              if constexpr (same) {
+                gemm(false, false, m, in.d, L, in.scale, dlogits, L, kb, in.d, T(0), dqb, in.d);
+              } else {
+                gemm(false, false, m, in.d, L, in.scale, dlogits, L, kb, in.d, T(0), qbuf.data(), in.d);
+                at::vec::convert(qbuf.data(), dqb, m * in.d);
+              }
+              gemm(true, false, L, in.d, m, in.scale, dlogits, L, qb, in.d, T(1), dk + (p * n + b.klo) * in.d, in.d);
             }
-            gemm(true, false, L, in.d, m, in.scale, dlogits, L, qb, in.d, T(1), dk + (p * n + b.klo) * in.d, in.d);
           }
         }
       }
@@ -494,8 +542,8 @@ void backward_impl(const Inputs<S>& in, const Strided<S>& grad_out, const S* out
 
 template <typename S>
 Inputs<S> make_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& keep, int64_t w,
-                      int64_t lb, int64_t lf, bool causal, bool exact, double scale, bool mask_self,
+                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& keep,
+                      const std::optional<at::Tensor>& key_scale, int64_t w, int64_t lb, int64_t lf, bool causal, bool exact, double scale, bool mask_self,
                       double dropout_p, int64_t seed) {
   using T = Acc<S>;
   Inputs<S> in{};
@@ -508,6 +556,7 @@ Inputs<S> make_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   in.bias = bias.has_value() ? bias->data_ptr<T>() : nullptr;
   in.heads = bias.has_value() ? bias->size(0) : 1;
   in.keep = keep.has_value() ? keep->data_ptr<T>() : nullptr;
+  in.key_scale = key_scale.has_value() ? key_scale->data_ptr<T>() : nullptr;
   in.per_keep = keep.has_value() ? in.P / keep->size(0) : 1;
   in.scale = static_cast<T>(scale);
   in.mask_self = mask_self;
@@ -610,28 +659,32 @@ class OutputPool {
 at::ScalarType acc_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
-           const std::optional<at::Tensor>& keep) {
+           const std::optional<at::Tensor>& keep, const std::optional<at::Tensor>& key_scale, int64_t lb, int64_t lf) {
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k, v must be contiguous");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "q, k, v dtypes differ");
   TORCH_CHECK(!bias.has_value() || (bias->is_contiguous() && bias->scalar_type() == acc_type(q)),
               "bias must be contiguous, float64 for float64 inputs and float32 otherwise");
   TORCH_CHECK(!keep.has_value() || (keep->is_contiguous() && keep->scalar_type() == acc_type(q)),
               "keep must be contiguous (1 = kept, 0 = masked), float64 for float64 inputs and float32 otherwise");
+  TORCH_CHECK(!key_scale.has_value() || (key_scale->is_contiguous() && key_scale->scalar_type() == acc_type(q) &&
+                                         key_scale->sizes() == at::IntArrayRef({lb + lf + 1, q.size(2)})),
+              "key_scale must be contiguous (span, d), float64 for float64 inputs and float32 otherwise");
 }
 
 // q, k (P, n, d), v (P, n, dv) -> out (P, n, dv) in q's dtype, lse (P, n) in the accumulation type.
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const std::optional<at::Tensor>& bias,
-                                           const std::optional<at::Tensor>& keep, int64_t w, int64_t lb,
+                                           const std::optional<at::Tensor>& keep,
+                                           const std::optional<at::Tensor>& key_scale, int64_t w, int64_t lb,
                                            int64_t lf, bool causal, bool exact, double scale, bool mask_self,
                                            double dropout_p, int64_t seed) {
-  check(q, k, v, bias, keep);
+  check(q, k, v, bias, keep, key_scale, lb, lf);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1)");
   auto& pool = OutputPool::instance();
   auto out = pool.empty({q.size(0), q.size(1), v.size(2)}, q.options());
   auto lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(acc_type(q)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "windowed_attention_forward", [&] {
-    auto in = make_inputs<scalar_t>(q, k, v, bias, keep, w, lb, lf, causal, exact, scale, mask_self, dropout_p, seed);
+    auto in = make_inputs<scalar_t>(q, k, v, bias, keep, key_scale, w, lb, lf, causal, exact, scale, mask_self, dropout_p, seed);
     forward_impl(in, out.data_ptr<scalar_t>(), lse.data_ptr<Acc<scalar_t>>());
   });
   return {out, lse};
@@ -641,9 +694,10 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& keep, int64_t w, int64_t lb, int64_t lf, bool causal, bool exact,
+    const std::optional<at::Tensor>& keep, const std::optional<at::Tensor>& key_scale, int64_t w, int64_t lb,
+    int64_t lf, bool causal, bool exact,
     double scale, bool mask_self, double dropout_p, int64_t seed) {
-  check(q, k, v, bias, keep);
+  check(q, k, v, bias, keep, key_scale, lb, lf);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1)");
   TORCH_CHECK(out.is_contiguous() && lse.is_contiguous(), "saved tensors must be contiguous");
   TORCH_CHECK(grad_out.dim() == 3 && grad_out.sizes() == out.sizes(), "grad_out must have out's shape");
@@ -656,7 +710,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   auto dbias = bias.has_value() ? at::empty_like(*bias) : at::empty({0}, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "windowed_attention_backward", [&] {
     using T = Acc<scalar_t>;
-    auto in = make_inputs<scalar_t>(q, k, v, bias, keep, w, lb, lf, causal, exact, scale, mask_self, dropout_p, seed);
+    auto in = make_inputs<scalar_t>(q, k, v, bias, keep, key_scale, w, lb, lf, causal, exact, scale, mask_self, dropout_p, seed);
     const Strided<scalar_t> go{grad_out.data_ptr<scalar_t>(), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2)};
     backward_impl(in, go, out.data_ptr<scalar_t>(), lse.data_ptr<T>(),
                   dq.data_ptr<scalar_t>(), dk.data_ptr<T>(), dv.data_ptr<T>(),

@@ -19,6 +19,44 @@ def _pair(make_ours, make_theirs, n, backward, reps, dtype=torch.float32):
     return dict(ours_ms=times["ours"] * 1e3, theirs_ms=times["theirs"] * 1e3, speedup=times["theirs"] / times["ours"])
 
 
+def _options(reps: int) -> dict:
+    """Options that once fell off the fast path: dropout (p = 0.1, training) and xpos, fwd+bwd at N, each
+    against local-attention's LocalAttention with the same option, and against our own next-best backend."""
+    from local_attention import LocalAttention as Theirs
+
+    from windowed_attention import LocalAttention as Ours
+    from windowed_attention.ops import backends
+
+    inputs = measure.make_inputs(N, torch.float32, True)
+    xpos = dict(window_size=W, causal=True, look_backward=1, dim=impls.DIM, use_xpos=True, xpos_scale_base=512)
+    dropout = dict(window_size=W, causal=True, look_backward=1, dropout=0.1)
+    modules = {
+        "dropout": (Ours(**dropout).train(), Theirs(**dropout, look_forward=0).train(), "reference"),
+        "xpos": (Ours(**xpos), Theirs(**xpos, look_forward=0), "sdpa"),
+    }
+    choose = backends.choose
+
+    def forced(module, name):  # our module on a named backend instead of `auto`'s choice
+        def run(q, k, v):
+            backends.choose = lambda *args, **kwargs: name
+            try:
+                return module(q, k, v)
+            finally:
+                backends.choose = choose
+
+        return run
+
+    result = {}
+    for option, (ours, theirs, fallback) in modules.items():
+        steps = {"ours": measure.step(ours, inputs, True), "theirs": measure.step(theirs, inputs, True),
+                 "fallback": measure.step(forced(ours, fallback), inputs, True)}
+        times = measure.interleaved(steps, reps)
+        result[option] = dict(ours_ms=times["ours"] * 1e3, theirs_ms=times["theirs"] * 1e3, speedup=times["theirs"] / times["ours"],
+                              backend_before=fallback, before_ms=times["fallback"] * 1e3,
+                              speedup_over_before=times["fallback"] / times["ours"])
+    return result
+
+
 def _training(reps: int) -> dict | None:
     try:
         from local_attention import LocalTransformer as Theirs
@@ -87,6 +125,12 @@ def run(train: bool = True, reps: int = 7) -> dict:
     result["linear_cost_fwd_bwd"] = dict(us_per_token_n4096=per_token[4096], us_per_token_n65536=per_token[65536],
                                          ratio=per_token[65536] / per_token[4096])
 
+    try:
+        options = _options(reps)
+        result["fwd_bwd_dropout_n8192"], result["fwd_bwd_xpos_n8192"] = options["dropout"], options["xpos"]
+    except ImportError:  # local-attention is a test/benchmark extra
+        pass
+
     fp32_in = measure.make_inputs(N, torch.float32, True)
     bf16_in = measure.make_inputs(N, torch.bfloat16, True)
     fn = impls.ours(N, W)
@@ -118,5 +162,7 @@ def report(result: dict) -> None:
     show("fwd_plain_n8192_vs_compiled_flex", "fwd N=8192 vs compiled flex (speedup>1: ours faster)")
     show("peak_memory_fwd_bwd_n32768", "peak memory fwd+bwd N=32768")
     show("linear_cost_fwd_bwd", "time/token fwd+bwd N=65536 vs 4096")
+    show("fwd_bwd_dropout_n8192", "fwd+bwd N=8192 dropout 0.1 vs local-attention")
+    show("fwd_bwd_xpos_n8192", "fwd+bwd N=8192 xpos vs local-attention")
     show("bf16_fwd_bwd_n8192", "bf16 vs fp32 fwd+bwd N=8192")
     show("train_step_local_transformer", "LocalTransformer train step tokens/s")

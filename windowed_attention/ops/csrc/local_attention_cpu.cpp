@@ -23,6 +23,8 @@
 // (seed, head, query, key), so the backward recomputes the same ones for any blocking or thread count.
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
+#include <c10/core/CPUAllocator.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -576,18 +578,24 @@ Inputs<S> make_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 // and hands them to the next call of a size that fits. Idle mappings are marked MADV_FREE: reusing them
 // costs no page faults, yet the kernel may still reclaim their pages under memory pressure (a reclaimed
 // page reads as zeros, which is fine: every output is written in full before it is read).
-class OutputPool {
+//
+// It is a c10::Allocator, so its tensors are ordinary CPU tensors (resizable; a resize allocates here too).
+class OutputPool final : public c10::Allocator {
  public:
   static OutputPool& instance() {
     static auto* pool = new OutputPool();  // never destroyed: tensors may be freed during interpreter exit
     return *pool;
   }
 
-  // An uninitialised tensor; from the pool (or a fresh mapping) when it is large, else torch's allocator.
-  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  // An uninitialised CPU tensor whose memory comes from this allocator.
+  at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype) {
+    return at::detail::empty_generic(sizes, this, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype, std::nullopt);
+  }
+
+  // From the pool (or a fresh mapping) when large, else from torch's CPU allocator.
+  c10::DataPtr allocate(size_t bytes) override {
     constexpr size_t large = size_t(32) << 20, page = size_t(1) << 16;
-    const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
-    if (bytes < large || cap_ == 0) return at::empty(sizes, options);
+    if (bytes < large || cap_ == 0) return c10::GetCPUAllocator()->allocate(bytes);
     const size_t need = (bytes + page - 1) / page * page;
     void* data = nullptr;
     size_t len = 0;
@@ -605,11 +613,13 @@ class OutputPool {
     }
     if (data == nullptr) {
       data = mmap(nullptr, need, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-      if (data == MAP_FAILED) return at::empty(sizes, options);
+      if (data == MAP_FAILED) return c10::GetCPUAllocator()->allocate(bytes);
       len = need;
     }
-    return at::from_blob(data, sizes, [len](void* p) { OutputPool::instance().give_back(p, len); }, options);
+    return {data, new Mapping{data, len}, &OutputPool::give_back, c10::Device(c10::DeviceType::CPU)};
   }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const { default_copy_data(dest, src, count); }
 
   // Unmap every idle mapping.
   void release() {
@@ -633,7 +643,18 @@ class OutputPool {
     cap_ = static_cast<size_t>(mb != nullptr && *mb != '\0' ? std::max(std::atoll(mb), 0LL) : 1024) << 20;
   }
 
-  void give_back(void* p, size_t len) {
+  struct Mapping {
+    void* data;
+    size_t len;
+  };
+
+  static void give_back(void* context) {
+    const Mapping mapping = *static_cast<Mapping*>(context);
+    delete static_cast<Mapping*>(context);
+    instance().keep(mapping.data, mapping.len);
+  }
+
+  void keep(void* p, size_t len) {
 #ifdef MADV_FREE
     madvise(p, len, MADV_FREE);
 #endif
@@ -681,7 +702,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
   check(q, k, v, bias, keep, key_scale, lb, lf);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1)");
   auto& pool = OutputPool::instance();
-  auto out = pool.empty({q.size(0), q.size(1), v.size(2)}, q.options());
+  auto out = pool.empty({q.size(0), q.size(1), v.size(2)}, q.scalar_type());
   auto lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(acc_type(q)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "windowed_attention_forward", [&] {
     auto in = make_inputs<scalar_t>(q, k, v, bias, keep, key_scale, w, lb, lf, causal, exact, scale, mask_self, dropout_p, seed);
@@ -704,9 +725,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && lse.scalar_type() == acc_type(q), "saved tensor dtypes");
   const auto acc = q.options().dtype(acc_type(q));
   auto& pool = OutputPool::instance();
-  auto dq = pool.empty(q.sizes(), q.options());
-  auto dk = pool.empty(k.sizes(), acc);  // zeroed by the backward's first phase
-  auto dv = pool.empty(v.sizes(), acc);
+  auto dq = pool.empty(q.sizes(), q.scalar_type());
+  auto dk = pool.empty(k.sizes(), acc_type(q));  // zeroed by the backward's first phase
+  auto dv = pool.empty(v.sizes(), acc_type(q));
   auto dbias = bias.has_value() ? at::empty_like(*bias) : at::empty({0}, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "windowed_attention_backward", [&] {
     using T = Acc<scalar_t>;

@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from windowed_attention import local_attention
@@ -384,3 +384,40 @@ def test_fused_pool_can_be_turned_off():
         env = dict(os.environ, WINDOWED_ATTENTION_POOL_MB=cap)
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
         assert (int(done.stdout.split()[-1]) > 0) == pooled, (cap, done.stdout)
+
+
+@pytest.fixture(params=[False, True], ids=["mkl-bf16-gemm", "own-bf16-gemm"])
+def bf16_gemm(request):
+    """The fused kernel with MKL's bfloat16 GEMM, then with ours (AVX512-BF16; skipped on CPUs without it)."""
+    from windowed_attention.ops import fused_cpu
+
+    kernel = fused_cpu.kernel()
+    before = kernel.own_bf16_gemm()
+    try:
+        if kernel.use_own_bf16_gemm(request.param) != request.param:
+            pytest.skip("this CPU has no AVX512-BF16")
+        yield kernel
+    finally:
+        kernel.use_own_bf16_gemm(before)
+
+
+def test_bf16_gemm_matches_float64_in_every_layout(bf16_gemm):
+    """Both transpositions, odd and tiny sizes (tails of the 8 x 32 tiles, an odd k), alpha and beta, and
+    leading dimensions wider than the rows."""
+    g = torch.Generator().manual_seed(0)
+    for ta in (False, True):
+        for tb in (False, True):
+            for m, n, k in [(1, 1, 1), (3, 5, 7), (8, 32, 64), (9, 33, 65), (64, 100, 31), (17, 1, 2), (100, 3, 1)]:
+                a = torch.randn(k if ta else m, (m if ta else k) + 3, generator=g).bfloat16()[:, : m if ta else k]
+                b = torch.randn(n if tb else k, (k if tb else n) + 2, generator=g).bfloat16()[:, : k if tb else n]
+                c = torch.randn(m, n, generator=g)
+                for alpha, beta in ((1.0, 0.0), (0.5, 1.0)):
+                    ref = alpha * (a.double().T if ta else a.double()) @ (b.double().T if tb else b.double()) + beta * c.double()
+                    got = bf16_gemm.bf16_gemm(ta, tb, a, b, alpha, beta, c.clone())
+                    assert (got.double() - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item()), (ta, tb, m, n, k)
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])  # the GEMM choice holds for all
+@given(pb=problems(dtypes=(torch.bfloat16,), max_w=80, with_bias=True))
+def test_fused_bfloat16_matches_reference_through_either_gemm(bf16_gemm, pb):
+    _compare(fused_cpu_attention, pb)

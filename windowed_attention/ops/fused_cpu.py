@@ -35,6 +35,7 @@ from .dtypes import accumulation_dtype, autocast_inputs
 from .spec import WindowSpec
 
 SOURCE = Path(__file__).parent / "csrc" / "local_attention_cpu.cpp"
+HEADERS = sorted(SOURCE.parent.glob("*.h"))  # included by SOURCE: part of what the build's hash covers
 DISABLE_ENV = "WINDOWED_ATTENTION_NO_FUSED"
 POOL_ENV = "WINDOWED_ATTENTION_POOL_MB"
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -74,7 +75,7 @@ def _build():
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", *_capability_flags(),
     ]
     digest = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join([torch.__version__, compiler, *flags]).encode()
+        b"".join(path.read_bytes() for path in (SOURCE, *HEADERS)) + " ".join([torch.__version__, compiler, *flags]).encode()
     ).hexdigest()[:16]
     library = _cache_dir() / f"local_attention_cpu_{digest}.so"
     if not library.exists():

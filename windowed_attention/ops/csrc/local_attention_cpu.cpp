@@ -34,6 +34,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -42,6 +43,8 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#include "bf16_gemm.h"
 
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
@@ -77,8 +80,13 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const
   dgemm_(&trb, &tra, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
 }
 
+// Which bfloat16 GEMM runs: our AVX512-BF16 one where the CPU has those instructions but no AMX (see
+// bf16_gemm.h), else MKL's. `use_own_bf16_gemm` switches it (for tests).
+std::atomic<bool> own_bf16_gemm{bf16_gemm::preferred()};
+
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloat16* a, int64_t lda,
           const c10::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (own_bf16_gemm.load(std::memory_order_relaxed)) return bf16_gemm::gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
   const int M = m, N = n, K = k, LDA = lda, LDB = ldb, LDC = ldc;
   gemm_bf16bf16f32_(&trb, &tra, &N, &M, &K, &alpha, reinterpret_cast<const uint16_t*>(b), &LDB,
@@ -747,4 +755,24 @@ TORCH_LIBRARY(windowed_attention_cpu, m) {
   m.def("backward", &backward);
   m.def("release_memory", [] { OutputPool::instance().release(); });
   m.def("idle_bytes", [] { return OutputPool::instance().idle_bytes(); });
+  // For tests: which bfloat16 GEMM runs, a switch between ours (only where the CPU has AVX512-BF16) and
+  // MKL's that returns the one in use, and the GEMM itself: c = alpha op(a) op(b) + beta c, 2-D tensors
+  // with unit column stride (bf16 a, b; float32 c).
+  m.def("own_bf16_gemm", [] { return own_bf16_gemm.load(); });
+  m.def("use_own_bf16_gemm", [](bool on) {
+    own_bf16_gemm = on && bf16_gemm::supported();
+    return own_bf16_gemm.load();
+  });
+  m.def("bf16_gemm", [](bool ta, bool tb, const at::Tensor& a, const at::Tensor& b, double alpha, double beta, at::Tensor c) {
+    TORCH_CHECK(a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 && c.scalar_type() == at::kFloat,
+                "bf16 a, b and float32 c");
+    TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2 && a.stride(1) == 1 && b.stride(1) == 1 && c.stride(1) == 1,
+                "2-D a, b, c with unit column stride");
+    const int64_t k = ta ? a.size(0) : a.size(1);
+    TORCH_CHECK((ta ? a.size(1) : a.size(0)) == c.size(0) && (tb ? b.size(1) : b.size(0)) == k &&
+                (tb ? b.size(0) : b.size(1)) == c.size(1), "shapes of op(a), op(b) and c do not match");
+    gemm(ta, tb, c.size(0), c.size(1), k, static_cast<float>(alpha), a.data_ptr<c10::BFloat16>(), a.stride(0),
+         b.data_ptr<c10::BFloat16>(), b.stride(0), static_cast<float>(beta), c.data_ptr<float>(), c.stride(0));
+    return c;
+  });
 }

@@ -1,0 +1,185 @@
+// A bfloat16 x bfloat16 -> float32 GEMM on AVX512-BF16 (vdpbf16ps), for CPUs that have those instructions
+// but no AMX. There MKL's bf16 GEMM (what the kernel calls otherwise) ran at the float32 rate (AMD Zen 4:
+// 89 vs 96 GFLOP/s per core at 64 x 512 x 64), so bfloat16 attention was no faster than float32.
+//
+// Row-major, the contract of the kernel's `gemm` wrappers: C (m x n) = alpha op(A) (m x k) op(B) (k x n)
+// + beta C, op(X) = X^T when transposed. vdpbf16ps multiplies pairs of bf16 along k and adds both
+// products into one fp32 lane, so B is packed into panels of 32 columns holding (B[2t][j], B[2t+1][j])
+// pairs, and each row of A contributes the pair (A[i][2t], A[i][2t+1]) broadcast to all lanes. An odd k
+// gets a zero partner. Each k-pair is summed in fp32 (the same precision as MKL's bf16 -> fp32 kernels).
+
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#include <immintrin.h>
+#define BF16_GEMM_AVAILABLE 1
+#else
+#define BF16_GEMM_AVAILABLE 0
+#endif
+
+namespace bf16_gemm {
+
+#if BF16_GEMM_AVAILABLE
+
+constexpr int64_t NR = 32;  // columns of a micro-tile: two vectors of 16 floats
+constexpr int64_t MR = 8;   // rows of a micro-tile
+
+// Whether this CPU and OS run this GEMM: AVX512F and AVX512-BF16, with the OS saving the AVX-512 state.
+inline bool supported() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return false;  // OSXSAVE
+  unsigned lo = 0, hi = 0;
+  __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  if ((lo & 0xe6) != 0xe6) return false;  // XMM, YMM, opmask and ZMM state enabled
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((b >> 16) & 1)) return false;  // AVX512F
+  return __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1);               // AVX512-BF16
+}
+
+// Whether it should be used: supported, and no AMX-BF16 (with AMX, MKL's bf16 GEMM is far faster).
+inline bool preferred() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  const bool amx_bf16 = __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((d >> 22) & 1);
+  return supported() && !amx_bf16;
+}
+
+inline uint32_t pair(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
+
+inline uint16_t bits(const c10::BFloat16& x) { return x.x; }
+
+// op(B) (k x n) as panels of NR columns: panel p holds, for t < ceil(k / 2), NR pairs (op(B)[2t][j],
+// op(B)[2t+1][j]) for j = p * NR + c; zero beyond n and k.
+inline void pack_b(bool tb, int64_t n, int64_t k, const c10::BFloat16* b, int64_t ldb, uint32_t* out) {
+  const int64_t kt = (k + 1) / 2;
+  for (int64_t p0 = 0; p0 < n; p0 += NR) {
+    uint32_t* panel = out + (p0 / NR) * kt * NR;
+    const int64_t cols = std::min(NR, n - p0);
+    if (tb) {  // op(B)[q][j] = b[j * ldb + q]: column j of op(B) is a contiguous row of b
+      for (int64_t c = 0; c < NR; ++c) {
+        if (c >= cols) {
+          for (int64_t t = 0; t < kt; ++t) panel[t * NR + c] = 0;
+          continue;
+        }
+        const c10::BFloat16* row = b + (p0 + c) * ldb;
+        for (int64_t t = 0; t < k / 2; ++t) {
+          uint32_t v;
+          std::memcpy(&v, row + 2 * t, sizeof v);
+          panel[t * NR + c] = v;
+        }
+        if (k % 2) panel[(kt - 1) * NR + c] = pair(bits(row[k - 1]), 0);
+      }
+    } else {  // op(B)[q][j] = b[q * ldb + j]: rows 2t and 2t+1 interleave
+      for (int64_t t = 0; t < kt; ++t) {
+        const c10::BFloat16* lo = b + (2 * t) * ldb + p0;
+        const c10::BFloat16* hi = 2 * t + 1 < k ? lo + ldb : nullptr;
+        uint32_t* dst = panel + t * NR;
+        for (int64_t c = 0; c < cols; ++c) dst[c] = pair(bits(lo[c]), hi ? bits(hi[c]) : 0);
+        for (int64_t c = cols; c < NR; ++c) dst[c] = 0;
+      }
+    }
+  }
+}
+
+// Where the k-pairs of A's rows are: pair t of row r starts at a + r * row + t * step (bf16 elements);
+// `full` whole pairs, then, when `odd`, one element whose partner is taken as zero.
+struct PairsA {
+  const c10::BFloat16* a;
+  int64_t row, step, full;
+  bool odd;
+};
+
+// R rows of A times one packed panel; writes alpha * acc + beta * C to `cols` columns of C.
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void tile(
+    const PairsA& A, const uint32_t* panel, float alpha, float beta, float* c, int64_t ldc, int64_t cols) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const int64_t steps = A.full + (A.odd ? 1 : 0);
+  for (int64_t t = 0; t < steps; ++t) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(panel + t * NR);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(panel + t * NR + 16);
+    for (int r = 0; r < R; ++r) {
+      const c10::BFloat16* at = A.a + r * A.row + t * A.step;
+      uint32_t v;
+      if (t < A.full) {
+        std::memcpy(&v, at, sizeof v);
+      } else {
+        v = pair(bits(*at), 0);
+      }
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(v));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+    }
+  }
+  const __mmask16 m0 = cols >= 16 ? __mmask16(0xffff) : __mmask16((1u << cols) - 1);
+  const __mmask16 m1 = cols >= 32 ? __mmask16(0xffff) : cols <= 16 ? __mmask16(0) : __mmask16((1u << (cols - 16)) - 1);
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+  for (int r = 0; r < R; ++r) {
+    float* row = c + r * ldc;
+    __m512 y0 = _mm512_mul_ps(acc[r][0], va), y1 = _mm512_mul_ps(acc[r][1], va);
+    if (beta != 0.0f) {
+      y0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m0, row), vb, y0);
+      y1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m1, row + 16), vb, y1);
+    }
+    _mm512_mask_storeu_ps(row, m0, y0);
+    _mm512_mask_storeu_ps(row + 16, m1, y1);
+  }
+}
+
+template <int R>
+void tile_rows(int rows, const PairsA& A, const uint32_t* panel, float alpha, float beta, float* c, int64_t ldc,
+               int64_t cols) {
+  if constexpr (R > 1) {
+    if (rows < R) return tile_rows<R - 1>(rows, A, panel, alpha, beta, c, ldc, cols);
+  }
+  tile<R>(A, panel, alpha, beta, c, ldc, cols);
+}
+
+// The GEMM. Per-thread packing buffers; call only where `preferred()` (the CPU has AVX512-BF16).
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloat16* a, int64_t lda,
+                 const c10::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  thread_local std::vector<uint32_t> bbuf, abuf;
+  const int64_t kt = (k + 1) / 2, panels = (n + NR - 1) / NR;
+  bbuf.resize(std::max<int64_t>(panels * kt * NR, 1));
+  pack_b(tb, n, k, b, ldb, bbuf.data());
+  PairsA A{a, lda, 2, k / 2, k % 2 == 1};  // rows of op(A) are rows of a: pairs in place
+  if (ta) {  // op(A)[i][q] = a[q * lda + i]: pairs (a[2t][i], a[2t+1][i]) packed as [t][i], rows 2t, 2t+1 read along i
+    abuf.resize(std::max<int64_t>(kt * m, 1));
+    for (int64_t t = 0; t < kt; ++t) {
+      const c10::BFloat16* lo = a + (2 * t) * lda;
+      const c10::BFloat16* hi = 2 * t + 1 < k ? lo + lda : nullptr;
+      uint32_t* dst = abuf.data() + t * m;
+      if (hi != nullptr) {
+        for (int64_t i = 0; i < m; ++i) dst[i] = pair(bits(lo[i]), bits(hi[i]));
+      } else {
+        for (int64_t i = 0; i < m; ++i) dst[i] = pair(bits(lo[i]), 0);
+      }
+    }
+    A = PairsA{reinterpret_cast<const c10::BFloat16*>(abuf.data()), 2, 2 * m, kt, false};
+  }
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t j0 = p * NR, cols = std::min(NR, n - j0);
+    for (int64_t i0 = 0; i0 < m; i0 += MR) {
+      const int rows = static_cast<int>(std::min(MR, m - i0));
+      const PairsA rows_of_a{A.a + i0 * A.row, A.row, A.step, A.full, A.odd};
+      tile_rows<MR>(rows, rows_of_a, bbuf.data() + p * kt * NR, alpha, beta, c + i0 * ldc + j0, ldc, cols);
+    }
+  }
+}
+
+#else
+inline bool supported() { return false; }
+inline bool preferred() { return false; }
+inline void gemm(bool, bool, int64_t, int64_t, int64_t, float, const c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t,
+                 float, float*, int64_t) {}
+#endif
+
+}  // namespace bf16_gemm

@@ -421,3 +421,23 @@ def test_bf16_gemm_matches_float64_in_every_layout(bf16_gemm):
 @given(pb=problems(dtypes=(torch.bfloat16,), max_w=80, with_bias=True))
 def test_fused_bfloat16_matches_reference_through_either_gemm(bf16_gemm, pb):
     _compare(fused_cpu_attention, pb)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_saturated_rows_pass_exactly_zero_query_gradient(dtype):
+    """Where a row's softmax saturates to a single key, the exact gradient of its query is zero, and the
+    reference (autograd's softmax) gives exactly zero. So must the kernel: it takes the softmax gradient's
+    row sum from the recomputed weights, not from <dO, O>, which differs in the last bits and, times large
+    keys (xpos scales them by up to 1e4 and more), left errors of 1e-8 in float64."""
+    spec = WindowSpec(16, False, 1, 1, False)
+    g = torch.Generator().manual_seed(1)
+    q = (torch.randn(4, 64, 32, generator=g) * 1e4).to(dtype)  # scores far apart: one-hot rows
+    k, v = (torch.randn(4, 64, 32, generator=g).to(dtype) for _ in range(2))
+    upstream = torch.randn(4, 64, 32, generator=g).to(dtype)
+    grads = []
+    for f in (reference_attention, fused_cpu_attention):
+        leaf = q.clone().requires_grad_()
+        grads.append(torch.autograd.grad(f(leaf, k, v, spec, scale=1.0), leaf, upstream)[0])
+    saturated = grads[0].eq(0).all(dim=-1)
+    assert saturated.float().mean() > 0.5
+    assert grads[1][saturated].eq(0).all()

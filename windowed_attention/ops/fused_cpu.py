@@ -151,15 +151,15 @@ class _FusedLocalAttention(torch.autograd.Function):
                 dropout: tuple[float, int]):
         window = (spec.window_size, spec.look_backward, spec.look_forward, spec.causal, spec.exact_windowsize)
         out, lse = kernel().forward(q, k, v, bias, keep, key_scale, *window, scale, mask_self, *dropout)
-        ctx.save_for_backward(q, k, v, out, lse, bias, keep, key_scale)
+        ctx.save_for_backward(q, k, v, lse, bias, keep, key_scale)  # not out: the backward needs no output
         ctx.options = (window, scale, mask_self, dropout)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, bias, keep, key_scale = ctx.saved_tensors
+        q, k, v, lse, bias, keep, key_scale = ctx.saved_tensors
         window, scale, mask_self, dropout = ctx.options
-        dq, dk, dv, dbias = kernel().backward(grad_out, q, k, v, out, lse, bias, keep, key_scale, *window, scale,
+        dq, dk, dv, dbias = kernel().backward(grad_out, q, k, v, lse, bias, keep, key_scale, *window, scale,
                                               mask_self, *dropout)
         dbias = dbias if ctx.needs_input_grad[3] else None
         return dq, dk.to(k.dtype), dv.to(v.dtype), dbias, None, None, None, None, None, None

@@ -9,8 +9,10 @@
 // The scores of one block (BLOCK_Q x span*w) live in a per-thread buffer, so memory stays O(n d).
 //
 // Forward: S = Q K^T; P = softmax of the visible entries (row max and sum in one sweep); O = P V; saves
-// the log-sum-exp. Backward recomputes P from the log-sum-exp and accumulates dK, dV over the overlapping
-// key ranges. Blocks of neighbouring windows share keys, so the backward runs in two phases over groups
+// the log-sum-exp. Backward recomputes P from the log-sum-exp, takes the softmax gradient with
+// delta_i = sum_j P_ij dP_ij from the recomputed rows (not <dO_i, O_i>: equal in exact arithmetic, but only
+// the row sum cancels exactly when a row's softmax saturates to one key, as autograd's does), and
+// accumulates dK, dV over the overlapping key ranges. Blocks of neighbouring windows share keys, so the backward runs in two phases over groups
 // of `max(look_backward + look_forward, 1)` windows: the groups of one phase never touch the same keys
 // and need no locks. Bias gradients go to one buffer per thread, summed at the end.
 //
@@ -424,7 +426,7 @@ void zeroed_windows(int64_t gi, int64_t group, int64_t groups, int64_t lb, int64
 }
 
 template <typename S>
-void backward_impl(const Inputs<S>& in, const Strided<S>& grad_out, const S* out, const Acc<S>* lse, S* dq,
+void backward_impl(const Inputs<S>& in, const Strided<S>& grad_out, const Acc<S>* lse, S* dq,
                    Acc<S>* dk, Acc<S>* dv, Acc<S>* dbias) {
   using T = Acc<S>;
   constexpr bool same = std::is_same_v<S, T>;
@@ -438,11 +440,11 @@ void backward_impl(const Inputs<S>& in, const Strided<S>& grad_out, const S* out
   for (int64_t phase = 0; phase < 2; ++phase) {
     const int64_t mine = (groups - phase + 1) / 2;  // groups phase, phase + 2, ...
     at::parallel_for(0, P * mine, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> sbuf(BLOCK_Q * span_keys), gbuf(BLOCK_Q * span_keys), pbuf(span_keys), delta(BLOCK_Q);
+      std::vector<T> sbuf(BLOCK_Q * span_keys), gbuf(BLOCK_Q * span_keys), pbuf(span_keys);
       std::vector<T> fbuf(in.dropout ? span_keys : 0);
       std::vector<S> wbuf(same ? 0 : BLOCK_Q * span_keys), dsbuf(same ? 0 : BLOCK_Q * span_keys);
       std::vector<S> gobuf(grad_out.in_place(in.dv) ? 0 : BLOCK_Q * in.dv);
-      std::vector<T> qbuf(same && !in.key_scale ? 0 : BLOCK_Q * in.d), x(same ? 0 : in.dv), y(same ? 0 : in.dv);
+      std::vector<T> qbuf(same && !in.key_scale ? 0 : BLOCK_Q * in.d);
       std::vector<T> tbuf(in.key_scale ? BLOCK_Q * in.d : 0);
       std::vector<S> qsbuf(in.key_scale ? span_keys / w * BLOCK_Q * in.d : 0);
       T* db = nullptr;
@@ -474,16 +476,6 @@ void backward_impl(const Inputs<S>& in, const Strided<S>& grad_out, const S* out
             const S* vb = in.v + (p * n + b.klo) * in.dv;
             int64_t ldg;
             const S* gob = grad_out.rows(p, b.r0, m, in.dv, gobuf.data(), ldg);
-            for (int64_t r = 0; r < m; ++r) {  // delta_i = <dO_i, O_i>
-              const S* o = out + (p * n + b.r0 + r) * in.dv;
-              if constexpr (same) {
-                delta[r] = dot(gob + r * ldg, o, in.dv);
-              } else {
-                at::vec::convert(gob + r * ldg, x.data(), in.dv);
-                at::vec::convert(o, y.data(), in.dv);
-                delta[r] = dot(x.data(), y.data(), in.dv);
-              }
-            }
             T* scores = sbuf.data();
             T* G = gbuf.data();
             in.scores(b, scores, qsbuf.data());
@@ -500,7 +492,7 @@ void backward_impl(const Inputs<S>& in, const Strided<S>& grad_out, const S* out
                 in.dropout_factors(p, i, b.klo + a, e - a, fbuf.data());
                 mul_row(g + a, fbuf.data(), e - a);
               }
-              logit_grad(s + a, g + a, e - a, delta[i - b.r0]);
+              logit_grad(s + a, g + a, e - a, dot(s + a, g + a, e - a));
               if (in.dropout) mul_row(s + a, fbuf.data(), e - a);  // s: the dropped weights, for dV
               std::fill(g, g + a, T(0));
               std::fill(g + e, g + L, T(0));
@@ -722,14 +714,15 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
 // Gradients of q (q's dtype), of k and v and of bias (the accumulation type).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lse, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& keep, const std::optional<at::Tensor>& key_scale, int64_t w, int64_t lb,
     int64_t lf, bool causal, bool exact,
     double scale, bool mask_self, double dropout_p, int64_t seed) {
   check(q, k, v, bias, keep, key_scale, lb, lf);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1)");
-  TORCH_CHECK(out.is_contiguous() && lse.is_contiguous(), "saved tensors must be contiguous");
-  TORCH_CHECK(grad_out.dim() == 3 && grad_out.sizes() == out.sizes(), "grad_out must have out's shape");
+  TORCH_CHECK(lse.is_contiguous() && lse.sizes() == at::IntArrayRef({q.size(0), q.size(1)}), "lse must be (P, n), contiguous");
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.sizes() == at::IntArrayRef({q.size(0), q.size(1), v.size(2)}),
+              "grad_out must have the output's shape");
   TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && lse.scalar_type() == acc_type(q), "saved tensor dtypes");
   const auto acc = q.options().dtype(acc_type(q));
   auto& pool = OutputPool::instance();
@@ -741,7 +734,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     using T = Acc<scalar_t>;
     auto in = make_inputs<scalar_t>(q, k, v, bias, keep, key_scale, w, lb, lf, causal, exact, scale, mask_self, dropout_p, seed);
     const Strided<scalar_t> go{grad_out.data_ptr<scalar_t>(), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2)};
-    backward_impl(in, go, out.data_ptr<scalar_t>(), lse.data_ptr<T>(),
+    backward_impl(in, go, lse.data_ptr<T>(),
                   dq.data_ptr<scalar_t>(), dk.data_ptr<T>(), dv.data_ptr<T>(),
                   bias.has_value() ? dbias.data_ptr<T>() : nullptr);
   });

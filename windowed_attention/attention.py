@@ -13,7 +13,7 @@ from .ops.api import pack_leading, unpack_leading
 from .ops.decode import attend_one, score_row
 from .ops.dtypes import accumulation_dtype
 from .ops.validation import check_attn_bias, check_bool, check_mask, check_probability, check_qkv, check_scale
-from .positional import SinusoidalEmbeddings, rotate, xpos_factors
+from .positional import SinusoidalEmbeddings, apply_rotation, rotate, rotation_tables, xpos_factors
 
 
 class LocalAttention(nn.Module):
@@ -67,6 +67,7 @@ class LocalAttention(nn.Module):
             )
         elif self.use_xpos:
             raise ValueError("use_xpos needs rotary embeddings: give dim (the head dim) and keep use_rotary_pos_emb=True")
+        self._rotation_cache = None  # (key, tables) of the last call: see `_rotation`
 
     def forward(self, q, k, v, mask=None, input_mask=None, attn_bias=None, window_size=None):
         """`q, k` `(..., n, d)`, `v` `(..., n, d_v)` -> `(..., n, d_v)`; `mask` `(b, n)` bool, True = attend."""
@@ -110,14 +111,23 @@ class LocalAttention(nn.Module):
         """Rotary (+ window-relative xpos) on `q, k` `(P, n, d)`; returns `q, k, key_scale`."""
         if self.rel_pos is None:
             return q, k, None
-        n = q.shape[-2]
-        cos, sin = self.rel_pos.rotation(torch.arange(n, device=q.device))
-        if not self.use_xpos:
-            return rotate(q, cos, sin), rotate(k, cos, sin), None
-        q_factor, k_factor, key_scale = xpos_factors(
-            self.rel_pos, n, spec.window_size, spec.look_backward, spec.look_forward, q.device
-        )
-        return rotate(q, cos, sin, q_factor), rotate(k, cos, sin, k_factor), key_scale
+        q_tables, k_tables, key_scale = self._rotation(q.shape[-2], spec, q.device, q.dtype)
+        return apply_rotation(q, q_tables), apply_rotation(k, k_tables), key_scale
+
+    def _rotation(self, n: int, spec, device, dtype):
+        """The rotation tables of q and k and the xpos key scale for this length and window, kept for the
+        next call with the same ones (they depend on nothing learned)."""
+        key = (n, spec, device, dtype)
+        if self._rotation_cache is None or self._rotation_cache[0] != key:
+            cos, sin = self.rel_pos.rotation(torch.arange(n, device=device))
+            q_factor = k_factor = key_scale = None
+            if self.use_xpos:
+                q_factor, k_factor, key_scale = xpos_factors(
+                    self.rel_pos, n, spec.window_size, spec.look_backward, spec.look_forward, device
+                )
+            tables = (rotation_tables(cos, sin, q_factor, dtype), rotation_tables(cos, sin, k_factor, dtype), key_scale)
+            self._rotation_cache = (key, tables)
+        return self._rotation_cache[1]
 
     def decode(self, q, k, v, position: int, attn_bias=None):
         """Attention of the one query at absolute `position` over its most recent keys.

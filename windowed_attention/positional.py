@@ -15,6 +15,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from .ops import fused_cpu
 from .ops.validation import check_bool, check_int
 
 
@@ -87,14 +88,46 @@ class SinusoidalEmbeddings(nn.Module):
         return torch.cat((scale, scale), dim=-1)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:
-    """Rotate `x` `(..., n, d)` by `cos, sin` `(n, d)`, optionally times `factor` `(n, d)`; in float32 or wider."""
-    dtype = x.dtype
-    x = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+def rotation_tables(cos: torch.Tensor, sin: torch.Tensor, factor: torch.Tensor | None, dtype: torch.dtype):
+    """`(c, s)` `(n, d / 2)`: `cos, sin` `(n, d)` (float64, both halves equal) times `factor` `(n, d)`, in the
+    dtype the rotation of `dtype` inputs computes in (float64 for float64, else float32)."""
     if factor is not None:
         cos, sin = cos * factor, sin * factor
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return (x * cos + rotate_half(x) * sin).to(dtype)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    h = cos.shape[-1] // 2
+    return cos[..., :h].to(compute).contiguous(), sin[..., :h].to(compute).contiguous()
+
+
+class _RotateCPU(torch.autograd.Function):
+    """The rotation in one pass of our CPU kernel forward and one backward (`ops/csrc/rotary_cpu.cpp`)."""
+
+    @staticmethod
+    def forward(ctx, x, c, s):
+        ctx.save_for_backward(c, s)
+        return fused_cpu.kernel().rotate(x, c, s, False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        c, s = ctx.saved_tensors
+        return fused_cpu.kernel().rotate(grad, c, s, True), None, None
+
+
+def apply_rotation(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate `x` `(..., n, d)` by `rotation_tables` `(c, s)`: `x1 c - x2 s`, `x2 c + x1 s` over the halves of
+    the last dim (local-attention's `x * cos + rotate_half(x) * sin`), computed in the tables' dtype and
+    returned in x's. On CPU our kernel does it in one pass each way; elsewhere the torch expression."""
+    c, s = tables
+    if x.device.type == "cpu" and fused_cpu.available():
+        return _RotateCPU.apply(x.reshape(-1, *x.shape[-2:]), c, s).view(x.shape)
+    dtype = x.dtype
+    x = x.to(c.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate `x` `(..., n, d)` by `cos, sin` `(n, d)`, optionally times `factor` `(n, d)`; in float32 or wider."""
+    return apply_rotation(x, rotation_tables(cos, sin, factor, x.dtype))
 
 
 def xpos_factors(emb: SinusoidalEmbeddings, n: int, window_size: int, look_backward: int, look_forward: int, device):

@@ -6,12 +6,11 @@ the attention output; inputs that need gradients have `requires_grad` set by the
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
 
-from windowed_attention import local_attention
+from windowed_attention import LocalAttention, local_attention
 from windowed_attention.ops import sdpa_blocks
 from windowed_attention.ops.spec import WindowSpec
 
@@ -23,27 +22,16 @@ def qkv(n: int, dtype=torch.float32, seed: int = 0):
     return tuple(torch.randn(1, HEADS, n, DIM, generator=g).to(dtype) for _ in range(3))
 
 
-@functools.lru_cache(maxsize=8)
-def _rotary_tables(n: int, dtype):
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, DIM, 2, dtype=torch.float64) / DIM))
-    angles = torch.arange(n, dtype=torch.float64)[:, None] * inv_freq
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def rotary(x: torch.Tensor) -> torch.Tensor:
-    """Standard rotary embedding by absolute position: scores then depend on `i - j` only."""
-    cos, sin = _rotary_tables(x.shape[-2], x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
 def ours(n, w, dtype=torch.float32, exact=False, rotary_pos=False, backend="auto"):
-    """Our op as users call it (`auto`: the fused CPU kernel when built)."""
+    """Our op as users call it (`auto`: the fused CPU kernel when built); with rotary, our `LocalAttention`
+    module (rotary inside, as local-attention's module does it)."""
+    if rotary_pos:
+        if backend != "auto":
+            raise ValueError("rotary runs through the LocalAttention module, which always takes backend='auto'")
+        module = LocalAttention(window_size=w, causal=True, look_backward=1, exact_windowsize=exact, dim=DIM)
+        return lambda q, k, v: module(q, k, v)
 
     def fn(q, k, v):
-        if rotary_pos:
-            q, k = rotary(q), rotary(k)
         return local_attention(q, k, v, window_size=w, causal=True, look_backward=1, exact_windowsize=exact, backend=backend)
 
     return fn

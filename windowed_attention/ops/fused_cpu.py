@@ -34,8 +34,10 @@ import torch
 from .dtypes import accumulation_dtype, autocast_inputs
 from .spec import WindowSpec
 
-SOURCE = Path(__file__).parent / "csrc" / "local_attention_cpu.cpp"
-HEADERS = sorted(SOURCE.parent.glob("*.h"))  # included by SOURCE: part of what the build's hash covers
+CSRC = Path(__file__).parent / "csrc"
+# the attention kernel, and the rotary kernel the modules use on CPU (`positional.py`), in one library
+SOURCES = [CSRC / "local_attention_cpu.cpp", CSRC / "rotary_cpu.cpp"]
+HEADERS = sorted(CSRC.glob("*.h"))  # included by the sources: part of what the build's hash covers
 DISABLE_ENV = "WINDOWED_ATTENTION_NO_FUSED"
 POOL_ENV = "WINDOWED_ATTENTION_POOL_MB"
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -75,7 +77,7 @@ def _build():
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", *_capability_flags(),
     ]
     digest = hashlib.sha256(
-        b"".join(path.read_bytes() for path in (SOURCE, *HEADERS)) + " ".join([torch.__version__, compiler, *flags]).encode()
+        b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS)) + " ".join([torch.__version__, compiler, *flags]).encode()
     ).hexdigest()[:16]
     library = _cache_dir() / f"local_attention_cpu_{digest}.so"
     if not library.exists():
@@ -84,7 +86,7 @@ def _build():
         command = [
             compiler, *flags, "-isystem", str(torch_dir / "include"),
             "-isystem", str(torch_dir / "include" / "torch" / "csrc" / "api" / "include"),
-            str(SOURCE), "-o", str(partial), f"-L{torch_dir / 'lib'}", f"-Wl,-rpath,{torch_dir / 'lib'}",
+            *map(str, SOURCES), "-o", str(partial), f"-L{torch_dir / 'lib'}", f"-Wl,-rpath,{torch_dir / 'lib'}",
             "-lc10", "-ltorch_cpu",
         ]
         _log.info("compiling the fused CPU kernel into %s (once)", library)

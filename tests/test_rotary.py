@@ -57,8 +57,9 @@ def test_rotation_kernel_matches_the_expression(P, n, half, xpos, layout, dtype,
     assert (leaf.grad.double() - ref_leaf.grad).abs().max().item() <= TOL[dtype] * grad_scale
 
 
-def test_modules_take_the_kernel_on_cpu(monkeypatch):
-    """`apply_rotation` uses the kernel on CPU where it is built (so the tests above cover the modules' path)."""
+def test_modules_take_the_kernel_on_cpu_for_all_but_small_tensors(monkeypatch):
+    """`apply_rotation` uses the kernel on CPU where it is built (so the tests above cover the modules' path),
+    except for small tensors such as a decoding step's."""
     from windowed_attention import LocalAttention
 
     assert fused_cpu.available()
@@ -70,6 +71,8 @@ def test_modules_take_the_kernel_on_cpu(monkeypatch):
         return original(ctx, *args)
 
     monkeypatch.setattr(_RotateCPU, "forward", staticmethod(counted))
-    q = torch.randn(2, 3, 16, 8)
+    q = torch.randn(2, 3, 256, 8)  # 6144 elements: at least KERNEL_MIN_NUMEL
     LocalAttention(window_size=4, causal=True, dim=8)(q, q, q)
     assert len(calls) == 2  # q and k
+    LocalAttention(window_size=4, causal=True, dim=8)(*(q[..., :4, :],) * 3)
+    assert len(calls) == 2  # 96 elements: the torch expression

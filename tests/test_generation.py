@@ -167,3 +167,13 @@ def test_fast_step_matches_reference_decode(options):
         torch.testing.assert_close(fast, reference, atol=1e-4, rtol=1e-4)
         assert state.position == caches[0].length == t + 1
     assert not decoder.supported(tiny(use_xpos=True))
+
+
+def test_streaming_an_eval_model_never_switches_modes(monkeypatch):
+    """`train()` walks every submodule; per token it cost a sixth of a decoding step. A model already in
+    eval mode must not be switched at all."""
+    model = tiny()
+    switches = []
+    monkeypatch.setattr(torch.nn.Module, "train", lambda self, mode=True: switches.append(mode) or self)
+    tokens = list(stream(model, torch.randint(0, 40, (1, 5)), 20))
+    assert len(tokens) == 20 and switches == []

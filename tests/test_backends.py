@@ -371,6 +371,8 @@ def test_fused_outputs_reuse_pooled_memory_exactly():
 
 
 def test_fused_pool_can_be_turned_off():
+    from windowed_attention.ops import fused_cpu
+
     code = (
         "import torch\n"
         "from windowed_attention.ops import fused_cpu\n"
@@ -381,7 +383,7 @@ def test_fused_pool_can_be_turned_off():
         "print(fused_cpu.idle_bytes())\n"
     )
     for cap, pooled in (("0", False), ("64", True)):
-        env = dict(os.environ, WINDOWED_ATTENTION_POOL_MB=cap)
+        env = {**os.environ, fused_cpu.POOL_ENV: cap}
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
         assert (int(done.stdout.split()[-1]) > 0) == pooled, (cap, done.stdout)
 

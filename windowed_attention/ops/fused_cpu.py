@@ -5,14 +5,17 @@ PyTorch's fused CPU attention kernels cost a whole `(w, span * w)` block per win
 FlexAttention has no CPU backward. The kernel in `csrc/local_attention_cpu.cpp` works on blocks of 64
 query rows and computes, per block, only the contiguous range of keys those rows can see, so causal and
 exact windows skip their masked work; it keeps O(n d) memory (the log-sum-exp is saved, the weights are
-recomputed in the backward) and takes key padding masks, `attn_bias` (with its gradient), `shared_qk`, xpos
-(`key_scale`, a constant) and dropout (which weights drop is a hash of a seed drawn from torch's generator and the (head, query, key)
-position, so the backward recomputes them instead of storing a mask).
+recomputed in the backward) and takes key padding masks, `attn_bias` (with its gradient), `shared_qk`,
+xpos (`key_scale`, a constant) and dropout (which weights drop is a hash of a seed drawn from torch's
+generator and the (head, query, key) position, so the backward recomputes them instead of storing a
+mask). bfloat16 matmuls go to MKL, or to our own AVX512-BF16 GEMM (`csrc/bf16_gemm.h`) on CPUs that have
+those instructions but no AMX.
 
 Outputs of 32 MB and more (the output and the q, k, v gradients) come from a pool inside the kernel that
 keeps the memory of freed outputs for the next call, so long sequences do not pay fresh page faults
 every step; idle memory is marked reclaimable (MADV_FREE), bounded by `$WINDOWED_ATTENTION_POOL_MB`
-(default 1024, 0 turns the pool off) and returned by `release_memory()`.
+(`POOL_ENV`; default 1024, 0 turns the pool off, read once when the kernel loads) and returned by
+`release_memory()`.
 
 The source is compiled on first use (about 10 s; needs a C++20 compiler with OpenMP, `c++` or `$CXX`) into
 `~/.cache/windowed_attention` (or `$WINDOWED_ATTENTION_CACHE`) and reused from there. Where it cannot be

@@ -12,9 +12,10 @@
 // the log-sum-exp. Backward recomputes P from the log-sum-exp, takes the softmax gradient with
 // delta_i = sum_j P_ij dP_ij from the recomputed rows (not <dO_i, O_i>: equal in exact arithmetic, but only
 // the row sum cancels exactly when a row's softmax saturates to one key, as autograd's does), and
-// accumulates dK, dV over the overlapping key ranges. Blocks of neighbouring windows share keys, so the backward runs in two phases over groups
-// of `max(look_backward + look_forward, 1)` windows: the groups of one phase never touch the same keys
-// and need no locks. Bias gradients go to one buffer per thread, summed at the end.
+// accumulates dK, dV over the overlapping key ranges. Blocks of neighbouring windows share keys, so the
+// backward runs in two phases over groups of `max(look_backward + look_forward, 1)` windows: the groups of
+// one phase never touch the same keys and need no locks. Bias gradients go to one buffer per thread,
+// summed at the end.
 //
 // Semantics are those of `reference.py`: a row that sees no key outputs zeros with zero gradients;
 // `mask_self` replaces a query's score with itself by -5e4; `bias` is (H, w, span*w), head = p % H;
@@ -88,7 +89,8 @@ std::atomic<bool> own_bf16_gemm{bf16_gemm::preferred()};
 
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloat16* a, int64_t lda,
           const c10::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (own_bf16_gemm.load(std::memory_order_relaxed)) return bf16_gemm::gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  if (own_bf16_gemm.load(std::memory_order_relaxed))
+    return bf16_gemm::gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
   const int M = m, N = n, K = k, LDA = lda, LDB = ldb, LDC = ldc;
   gemm_bf16bf16f32_(&trb, &tra, &N, &M, &K, &alpha, reinterpret_cast<const uint16_t*>(b), &LDB,
@@ -257,7 +259,8 @@ struct Inputs {
   // The dropout factors of query i of head p on keys [j0, j0 + count): 0 (dropped) or 1 / (1 - p).
   void dropout_factors(int64_t p, int64_t i, int64_t j0, int64_t count, T* f) const {
     const uint64_t row = static_cast<uint64_t>(p) * static_cast<uint64_t>(g.n) + static_cast<uint64_t>(i);
-    const uint32_t key = mix32(mix32(static_cast<uint32_t>(row) ^ seed_lo) + static_cast<uint32_t>(row >> 32) + seed_hi);
+    const uint32_t key =
+        mix32(mix32(static_cast<uint32_t>(row) ^ seed_lo) + static_cast<uint32_t>(row >> 32) + seed_hi);
     const uint32_t start = key + static_cast<uint32_t>(j0) * 0x9e3779b9U, m = static_cast<uint32_t>(count);
     const T kept = kept_scale;
     for (uint32_t c = 0; c < m; ++c) f[c] = mix32(start + c * 0x9e3779b9U) >= drop_below ? kept : T(0);
@@ -348,7 +351,8 @@ void forward_impl(const Inputs<S>& in, S* out, Acc<S>* lse) {
   at::parallel_for(0, in.P * nw * bpw, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(BLOCK_Q * span_keys), pbuf(span_keys), fbuf(in.dropout ? span_keys : 0);
     std::vector<T> obuf(same ? 0 : BLOCK_Q * in.dv);
-    std::vector<S> wbuf(same ? 0 : BLOCK_Q * span_keys), qsbuf(in.key_scale ? span_keys / in.g.w * BLOCK_Q * in.d : 0);
+    std::vector<S> wbuf(same ? 0 : BLOCK_Q * span_keys);
+    std::vector<S> qsbuf(in.key_scale ? span_keys / in.g.w * BLOCK_Q * in.d : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t p = t / (nw * bpw), win = (t / bpw) % nw, j = t % bpw;
       if (win * in.g.w + j * BLOCK_Q >= n) continue;
@@ -511,7 +515,8 @@ void backward_impl(const Inputs<S>& in, const Strided<S>& grad_out, const Acc<S>
               std::fill(acc, acc + m * in.d, T(0));
               in.for_each_slot(b, [&](int64_t slot, int64_t lo, int64_t hi) {
                 const S* ds = dlogits + (lo - b.klo);
-                gemm(false, false, m, in.d, hi - lo, in.scale, ds, L, kb + (lo - b.klo) * in.d, in.d, T(0), tbuf.data(), in.d);
+                gemm(false, false, m, in.d, hi - lo, in.scale, ds, L, kb + (lo - b.klo) * in.d, in.d, T(0), tbuf.data(),
+                     in.d);
                 const T* f = in.key_scale + slot * in.d;
                 for (int64_t r = 0; r < m; ++r)
                   for (int64_t c = 0; c < in.d; ++c) acc[r * in.d + c] += tbuf[r * in.d + c] * f[c];
@@ -545,7 +550,8 @@ void backward_impl(const Inputs<S>& in, const Strided<S>& grad_out, const Acc<S>
 template <typename S>
 Inputs<S> make_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& keep,
-                      const std::optional<at::Tensor>& key_scale, int64_t w, int64_t lb, int64_t lf, bool causal, bool exact, double scale, bool mask_self,
+                      const std::optional<at::Tensor>& key_scale, int64_t w, int64_t lb, int64_t lf, bool causal,
+                      bool exact, double scale, bool mask_self,
                       double dropout_p, int64_t seed) {
   using T = Acc<S>;
   Inputs<S> in{};

@@ -1,13 +1,15 @@
 """Timing, matmul peak and peak-memory measurement.
 
 Memory: each measurement runs in a fresh subprocess (`python -m windowed_attention.bench.measure`),
-which builds the inputs and warms up once, returns the memory the fused kernel keeps for reuse, then resets the kernel's peak-RSS counter
+which builds the inputs and warms up once, returns the memory the fused kernel keeps for reuse and the
+heap's free memory to the OS, then resets the kernel's peak-RSS counter
 (`echo 5 > /proc/self/clear_refs`) and reports `VmHWM - VmRSS` (both from /proc/self/status) around one
 call: the peak resident memory the call added. Linux only; None elsewhere.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import statistics
 import subprocess
@@ -76,6 +78,16 @@ def _status(field: str) -> int:
     raise KeyError(field)
 
 
+def _trim_heap() -> None:
+    """Return the heap's free memory to the OS (glibc's malloc_trim), so that memory the warm-up freed and
+    the measured call takes again counts as a rise; without it a call served from the warm-up's freed
+    blocks measured as 0."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _measure_here(config: dict) -> dict:
     torch.set_num_threads(config.get("threads") or torch.get_num_threads())
     dtype = getattr(torch, config["dtype"])
@@ -86,6 +98,7 @@ def _measure_here(config: dict) -> dict:
     for t in inputs:
         t.grad = None
     fused_cpu.release_memory()  # the measured call must not reuse the warm-up's outputs
+    _trim_heap()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status("VmRSS")

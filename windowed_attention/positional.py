@@ -16,6 +16,7 @@ from einops import rearrange
 from torch import nn
 
 from .ops import fused_cpu
+from .ops.dtypes import accumulation_dtype
 from .ops.validation import check_bool, check_int
 
 
@@ -93,7 +94,7 @@ def rotation_tables(cos: torch.Tensor, sin: torch.Tensor, factor: torch.Tensor |
     dtype the rotation of `dtype` inputs computes in (float64 for float64, else float32)."""
     if factor is not None:
         cos, sin = cos * factor, sin * factor
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    compute = accumulation_dtype(dtype)
     h = cos.shape[-1] // 2
     return cos[..., :h].to(compute).contiguous(), sin[..., :h].to(compute).contiguous()
 

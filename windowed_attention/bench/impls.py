@@ -6,7 +6,6 @@ the attention output; inputs that need gradients have `requires_grad` set by the
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 

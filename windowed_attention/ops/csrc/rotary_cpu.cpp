@@ -59,7 +59,7 @@ void rotate_rows(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& s
 // x (P, n, d) -> y (P, n, d) contiguous, in x's dtype; `transpose` for the backward.
 at::Tensor rotate(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin, bool transpose) {
   TORCH_CHECK(x_in.dim() == 3 && x_in.size(2) % 2 == 0, "x must be (P, n, d) with d even");
-  const auto acc = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = at::toOpMathType(x_in.scalar_type());  // the type the rows compute in (rotate_rows)
   TORCH_CHECK(cos.scalar_type() == acc && sin.scalar_type() == acc && cos.is_contiguous() && sin.is_contiguous(),
               "cos and sin must be contiguous, float64 for float64 x and float32 otherwise");
   TORCH_CHECK(cos.dim() == 2 && cos.size(0) == x_in.size(1) && cos.size(1) == x_in.size(2) / 2 && sin.sizes() == cos.sizes(),

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .ops import attend, make_spec
-from .ops.api import pack_leading, unpack_leading
+from .ops.api import fit_window, pack_leading, unpack_leading
 from .ops.decode import attend_one, score_row
 from .ops.dtypes import accumulation_dtype
-from .ops.validation import check_attn_bias, check_bool, check_mask, check_probability, check_qkv, check_scale
+from .ops.validation import (
+    check_attn_bias,
+    check_bool,
+    check_mask,
+    check_positive_real,
+    check_probability,
+    check_qkv,
+    check_scale,
+)
 from .positional import SinusoidalEmbeddings, apply_rotation, rotate, rotation_tables, xpos_factors
 
 
@@ -52,10 +58,8 @@ class LocalAttention(nn.Module):
         self.scale = check_scale(scale)
         use_rotary_pos_emb = check_bool("use_rotary_pos_emb", use_rotary_pos_emb)
         self.use_xpos = check_bool("use_xpos", use_xpos)
-        if xpos_scale_base is not None and (
-            isinstance(xpos_scale_base, bool) or not isinstance(xpos_scale_base, numbers.Real) or xpos_scale_base <= 0
-        ):
-            raise ValueError(f"xpos_scale_base must be a positive number or None, got {xpos_scale_base!r}")
+        if xpos_scale_base is not None:
+            xpos_scale_base = check_positive_real("xpos_scale_base", xpos_scale_base)
 
         if rel_pos_emb_config is not None:  # deprecated spelling of `dim` in local-attention
             dim = rel_pos_emb_config[0]
@@ -92,10 +96,11 @@ class LocalAttention(nn.Module):
         if mask is not None:
             check_mask(mask, packed, n, q.device)
         if attn_bias is not None:
-            check_attn_bias(attn_bias, packed, spec.window_size, spec.span, q.device)
+            check_attn_bias(attn_bias, packed, spec, n, q.device)
         if self.rel_pos is not None and d != self.rel_pos.dim:
             raise ValueError(f"dim ({self.rel_pos.dim}) must equal the head dim of q and k ({d}) for rotary embeddings")
 
+        spec, attn_bias = fit_window(spec, n, attn_bias)  # cost (xpos tables too) follows min(window, n)
         if self.shared_qk:
             k = F.normalize(k, dim=-1)
         q, k, key_scale = self._positions(q, k, spec)

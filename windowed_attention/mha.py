@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -11,7 +9,7 @@ from torch import nn
 
 from .attention import LocalAttention
 from .kv_cache import KVCache
-from .ops.validation import check_bool, check_int, check_probability
+from .ops.validation import MAX_SCALE, check_bool, check_int, check_positive_real, check_probability
 
 
 class LocalMHA(nn.Module):
@@ -46,8 +44,7 @@ class LocalMHA(nn.Module):
         dim, dim_head, heads = check_int("dim", dim, 1), check_int("dim_head", dim_head, 1), check_int("heads", heads, 1)
         prenorm, self.qk_rmsnorm = check_bool("prenorm", prenorm), check_bool("qk_rmsnorm", qk_rmsnorm)
         gate_values_per_head = check_bool("gate_values_per_head", gate_values_per_head)
-        if isinstance(qk_scale, bool) or not isinstance(qk_scale, numbers.Real) or qk_scale <= 0:
-            raise ValueError(f"qk_scale must be a positive number, got {qk_scale!r}")
+        qk_scale = check_positive_real("qk_scale", qk_scale, MAX_SCALE)
         if kwargs.get("use_rotary_pos_emb", True) and dim_head % 2:
             raise ValueError(f"dim_head must be even for rotary embeddings (or pass use_rotary_pos_emb=False), got {dim_head}")
         exact_windowsize = True if exact_windowsize is None else exact_windowsize

@@ -103,17 +103,21 @@ KERNEL_MIN_NUMEL = 4096
 
 
 class _RotateCPU(torch.autograd.Function):
-    """The rotation in one pass of our CPU kernel forward and one backward (`ops/csrc/rotary_cpu.cpp`)."""
+    """The rotation in one pass of our CPU kernel forward and one backward (`ops/csrc/rotary_cpu.cpp`).
+
+    The rotation is linear, so its backward is the transposed rotation applied through this same
+    function: gradients of any order are exact (`create_graph=True` works)."""
 
     @staticmethod
-    def forward(ctx, x, c, s):
+    def forward(ctx, x, c, s, transpose: bool = False):
         ctx.save_for_backward(c, s)
-        return fused_cpu.kernel().rotate(x, c, s, False)
+        ctx.transpose = transpose
+        return fused_cpu.kernel().rotate(x, c, s, transpose)
 
     @staticmethod
     def backward(ctx, grad):
         c, s = ctx.saved_tensors
-        return fused_cpu.kernel().rotate(grad, c, s, True), None, None
+        return _RotateCPU.apply(grad, c, s, not ctx.transpose), None, None, None
 
 
 def apply_rotation(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

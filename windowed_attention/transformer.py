@@ -99,10 +99,12 @@ class LocalTransformer(nn.Module):
         if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.num_tokens):
             raise ValueError(f"{name} must hold token ids in [0, num_tokens = {self.num_tokens}), got range [{int(x.min())}, {int(x.max())}]")
 
-    def _attn_bias(self):
+    def _attn_bias(self, n: int | None = None):
+        """The dynamic position bias `(heads, w, span * w)`; for a whole sequence of `n` positions that of
+        the window `min(w, n)` (the op takes either), so its cost never follows a longer window."""
         if self.dynamic_pos_bias is None:
             return None
-        spec = self.spec
+        spec = self.spec if n is None else self.spec.for_length(n)
         w = spec.window_size
         return self.dynamic_pos_bias(w, spec.span * w, offset=spec.look_backward * w)
 
@@ -141,7 +143,7 @@ class LocalTransformer(nn.Module):
         if self.pos_emb is not None:
             h = h + self.pos_emb(torch.arange(start, start + n, device=x.device))
 
-        attn_bias = self._attn_bias()
+        attn_bias = self._attn_bias(n if cache is None else None)
         new_caches = []
         for index, (attn, ff) in enumerate(self.layers):
             out = attn(h, mask=mask, attn_bias=attn_bias, cache=None if cache is None else cache[index],

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backends
+from .dtypes import autocast_inputs, result_dtype, without_autocast
 from .spec import WindowSpec
 from .validation import (
     check_attn_bias,
@@ -58,14 +59,37 @@ def attend(
     `mask_self` replaces each query's score with itself by -5e4 (the shared-qk rule); `key_scale`
     `(span, d)` scales the keys of each neighbour window (xpos uses it to stay window-relative).
     """
-    if q.shape[1] == 0:
-        return q.new_zeros(*q.shape[:-1], v.shape[-1])
-    name = backends.choose(q, spec, value_dim=v.shape[-1], mask=mask, attn_bias=attn_bias, mask_self=mask_self,
-                           key_scale=key_scale, dropout_p=dropout_p) if backend == "auto" else backend
-    return backends.get(name)(
-        q, k, v, spec, scale=scale, mask=mask, attn_bias=attn_bias, mask_self=mask_self,
-        key_scale=key_scale, dropout_p=dropout_p,
-    )
+    n = q.shape[1]
+    if n == 0:
+        return q.new_zeros(*q.shape[:-1], v.shape[-1], dtype=result_dtype(q.dtype, q.device.type))
+    spec, attn_bias = fit_window(spec, n, attn_bias)
+    # Under autocast every backend computes float32 inputs in the autocast dtype and returns it, so the
+    # result's dtype never depends on the backend.
+    device_type = q.device.type
+    q, k, v = autocast_inputs(q, k, v)
+    with without_autocast(device_type):
+        name = backends.choose(q, spec, value_dim=v.shape[-1], mask=mask, attn_bias=attn_bias, mask_self=mask_self,
+                               key_scale=key_scale, dropout_p=dropout_p) if backend == "auto" else backend
+        return backends.get(name)(
+            q, k, v, spec, scale=scale, mask=mask, attn_bias=attn_bias, mask_self=mask_self,
+            key_scale=key_scale, dropout_p=dropout_p,
+        )
+
+
+def fit_window(spec: WindowSpec, n: int, attn_bias: torch.Tensor | None) -> tuple[WindowSpec, torch.Tensor | None]:
+    """`(spec, attn_bias)` for the window `min(window_size, n)` (`WindowSpec.for_length`): the same result,
+    at a cost that follows the sequence, not the window.
+
+    `attn_bias` may come for either window: `(heads, w, span * w)` is cut to `(heads, n, span * n)`. With
+    `w > n` every key lies in the query's own window (slot `look_backward`), so only that slot's first `n`
+    columns are kept; the other slots lie outside the sequence and are never seen.
+    """
+    small = spec.for_length(n)
+    if small is spec or attn_bias is None or attn_bias.shape[-2] == small.window_size:
+        return small, attn_bias
+    w, m = spec.window_size, small.window_size
+    own = attn_bias[:, :m, spec.look_backward * w : spec.look_backward * w + m]
+    return small, F.pad(own, (spec.look_backward * m, spec.look_forward * m))
 
 
 def local_attention(
@@ -91,7 +115,7 @@ def local_attention(
     `i // w - look_backward ... i // w + look_forward` (and `j <= i` when causal; within
     `w * look_backward` back and `w * look_forward` ahead with `exact_windowsize`), where `mask`
     `(b, n)` is True. `attn_bias` `(heads, w, (look_backward + look_forward + 1) * w)` is added to the
-    scores. `shared_qk` l2-normalises keys and lets a query see itself only when nothing else is
+    scores (when `w > n` it may also be given for the window `n`: cost follows `min(w, n)`). `shared_qk` l2-normalises keys and lets a query see itself only when nothing else is
     visible. A query that sees no key outputs zeros. Any `n` works (no padding needed).
     """
     check_qkv(q, k, v)
@@ -102,13 +126,13 @@ def local_attention(
     backend = backends.check_name(backend, q.device)
 
     if q.shape[-2] == 0:  # nothing to attend (and no packed batch size can be inferred)
-        return q.new_zeros(*q.shape[:-1], v.shape[-1])
+        return q.new_zeros(*q.shape[:-1], v.shape[-1], dtype=result_dtype(q.dtype, q.device.type))
     lead, (q, k, v) = pack_leading(q, k, v)
     packed, n = q.shape[0], q.shape[1]
     if mask is not None:
         check_mask(mask, packed, n, q.device)
     if attn_bias is not None:
-        check_attn_bias(attn_bias, packed, spec.window_size, spec.span, q.device)
+        check_attn_bias(attn_bias, packed, spec, n, q.device)
 
     if shared_qk:
         k = F.normalize(k, dim=-1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -24,3 +26,17 @@ def autocast_inputs(*tensors: torch.Tensor, takes=None) -> tuple[torch.Tensor, .
     if low is None or tensors[0].dtype != torch.float32 or (takes is not None and low not in takes):
         return tensors
     return tuple(t.to(low) for t in tensors)
+
+
+def result_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype the op returns for inputs of `dtype`: the autocast dtype for float32 under autocast
+    (every backend alike), else `dtype`."""
+    low = autocast_dtype(device_type)
+    return low if low is not None and dtype == torch.float32 else dtype
+
+
+def without_autocast(device_type: str):
+    """A context that turns autocast off on this device type (a no-op where it is not on)."""
+    if autocast_dtype(device_type) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)

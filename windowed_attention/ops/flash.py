@@ -55,7 +55,8 @@ def flash_attn_backend(
     w = spec.window_size
     left, right = w * spec.look_backward, 0 if spec.causal else w * spec.look_forward
     # flash-attn wants (batch, seqlen, heads, dim): the packed P rows become heads of one batch.
-    q4, k4, v4 = (t.transpose(0, 1)[None] for t in (q, k, v))
+    # flash-attn needs the last dim contiguous: other layouts are copied.
+    q4, k4, v4 = ((t if t.stride(-1) == 1 else t.contiguous()).transpose(0, 1)[None] for t in (q, k, v))
     out = flash_attn_func(q4, k4, v4, dropout_p=dropout_p, softmax_scale=scale, causal=spec.causal,
                           window_size=(left, right))
     return out[0].transpose(0, 1)

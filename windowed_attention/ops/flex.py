@@ -100,5 +100,7 @@ def flex_attention_backend(
             return score
 
     attend = _compiled_flex() if q.is_cuda else flex_attention
+    # the kernels read rows as contiguous vectors: other layouts are copied
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = attend(q[None], k[None], v[None], score_mod=score_mod, block_mask=block_mask, scale=scale)
     return out[0]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from .dtypes import accumulation_dtype
+from .dtypes import accumulation_dtype, autocast_inputs, without_autocast
 from .spec import SELF_ATTN_SCORE, WindowSpec
 
 
@@ -52,7 +52,15 @@ def reference_attention(
     key_scale: torch.Tensor | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Local attention over windows, materialising the `(P, windows, w, span * w)` scores."""
+    """Local attention over windows, materialising the `(P, windows, w, span * w)` scores.
+
+    Under autocast, float32 inputs compute in the autocast dtype, as in every backend."""
+    q, k, v = autocast_inputs(q, k, v)
+    with without_autocast(q.device.type):
+        return _blocked(q, k, v, spec, scale, mask, attn_bias, mask_self, key_scale, dropout_p)
+
+
+def _blocked(q, k, v, spec: WindowSpec, scale, mask, attn_bias, mask_self, key_scale, dropout_p) -> torch.Tensor:
     P, n, d = q.shape
     w, out_dtype = spec.window_size, q.dtype
     compute_dtype = accumulation_dtype(q.dtype)
@@ -89,8 +97,9 @@ def reference_attention(
 
     sim = sim.masked_fill(~visible, float("-inf"))
     # A query that sees no key outputs zeros: its row would be all -inf (NaN softmax, NaN gradients), so
-    # it is replaced by zeros before the softmax and its weights are zeroed after.
-    sees_any = visible.any(dim=-1, keepdim=True)
+    # it is replaced by zeros before the softmax and its weights are zeroed after. A row that `attn_bias`
+    # sets to -inf at every visible key is such a row too (a NaN score still propagates as NaN).
+    sees_any = (sim != float("-inf")).any(dim=-1, keepdim=True)
     attn = torch.softmax(torch.where(sees_any, sim, 0.0), dim=-1) * sees_any
     if dropout_p > 0.0:
         attn = F.dropout(attn, p=dropout_p)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .dtypes import accumulation_dtype, autocast_inputs
 from .spec import WindowSpec
@@ -143,6 +144,7 @@ class _FlashSpans(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the fused backward kernel has no derivative: a second one raises, never wrong
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         plan: _Plan = ctx.plan
@@ -213,6 +215,8 @@ def sdpa_blocks_attention(
         q = F.pad(q, (0, 0, 0, pad))
     with torch.autocast(device_type, enabled=False):
         plan = _Plan(spec, n, windows, key_ok, scale, key_scale, q.dtype, q.device, P * spec.span * w * q.shape[-1])
-        out = _FlashSpans.apply(q, k.contiguous(), v.contiguous(), plan)
+        # The CPU flash kernel reads rows as contiguous vectors (a transposed view gives wrong values): the
+        # chunks are views of contiguous q, k, v.
+        out = _FlashSpans.apply(q.contiguous(), k.contiguous(), v.contiguous(), plan)
     # slice only when needed: a slice's backward allocates a zero-filled gradient of the full output
     return out if (pad == 0 and dv == out.shape[-1]) else out[:, :n, :dv]

@@ -6,7 +6,7 @@ exact windows. Key padding masks, biases and `shared_qk` are per-call inputs and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -34,6 +34,16 @@ class WindowSpec:
     def span(self) -> int:
         """Number of windows a query window looks at."""
         return self.look_backward + self.look_forward + 1
+
+    def for_length(self, n: int) -> "WindowSpec":
+        """The same rule on a sequence of `n` positions with the window `min(window_size, n)`, so that cost
+        never follows a window larger than the sequence.
+
+        With `w >= n` every position lies in window 0 and each condition holds alike for `w` and `n`:
+        the block bounds always, `i - j <= w * look_backward` (and `j - i <= w * look_forward`) always
+        when the look-around is >= 1 and as `i - j <= 0` (`j - i <= 0`) when it is 0.
+        """
+        return self if self.window_size <= n else replace(self, window_size=max(n, 1))
 
     def visible(self, i: torch.Tensor, j: torch.Tensor, n: int) -> torch.Tensor:
         """Boolean visibility of key positions `j` from query positions `i` (broadcasting)."""

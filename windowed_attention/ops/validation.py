@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -42,14 +43,27 @@ def check_look(causal: bool, look_backward, look_forward) -> tuple[int, int]:
     return look_backward, look_forward
 
 
-def check_scale(scale) -> float | None:
+# Largest attention scale accepted: beyond it the softmax is a hard argmax for any two scores that
+# differ at all, and scores of large queries and keys overflow float32 (to inf, then NaN).
+MAX_SCALE = 1e4
+
+
+def check_positive_real(name: str, value, maximum: float = float("inf")) -> float:
+    """A finite real number in `(0, maximum]` (not a bool), as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive finite number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (0.0 < value <= maximum and math.isfinite(value)):
+        bound = "" if maximum == float("inf") else f" at most {maximum:g}"
+        raise ValueError(f"{name} must be a positive finite number{bound}, got {value!r}")
+    return value
+
+
+def check_scale(scale, name: str = "scale") -> float | None:
+    """An attention scale: None (the default `d ** -0.5`) or a finite number in `(0, MAX_SCALE]`."""
     if scale is None:
         return None
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a positive float or None, got {type(scale).__name__} {scale!r}")
-    if not 0.0 < float(scale) < float("inf"):
-        raise ValueError(f"scale must be a positive finite float or None, got {scale}")
-    return float(scale)
+    return check_positive_real(name, scale, MAX_SCALE)
 
 
 def check_qkv(q, k, v) -> None:
@@ -88,16 +102,19 @@ def check_mask(mask, packed: int, n: int, device, name: str = "mask") -> None:
         raise ValueError(f"{name} must be on the device of q ({device}), got {mask.device}")
 
 
-def check_attn_bias(attn_bias, packed: int, window_size: int, span: int, device) -> None:
-    """Bias `(heads, w, span * w)`, float, with `heads` dividing the packed batch."""
+def check_attn_bias(attn_bias, packed: int, spec, n: int, device) -> None:
+    """Bias `(heads, w, span * w)`, float, with `heads` dividing the packed batch; when the window is
+    longer than the sequence also `(heads, n, span * n)`, the same bias for the window `n`."""
     if not isinstance(attn_bias, torch.Tensor):
         raise TypeError(f"attn_bias must be a float tensor of shape (heads, w, span * w), got {type(attn_bias).__name__}")
     if attn_bias.dtype not in FLOAT_DTYPES:
         raise TypeError(f"attn_bias must be a float tensor, got dtype {attn_bias.dtype}")
-    expected = (window_size, span * window_size)
-    if attn_bias.ndim != 3 or tuple(attn_bias.shape[1:]) != expected or attn_bias.shape[0] == 0 or packed % attn_bias.shape[0] != 0:
+    windows = {spec.window_size, spec.for_length(n).window_size}
+    fits = attn_bias.ndim == 3 and any(tuple(attn_bias.shape[1:]) == (w, spec.span * w) for w in windows)
+    if not fits or attn_bias.shape[0] == 0 or packed % attn_bias.shape[0] != 0:
+        w = spec.window_size
         raise ValueError(
-            f"attn_bias must have shape (heads, {expected[0]}, {expected[1]}) = (heads, window_size, "
+            f"attn_bias must have shape (heads, {w}, {spec.span * w}) = (heads, window_size, "
             f"(look_backward + look_forward + 1) * window_size) with heads dividing the packed batch {packed}, "
             f"got {tuple(attn_bias.shape)}"
         )

@@ -1,0 +1,323 @@
+"""No silent wrong results from the op: any memory layout, degenerate rows, autocast, windows longer than
+the sequence, second derivatives and absurd scales.
+
+Every backend that runs on CPU (`reference`, `sdpa`, `fused`; `flex` forward in eager mode) is checked
+against the reference on contiguous float64 copies of the same inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from windowed_attention import LocalAttention, LocalMHA, LocalTransformer, local_attention
+from windowed_attention.ops import backends
+from windowed_attention.ops.flex import flex_attention_backend
+from windowed_attention.ops.reference import reference_attention
+from windowed_attention.ops.spec import WindowSpec
+
+CPU_BACKENDS = [name for name in ("reference", "sdpa", "fused") if name == "reference" or backends.availability()[name]]
+LAYOUTS = ["contiguous", "transposed", "sliced", "strided", "expanded", "heads-outer", "broadcast-rows"]
+
+
+def laid_out(layout: str, shape: tuple[int, ...], dtype, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(leaf, view)`: `view` has `shape` `(..., n, d)` in the given memory layout and is a differentiable
+    function of `leaf` (gradients are compared on the leaf)."""
+    *lead, n, d = shape
+    if layout == "contiguous":
+        leaf = torch.randn(*shape, generator=g, dtype=torch.float64)
+        make = lambda t: t
+    elif layout == "transposed":  # last dim not contiguous
+        leaf = torch.randn(*lead, d, n, generator=g, dtype=torch.float64)
+        make = lambda t: t.transpose(-1, -2)
+    elif layout == "sliced":  # an offset window of a larger tensor
+        leaf = torch.randn(*lead, n + 3, d + 5, generator=g, dtype=torch.float64)
+        make = lambda t: t[..., 1 : n + 1, 2 : d + 2]
+    elif layout == "strided":  # every other element of the last dim
+        leaf = torch.randn(*lead, n, 2 * d, generator=g, dtype=torch.float64)
+        make = lambda t: t[..., ::2]
+    elif layout == "expanded":  # one row of the leading dims shared by all (stride 0)
+        leaf = torch.randn(*[1] * len(lead), n, d, generator=g, dtype=torch.float64)
+        make = lambda t: t.expand(*shape)
+    elif layout == "heads-outer":  # (n, ..., d) in memory, as from a (b, n, h, d) projection
+        leaf = torch.randn(n, *lead, d, generator=g, dtype=torch.float64)
+        make = lambda t: t.movedim(0, -2)
+    elif layout == "broadcast-rows":  # one position repeated along n (stride 0 there)
+        leaf = torch.randn(*lead, 1, d, generator=g, dtype=torch.float64)
+        make = lambda t: t.expand(*shape)
+    else:
+        raise AssertionError(layout)
+    leaf = leaf.to(dtype).requires_grad_()
+    return leaf, make
+
+
+@st.composite
+def layout_problems(draw):
+    causal = draw(st.booleans())
+    w = draw(st.integers(1, 12))
+    lb = draw(st.integers(0, 2))
+    lf = 0 if causal else draw(st.integers(0, 2))
+    # whole windows and equal head dims half of the time: backends then skip their padding copies
+    n = w * draw(st.integers(1, max(1, 40 // w))) if draw(st.booleans()) else draw(st.integers(1, 40))
+    d = draw(st.sampled_from([4, 6]))
+    return dict(
+        window=dict(window_size=w, causal=causal, look_backward=lb, look_forward=lf, exact_windowsize=draw(st.booleans())),
+        n=n, b=draw(st.sampled_from([1, 2])), h=draw(st.sampled_from([1, 3])), d=d,
+        dv=draw(st.sampled_from([d, 5])), layouts=[draw(st.sampled_from(LAYOUTS)) for _ in range(4)],
+        mask=draw(st.sampled_from([None, "contiguous", "transposed"])),
+        bias=draw(st.sampled_from([None, "contiguous", "transposed"])),
+        shared_qk=draw(st.booleans()), dtype=draw(st.sampled_from([torch.float64, torch.float32])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def _run(pb, backend: str, backward: bool = True):
+    """The op on inputs in the drawn layouts; returns `(out, grads of the leaves)` in float64."""
+    g = torch.Generator().manual_seed(pb["seed"])
+    b, h, n, d, dv, dtype = pb["b"], pb["h"], pb["n"], pb["d"], pb["dv"], pb["dtype"]
+    q_layout, k_layout, v_layout, grad_layout = pb["layouts"]
+    leaves, views = [], []
+    for layout, width in ((q_layout, d), (k_layout, d), (v_layout, dv)):
+        leaf, make = laid_out(layout, (b, h, n, width), dtype, g)
+        if backend == "reference":  # the oracle: contiguous float64 copies
+            leaf = leaf.detach().double().requires_grad_()
+            views.append(make(leaf).contiguous())
+        else:
+            views.append(make(leaf))
+        leaves.append(leaf)
+    kwargs = {}
+    if pb["mask"] is not None:
+        mask = torch.rand(n, b, generator=g) < 0.75
+        kwargs["mask"] = mask.t() if pb["mask"] == "transposed" else mask.t().contiguous()
+    if pb["bias"] is not None:
+        w, span = pb["window"]["window_size"], pb["window"]["look_backward"] + pb["window"]["look_forward"] + 1
+        bias = torch.randn(h, span * w, w, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+        leaves.append(bias)
+        kwargs["attn_bias"] = bias.transpose(1, 2) if pb["bias"] == "transposed" else bias.transpose(1, 2).contiguous()
+    out = local_attention(*views, **pb["window"], shared_qk=pb["shared_qk"], scale=0.7, backend=backend, **kwargs)
+    if not backward:
+        return out.double(), []
+    grad_leaf, make_grad = laid_out(grad_layout, tuple(out.shape), out.dtype, g)
+    upstream = make_grad(grad_leaf.detach())  # autograd hands gradients over in any layout too
+    grads = torch.autograd.grad(out, leaves, upstream)
+    return out.double(), [t.double() for t in grads]
+
+
+def _close(got, ref, dtype, what):
+    tol = (1e-10 if dtype == torch.float64 else 2e-4) * max(1.0, ref.abs().max().item())
+    assert torch.isfinite(got).all(), what
+    assert (got - ref).abs().max().item() <= tol, what
+
+
+@pytest.mark.parametrize("layout", [*LAYOUTS, "mixed"])
+@pytest.mark.parametrize("backend", [name for name in CPU_BACKENDS if name != "reference"])
+@settings(max_examples=6)
+@given(pb=layout_problems())
+def test_every_layout_matches_the_reference_forward_and_backward(backend, layout, pb):
+    """q, k, v, mask, attn_bias and the upstream gradient as transposed, sliced, strided, expanded and
+    permuted views (all in `layout`, or each its own): the same output and gradients as contiguous
+    copies through the reference."""
+    if layout != "mixed":
+        pb = {**pb, "layouts": [layout] * 4}
+    if backend == "sdpa":  # it takes neither bias nor shared_qk
+        pb = {**pb, "bias": None, "shared_qk": False}
+    ref_out, ref_grads = _run(pb, "reference")
+    out, grads = _run(pb, backend)
+    _close(out, ref_out, pb["dtype"], "output")
+    for index, (got, ref) in enumerate(zip(grads, ref_grads)):
+        _close(got, ref, pb["dtype"], f"gradient {index} (q, k, v, bias)")
+
+
+@settings(max_examples=5)
+@given(pb=layout_problems())
+def test_flex_forward_takes_every_layout(pb):
+    """Flex in eager mode on CPU (forward only there), called with the trusted `(P, n, d)` contract."""
+    g = torch.Generator().manual_seed(pb["seed"])
+    spec = WindowSpec(**pb["window"])
+    P, n, d = pb["b"] * pb["h"], pb["n"], pb["d"]
+    tensors = [laid_out(layout, (P, n, d), torch.float32, g) for layout in pb["layouts"][:3]]
+    views = [make(leaf.detach()) for leaf, make in tensors]
+    ref = reference_attention(*(t.double().contiguous() for t in views), spec, scale=0.7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = flex_attention_backend(*views, spec, scale=0.7)
+    _close(got.double(), ref, torch.float32, "flex output")
+
+
+# ---------------------------------------------------------------------------------------------- rows
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_a_bias_row_of_minus_inf_is_a_fully_masked_row(backend):
+    """A query whose every visible score `attn_bias` sets to -inf sees nothing: zeros out, zero and finite
+    gradients (as a query whose keys are all masked), on every backend that takes a bias."""
+    if backend not in CPU_BACKENDS:
+        pytest.skip(f"{backend} not built here")
+    g = torch.Generator().manual_seed(0)
+    w, n = 4, 13
+    q, k, v = (torch.randn(2, n, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = torch.randn(2, w, 2 * w, generator=g, dtype=torch.float64)
+    bias[0, 1] = float("-inf")  # row 1 of every window, head 0: nothing left to see
+    bias[1, 2, : w + 1] = float("-inf")  # partly -inf: still a normal row
+    bias.requires_grad_()
+    out = local_attention(q, k, v, window_size=w, causal=True, attn_bias=bias, backend=backend)
+    rows = torch.arange(1, n, w)
+    assert out[0, rows].eq(0).all() and torch.isfinite(out).all()
+    grads = torch.autograd.grad(out.sum(), (q, k, v, bias))
+    assert all(torch.isfinite(t).all() for t in grads)
+    assert grads[0][0, rows].eq(0).all()  # those queries pass no gradient
+    assert grads[3][0, 1].eq(0).all()
+    # every other row is the softmax with the -inf scores left out (a huge finite bias gives the same)
+    ref = local_attention(q, k, v, window_size=w, causal=True, attn_bias=bias.detach().nan_to_num(neginf=-1e300),
+                          backend="reference")
+    others = torch.ones(n, dtype=torch.bool)
+    others[rows] = False
+    assert torch.allclose(out[0, others], ref[0, others]) and torch.allclose(out[1], ref[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_output_dtype_under_autocast_does_not_depend_on_the_backend(dtype):
+    q, k, v = (torch.randn(2, 30, 8) for _ in range(3))
+    dtypes = {}
+    with torch.autocast("cpu", dtype=dtype):
+        for backend in CPU_BACKENDS:
+            dtypes[backend] = local_attention(q, k, v, window_size=8, causal=True, backend=backend).dtype
+        dtypes["empty"] = local_attention(q[:, :0], k[:, :0], v[:, :0], window_size=8).dtype
+    assert set(dtypes.values()) == {dtype}, dtypes
+
+
+# ------------------------------------------------------------------------------ windows longer than n
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_window_far_longer_than_the_sequence_costs_what_the_sequence_costs(backend):
+    """`window_size=10**9` with 20 positions: the window rule is that of the window `n` (everything
+    visible, within the look-around), so the result equals it; nothing is allocated by the window (it
+    would take gigabytes: this would fail with an allocation error)."""
+    g = torch.Generator().manual_seed(1)
+    for causal, exact, lb in ((True, False, 1), (True, True, 0), (False, True, 1)):
+        q, k, v = (torch.randn(3, 20, 8, generator=g, requires_grad=True) for _ in range(3))
+        window = dict(causal=causal, exact_windowsize=exact, look_backward=lb)
+        out = local_attention(q, k, v, window_size=10**9, backend=backend, **window)
+        ref = local_attention(q, k, v, window_size=20, backend="reference", **window)
+        assert torch.allclose(out, ref, atol=1e-5)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        refs = torch.autograd.grad(ref.sum(), (q, k, v))
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, refs))
+
+
+def test_a_bias_for_a_long_window_is_cut_to_the_sequence():
+    """attn_bias `(h, w, span * w)` of a window longer than `n` acts as in the window's own layout, and
+    the same bias given for the window `n` `(h, n, span * n)` is accepted and gives the same result."""
+    g = torch.Generator().manual_seed(2)
+    w, n, lb, lf = 16, 9, 1, 1
+    q, k, v = (torch.randn(2, n, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    bias = torch.randn(2, w, (lb + lf + 1) * w, generator=g, dtype=torch.float64, requires_grad=True)
+    window = dict(window_size=w, causal=False, look_backward=lb, look_forward=lf)
+    out = local_attention(q, k, v, attn_bias=bias, backend="reference", **window)
+    # the dense definition: query i, key j get bias[h, i % w, j - (i // w - lb) * w] = bias[h, i, j + lb * w]
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None]
+    dense = torch.einsum("pid,pjd->pij", q, k) * 8**-0.5 + bias[:, i, j + lb * w]
+    expected = torch.einsum("pij,pjd->pid", dense.softmax(-1), v)
+    assert torch.allclose(out, expected)
+    (grad,) = torch.autograd.grad(out.sum(), bias)
+    assert grad[:, n:].eq(0).all() and grad[:, :, : lb * w].eq(0).all()
+    small = torch.zeros(2, n, (lb + lf + 1) * n, dtype=torch.float64)
+    small[:, :, lb * n : (lb + 1) * n] = bias.detach()[:, :n, lb * w : lb * w + n]
+    for backend in ("reference", "fused") if "fused" in CPU_BACKENDS else ("reference",):
+        assert torch.allclose(local_attention(q, k, v, attn_bias=small, backend=backend, **window), expected)
+    with pytest.raises(ValueError, match="attn_bias"):
+        local_attention(q, k, v, attn_bias=small[:, :-1], **window)
+
+
+def test_modules_with_a_huge_window_run_in_little_memory():
+    """LocalAttention with xpos and LocalTransformer with dynamic position bias at `window_size=10**9`:
+    the same outputs as with the window `n`, in a fresh process whose peak memory stays small."""
+    code = """
+import resource
+# a regression must fail here with an allocation error, not take the machine's memory
+resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+import torch
+from windowed_attention import LocalAttention, LocalTransformer
+torch.manual_seed(0)
+q, k, v = (torch.randn(2, 2, 24, 16) for _ in range(3))
+big = LocalAttention(window_size=10**9, causal=True, dim=16, use_xpos=True, xpos_scale_base=64, autopad=True)
+small = LocalAttention(window_size=24, causal=True, dim=16, use_xpos=True, xpos_scale_base=64)
+assert torch.allclose(big(q, k, v), small(q, k, v), atol=1e-5)
+model = LocalTransformer(num_tokens=32, max_seq_len=64, dim=16, depth=1, heads=2, dim_head=8,
+                         local_attn_window_size=10**9, use_dynamic_pos_bias=True)
+tokens = torch.randint(0, 32, (2, 40))
+loss = model(tokens, return_loss=True)
+loss.backward()
+assert torch.isfinite(loss)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.strip()) < 2048  # MiB: an allocation by the window would be gigabytes
+
+
+# ------------------------------------------------------------------------------- second derivatives
+
+def test_sdpa_second_derivative_raises_instead_of_being_wrong():
+    if "sdpa" not in CPU_BACKENDS:
+        pytest.skip("sdpa not available")
+    q, k, v = (torch.randn(2, 16, 8, requires_grad=True) for _ in range(3))
+    out = local_attention(q, k, v, window_size=4, causal=True, backend="sdpa")
+    (gq,) = torch.autograd.grad((out**2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
+        torch.autograd.grad(gq.sum(), k)
+
+
+def test_rotary_kernel_second_derivative_is_exact():
+    """The rotary kernel is linear: its backward runs through itself, so gradients of any order match
+    the torch expression's."""
+    from windowed_attention.positional import SinusoidalEmbeddings, _RotateCPU, rotation_tables
+
+    if "fused" not in CPU_BACKENDS:
+        pytest.skip("the kernel is not built here")
+    emb = SinusoidalEmbeddings(8)
+    cos, sin = emb.rotation(torch.arange(12))
+    c, s = rotation_tables(cos, sin, None, torch.float64)
+    x = torch.randn(3, 12, 8, dtype=torch.float64, requires_grad=True)
+    results = []
+    for rotate in (lambda t: _RotateCPU.apply(t, c, s),
+                   lambda t: torch.cat((t[..., :4] * c - t[..., 4:] * s, t[..., 4:] * c + t[..., :4] * s), -1)):
+        y = rotate(x)
+        (gx,) = torch.autograd.grad((y**3).sum(), x, create_graph=True)
+        (hx,) = torch.autograd.grad((gx**2).sum(), x)
+        results.append((gx.detach(), hx))
+    for got, ref in zip(*results):
+        assert torch.allclose(got, ref)
+
+
+# --------------------------------------------------------------------------------- absurd numbers
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0, 0.0, 1e30, True, "8"])
+def test_non_finite_or_absurd_scales_are_rejected_by_name(value):
+    q = torch.randn(1, 8, 4)
+    with pytest.raises((ValueError, TypeError), match="qk_scale"):
+        LocalMHA(dim=8, window_size=4, heads=2, dim_head=4, qk_rmsnorm=True, qk_scale=value)
+    with pytest.raises((ValueError, TypeError), match="scale"):
+        LocalAttention(window_size=4, scale=value)
+    with pytest.raises((ValueError, TypeError), match="scale"):
+        local_attention(q, q, q, window_size=4, scale=value)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -2.0, 0])
+def test_non_finite_xpos_scale_base_is_rejected_by_name(value):
+    with pytest.raises((ValueError, TypeError), match="xpos_scale_base"):
+        LocalAttention(window_size=4, dim=8, use_xpos=True, xpos_scale_base=value)
+
+
+def test_largest_accepted_scale_gives_finite_results():
+    q = torch.randn(2, 24, 8) * 30
+    for backend in CPU_BACKENDS:
+        out = local_attention(q, q, q, window_size=8, causal=True, scale=1e4, backend=backend)
+        assert torch.isfinite(out).all(), backend
+    assert math.isfinite(1e4)

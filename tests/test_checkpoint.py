@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -70,7 +71,7 @@ def test_interrupted_save_while_moving_rolls_forward(tmp_path):
     new_model = save(newer, 4, seed=1)
     staging = tmp_path / ".staging"
     staging.mkdir()
-    for name in ("config.json", "trainer_state.pt"):
+    for name in ("config.json", "trainer_state.pt", "SHA256SUMS"):
         os.replace(newer / name, staging / name)
     (staging / "COMPLETE").write_text("4")
     os.replace(newer / "model.safetensors", tmp_path / "model.safetensors")  # moved before the crash
@@ -79,17 +80,40 @@ def test_interrupted_save_while_moving_rolls_forward(tmp_path):
     assert load_trainer_state(tmp_path, 4)["note"] == 1
 
 
+def record_sums(folder):
+    """Re-record SHA256SUMS after editing files, as if the edited checkpoint had been saved so: the
+    checks behind the checksums must catch it."""
+    names = ("config.json", "model.safetensors", "trainer_state.pt")
+    (folder / "SHA256SUMS").write_text("".join(
+        f"{hashlib.sha256((folder / name).read_bytes()).hexdigest()}  {name}\n" for name in names))
+
+
 @pytest.mark.parametrize("damage, message", [
     ("truncate_weights", "model.safetensors"),
+    ("overwrite_tensor_bytes", "model.safetensors is damaged: its SHA-256 differs"),
+    ("overwrite_config_value", "config.json is damaged"),
     ("garbage_config", "config.json"),
     ("missing_config", "config.json"),
+    ("missing_sums", "SHA256SUMS is missing"),
+    ("garbage_sums", "SHA256SUMS is damaged"),
     ("wrong_step_weights", "step"),
     ("bad_model_config", "config.json"),
+    ("impossible_train_config", "config.json .*lr"),
 ])
 def test_damaged_checkpoint_is_a_one_line_error(tmp_path, damage, message):
     save(tmp_path, 2)
     weights, config = tmp_path / "model.safetensors", tmp_path / "config.json"
-    if damage == "truncate_weights":
+    if damage == "overwrite_tensor_bytes":  # same length, valid header: only the checksum can tell
+        raw = bytearray(weights.read_bytes())
+        raw[-40:-20] = bytes(20)
+        weights.write_bytes(bytes(raw))
+    elif damage == "overwrite_config_value":
+        config.write_text(config.read_text().replace('"lr": 0.004', '"lr": 0.005'))
+    elif damage == "missing_sums":
+        (tmp_path / "SHA256SUMS").unlink()
+    elif damage == "garbage_sums":
+        (tmp_path / "SHA256SUMS").write_bytes(b"\xff\x00 nothing")
+    elif damage == "truncate_weights":
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     elif damage == "garbage_config":
         config.write_bytes(b"\x00\xffnot json{")
@@ -103,6 +127,12 @@ def test_damaged_checkpoint_is_a_one_line_error(tmp_path, damage, message):
         data = json.loads(config.read_text())
         data["model"]["dim"] = -3
         config.write_text(json.dumps(data))
+    elif damage == "impossible_train_config":
+        data = json.loads(config.read_text())
+        data["train"]["lr"] = float("nan")
+        config.write_text(json.dumps(data))
+    if damage in ("wrong_step_weights", "bad_model_config", "impossible_train_config"):
+        record_sums(tmp_path)
     with pytest.raises(CheckpointError, match=message) as info:
         load_model(tmp_path)
     assert "\n" not in str(info.value)

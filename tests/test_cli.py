@@ -49,9 +49,9 @@ def test_generate_greedy_and_top_p(trained, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--temperature", "-1"], "temperature"),
-    (["--filter-thres", "3"], "filter_thres"),
-    (["--top-p", "0"], "top_p"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--filter-thres", "3"], "--filter-thres"),
+    (["--top-p", "0"], "--top-p"),
     (["--prime", ""], "prime"),
 ])
 def test_generate_bad_arguments_exit_2(trained, capsys, args, message):

@@ -6,29 +6,21 @@ import argparse
 import codecs
 import sys
 
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+from ..cli_types import SEED_MAX, Parser, fail, integer, is_out_of_memory, real, threads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--checkpoint", default="runs/latest", help="run folder written by `train` (default: %(default)s)")
     add("--prime", default="\n", help="text to continue (default: a newline)")
-    add("--length", type=_nonneg_int, default=500, help="bytes to generate (default: %(default)s)")
-    add("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy (default: %(default)s)")
-    add("--filter-thres", type=float, default=0.9,
+    add("--length", type=integer(0), default=500, help="bytes to generate (default: %(default)s)")
+    add("--temperature", type=real(0), default=0.8, help="sampling temperature, 0 = greedy (default: %(default)s)")
+    add("--filter-thres", type=real(0, 1), default=0.9,
         help="top-k: keep the top (1 - F) of the 256 byte values (default: %(default)s)")
-    add("--top-p", type=float, default=None, help="nucleus sampling: keep the smallest set with probability P")
-    add("--seed", type=int, default=None, help="random seed (default: unseeded)")
+    add("--top-p", type=real(0, 1, exclusive_minimum=True), default=None, help="nucleus sampling: keep the smallest set with probability P")
+    add("--seed", type=integer(0, SEED_MAX), default=None, help="random seed, 0 to 2**32 - 1 (default: unseeded)")
     add("--device", choices=["cpu", "cuda"], default="cpu", help="device (default: %(default)s)")
-    add("--threads", type=_nonneg_int, default=0,
+    add("--threads", type=threads, default=0,
         help="CPU threads for torch (default: torch's choice); 1 is fastest for one-token steps on a busy machine")
 
 
@@ -57,9 +49,12 @@ def run(args) -> int:
                         top_p=args.top_p, generator=generator)
         # sample the first token before printing anything, so that argument errors come before output
         first = next(tokens, None)
-    except (CheckpointError, ValueError, TypeError) as error:
-        print(f"windowed-attention generate: error: {error}", file=sys.stderr)
-        return 2
+    except (CheckpointError, ValueError, TypeError, OSError) as error:
+        return fail("generate", error)
+    except (MemoryError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
+        return fail("generate", error)
 
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     out = sys.stdout
@@ -81,9 +76,10 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="windowed-attention generate", description=__doc__)
+    parser = Parser(prog="windowed-attention generate", description=__doc__)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    parser.set_defaults(run=run)
+    return parser.run(argv)
 
 
 if __name__ == "__main__":

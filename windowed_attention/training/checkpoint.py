@@ -1,16 +1,24 @@
-"""Checkpoints: `config.json`, `model.safetensors` and `trainer_state.pt` in one folder, saved atomically.
+"""Checkpoints: `config.json`, `model.safetensors` and `trainer_state.pt` in one folder, with their
+SHA-256 in `SHA256SUMS` (the format of `sha256sum`, so `sha256sum -c SHA256SUMS` checks them too),
+saved atomically and read consistently.
 
-Saving stages the three files in `<out>/.staging/`, writes `.staging/COMPLETE` last, then moves each file
-into `<out>` with `os.replace`. A crash before COMPLETE leaves the previous checkpoint untouched (the
-staging folder is ignored); a crash while moving leaves every file either moved or still staged, and a
-complete staging folder is read first, so a load always sees one whole checkpoint (roll forward).
+Saving stages the files in `<out>/.staging/`, writes `SHA256SUMS` and then `.staging/COMPLETE`, then
+moves each file into `<out>` with `os.replace` while holding the folder's publishing lock (`locks.py`).
+A crash before COMPLETE leaves the previous checkpoint untouched (the staging folder is ignored); a
+crash while moving leaves every file either moved or still staged, and a complete staging folder is read
+first, so a load always sees one whole checkpoint (roll forward). A save that fails (a full disk)
+removes what it staged and raises `CheckpointError`; the previous checkpoint stays loadable.
 
-Every file records its step; a load checks that they agree. Anything missing, truncated or
-unreadable raises `CheckpointError` with one line saying which file and why.
+Readers hold the shared side of that lock while they read, so a load during a save sees the previous
+checkpoint or the new one. Every file read is checked against `SHA256SUMS` and every file records its
+step; a load checks both. Anything missing, damaged, truncated or unreadable raises `CheckpointError`
+with one line saying which file and why.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import json
 import os
@@ -22,16 +30,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from . import locks
 from .config import ModelConfig, TrainConfig, from_dict, to_dict
 
-CONFIG, WEIGHTS, STATE = "config.json", "model.safetensors", "trainer_state.pt"
-FILES = (CONFIG, WEIGHTS, STATE)
+CONFIG, WEIGHTS, STATE, SUMS = "config.json", "model.safetensors", "trainer_state.pt", "SHA256SUMS"
+DATA_FILES = (CONFIG, WEIGHTS, STATE)
+FILES = (*DATA_FILES, SUMS)  # moved into place in this order
 STAGING, COMPLETE = ".staging", "COMPLETE"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: SHA256SUMS; version 1 checkpoints (no checksums) still load
 
 
 class CheckpointError(Exception):
-    """A checkpoint is missing, incomplete or corrupted; the message says which file and why."""
+    """A checkpoint is missing, incomplete or damaged, or could not be saved; the message says which file
+    and why."""
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -52,33 +63,50 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def save_checkpoint(out: str | Path, *, model: torch.nn.Module, model_config: ModelConfig,
                     train_config: TrainConfig, step: int, trainer_state: dict) -> None:
     """Write the checkpoint of `step` into `out` atomically (see the module docstring)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     staging = out / STAGING
-    _finish_interrupted_save(out)
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    with locks.publishing(out):
+        _finish_interrupted_save(out)
 
     config = {"format_version": FORMAT_VERSION, "step": step,
               "model": to_dict(model_config), "train": to_dict(train_config)}
     weights = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     state = io.BytesIO()
     torch.save({**trainer_state, "step": step}, state)
+    contents = {
+        WEIGHTS: save_safetensors_bytes(weights, metadata={"step": str(step)}),
+        STATE: state.getvalue(),
+        CONFIG: (json.dumps(config, indent=2) + "\n").encode(),
+    }
+    contents[SUMS] = "".join(f"{_sha256(data)}  {name}\n" for name, data in contents.items()).encode()
 
-    _write(staging / WEIGHTS, save_safetensors_bytes(weights, metadata={"step": str(step)}))
-    _write(staging / STATE, state.getvalue())
-    _write(staging / CONFIG, (json.dumps(config, indent=2) + "\n").encode())
-    _fsync_dir(staging)
-    _write(staging / COMPLETE, str(step).encode())
-    _fsync_dir(staging)
-    _finish_interrupted_save(out)
+    try:
+        staging.mkdir()
+        for name, data in contents.items():
+            _write(staging / name, data)
+        _fsync_dir(staging)
+        _write(staging / COMPLETE, str(step).encode())
+        _fsync_dir(staging)
+    except OSError as error:  # a full disk, a quota: keep the previous checkpoint, free what was staged
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = error.strerror or str(error)
+        raise CheckpointError(f"could not save the checkpoint of step {step} in {out} ({reason}); "
+                              "the previous checkpoint is unchanged") from None
+    with locks.publishing(out):
+        _finish_interrupted_save(out)
 
 
 def _finish_interrupted_save(out: Path) -> None:
-    """Move a complete staging folder's files into place (roll forward); drop an incomplete one."""
+    """Move a complete staging folder's files into place (roll forward); drop an incomplete one.
+    Called with the publishing lock held."""
     staging = out / STAGING
     if not staging.is_dir():
         return
@@ -104,35 +132,77 @@ def has_checkpoint(folder: str | Path) -> bool:
     return any(p.exists() for p in paths.values())
 
 
-def load_config(folder: str | Path) -> tuple[ModelConfig, TrainConfig, int]:
-    """`(model_config, train_config, step)` from the checkpoint in `folder`."""
+class _Snapshot:
+    """The files of the newest complete checkpoint in `folder`, read while the reading lock is held (see
+    `reading`) and checked against `SHA256SUMS`."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.paths = _paths(folder)
+        self._sums: dict[str, str] | None = None
+
+    def sums(self) -> dict[str, str] | None:
+        """name -> sha256 from SHA256SUMS; None when there is none (a version 1 checkpoint)."""
+        if self._sums is None and self.paths[SUMS].is_file():
+            path = self.paths[SUMS]
+            try:
+                lines = path.read_text().splitlines()
+                self._sums = {name: digest for digest, name in (line.split("  ", 1) for line in lines if line)}
+            except (UnicodeDecodeError, ValueError) as error:
+                raise CheckpointError(f"{path} is damaged ({type(error).__name__})") from None
+            if set(self._sums) != set(DATA_FILES):
+                raise CheckpointError(f"{path} is damaged (it lists {sorted(self._sums)})")
+        return self._sums
+
+    def read(self, name: str, missing: str = "") -> bytes:
+        """The bytes of `name`, checked against its recorded SHA-256."""
+        path = self.paths[name]
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing{missing}")
+        data = path.read_bytes()
+        sums = self.sums()
+        if sums is not None and _sha256(data) != sums[name]:
+            raise CheckpointError(f"{path} is damaged: its SHA-256 differs from the one recorded in {SUMS} at save")
+        return data
+
+
+@contextlib.contextmanager
+def reading(folder: str | Path):
+    """A consistent view of the checkpoint in `folder` for as long as the context lasts: a save running
+    at the same time finishes moving its files before or after it, never during it."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
-    path = _paths(folder)[CONFIG]
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing: {folder} holds no checkpoint")
     try:
-        config = json.loads(path.read_text())
+        with locks.reading(folder):
+            yield _Snapshot(folder)
+    except OSError as error:
+        raise CheckpointError(f"{folder} cannot be read ({error.strerror or error})") from None
+
+
+def _parse_config(snapshot: _Snapshot) -> tuple[ModelConfig, TrainConfig, int]:
+    path = snapshot.paths[CONFIG]
+    raw = snapshot.read(CONFIG, f": {snapshot.folder} holds no checkpoint")
+    try:
+        config = json.loads(raw.decode())
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
-        if config.get("format_version") != FORMAT_VERSION:
+        if config.get("format_version") not in (1, FORMAT_VERSION):
             raise ValueError(f"format_version {config.get('format_version')!r}, expected {FORMAT_VERSION}")
+        if config["format_version"] >= 2 and snapshot.sums() is None:
+            raise CheckpointError(f"{snapshot.paths[SUMS]} is missing: the checkpoint cannot be verified")
         step = config["step"]
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step {step!r} is not a non-negative int")
         return from_dict(ModelConfig, config["model"]), from_dict(TrainConfig, config["train"]), step
     except (UnicodeDecodeError, ValueError, TypeError, KeyError) as error:
-        raise CheckpointError(f"{path} is corrupted ({type(error).__name__}: {error})") from None
+        raise CheckpointError(f"{path} is corrupted or holds impossible values ({type(error).__name__}: {error})") from None
 
 
-def load_weights(folder: str | Path, model: torch.nn.Module, step: int) -> None:
-    """Load `model.safetensors` into `model` (strict), checking it belongs to `step`."""
-    path = _paths(Path(folder))[WEIGHTS]
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing")
+def _load_weights(snapshot: _Snapshot, model: torch.nn.Module, step: int) -> None:
+    path = snapshot.paths[WEIGHTS]
+    raw = snapshot.read(WEIGHTS)
     try:
-        raw = path.read_bytes()
         tensors = load_safetensors_bytes(raw)
         header_len = int.from_bytes(raw[:8], "little")
         metadata = json.loads(raw[8:8 + header_len]).get("__metadata__") or {}
@@ -147,13 +217,25 @@ def load_weights(folder: str | Path, model: torch.nn.Module, step: int) -> None:
         raise CheckpointError(f"{path} does not match the model in config.json ({first})") from None
 
 
+def load_config(folder: str | Path) -> tuple[ModelConfig, TrainConfig, int]:
+    """`(model_config, train_config, step)` from the checkpoint in `folder`."""
+    with reading(folder) as snapshot:
+        return _parse_config(snapshot)
+
+
+def load_weights(folder: str | Path, model: torch.nn.Module, step: int) -> None:
+    """Load `model.safetensors` into `model` (strict), checking it belongs to `step`."""
+    with reading(folder) as snapshot:
+        _load_weights(snapshot, model, step)
+
+
 def load_trainer_state(folder: str | Path, step: int) -> dict:
     """The trainer state saved with `step` (optimizer, RNG and sampler states)."""
-    path = _paths(Path(folder))[STATE]
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing: the checkpoint cannot be resumed")
+    with reading(folder) as snapshot:
+        path = snapshot.paths[STATE]
+        raw = snapshot.read(STATE, ": the checkpoint cannot be resumed")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a bad pickle/zip; all mean corrupted
         raise CheckpointError(f"{path} is corrupted or truncated ({type(error).__name__})") from None
     if not isinstance(state, dict) or state.get("step") != step:
@@ -162,11 +244,17 @@ def load_trainer_state(folder: str | Path, step: int) -> dict:
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu"):
-    """`(model, model_config, step)`: the trained model of a checkpoint folder, in eval mode."""
-    model_config, _, step = load_config(folder)
-    try:
-        model = model_config.build()
-    except (ValueError, TypeError) as error:
-        raise CheckpointError(f"{Path(folder) / CONFIG} holds an invalid model config ({error})") from None
-    load_weights(folder, model, step)
+    """`(model, model_config, step)`: the trained model of a checkpoint folder, in eval mode (config and
+    weights read as one consistent checkpoint, even while a run saves into the folder)."""
+    with reading(folder) as snapshot:
+        model_config, _, step = _parse_config(snapshot)
+        try:
+            model = model_config.build()
+        except (ValueError, TypeError) as error:
+            raise CheckpointError(f"{snapshot.paths[CONFIG]} holds an invalid model config ({error})") from None
+        except (MemoryError, RuntimeError) as error:
+            if "can't allocate memory" not in str(error) and not isinstance(error, MemoryError):
+                raise
+            raise CheckpointError(f"{snapshot.paths[CONFIG]} holds a model too large for this machine's memory") from None
+        _load_weights(snapshot, model, step)
     return model.to(device).eval(), model_config, step

@@ -11,8 +11,10 @@ import argparse
 import sys
 from dataclasses import fields, replace
 
+from ..cli_types import SEED_MAX, Parser, fail, integer, is_out_of_memory, real
 from .checkpoint import CheckpointError, has_checkpoint, load_config
-from .config import RUN_CONTROL, ModelConfig, TrainConfig
+from .locks import RunFolderBusy
+from .config import RUN_CONTROL, ModelConfig, TrainConfig, resolve_path
 
 # flag -> (config, field)
 MODEL_FLAGS = {"dim": "dim", "depth": "depth", "heads": "heads", "dim_head": "dim_head",
@@ -22,38 +24,10 @@ TRAIN_FLAGS = ["data", "steps", "batch_size", "grad_accum", "seq_len", "lr", "wa
                "log_every", "sample_length", "precision", "device", "compile"]
 
 
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-        return value
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d_model, d_train = ModelConfig(), TrainConfig()
-    pos, nonneg = _int_at_least(1), _int_at_least(0)
+    pos, nonneg = integer(1), integer(0)
+    positive, fraction = real(0, exclusive_minimum=True), real(0, 1)
     add = parser.add_argument
     # every default is None so that a resumed run knows which flags were given
     add("--data", help="text file or .gz to train on (enwik8 works as is); default: the built-in corpus "
@@ -68,14 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--depth", type=pos, help=f"number of layers (default: {d_model.depth})")
     add("--heads", type=pos, help=f"attention heads (default: {d_model.heads})")
     add("--dim-head", type=pos, help=f"dimension per head (default: {d_model.dim_head})")
-    add("--lr", type=_positive_float, help=f"peak learning rate (default: {d_train.lr})")
+    add("--lr", type=positive, help=f"peak learning rate (default: {d_train.lr})")
     add("--warmup-steps", type=nonneg, help=f"linear warmup steps (default: {d_train.warmup_steps})")
     add("--lr-decay-steps", type=pos, help="step at which the cosine reaches its floor (default: --steps); give "
                                            "the final step count when training in several runs with --resume")
-    add("--min-lr-ratio", type=_fraction, help=f"cosine floor as a fraction of --lr (default: {d_train.min_lr_ratio})")
-    add("--weight-decay", type=float, help=f"AdamW weight decay (default: {d_train.weight_decay})")
-    add("--max-grad-norm", type=_positive_float, help=f"gradient clipping norm (default: {d_train.max_grad_norm})")
-    add("--seed", type=int, help=f"random seed (default: {d_train.seed})")
+    add("--min-lr-ratio", type=fraction, help=f"cosine floor as a fraction of --lr (default: {d_train.min_lr_ratio})")
+    add("--weight-decay", type=real(0), help=f"AdamW weight decay (default: {d_train.weight_decay})")
+    add("--max-grad-norm", type=positive, help=f"gradient clipping norm (default: {d_train.max_grad_norm})")
+    add("--seed", type=integer(0, SEED_MAX), help=f"random seed, 0 to 2**32 - 1 (default: {d_train.seed})")
     add("--eval-every", type=pos, help=f"evaluate every N steps (default: {d_train.eval_every})")
     add("--eval-batches", type=pos, help=f"validation batches per evaluation (default: {d_train.eval_batches})")
     add("--save-every", type=pos, help=f"checkpoint every N steps (default: {d_train.save_every})")
@@ -92,6 +66,8 @@ def configs_from_args(args) -> tuple[ModelConfig, TrainConfig, int | None]:
     """`(model_config, train_config, resume_step)` from parsed flags (and the checkpoint with --resume)."""
     model_given = {field: getattr(args, flag) for flag, field in MODEL_FLAGS.items() if getattr(args, flag) is not None}
     train_given = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
+    if "data" in train_given:  # stored resolved, so that --resume works from any directory
+        train_given["data"] = resolve_path(train_given["data"])
     if not args.resume:
         model_config = ModelConfig(**model_given)
         train_config = TrainConfig(**train_given)
@@ -130,9 +106,12 @@ def run(args) -> int:
             print(f"note: {args.out} holds a checkpoint; starting a new run over it (use --resume to continue it)",
                   file=sys.stderr)
         result = train(model_config, train_config, args.out, resume_step=resume_step, progress=not args.no_progress)
-    except (CheckpointError, ValueError, TypeError, FileNotFoundError) as error:
-        print(f"windowed-attention train: error: {error}", file=sys.stderr)
-        return 2
+    except (CheckpointError, RunFolderBusy, ValueError, TypeError, OSError) as error:
+        return fail("train", error)
+    except (MemoryError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
+        return fail("train", error)
     if result.stopped_by is not None:
         print(f"stopped by {result.stopped_by} at step {result.step}; checkpoint saved in {args.out} "
               "(continue with --resume)", file=sys.stderr)
@@ -145,9 +124,10 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="windowed-attention train", description=__doc__)
+    parser = Parser(prog="windowed-attention train", description=__doc__)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    parser.set_defaults(run=run)
+    return parser.run(argv)
 
 
 if __name__ == "__main__":

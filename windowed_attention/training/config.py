@@ -8,9 +8,30 @@ two CPU cores. A small, wide-learning-rate model beats a bigger one at this budg
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
+from ..ops.validation import check_bool, check_int
 from ..transformer import LocalTransformer
+
+SEED_MAX = 2**32 - 1  # seeds are 32-bit (as numpy's): room for seed + step arithmetic
+
+
+def resolve_path(path: str) -> str:
+    """`path` made absolute (`~` expanded), so a run resumes from any working directory."""
+    return str(Path(path).expanduser().resolve())
+
+
+def _check_real(name: str, value, low: float, high: float = math.inf, *, open_low: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    above = value > low if open_low else value >= low
+    if not (math.isfinite(value) and above and value <= high):
+        raise ValueError(f"{name} must be a finite number {'>' if open_low else '>='} {low:g}"
+                         f"{'' if high == math.inf else f' and <= {high:g}'}, got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -23,6 +44,16 @@ class ModelConfig:
     dim_head: int = 32
     local_attn_window_size: int = 64
     use_abs_pos_emb: bool = False  # rotary only: the model can generate past max_seq_len
+
+    def __post_init__(self):
+        # cheap checks of every field by its default's type (a config.json may hold anything); the model
+        # checks the rest when it is built
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(field.default, bool):
+                check_bool(field.name, value)
+            elif isinstance(field.default, int):
+                check_int(field.name, value, 1)
 
     def build(self) -> LocalTransformer:
         return LocalTransformer(**asdict(self))
@@ -50,6 +81,31 @@ class TrainConfig:
     precision: str = "fp32"
     device: str = "cpu"
     compile: bool = False
+
+    def __post_init__(self):
+        """Every field checked (a config.json may hold anything): ValueError/TypeError naming the field."""
+        if self.data is not None:
+            if not isinstance(self.data, str) or not self.data:
+                raise TypeError(f"data must be a path or None, got {self.data!r}")
+            self.data = resolve_path(self.data)
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "save_every",
+                     "log_every"):
+            check_int(name, getattr(self, name), 1)
+        for name in ("warmup_steps", "sample_length", "seed"):
+            check_int(name, getattr(self, name), 0)
+        if self.seed > SEED_MAX:
+            raise ValueError(f"seed must be at most 2**32 - 1, got {self.seed}")
+        if self.lr_decay_steps is not None:
+            check_int("lr_decay_steps", self.lr_decay_steps, 1)
+        self.lr = _check_real("lr", self.lr, 0, open_low=True)
+        self.min_lr_ratio = _check_real("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        self.weight_decay = _check_real("weight_decay", self.weight_decay, 0)
+        self.max_grad_norm = _check_real("max_grad_norm", self.max_grad_norm, 0, open_low=True)
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        check_bool("compile", self.compile)
 
     @property
     def decay_steps(self) -> int:

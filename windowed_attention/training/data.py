@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import os
 import sysconfig
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,14 +41,22 @@ def _bytes_tensor(data: bytes) -> torch.Tensor:
 
 
 def read_bytes(path: str | Path) -> bytes:
-    """All bytes of `path`, gunzipped if it ends in `.gz`."""
+    """All bytes of `path`, gunzipped if it ends in `.gz`. A missing, empty or damaged file is a
+    ValueError naming it (an unreadable one an OSError)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     if path.suffix == ".gz":
-        with gzip.open(path, "rb") as f:
-            return f.read()
-    return path.read_bytes()
+        try:
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+            raise ValueError(f"data file {path} is not a valid gzip file ({error})") from None
+    else:
+        data = path.read_bytes()
+    if not data:
+        raise ValueError(f"data file {path} is empty")
+    return data
 
 
 def split_bytes(data: bytes) -> tuple[bytes, bytes]:

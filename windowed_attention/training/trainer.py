@@ -25,6 +25,7 @@ from . import distributed
 from .checkpoint import load_trainer_state, load_weights, save_checkpoint
 from .config import ModelConfig, TrainConfig
 from .data import BatchSampler, decode_bytes, eval_batches, load_corpus
+from .locks import RunFolderBusy, RunLock
 from .metrics import MetricsLog, bits_per_byte, plot_metrics
 
 
@@ -121,10 +122,26 @@ def train(model_config: ModelConfig, config: TrainConfig, out: str | Path, *, re
     """Train (or, with `resume_step`, continue from the checkpoint in `out`) until `config.steps`."""
     started = time.perf_counter()
     info = distributed.setup(config.device)
+    lock = RunLock(out)
     try:
+        _lock_run(lock, info, config.device)
         return _train(model_config, config, Path(out), resume_step, progress and info.is_main, info, started)
     finally:
+        lock.release()
         distributed.teardown(info)
+
+
+def _lock_run(lock: RunLock, info, device_type: str) -> None:
+    """Rank 0 takes the run folder's lock before anything is written there; when it cannot (another run
+    holds it, the folder cannot be written), every rank stops with that error."""
+    error = None
+    if info.is_main:
+        try:
+            lock.acquire()
+        except (RunFolderBusy, OSError) as caught:
+            error = caught
+    if distributed.any_rank(error is not None, info, distributed.device_for(device_type, info)):
+        raise error if error is not None else RunFolderBusy(f"rank 0 could not lock the run folder {lock.folder}")
 
 
 def _train(model_config, config, out, resume_step, progress, info, started) -> TrainResult:

@@ -13,7 +13,7 @@ from dataclasses import fields, replace
 
 from ..cli_types import SEED_MAX, Parser, fail, integer, is_out_of_memory, real
 from .checkpoint import CheckpointError, has_checkpoint, load_config
-from .locks import RunFolderBusy
+from .locks import RunFolderBusy, in_use
 from .config import RUN_CONTROL, ModelConfig, TrainConfig, resolve_path
 
 # flag -> (config, field)
@@ -102,7 +102,7 @@ def run(args) -> int:
 
             if not torch.cuda.is_available():
                 raise ValueError("--device cuda: CUDA is not available on this machine")
-        if resume_step is None and has_checkpoint(args.out):
+        if resume_step is None and has_checkpoint(args.out) and not in_use(args.out):
             print(f"note: {args.out} holds a checkpoint; starting a new run over it (use --resume to continue it)",
                   file=sys.stderr)
         result = train(model_config, train_config, args.out, resume_step=resume_step, progress=not args.no_progress)

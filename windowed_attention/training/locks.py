@@ -80,6 +80,20 @@ class RunLock:
         self.release()
 
 
+def in_use(folder: str | Path) -> bool:
+    """Whether a training run holds `folder`'s run lock now (a hint: it may change the next moment)."""
+    fd = _open(Path(folder) / RUN_LOCK, create=False) if Path(folder).is_dir() else None
+    if fd is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 @contextlib.contextmanager
 def _locked(folder: Path, operation_name: str, create: bool):
     fd = _open(folder / FILES_LOCK, create)

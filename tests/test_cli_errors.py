@@ -96,7 +96,8 @@ def test_bad_numbers_and_flags_are_one_line_exit_2(capsys, argv, flag):
 
 
 def test_out_of_memory_is_described_in_one_line():
-    message = describe(RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0.\nDefaultCPUAllocator: can't allocate memory: you tried"))
+    message = describe(RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0.\n"
+                                    "DefaultCPUAllocator: can't allocate memory: you tried"))
     assert "out of memory" in message and "\n" not in message
     assert "\n" not in describe(ValueError("two\nlines"))
 

@@ -151,6 +151,22 @@ def test_flex_forward_takes_every_layout(pb):
     _close(got.double(), ref, torch.float32, "flex output")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_local_attention_module_takes_every_layout(layout):
+    """The module's rotary/xpos path (its own CPU kernel for large tensors) on the same views: the same
+    output and gradients as contiguous copies."""
+    module = LocalAttention(window_size=16, causal=True, dim=8, use_xpos=True, xpos_scale_base=32)
+    results = []
+    for contiguous in (True, False):
+        g = torch.Generator().manual_seed(5)
+        pairs = [laid_out(layout, (2, 3, 320, 8), torch.float32, g) for _ in range(3)]  # over the kernel's minimum
+        views = [make(leaf).contiguous() if contiguous else make(leaf) for leaf, make in pairs]
+        out = module(*views)
+        results.append([out, *torch.autograd.grad(out.square().sum(), [leaf for leaf, _ in pairs])])
+    for ref, got in zip(*results):
+        assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- rows
 
 @pytest.mark.parametrize("backend", ["reference", "fused"])
@@ -181,6 +197,18 @@ def test_a_bias_row_of_minus_inf_is_a_fully_masked_row(backend):
     assert torch.allclose(out[0, others], ref[0, others]) and torch.allclose(out[1], ref[1])
 
 
+def test_flex_forward_gives_zeros_for_a_bias_row_of_minus_inf():
+    q, k, v = (torch.randn(2, 13, 8, generator=torch.Generator().manual_seed(s)) for s in range(3))
+    bias = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(3))
+    bias[0, 1] = float("-inf")
+    spec = WindowSpec(4, True, 1, 0, False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = flex_attention_backend(q, k, v, spec, scale=0.3, attn_bias=bias)
+    ref = reference_attention(q, k, v, spec, scale=0.3, attn_bias=bias)
+    assert out[0, 1::4].eq(0).all() and torch.allclose(out, ref, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_output_dtype_under_autocast_does_not_depend_on_the_backend(dtype):
     q, k, v = (torch.randn(2, 30, 8) for _ in range(3))
@@ -196,43 +224,64 @@ def test_output_dtype_under_autocast_does_not_depend_on_the_backend(dtype):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_a_window_far_longer_than_the_sequence_costs_what_the_sequence_costs(backend):
-    """`window_size=10**9` with 20 positions: the window rule is that of the window `n` (everything
-    visible, within the look-around), so the result equals it; nothing is allocated by the window (it
-    would take gigabytes: this would fail with an allocation error)."""
+    """`window_size=10**9` (or `look_backward=10**9`) with 20 positions: the window rule is that of the
+    window `n` (and a look-around of the whole sequence), so the result equals it; nothing is allocated by
+    the window (it would take gigabytes: this would fail with an allocation error)."""
     g = torch.Generator().manual_seed(1)
-    for causal, exact, lb in ((True, False, 1), (True, True, 0), (False, True, 1)):
+    for w, causal, exact, lb, lf in ((10**9, True, False, 1, 0), (10**9, True, True, 0, 0), (10**9, False, True, 1, 1),
+                                     (3, True, True, 10**9, 0), (3, False, False, 10**9, 10**9)):
         q, k, v = (torch.randn(3, 20, 8, generator=g, requires_grad=True) for _ in range(3))
-        window = dict(causal=causal, exact_windowsize=exact, look_backward=lb)
-        out = local_attention(q, k, v, window_size=10**9, backend=backend, **window)
-        ref = local_attention(q, k, v, window_size=20, backend="reference", **window)
+        window = dict(causal=causal, exact_windowsize=exact, look_forward=lf)
+        out = local_attention(q, k, v, window_size=w, look_backward=lb, backend=backend, **window)
+        small = min(w, 20)  # the same rule: a look-around of every window in the sequence
+        ref = local_attention(q, k, v, window_size=small, look_backward=min(lb, 20), backend="reference",
+                              **{**window, "look_forward": min(lf, 20)})
         assert torch.allclose(out, ref, atol=1e-5)
         grads = torch.autograd.grad(out.sum(), (q, k, v))
         refs = torch.autograd.grad(ref.sum(), (q, k, v))
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, refs))
 
 
-def test_a_bias_for_a_long_window_is_cut_to_the_sequence():
-    """attn_bias `(h, w, span * w)` of a window longer than `n` acts as in the window's own layout, and
-    the same bias given for the window `n` `(h, n, span * n)` is accepted and gives the same result."""
+@pytest.mark.parametrize("w, n, lb, lf, causal", [(16, 9, 1, 1, False), (4, 9, 5, 2, False), (4, 9, 0, 7, False),
+                                                   (3, 10, 10**6, 0, True), (10**6, 10, 2, 0, True)])
+def test_a_bias_for_a_long_window_or_look_around_is_cut_to_the_sequence(w, n, lb, lf, causal):
+    """attn_bias of a window or look-around longer than the sequence acts as the definition says
+    (`bias[h, i % w, j - (i // w - lb) * w]`), is cut to `spec.for_length(n)` with gradients only where it
+    acts, and the cut bias is accepted as is and gives the same result."""
     g = torch.Generator().manual_seed(2)
-    w, n, lb, lf = 16, 9, 1, 1
+    spec = WindowSpec(w, causal, lb, lf, False)
+    small = spec.for_length(n)
     q, k, v = (torch.randn(2, n, 8, generator=g, dtype=torch.float64) for _ in range(3))
-    bias = torch.randn(2, w, (lb + lf + 1) * w, generator=g, dtype=torch.float64, requires_grad=True)
-    window = dict(window_size=w, causal=False, look_backward=lb, look_forward=lf)
-    out = local_attention(q, k, v, attn_bias=bias, backend="reference", **window)
-    # the dense definition: query i, key j get bias[h, i % w, j - (i // w - lb) * w] = bias[h, i, j + lb * w]
     i, j = torch.arange(n)[:, None], torch.arange(n)[None]
-    dense = torch.einsum("pid,pjd->pij", q, k) * 8**-0.5 + bias[:, i, j + lb * w]
-    expected = torch.einsum("pij,pjd->pid", dense.softmax(-1), v)
-    assert torch.allclose(out, expected)
-    (grad,) = torch.autograd.grad(out.sum(), bias)
-    assert grad[:, n:].eq(0).all() and grad[:, :, : lb * w].eq(0).all()
-    small = torch.zeros(2, n, (lb + lf + 1) * n, dtype=torch.float64)
-    small[:, :, lb * n : (lb + 1) * n] = bias.detach()[:, :n, lb * w : lb * w + n]
-    for backend in ("reference", "fused") if "fused" in CPU_BACKENDS else ("reference",):
-        assert torch.allclose(local_attention(q, k, v, attn_bias=small, backend=backend, **window), expected)
-    with pytest.raises(ValueError, match="attn_bias"):
-        local_attention(q, k, v, attn_bias=small[:, :-1], **window)
+    col = j - (i // w - lb) * w
+    window = dict(window_size=w, causal=causal, look_backward=lb, look_forward=lf)
+    results = []
+    if spec.span * w <= 10**4:  # the full bias exists only when it is small enough to build
+        bias = torch.randn(2, w, spec.span * w, generator=g, dtype=torch.float64, requires_grad=True)
+        scores = torch.einsum("pid,pjd->pij", q, k) * 8**-0.5 + bias[:, i % w, col.clamp(0, spec.span * w - 1)]
+        expected = torch.einsum("pij,pjd->pid", scores.masked_fill(~spec.visible(i, j, n), float("-inf")).softmax(-1), v)
+        out = local_attention(q, k, v, attn_bias=bias, backend="reference", **window)
+        assert torch.allclose(out, expected)
+        (grad,) = torch.autograd.grad(out.sum(), bias)
+        used = torch.zeros_like(grad, dtype=torch.bool)
+        used[:, i % w, col.clamp(0, spec.span * w - 1)] = spec.visible(i, j, n)
+        assert grad[~used].eq(0).all()
+        # the same bias in the layout of the smaller spec
+        m, small_col = small.window_size, j - (i // small.window_size - small.look_backward) * small.window_size
+        cut = torch.zeros(2, m, small.span * m, dtype=torch.float64)
+        visible = spec.visible(i, j, n)
+        cut[:, (i % m).expand(n, n)[visible], small_col[visible]] = bias.detach()[:, (i % w).expand(n, n)[visible], col[visible]]
+        results.append((cut, expected))
+    else:  # the bias only as the smaller spec's: compare with a finite stand-in of the same values
+        cut = torch.randn(2, small.window_size, small.span * small.window_size, generator=g, dtype=torch.float64)
+        results.append((cut, local_attention(q, k, v, attn_bias=cut, backend="reference",
+                                             window_size=small.window_size, causal=causal,
+                                             look_backward=small.look_backward, look_forward=small.look_forward)))
+    for cut, expected in results:
+        for backend in ("reference", "fused") if "fused" in CPU_BACKENDS else ("reference",):
+            assert torch.allclose(local_attention(q, k, v, attn_bias=cut, backend=backend, **window), expected)
+        with pytest.raises(ValueError, match="attn_bias"):
+            local_attention(q, k, v, attn_bias=cut[:, :, :-1], **window)
 
 
 def test_modules_with_a_huge_window_run_in_little_memory():
@@ -321,3 +370,17 @@ def test_largest_accepted_scale_gives_finite_results():
         out = local_attention(q, q, q, window_size=8, causal=True, scale=1e4, backend=backend)
         assert torch.isfinite(out).all(), backend
     assert math.isfinite(1e4)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0, 0])
+def test_other_non_finite_constructor_numbers_are_rejected_by_name(value):
+    from windowed_attention import FeedForward, SinusoidalEmbeddings
+
+    with pytest.raises((ValueError, TypeError), match="mult"):
+        FeedForward(8, mult=value)
+    with pytest.raises((ValueError, TypeError), match="ff_mult"):
+        LocalTransformer(num_tokens=8, max_seq_len=8, dim=8, depth=1, ff_mult=value)
+    with pytest.raises((ValueError, TypeError), match="theta"):
+        SinusoidalEmbeddings(8, theta=value)
+    with pytest.raises((ValueError, TypeError), match="scale_base"):
+        SinusoidalEmbeddings(8, scale_base=value, use_xpos=True)

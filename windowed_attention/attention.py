@@ -9,7 +9,7 @@ from torch import nn
 from .ops import attend, make_spec
 from .ops.api import fit_window, pack_leading, unpack_leading
 from .ops.decode import attend_one, score_row
-from .ops.dtypes import accumulation_dtype
+from .ops.dtypes import accumulation_dtype, result_dtype
 from .ops.validation import (
     check_attn_bias,
     check_bool,
@@ -86,7 +86,7 @@ class LocalAttention(nn.Module):
 
         check_qkv(q, k, v)
         if q.shape[-2] == 0:
-            return q.new_zeros(*q.shape[:-1], v.shape[-1])
+            return q.new_zeros(*q.shape[:-1], v.shape[-1], dtype=result_dtype(q.dtype, q.device.type))
         lead, (q, k, v) = pack_leading(q, k, v)
         packed, n, d = q.shape
         if not self.autopad and n % spec.window_size:

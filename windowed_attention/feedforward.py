@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from .ops.validation import check_int, check_probability
+from .ops.validation import check_int, check_positive_real, check_probability
 
 
 class GEGLU(nn.Module):
@@ -22,8 +22,7 @@ def FeedForward(dim: int, mult: float = 4, dropout: float = 0.0) -> nn.Sequentia
     A function returning `nn.Sequential` (as in local-attention), so state dicts load either way.
     """
     dim = check_int("dim", dim, 1)
-    if isinstance(mult, bool) or not isinstance(mult, (int, float)) or mult <= 0:
-        raise ValueError(f"mult must be a positive number, got {mult!r}")
+    mult = check_positive_real("mult", mult)
     inner = int(dim * mult * 2 / 3)
     if inner < 1:
         raise ValueError(f"dim * mult * 2 / 3 must be at least 1, got dim={dim}, mult={mult}")

@@ -17,7 +17,7 @@ from torch import nn
 
 from .ops import fused_cpu
 from .ops.dtypes import accumulation_dtype
-from .ops.validation import check_bool, check_int
+from .ops.validation import check_bool, check_int, check_positive_real
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -52,9 +52,10 @@ class SinusoidalEmbeddings(nn.Module):
         use_xpos = check_bool("use_xpos", use_xpos)
         if use_xpos and scale_base is None:
             raise ValueError("scale_base must be given when use_xpos=True")
-        if scale_base is not None and not (isinstance(scale_base, (int, float)) and not isinstance(scale_base, bool) and scale_base > 0):
-            raise ValueError(f"scale_base must be a positive number, got {scale_base!r}")
-        self.dim, self.use_xpos, self.scale_base, self.theta = dim, use_xpos, scale_base, float(theta)
+        if scale_base is not None:
+            scale_base = check_positive_real("scale_base", scale_base)
+        self.dim, self.use_xpos, self.scale_base = dim, use_xpos, scale_base
+        self.theta = check_positive_real("theta", theta)
         inv_freq = 1.0 / (self.theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
         self.register_buffer("inv_freq", inv_freq.float())
         scale = (torch.arange(0, dim, 2, dtype=torch.float64) + 0.4 * dim) / (1.4 * dim)

@@ -10,7 +10,7 @@ from torch import nn
 from .feedforward import FeedForward
 from .kv_cache import KVCache
 from .mha import LocalMHA
-from .ops.validation import check_bool, check_int
+from .ops.validation import check_bool, check_int, check_positive_real
 from .position_bias import DynamicPositionBias
 from .sampling import check_sampling, sample
 
@@ -60,6 +60,7 @@ class LocalTransformer(nn.Module):
         self.num_tokens = check_int("num_tokens", num_tokens, 1)
         self.max_seq_len = check_int("max_seq_len", max_seq_len, 1)
         dim, depth = check_int("dim", dim, 1), check_int("depth", depth, 1)
+        ff_mult = check_positive_real("ff_mult", ff_mult)
         self.causal = check_bool("causal", causal)
         self.use_abs_pos_emb = check_bool("use_abs_pos_emb", use_abs_pos_emb)
         use_dynamic_pos_bias = check_bool("use_dynamic_pos_bias", use_dynamic_pos_bias)

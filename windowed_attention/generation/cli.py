@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--temperature", type=real(0), default=0.8, help="sampling temperature, 0 = greedy (default: %(default)s)")
     add("--filter-thres", type=real(0, 1), default=0.9,
         help="top-k: keep the top (1 - F) of the 256 byte values (default: %(default)s)")
-    add("--top-p", type=real(0, 1, exclusive_minimum=True), default=None, help="nucleus sampling: keep the smallest set with probability P")
+    add("--top-p", type=real(0, 1, exclusive_minimum=True), default=None,
+        help="nucleus sampling: keep the smallest set with probability P")
     add("--seed", type=integer(0, SEED_MAX), default=None, help="random seed, 0 to 2**32 - 1 (default: unseeded)")
     add("--device", choices=["cpu", "cuda"], default="cpu", help="device (default: %(default)s)")
     add("--threads", type=threads, default=0,

@@ -77,19 +77,25 @@ def attend(
 
 
 def fit_window(spec: WindowSpec, n: int, attn_bias: torch.Tensor | None) -> tuple[WindowSpec, torch.Tensor | None]:
-    """`(spec, attn_bias)` for the window `min(window_size, n)` (`WindowSpec.for_length`): the same result,
-    at a cost that follows the sequence, not the window.
+    """`(spec, attn_bias)` for `spec.for_length(n)` (window `min(window_size, n)`, look-around at most the
+    sequence's windows): the same result, at a cost that follows the sequence, not the window.
 
-    `attn_bias` may come for either window: `(heads, w, span * w)` is cut to `(heads, n, span * n)`. With
-    `w > n` every key lies in the query's own window (slot `look_backward`), so only that slot's first `n`
-    columns are kept; the other slots lie outside the sequence and are never seen.
+    `attn_bias` may come for either spec and is cut to the smaller one. Its column of key `j` for a query
+    in window `b` is `j - (b - look_backward) * w`: a shorter look-back drops the first
+    `(look_backward - lb) * w` columns. With `w > n` every key lies in the query's own window (slot
+    `look_backward`), so only that slot's first `n` columns are kept; the other slots lie outside the
+    sequence and are never seen.
     """
     small = spec.for_length(n)
-    if small is spec or attn_bias is None or attn_bias.shape[-2] == small.window_size:
+    m, span = small.window_size, small.span
+    if small is spec or attn_bias is None or tuple(attn_bias.shape[-2:]) == (m, span * m):
         return small, attn_bias
-    w, m = spec.window_size, small.window_size
-    own = attn_bias[:, :m, spec.look_backward * w : spec.look_backward * w + m]
-    return small, F.pad(own, (spec.look_backward * m, spec.look_forward * m))
+    w, lb = spec.window_size, spec.look_backward
+    if m == w:
+        start = (lb - small.look_backward) * w
+        return small, attn_bias[:, :, start : start + span * w]
+    own = attn_bias[:, :m, lb * w : lb * w + m]
+    return small, F.pad(own, (small.look_backward * m, small.look_forward * m))
 
 
 def local_attention(
@@ -115,8 +121,9 @@ def local_attention(
     `i // w - look_backward ... i // w + look_forward` (and `j <= i` when causal; within
     `w * look_backward` back and `w * look_forward` ahead with `exact_windowsize`), where `mask`
     `(b, n)` is True. `attn_bias` `(heads, w, (look_backward + look_forward + 1) * w)` is added to the
-    scores (when `w > n` it may also be given for the window `n`: cost follows `min(w, n)`). `shared_qk` l2-normalises keys and lets a query see itself only when nothing else is
-    visible. A query that sees no key outputs zeros. Any `n` works (no padding needed).
+    scores (when `w > n` it may also be given for the window `n`: cost follows `min(w, n)`). `shared_qk`
+    l2-normalises keys and lets a query see itself only when nothing else is visible. A query that sees no
+    key (or only keys whose bias is -inf) outputs zeros. Any `n` works (no padding needed).
     """
     check_qkv(q, k, v)
     spec = make_spec(window_size, causal, look_backward, look_forward, exact_windowsize)

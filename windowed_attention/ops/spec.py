@@ -36,14 +36,22 @@ class WindowSpec:
         return self.look_backward + self.look_forward + 1
 
     def for_length(self, n: int) -> "WindowSpec":
-        """The same rule on a sequence of `n` positions with the window `min(window_size, n)`, so that cost
-        never follows a window larger than the sequence.
+        """The same rule on a sequence of `n` positions with the window `min(window_size, n)` and at most
+        as many windows of look-around as the sequence holds, so that cost never follows a window (or a
+        look-around) longer than the sequence.
 
-        With `w >= n` every position lies in window 0 and each condition holds alike for `w` and `n`:
-        the block bounds always, `i - j <= w * look_backward` (and `j - i <= w * look_forward`) always
-        when the look-around is >= 1 and as `i - j <= 0` (`j - i <= 0`) when it is 0.
+        With `w >= n` every position lies in window 0 and each condition holds alike for `w` and `n`: the
+        block bounds always, `i - j <= w * look_backward` (and `j - i <= w * look_forward`) always when
+        the look-around is >= 1 and as `i - j <= 0` (`j - i <= 0`) when it is 0. A look-around of
+        `windows = ceil(n / w)` or more sees every window in that direction and bounds `|i - j| < n <=
+        w * windows`, so it equals `windows`.
         """
-        return self if self.window_size <= n else replace(self, window_size=max(n, 1))
+        w = min(self.window_size, max(n, 1))
+        windows = -(-max(n, 1) // w)
+        lb, lf = min(self.look_backward, windows), min(self.look_forward, windows)
+        if (w, lb, lf) == (self.window_size, self.look_backward, self.look_forward):
+            return self
+        return replace(self, window_size=w, look_backward=lb, look_forward=lf)
 
     def visible(self, i: torch.Tensor, j: torch.Tensor, n: int) -> torch.Tensor:
         """Boolean visibility of key positions `j` from query positions `i` (broadcasting)."""

@@ -103,14 +103,14 @@ def check_mask(mask, packed: int, n: int, device, name: str = "mask") -> None:
 
 
 def check_attn_bias(attn_bias, packed: int, spec, n: int, device) -> None:
-    """Bias `(heads, w, span * w)`, float, with `heads` dividing the packed batch; when the window is
-    longer than the sequence also `(heads, n, span * n)`, the same bias for the window `n`."""
+    """Bias `(heads, w, span * w)`, float, with `heads` dividing the packed batch; when the window or the
+    look-around is longer than the sequence also the bias of `spec.for_length(n)`."""
     if not isinstance(attn_bias, torch.Tensor):
         raise TypeError(f"attn_bias must be a float tensor of shape (heads, w, span * w), got {type(attn_bias).__name__}")
     if attn_bias.dtype not in FLOAT_DTYPES:
         raise TypeError(f"attn_bias must be a float tensor, got dtype {attn_bias.dtype}")
-    windows = {spec.window_size, spec.for_length(n).window_size}
-    fits = attn_bias.ndim == 3 and any(tuple(attn_bias.shape[1:]) == (w, spec.span * w) for w in windows)
+    shapes = {(s.window_size, s.span * s.window_size) for s in (spec, spec.for_length(n))}
+    fits = attn_bias.ndim == 3 and tuple(attn_bias.shape[1:]) in shapes
     if not fits or attn_bias.shape[0] == 0 or packed % attn_bias.shape[0] != 0:
         w = spec.window_size
         raise ValueError(

@@ -196,7 +196,8 @@ def _parse_config(snapshot: _Snapshot) -> tuple[ModelConfig, TrainConfig, int]:
             raise ValueError(f"step {step!r} is not a non-negative int")
         return from_dict(ModelConfig, config["model"]), from_dict(TrainConfig, config["train"]), step
     except (UnicodeDecodeError, ValueError, TypeError, KeyError) as error:
-        raise CheckpointError(f"{path} is corrupted or holds impossible values ({type(error).__name__}: {error})") from None
+        reason = f"{type(error).__name__}: {error}"
+        raise CheckpointError(f"{path} is corrupted or holds impossible values ({reason})") from None
 
 
 def _load_weights(snapshot: _Snapshot, model: torch.nn.Module, step: int) -> None:

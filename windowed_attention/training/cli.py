@@ -13,8 +13,8 @@ from dataclasses import fields, replace
 
 from ..cli_types import SEED_MAX, Parser, fail, integer, is_out_of_memory, real
 from .checkpoint import CheckpointError, has_checkpoint, load_config
-from .locks import RunFolderBusy, in_use
 from .config import RUN_CONTROL, ModelConfig, TrainConfig, resolve_path
+from .locks import RunFolderBusy, in_use
 
 # flag -> (config, field)
 MODEL_FLAGS = {"dim": "dim", "depth": "depth", "heads": "heads", "dim_head": "dim_head",

@@ -61,8 +61,12 @@ class RunLock:
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip()
             os.close(fd)
-            raise RunFolderBusy(f"{self.folder} is in use by another training run"
-                                f"{f' (process {holder})' if holder else ''}; wait for it to end or choose another --out") from None
+            holder = f" (process {holder})" if holder else ""
+            raise RunFolderBusy(f"{self.folder} is in use by another training run{holder}; "
+                                "wait for it to end or choose another --out") from None
+        except OSError:  # a file system without locks (some network mounts): run unlocked
+            os.close(fd)
+            return self
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
@@ -101,7 +105,10 @@ def _locked(folder: Path, operation_name: str, create: bool):
         yield
         return
     try:
-        fcntl.flock(fd, getattr(fcntl, operation_name))
+        try:
+            fcntl.flock(fd, getattr(fcntl, operation_name))
+        except OSError:  # a file system without locks (some network mounts): go on unlocked
+            pass
         yield
     finally:
         os.close(fd)

@@ -7,7 +7,6 @@ against the reference on contiguous float64 copies of the same inputs.
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 import warnings
@@ -369,7 +368,6 @@ def test_largest_accepted_scale_gives_finite_results():
     for backend in CPU_BACKENDS:
         out = local_attention(q, q, q, window_size=8, causal=True, scale=1e4, backend=backend)
         assert torch.isfinite(out).all(), backend
-    assert math.isfinite(1e4)
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0, 0])

@@ -132,10 +132,14 @@ def test_out_that_is_a_file_or_cannot_be_written(tmp_path, corpus, capsys, monke
     if os.geteuid() != 0:  # root writes anywhere: then the failure is simulated
         readonly.chmod(0o500)
     else:
-        def refuse(path, *args, **kwargs):
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        real_open = os.open
 
-        monkeypatch.setattr("windowed_attention.training.locks.os.open", refuse)
+        def refuse(path, *args, **kwargs):  # only inside the read-only folder
+            if str(path).startswith(str(readonly)):
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", refuse)
     code, err = run_main(capsys, "train", "--out", str(readonly / "run"), "--data", str(corpus), *TINY)
     assert code == 2
     one_line_error(err, "Permission denied")

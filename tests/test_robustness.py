@@ -166,6 +166,32 @@ def test_local_attention_module_takes_every_layout(layout):
         assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_flash_hands_flash_attn_rows_it_can_read(monkeypatch, layout):
+    """flash-attn refuses a last dim that is not contiguous: the backend copies such views. Checked with a
+    dense stand-in for `flash_attn_func` that refuses them as flash-attn does."""
+    import types
+
+    from windowed_attention.ops.flash import flash_attn_backend
+
+    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1)):
+        for t in (q, k, v):
+            if t.stride(-1) != 1:
+                raise RuntimeError("Input tensor must have contiguous last dimension")
+        i, j = torch.arange(q.shape[1])[:, None], torch.arange(q.shape[1])[None]
+        keep = (j >= i - window_size[0]) & (j <= i + window_size[1]) & ((j <= i) | (not causal))
+        scores = torch.einsum("bihd,bjhd->bhij", q, k) * softmax_scale
+        return torch.einsum("bhij,bjhd->bihd", scores.masked_fill(~keep, float("-inf")).softmax(-1), v)
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    g = torch.Generator().manual_seed(4)
+    spec = WindowSpec(4, True, 1, 0, True)
+    views = [make(leaf.detach()) for leaf, make in (laid_out(layout, (3, 19, 8), torch.float64, g) for _ in range(3))]
+    got = flash_attn_backend(*views, spec, scale=0.5)
+    ref = reference_attention(*(t.contiguous() for t in views), spec, scale=0.5)
+    assert torch.allclose(got, ref)
+
+
 # ---------------------------------------------------------------------------------------------- rows
 
 @pytest.mark.parametrize("backend", ["reference", "fused"])

@@ -9,9 +9,11 @@ tensors between the two views.
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 
-from .comm import GatherAlong, group_info, traffic
+from .comm import GatherAlong, agree, group_info, traffic
 from .loss import cross_entropy, next_tokens
 
 __all__ = ["shard", "gather", "group_info", "cross_entropy", "next_tokens", "traffic"]
@@ -40,4 +42,8 @@ def gather(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not -x.ndim <= dim < x.ndim:
         raise ValueError(f"dim must be in [{-x.ndim}, {x.ndim}) for x of shape {tuple(x.shape)}, got {dim}")
+    shape = 0
+    for size in (*x.shape, zlib.crc32(str(x.dtype).encode())):
+        shape = (shape * 1_000_003 + size) % (1 << 52)  # a fingerprint of the shape and dtype
+    agree(group, {"the number of dims of x": ("x", x.ndim), "the shape and dtype of x": ("x", shape)}, x.device)
     return GatherAlong.apply(x, group, dim % x.ndim)

@@ -53,14 +53,13 @@ def attend_shard(q, k, v, spec: WindowSpec, *, group, rank: int, world: int, att
     """`q, k` `(P, n_s, d)`, `v` `(P, n_s, d_v)`: this rank's shard (already checked with `check_shards`)
     -> `(P, n_s, d_v)`, this rank's slice of the single-process output. `attend` is the op's local entry
     (`ops.api.attend`), called on the local frame."""
-    n_s, d = q.shape[1], q.shape[2]
+    n_s = q.shape[1]
     f = frame(spec, n_s, world, rank)
     before, after = f.start - f.origin, f.end - f.stop
-    kv = HaloExchange.apply(torch.cat((k, v), dim=-1), spec, group, rank, world)
-    k_frame, v_frame = kv.split((d, v.shape[2]), dim=-1)
+    k_frame, v_frame = HaloExchange.apply(k, v, spec, group, rank, world)
     q_frame = F.pad(q, (0, 0, before, after))
     if mask is not None:
-        mask = exchange(mask[..., None].to(torch.uint8), spec, group, rank, world)[..., 0].bool()
+        mask = exchange((mask[..., None].to(torch.uint8),), spec, group, rank, world)[0][..., 0].bool()
     call = dict(scale=scale, mask=mask, attn_bias=attn_bias, mask_self=mask_self, key_scale=key_scale,
                 dropout_p=dropout_p, **options)
     if dropout_p > 0.0:

@@ -68,7 +68,8 @@ class Traffic:
 traffic = Traffic()
 
 
-def _peer(group, rank: int) -> int:
+def peer(group, rank: int) -> int:
+    """The global rank of `rank` in `group` (what point-to-point ops address)."""
     return dist.get_global_rank(group, rank)
 
 
@@ -78,63 +79,72 @@ def _run(ops: list) -> None:
             work.wait()
 
 
-def exchange(x: torch.Tensor, spec, group, rank: int, world: int) -> torch.Tensor:
-    """`x` `(P, n_s, c)`, this rank's shard -> `(P, frame.length, c)`: the local frame with the halo
-    received from the ranks that own it (zeros where the frame holds nothing). No autograd."""
-    n_s = x.shape[1]
+def exchange(xs: tuple[torch.Tensor, ...], spec, group, rank: int, world: int) -> tuple[torch.Tensor, ...]:
+    """Each `x` `(P, n_s, c)` of `xs`, this rank's shard -> `(P, frame.length, c)`: the local frame with the
+    halo received from the ranks that own it (zeros where the frame holds nothing). No autograd."""
+    n_s = xs[0].shape[1]
     f = frame(spec, n_s, world, rank)
-    out = x.new_zeros(x.shape[0], f.length, x.shape[2])
-    out[:, f.start - f.origin:f.stop - f.origin] = x
+    outs = []
+    for x in xs:
+        out = x.new_empty(x.shape[0], f.length, x.shape[2])
+        out[:, :f.need_lo - f.origin].zero_()
+        out[:, f.start - f.origin:f.stop - f.origin] = x
+        outs.append(out)
     ops, received = [], []
     for piece in pieces(spec, n_s, world):
-        if piece.src == rank:
-            chunk = x[:, piece.lo - f.start:piece.hi - f.start].contiguous()
-            ops.append(dist.P2POp(dist.isend, chunk, _peer(group, piece.dst), group))
-            traffic.forward_bytes += chunk.numel() * chunk.element_size()
-        elif piece.dst == rank:
-            buffer = x.new_empty(x.shape[0], piece.hi - piece.lo, x.shape[2])
-            ops.append(dist.P2POp(dist.irecv, buffer, _peer(group, piece.src), group))
-            received.append((piece, buffer))
+        for x, out in zip(xs, outs):
+            if piece.src == rank:
+                chunk = x[:, piece.lo - f.start:piece.hi - f.start].contiguous()
+                ops.append(dist.P2POp(dist.isend, chunk, peer(group, piece.dst), group))
+                traffic.forward_bytes += chunk.numel() * chunk.element_size()
+            elif piece.dst == rank:
+                buffer = x.new_empty(x.shape[0], piece.hi - piece.lo, x.shape[2])
+                ops.append(dist.P2POp(dist.irecv, buffer, peer(group, piece.src), group))
+                received.append((out[:, piece.lo - f.origin:piece.hi - f.origin], buffer))
     _run(ops)
-    for piece, buffer in received:
-        out[:, piece.lo - f.origin:piece.hi - f.origin] = buffer
+    for place, buffer in received:
+        place.copy_(buffer)
     traffic.calls += 1
-    return out
+    return tuple(outs)
 
 
-def return_halo_gradients(grad: torch.Tensor, spec, group, rank: int, world: int, n_s: int) -> torch.Tensor:
-    """The backward of `exchange`: `grad` `(P, frame.length, c)` -> `(P, n_s, c)`, this rank's slice plus
-    the gradients of its keys that other ranks used as their halo (sent back point to point)."""
+def return_halo_gradients(grads: tuple[torch.Tensor, ...], spec, group, rank: int, world: int,
+                          n_s: int) -> tuple[torch.Tensor, ...]:
+    """The backward of `exchange`: each `grad` `(P, frame.length, c)` -> `(P, n_s, c)`, this rank's slice
+    plus the gradients of its positions that other ranks used as their halo (sent back point to point)."""
     f = frame(spec, n_s, world, rank)
-    out = grad[:, f.start - f.origin:f.stop - f.origin].clone()
+    outs = tuple(grad[:, f.start - f.origin:f.stop - f.origin].clone() for grad in grads)
     ops, received = [], []
     for piece in pieces(spec, n_s, world):
-        if piece.dst == rank:
-            chunk = grad[:, piece.lo - f.origin:piece.hi - f.origin].contiguous()
-            ops.append(dist.P2POp(dist.isend, chunk, _peer(group, piece.src), group))
-            traffic.backward_bytes += chunk.numel() * chunk.element_size()
-        elif piece.src == rank:
-            buffer = grad.new_empty(grad.shape[0], piece.hi - piece.lo, grad.shape[2])
-            ops.append(dist.P2POp(dist.irecv, buffer, _peer(group, piece.dst), group))
-            received.append((piece, buffer))
+        for grad, out in zip(grads, outs):
+            if piece.dst == rank:
+                chunk = grad[:, piece.lo - f.origin:piece.hi - f.origin].contiguous()
+                ops.append(dist.P2POp(dist.isend, chunk, peer(group, piece.src), group))
+                traffic.backward_bytes += chunk.numel() * chunk.element_size()
+            elif piece.src == rank:
+                buffer = grad.new_empty(grad.shape[0], piece.hi - piece.lo, grad.shape[2])
+                ops.append(dist.P2POp(dist.irecv, buffer, peer(group, piece.dst), group))
+                received.append((out[:, piece.lo - f.start:piece.hi - f.start], buffer))
     _run(ops)
-    for piece, buffer in received:
-        out[:, piece.lo - f.start:piece.hi - f.start] += buffer
-    return out
+    for place, buffer in received:
+        place.add_(buffer)
+    return outs
 
 
 class HaloExchange(torch.autograd.Function):
-    """`exchange` with its backward: the halo's gradients travel back to the ranks that own those keys."""
+    """`exchange` of keys and values with its backward: the halo's gradients travel back to the ranks that
+    own those positions. `k (P, n_s, d)`, `v (P, n_s, d_v)` -> their frames `(P, frame.length, .)`."""
 
     @staticmethod
-    def forward(ctx, x, spec, group, rank: int, world: int):
-        ctx.options = (spec, group, rank, world, x.shape[1])
-        return exchange(x, spec, group, rank, world)
+    def forward(ctx, k, v, spec, group, rank: int, world: int):
+        ctx.options = (spec, group, rank, world, k.shape[1])
+        return exchange((k, v), spec, group, rank, world)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad_k, grad_v):
         spec, group, rank, world, n_s = ctx.options
-        return return_halo_gradients(grad.contiguous(), spec, group, rank, world, n_s), None, None, None, None
+        grads = return_halo_gradients((grad_k.contiguous(), grad_v.contiguous()), spec, group, rank, world, n_s)
+        return *grads, None, None, None, None
 
 
 class SumOverRanks(torch.autograd.Function):

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 
-from .comm import SumOverRanks, _peer
+from .comm import SumOverRanks, peer
 
 
 def next_tokens(x: torch.Tensor, group, rank: int, world: int, fill: int) -> torch.Tensor:
@@ -17,9 +17,9 @@ def next_tokens(x: torch.Tensor, group, rank: int, world: int, fill: int) -> tor
     following = torch.full_like(first, fill)
     ops = []
     if rank > 0:
-        ops.append(dist.P2POp(dist.isend, first, _peer(group, rank - 1), group))
+        ops.append(dist.P2POp(dist.isend, first, peer(group, rank - 1), group))
     if rank < world - 1:
-        ops.append(dist.P2POp(dist.irecv, following, _peer(group, rank + 1), group))
+        ops.append(dist.P2POp(dist.irecv, following, peer(group, rank + 1), group))
     if ops:
         for work in dist.batch_isend_irecv(ops):
             work.wait()

@@ -109,13 +109,13 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for world in sorted({r["ranks"] for r in rows}):
+    for index, world in enumerate(sorted({r["ranks"] for r in rows})):
         mine = sorted((r for r in rows if r["ranks"] == world), key=lambda r: r["n"])
-        ns = [r["n"] for r in mine]
-        axes[0].plot(ns, [r["max_peak_rise_mib"] for r in mine], "o-", label=f"{world} rank{'s' * (world > 1)}")
-        axes[1].plot(ns, [r["seconds"] for r in mine], "o-", label=f"{world} rank{'s' * (world > 1)}")
+        ns, style = [r["n"] for r in mine], dict(marker="o", color=f"C{index}", label=f"{world} rank{'s' * (world > 1)}")
+        axes[0].plot(ns, [r["max_peak_rise_mib"] for r in mine], **style)
+        axes[1].plot(ns, [r["seconds"] for r in mine], **style)
         if world > 1:
-            axes[2].plot(ns, [r["max_halo_kib_per_layer"] for r in mine], "o-", label=f"{world} ranks")
+            axes[2].plot(ns, [r["max_halo_kib_per_layer"] for r in mine], **style)
     titles = ("peak memory rise per rank (MiB, largest rank)", "forward+backward time (s, slowest rank)",
               "halo bytes sent per layer, fwd+bwd (KiB, largest rank)")
     for ax, title in zip(axes, titles):
@@ -137,9 +137,13 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1,
                         help="cores shared by the ranks (threads per rank: cores / ranks, at least 1)")
     parser.add_argument("--out", default="runs/context_parallel", help="folder for the JSON and the plot")
+    parser.add_argument("--replot", action="store_true", help="only redraw the plot from --out's JSON")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        plot(json.loads((out / "context_parallel.json").read_text())["rows"], out / "context_parallel.png")
+        return
 
     rows = []
     for n in args.sizes:
@@ -147,8 +151,8 @@ def main() -> None:
             ranks = measure(world, n, max(1, args.cores // world))
             row = dict(ranks=world, n=n, loss=ranks[0]["loss"], seconds=max(r["seconds"] for r in ranks),
                        peak_rise_mib=[r["peak_rise_bytes"] / 2**20 for r in ranks],
-                       halo_kib_per_layer=[(r["halo_bytes_per_layer_forward"] + r["halo_bytes_per_layer_backward"]) / 1024
-                                           for r in ranks])
+                       halo_kib_per_layer=[(r["halo_bytes_per_layer_forward"] + r["halo_bytes_per_layer_backward"])
+                                           / 1024 for r in ranks])
             row["max_peak_rise_mib"] = max(row["peak_rise_mib"])
             row["max_halo_kib_per_layer"] = max(row["halo_kib_per_layer"])
             rows.append(row)

@@ -39,7 +39,8 @@ def close_enough(name: str, got: torch.Tensor, want: torch.Tensor, dtype, config
     scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
     err = float((got.double() - want.double()).abs().max()) if want.numel() else 0.0
     if not err <= tol * scale:
-        raise AssertionError(f"rank {dist.get_rank()}: {name} differs by {err:.3g} (tolerance {tol * scale:.3g}) in {config}")
+        raise AssertionError(f"rank {dist.get_rank()}: {name} differs by {err:.3g} (tolerance {tol * scale:.3g}) "
+                             f"in {config}")
 
 
 def summed(t: torch.Tensor) -> torch.Tensor:
@@ -84,7 +85,7 @@ def op_cases(rank: int, world: int, init_file: str, seed: int, count: int) -> No
         mask = torch.rand(b, n) < 0.7 if c["mask"] else None
         w, span = config["window_size"], config["look_backward"] + config["look_forward"] + 1
         bias = torch.randn(h, w, span * w, dtype=dtype) if c["bias"] else None
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)] + ([bias.clone().requires_grad_()] if c["bias"] else [])
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, *([bias] if c["bias"] else []))]
         out = local_attention(*leaves[:3], mask=mask, attn_bias=leaves[3] if c["bias"] else None,
                               backend=c["backend"], **config)
         out.backward(grad)
@@ -197,6 +198,18 @@ def disagreement_cases(rank: int, world: int, init_file: str) -> None:
     expect("window_size", q=q, k=q, v=q, window_size=4 + rank)
     expect("mask", q=q, k=q, v=q, window_size=4, mask=torch.ones(1, 8, dtype=torch.bool) if rank else None)
     expect("look_backward", q=q, k=q, v=q, window_size=4, look_backward=1 + rank)
+    model = LocalTransformer(num_tokens=8, max_seq_len=32, dim=8, depth=1, heads=1, dim_head=8,
+                             local_attn_window_size=4)
+    tokens = torch.zeros(1, 8, dtype=torch.long)
+    for argument, call in (("x", dict(x=tokens[:, :6 + 2 * rank])),
+                           ("return_loss", dict(x=tokens, return_loss=rank == 1))):
+        try:
+            model(**call, group=group)
+        except ValueError as error:
+            if not str(error).startswith(argument):
+                raise AssertionError(f"the error should name {argument}: {error}") from None
+        else:
+            raise AssertionError(f"no ValueError naming {argument}")
     # after all that, the group still works
     out = local_attention(q, q, q, window_size=4, group=group)
     if out.shape != q.shape:

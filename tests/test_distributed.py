@@ -51,7 +51,8 @@ def test_context_parallel_training_logs_the_single_process_losses(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=120,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    single, sharded = read_metrics(tmp_path / "single" / "metrics.jsonl"), read_metrics(tmp_path / "cp" / "metrics.jsonl")
+    single = read_metrics(tmp_path / "single" / "metrics.jsonl")
+    sharded = read_metrics(tmp_path / "cp" / "metrics.jsonl")
     assert [r["step"] for r in sharded] == [1, 2, 3] and sharded[0]["tokens"] == single[0]["tokens"]
     for a, b in zip(single, sharded):
         assert abs(a["train_loss"] - b["train_loss"]) < 1e-5 * a["train_loss"], (a, b)

@@ -11,7 +11,7 @@ from .feedforward import FeedForward
 from .kv_cache import KVCache
 from .mha import LocalMHA
 from .ops.validation import check_bool, check_int
-from .parallel import cross_entropy, group_info, next_tokens
+from .parallel import agree, cross_entropy, group_info, next_tokens
 from .position_bias import DynamicPositionBias
 from .sampling import check_sampling, sample
 
@@ -122,8 +122,12 @@ class LocalTransformer(nn.Module):
         """
         self._check_tokens(x)
         rank, world = (0, 1) if group is None else group_info(group)
-        if group is not None and (cache is not None or return_cache):
-            raise ValueError("group cannot be combined with cache or return_cache (decoding runs in one process)")
+        if group is not None:
+            if cache is not None or return_cache:
+                raise ValueError("group cannot be combined with cache or return_cache (decoding runs in one process)")
+            agree(group, {"the shard length n_s (x.shape[1])": ("x", x.shape[1]), "the batch size": ("x", x.shape[0]),
+                          "return_loss": ("return_loss", int(bool(return_loss))),
+                          "whether a mask is given": ("mask", int(mask is not None))}, x.device)
         if return_loss:
             if cache is not None or return_cache:
                 raise ValueError("return_loss cannot be combined with cache or return_cache")

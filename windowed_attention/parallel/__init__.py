@@ -16,7 +16,7 @@ import torch
 from .comm import GatherAlong, agree, group_info, traffic
 from .loss import cross_entropy, next_tokens
 
-__all__ = ["shard", "gather", "group_info", "cross_entropy", "next_tokens", "traffic"]
+__all__ = ["shard", "gather", "group_info", "agree", "cross_entropy", "next_tokens", "traffic"]
 
 
 def shard(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:

@@ -74,7 +74,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def batch_loss(model: torch.nn.Module, batch: torch.Tensor, info: distributed.DistInfo, ignore_index: int) -> torch.Tensor:
+def batch_loss(model: torch.nn.Module, batch: torch.Tensor, info: distributed.DistInfo,
+               ignore_index: int) -> torch.Tensor:
     """The mean next-token loss of `batch` `(b, seq_len + 1)`. Under context parallelism this rank computes
     its shard of every sequence (inputs and targets are sharded alike) and the loss is still the whole
     batch's, on every rank of the group."""

@@ -11,7 +11,10 @@ the shard's queries; the frame holds zeros there.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+
+import torch
 
 from ..ops.spec import WindowSpec
 
@@ -43,26 +46,19 @@ class Piece:
     hi: int
 
 
+@functools.lru_cache(maxsize=256)
 def frame(spec: WindowSpec, shard_len: int, world: int, rank: int) -> Frame:
     """The local frame of `rank` (see the module docstring)."""
     w, n = spec.window_size, shard_len * world
     start, stop = rank * shard_len, (rank + 1) * shard_len
-    first, last = start, stop - 1
-    if spec.exact_windowsize:
-        need_lo = first - spec.look_backward * w
-    else:
-        need_lo = (first // w - spec.look_backward) * w
-    if spec.causal:
-        need_hi = last + 1
-    elif spec.exact_windowsize:
-        need_hi = last + spec.look_forward * w + 1
-    else:
-        need_hi = (last // w + spec.look_forward + 1) * w
-    need_lo, need_hi = max(need_lo, 0), min(need_hi, n)
+    # both ends of the key range grow with the query: the shard's first and last queries bound it
+    lo, hi = spec.key_range(torch.tensor([start, stop - 1]), n)
+    need_lo, need_hi = int(lo[0]), int(hi[1]) + 1
     return Frame(rank, need_lo // w * w, need_lo, start, stop, need_hi)
 
 
-def pieces(spec: WindowSpec, shard_len: int, world: int) -> list[Piece]:
+@functools.lru_cache(maxsize=64)
+def pieces(spec: WindowSpec, shard_len: int, world: int) -> tuple[Piece, ...]:
     """Every (src, dst) transfer of the halo exchange, in a fixed order all ranks agree on."""
     out = []
     for dst in range(world):
@@ -72,4 +68,4 @@ def pieces(spec: WindowSpec, shard_len: int, world: int) -> list[Piece]:
                 a, b = max(lo, src * shard_len), min(hi, (src + 1) * shard_len)
                 if src != dst and a < b:
                     out.append(Piece(src, dst, a, b))
-    return out
+    return tuple(out)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from windowed_attention import LocalAttention, LocalMHA, LocalTransformer, local_attention
 from windowed_attention.ops import backends
-from windowed_attention.parallel import gather, shard
+from windowed_attention.parallel import gather, shard, traffic
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
@@ -103,6 +103,18 @@ def op_cases(rank: int, world: int, init_file: str, seed: int, count: int) -> No
         if c["bias"]:
             close_enough("grad attn_bias (summed)", summed(part_bias.grad), leaves[3].grad, dtype, described)
         close_enough("gather(output)", gather(part_out.detach(), group, dim=2), out.detach(), dtype, described)
+
+    # only halos travel: the bytes sent do not depend on the shard length
+    sent = []
+    for n_s in (16, 64):
+        q = torch.randn(1, 2, n_s, 4, requires_grad=True)
+        traffic.reset()
+        local_attention(q, q, q, window_size=4, look_backward=2, causal=True, group=group).sum().backward()
+        sent.append((traffic.forward_bytes, traffic.backward_bytes))
+    # rank 0 sends the last 2 windows forward, the last rank their gradients back, inner ranks both
+    expected = (2 * 4) * 2 * (4 + 4) * 4  # 2 windows of 4 positions x 2 heads x (d + d_v) floats x 4 bytes
+    if sent[0] != sent[1] or sent[0] != ((expected if rank < world - 1 else 0), (expected if rank > 0 else 0)):
+        raise AssertionError(f"rank {rank}: halo bytes {sent}, expected {expected} each way")
 
     # dropout: each rank drops from its own stream; the result is a dropout of the right rate, finite,
     # with finite gradients (no exact comparison: a different random stream from the single process's)

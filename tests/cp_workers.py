@@ -183,6 +183,13 @@ def module_cases(rank: int, world: int, init_file: str, seed: int) -> None:
         close_enough("logits", model(shard(tokens, group), group=group), shard(logits, group), torch.float64,
                      described)
 
+    # gather's gradient is this rank's slice of the upstream one (the gathered value is replicated)
+    x = torch.randn(2, 5 * world, 3, dtype=torch.float64)
+    part = shard(x, group, dim=1).clone().requires_grad_()
+    weight = torch.randn(2, 5 * world, 3, dtype=torch.float64)
+    (gather(part, group, dim=1) * weight).sum().backward()
+    close_enough("gather gradient", part.grad, shard(weight, group, dim=1), torch.float64, "gather")
+
     mha = LocalMHA(dim=16, window_size=4, heads=2, dim_head=8, causal=True, prenorm=True).double()
     x = torch.randn(1, 6 * world, 16, dtype=torch.float64)
     close_enough("LocalMHA output", mha(shard(x, group), group=group), shard(mha(x), group), torch.float64, "mha")

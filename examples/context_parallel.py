@@ -15,7 +15,9 @@ the bytes per layer do not grow with N. Results go to `--out` (default `runs/con
 ignores): `context_parallel.json` and `context_parallel.png`. The committed figures were made with
 `--out benchmarks`.
 
-Run: python examples/context_parallel.py [--sizes 65536 131072 262144] [--ranks 1 2 4]
+Run: python examples/context_parallel.py [--sizes 32768 65536 131072] [--ranks 1 2 4]
+`--overhead --ranks 2 --sizes 16384` instead times each rank's sharded step against a step of its shard
+alone (no group), in turns in the same process: what context parallelism adds to a rank's work.
 """
 
 from __future__ import annotations
@@ -88,6 +90,38 @@ def _rank_main(rank: int, world: int, store: str, n: int, threads: int, out: str
     dist.destroy_process_group()
 
 
+def _overhead_main(rank: int, world: int, store: str, n: int, rounds: int, out: str) -> None:
+    """Each rank times, in turns, a sharded step of N tokens (its N / R of them) and a single-process step
+    of N / R tokens (no group): same process, same thread, same load."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = LocalTransformer(**CONFIG)
+    full = torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(1))
+    part = parallel.shard(full, dist.group.WORLD)
+    steps = {"sharded": lambda: _step(model, part, dist.group.WORLD), "alone": lambda: _step(model, part, None)}
+    times = {name: [] for name in steps}
+    for _ in range(rounds + 1):  # the first round warms up
+        for name, step in steps.items():
+            dist.barrier()
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    record = {name: statistics.median(t[1:]) for name, t in times.items()}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(record))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def overhead(world: int, n: int, rounds: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_overhead_main, args=(world, os.path.join(tmp, "store"), n, rounds, tmp), nprocs=world, join=True)
+        for rank in range(world):
+            record = json.loads(Path(tmp, f"rank{rank}.json").read_text())
+            print(f"rank {rank}: sharded step of {n} tokens {record['sharded']:.2f} s, a step of its {n // world} "
+                  f"tokens alone {record['alone']:.2f} s, ratio {record['sharded'] / record['alone']:.3f}")
+
+
 def measure(world: int, n: int, threads: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_rank_main, args=(world, os.path.join(tmp, "store"), n, threads, tmp), nprocs=world, join=True)
@@ -132,13 +166,19 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[65536, 131072, 262144])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32768, 65536, 131072])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1,
                         help="cores shared by the ranks (threads per rank: cores / ranks, at least 1)")
     parser.add_argument("--out", default="runs/context_parallel", help="folder for the JSON and the plot")
     parser.add_argument("--replot", action="store_true", help="only redraw the plot from --out's JSON")
+    parser.add_argument("--overhead", action="store_true",
+                        help="instead: time each rank's sharded step against a step of its shard alone, in turns "
+                             "(first of --ranks and --sizes; median of 3 rounds; prints only)")
     args = parser.parse_args()
+    if args.overhead:
+        overhead(args.ranks[0], args.sizes[0], rounds=3)
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.replot:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..parallel.attention import attend_shard, check_shards
+from ..parallel.comm import group_info
 from . import backends
 from .dtypes import autocast_inputs, result_dtype, without_autocast
 from .spec import WindowSpec
@@ -53,16 +55,31 @@ def attend(
     key_scale: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     backend: str = "auto",
+    group=None,
 ) -> torch.Tensor:
     """Trusted internal entry: `q, k, v` are `(P, n, d)`, everything already validated.
 
     `mask_self` replaces each query's score with itself by -5e4 (the shared-qk rule); `key_scale`
     `(span, d)` scales the keys of each neighbour window (xpos uses it to stay window-relative).
+    With a process `group`, `q, k, v` and `mask` are this rank's shard of the sequence and the result is
+    this rank's slice (`windowed_attention.parallel`); the ranks' agreement is checked here, collectively.
     """
+    if group is not None:
+        rank, world = group_info(group)
+        options = dict(scale=scale, mask=mask, attn_bias=attn_bias, mask_self=mask_self, key_scale=key_scale,
+                       dropout_p=dropout_p)
+        check_shards(q, k, v, spec, group, **options)  # collective: every rank raises alike, none hangs
+        if q.shape[1] == 0:
+            raise ValueError("q: with group, every rank's shard must hold n_s >= 1 positions, got 0")
+        if world > 1:
+            # the window is cut to the whole sequence's length (all shards), never to one shard's
+            spec, options["attn_bias"], options["key_scale"] = fit_window(spec, q.shape[1] * world, attn_bias, key_scale)
+            return attend_shard(q, k, v, spec, group=group, rank=rank, world=world, attend=attend,
+                                backend=backend, **options)
     n = q.shape[1]
     if n == 0:
         return q.new_zeros(*q.shape[:-1], v.shape[-1], dtype=result_dtype(q.dtype, q.device.type))
-    spec, attn_bias = fit_window(spec, n, attn_bias)
+    spec, attn_bias, key_scale = fit_window(spec, n, attn_bias, key_scale)
     # Under autocast every backend computes float32 inputs in the autocast dtype and returns it, so the
     # result's dtype never depends on the backend.
     device_type = q.device.type
@@ -76,26 +93,31 @@ def attend(
         )
 
 
-def fit_window(spec: WindowSpec, n: int, attn_bias: torch.Tensor | None) -> tuple[WindowSpec, torch.Tensor | None]:
-    """`(spec, attn_bias)` for `spec.for_length(n)` (window `min(window_size, n)`, look-around at most the
-    sequence's windows): the same result, at a cost that follows the sequence, not the window.
+def fit_window(spec: WindowSpec, n: int, attn_bias: torch.Tensor | None, key_scale: torch.Tensor | None = None):
+    """`(spec, attn_bias, key_scale)` for `spec.for_length(n)` (window `min(window_size, n)`, look-around at most the
+    sequence's windows): the same result on a sequence of `n` positions, at a cost that follows the
+    sequence, not the window. (With a process group, `n` is the whole sequence's length.)
 
     `attn_bias` may come for either spec and is cut to the smaller one. Its column of key `j` for a query
     in window `b` is `j - (b - look_backward) * w`: a shorter look-back drops the first
     `(look_backward - lb) * w` columns. With `w > n` every key lies in the query's own window (slot
     `look_backward`), so only that slot's first `n` columns are kept; the other slots lie outside the
-    sequence and are never seen.
+    sequence and are never seen. `key_scale` `(span, d)` (xpos, one row per neighbour window) keeps the
+    rows of the windows that remain.
     """
     small = spec.for_length(n)
-    m, span = small.window_size, small.span
-    if small is spec or attn_bias is None or tuple(attn_bias.shape[-2:]) == (m, span * m):
-        return small, attn_bias
-    w, lb = spec.window_size, spec.look_backward
+    if small is spec:
+        return spec, attn_bias, key_scale
+    m, span, w, lb = small.window_size, small.span, spec.window_size, spec.look_backward
+    if key_scale is not None:
+        key_scale = key_scale[lb - small.look_backward : lb - small.look_backward + span]
+    if attn_bias is None or tuple(attn_bias.shape[-2:]) == (m, span * m):
+        return small, attn_bias, key_scale
     if m == w:
         start = (lb - small.look_backward) * w
-        return small, attn_bias[:, :, start : start + span * w]
+        return small, attn_bias[:, :, start : start + span * w], key_scale
     own = attn_bias[:, :m, lb * w : lb * w + m]
-    return small, F.pad(own, (small.look_backward * m, small.look_forward * m))
+    return small, F.pad(own, (small.look_backward * m, small.look_forward * m)), key_scale
 
 
 def local_attention(
@@ -114,6 +136,7 @@ def local_attention(
     dropout_p: float = 0.0,
     shared_qk: bool = False,
     backend: str = "auto",
+    group=None,
 ) -> torch.Tensor:
     """Local windowed attention. `q, k`: `(..., n, d)`, `v`: `(..., n, d_v)` -> `(..., n, d_v)`.
 
@@ -124,6 +147,12 @@ def local_attention(
     scores (when `w > n` it may also be given for the window `n`: cost follows `min(w, n)`). `shared_qk`
     l2-normalises keys and lets a query see itself only when nothing else is visible. A query that sees no
     key (or only keys whose bias is -inf) outputs zeros. Any `n` works (no padding needed).
+
+    `group` (a `torch.distributed` process group): the sequence is split over its ranks; `q, k, v` and
+    `mask` are this rank's contiguous shard (rank `r` holds positions `[r * n_s, (r + 1) * n_s)`, the same
+    `n_s >= 1` and options on every rank) and the result, and the q, k, v gradients, are this rank's
+    slices of the single-process ones; the `attn_bias` gradient is this rank's share. Only window halos
+    travel between ranks, point to point.
     """
     check_qkv(q, k, v)
     spec = make_spec(window_size, causal, look_backward, look_forward, exact_windowsize)
@@ -132,20 +161,20 @@ def local_attention(
     scale = check_scale(scale)
     backend = backends.check_name(backend, q.device)
 
-    if q.shape[-2] == 0:  # nothing to attend (and no packed batch size can be inferred)
+    if q.shape[-2] == 0 and group is None:  # nothing to attend (and no packed batch size can be inferred)
         return q.new_zeros(*q.shape[:-1], v.shape[-1], dtype=result_dtype(q.dtype, q.device.type))
     lead, (q, k, v) = pack_leading(q, k, v)
     packed, n = q.shape[0], q.shape[1]
     if mask is not None:
         check_mask(mask, packed, n, q.device)
-    if attn_bias is not None:
-        check_attn_bias(attn_bias, packed, spec, n, q.device)
+    if attn_bias is not None:  # for the window of the whole sequence (all shards with a group)
+        check_attn_bias(attn_bias, packed, spec, n if group is None else n * group_info(group)[1], q.device)
 
     if shared_qk:
         k = F.normalize(k, dim=-1)
     out = attend(
         q, k, v, spec,
         scale=q.shape[-1] ** -0.5 if scale is None else scale,
-        mask=mask, attn_bias=attn_bias, mask_self=shared_qk, dropout_p=dropout_p, backend=backend,
+        mask=mask, attn_bias=attn_bias, mask_self=shared_qk, dropout_p=dropout_p, backend=backend, group=group,
     )
     return unpack_leading(out, lead)

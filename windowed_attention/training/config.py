@@ -81,6 +81,7 @@ class TrainConfig:
     precision: str = "fp32"
     device: str = "cpu"
     compile: bool = False
+    context_parallel: int = 1  # ranks per sequence under torchrun (each holds seq_len / context_parallel)
 
     def __post_init__(self):
         """Every field checked (a config.json may hold anything): ValueError/TypeError naming the field."""
@@ -89,7 +90,7 @@ class TrainConfig:
                 raise TypeError(f"data must be a path or None, got {self.data!r}")
             self.data = resolve_path(self.data)
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "save_every",
-                     "log_every"):
+                     "log_every", "context_parallel"):
             check_int(name, getattr(self, name), 1)
         for name in ("warmup_steps", "sample_length", "seed"):
             check_int(name, getattr(self, name), 0)
@@ -113,7 +114,8 @@ class TrainConfig:
 
 
 # Fields a resumed run may change; every other field must match the checkpoint.
-RUN_CONTROL = {"steps", "eval_every", "save_every", "log_every", "sample_length", "device", "compile", "precision"}
+RUN_CONTROL = {"steps", "eval_every", "save_every", "log_every", "sample_length", "device", "compile", "precision",
+               "context_parallel"}
 
 
 def from_dict(cls, data: dict):

@@ -96,7 +96,9 @@ class LocalTransformer(nn.Module):
             raise TypeError(f"{name} must be an integer tensor of token ids (dtype torch.long), got {getattr(x, 'dtype', type(x).__name__)}")
         if x.ndim != 2:
             raise ValueError(f"{name} must have shape (b, n), got {tuple(x.shape)}")
-        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.num_tokens):
+        # the range check reads the data: eager only (traced code keeps no data-dependent branch; there the
+        # embedding and cross-entropy refuse ids out of range themselves)
+        if not torch.compiler.is_compiling() and x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.num_tokens):
             raise ValueError(f"{name} must hold token ids in [0, num_tokens = {self.num_tokens}), got range [{int(x.min())}, {int(x.max())}]")
 
     def _attn_bias(self):

@@ -19,7 +19,6 @@ device type, dtype, window spec, options and availability flags, so it is tested
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, Mapping
 
 import torch
@@ -54,17 +53,22 @@ def get(name: str) -> Callable[..., torch.Tensor]:
     return _BACKENDS[name]
 
 
-@functools.lru_cache(maxsize=1)
-def _availability() -> tuple[tuple[str, bool], ...]:
-    return tuple({
-        "fused": fused_cpu.available(), "sdpa": sdpa_blocks.available(), "flex": flex.available(),
-        "flash": flash.available(),
-    }.items())
+# probed once at import (cheap); `fused` asks its build, which traced code takes as a constant
+_AVAILABLE = {"sdpa": sdpa_blocks.available(), "flex": flex.available(), "flash": flash.available()}
+_UNAVAILABLE = {"sdpa": "this torch has no fused CPU flash-attention kernels (torch 2.3+)",
+                "flex": "this torch has no FlexAttention", "flash": "flash-attn is not installed"}
 
 
 def availability() -> dict[str, bool]:
-    """Which optional backends this torch / environment can run (probed once)."""
-    return dict(_availability())
+    """Which optional backends this torch / environment can run (torch.compile traces it without a break)."""
+    return {"fused": fused_cpu.available(), **_AVAILABLE}
+
+
+def unavailable_reason(name: str) -> str | None:
+    """Why backend `name` cannot run in this environment (None when it can)."""
+    if name == "fused":
+        return fused_cpu.unavailable_reason()
+    return _UNAVAILABLE[name] if name in _AVAILABLE and not _AVAILABLE[name] else None
 
 
 def check_name(backend, device: torch.device) -> str:
@@ -77,7 +81,8 @@ def check_name(backend, device: torch.device) -> str:
     if devices is not None and torch.device(device).type not in devices:
         raise ValueError(f"backend {backend!r} runs only on {', '.join(devices)} tensors, got {device}; use backend='auto'")
     if backend in ("fused", "sdpa", "flex", "flash") and not availability()[backend]:
-        raise ValueError(f"backend {backend!r} is not available in this environment; use backend='auto'")
+        raise ValueError(f"backend {backend!r} is not available in this environment ({unavailable_reason(backend)}); "
+                         "use backend='auto'")
     return backend
 
 

@@ -94,3 +94,29 @@ def test_export_runs_the_custom_ops():
     torch.testing.assert_close(exported.module()(x), model(x))
     with pytest.raises(ValueError, match="token ids"):  # eager keeps the data-dependent check
         model(x + 64)
+
+
+def test_train_compile_end_to_end_gives_the_eager_losses(tmp_path, capsys):
+    """`windowed-attention train --compile` trains, evaluates and saves; its losses are the eager run's. The
+    opening line says what trains: parameters, corpus, sequence, window and backend."""
+    from windowed_attention.training import cli as train_cli
+    from windowed_attention.training.metrics import read_metrics
+
+    data = tmp_path / "data.txt"
+    data.write_text("hello windowed attention, " * 800)
+    tiny = ["--data", str(data), "--steps", "2", "--eval-every", "2", "--dim", "32", "--depth", "1", "--heads", "2",
+            "--dim-head", "16", "--seq-len", "64", "--window-size", "16", "--batch-size", "4", "--eval-batches", "1",
+            "--sample-length", "0", "--log-every", "1", "--no-progress"]
+    losses = {}
+    for compiled in (False, True):
+        out = tmp_path / f"run-{compiled}"
+        assert train_cli.main(["--out", str(out), *tiny, *(["--compile"] if compiled else [])]) == 0
+        first = capsys.readouterr().err.splitlines()[0]
+        assert first.startswith("training 0.03M parameters on ") and str(data) in first
+        assert "sequence 64, window 16, attention backend fused (cpu, fp32" in first
+        assert first.endswith(", compiled)") == compiled
+        losses[compiled] = [(r["step"], r["train_loss"], r.get("val_loss")) for r in read_metrics(out / "metrics.jsonl")]
+    assert len(losses[True]) == 2
+    for (step, train, val), (step_c, train_c, val_c) in zip(losses[False], losses[True]):
+        assert step == step_c and train_c == pytest.approx(train, rel=1e-5)
+        assert val_c == (None if val is None else pytest.approx(val, rel=1e-5))

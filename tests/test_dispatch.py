@@ -207,7 +207,7 @@ def test_kernel_cache_is_private_and_verified(monkeypatch, tmp_path):
     with open(library, "r+b") as f:  # damage it
         f.seek(4096)
         f.write(b"\0" * 64)
-    monkeypatch.setattr(fused_cpu.subprocess, "run", _copy_instead_of_compiling(built))
+    _copy_instead_of_compiling(monkeypatch, built)
     library, rebuilt = _fresh_build(monkeypatch, cache)
     assert rebuilt and library.read_bytes() == built.read_bytes()
 
@@ -225,46 +225,25 @@ def test_kernel_cache_is_private_and_verified(monkeypatch, tmp_path):
     assert "writable by other users" in fused_cpu.unavailable_reason()
 
 
-def _copy_instead_of_compiling(built):
-    """A stand-in for the compiler call: writes the library we already built to the output path."""
+def _copy_instead_of_compiling(monkeypatch, built):
+    """Stand-ins for the compiler calls: the compiles do nothing, the link writes the library we already built."""
     import shutil
     import subprocess
 
-    def run(command, **kwargs):
+    from windowed_attention.ops import fused_cpu
+
+    class Compile:
+        returncode = 0
+
+        def __init__(self, command, **kwargs):
+            pass
+
+        def communicate(self):
+            return "", ""
+
+    def link(command, **kwargs):
         shutil.copy(built, command[command.index("-o") + 1])
         return subprocess.CompletedProcess(command, 0, "", "")
 
-    return run
-
-
-@pytest.mark.parametrize("name", ["flex", "flash"])
-def test_check_name_refuses_cuda_backends_for_cpu_tensors(name):
-    with pytest.raises(ValueError, match="backend"):
-        backends.check_name(name, torch.device("cpu"))
-    q = torch.randn(1, 8, 4)
-    with pytest.raises(ValueError, match="backend"):
-        local_attention(q, q, q, window_size=4, backend=name)
-
-
-@pytest.mark.parametrize("name", ["fused", "sdpa"])
-def test_check_name_refuses_the_cpu_kernels_for_cuda_tensors(name):
-    with pytest.raises(ValueError, match="backend"):
-        backends.check_name(name, torch.device("cuda"))
-
-
-def test_check_name_refuses_unknown_names_and_non_strings():
-    with pytest.raises(ValueError, match="backend"):
-        backends.check_name("fastest", torch.device("cpu"))
-    with pytest.raises(TypeError, match="backend"):
-        backends.check_name(1, torch.device("cpu"))
-    assert backends.check_name("auto", torch.device("cpu")) == "auto"
-    assert backends.check_name("reference", torch.device("cuda")) == "reference"
-
-
-def test_explicit_cpu_backends_agree_through_the_public_op():
-    q, k, v = (torch.randn(2, 3, 50, 8, dtype=torch.float64) for _ in range(3))
-    kwargs = dict(window_size=8, causal=True, exact_windowsize=True)
-    ref = local_attention(q, k, v, backend="reference", **kwargs)
-    assert torch.allclose(local_attention(q, k, v, backend="sdpa", **kwargs), ref, atol=1e-12)
-    assert torch.allclose(local_attention(q, k, v, backend="fused", **kwargs), ref, atol=1e-12)
-    assert torch.allclose(local_attention(q, k, v, **kwargs), ref, atol=1e-12)
+    monkeypatch.setattr(fused_cpu.subprocess, "Popen", Compile)
+    monkeypatch.setattr(fused_cpu.subprocess, "run", link)

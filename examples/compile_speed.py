@@ -6,6 +6,7 @@ window 64; batch 32 x 128 tokens; AdamW as `train` makes it), one wrapped in `to
 eager and compiled steps alternate (so load changes hit both alike) and the medians are compared.
 
 Run: python examples/compile_speed.py [--rounds 20] [--seq-len 128] [--batch-size 32] [--precision fp32|bf16]
+     [--threads T]
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=TrainConfig.seq_len)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     config = ModelConfig(max_seq_len=args.seq_len)
     models, steps = {}, {}

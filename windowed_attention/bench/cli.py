@@ -114,7 +114,7 @@ def busy_warning() -> str | None:
     measure the competition as much as the code."""
     try:
         load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    except OSError:
+    except (AttributeError, OSError):  # no load average on this platform
         return None
     if load <= cores:
         return None

@@ -115,7 +115,7 @@ def _bytes(count: int) -> str:
 def opening_line(model: torch.nn.Module, corpus, config: TrainConfig, device: torch.device, world_size: int) -> str:
     """What is about to train: parameters, corpus, sequence and window, backend."""
     params = sum(p.numel() for p in model.parameters())
-    corpus_name = "the built-in corpus (Python standard library)" if config.data is None else corpus.name
+    corpus_name = "the built-in corpus of Python standard-library sources" if config.data is None else corpus.name
     window = next(m for m in model.modules() if isinstance(m, LocalAttention)).window_size
     backend = attention_backend(model, device, config.precision)
     extra = ", compiled" if config.compile else ""

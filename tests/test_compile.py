@@ -17,6 +17,14 @@ from windowed_attention.ops import fused_cpu
 pytestmark = pytest.mark.skipif(not fused_cpu.available(), reason="the fused CPU kernel is not built here")
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every test compiles from scratch (a graph keeps the backend choice it was traced with)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def _tiny(**kwargs):
     torch.manual_seed(0)
     # q and k of a batch of 4 hold 4 * 2 * 64 * 16 = 8192 elements: the rotary kernel runs too
@@ -77,6 +85,23 @@ def test_compiled_model_fullgraph_matches_eager():
 
     compiled = torch.compile(model, fullgraph=True)
     compiled_loss = compiled(x, return_loss=True)
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compiled_model_without_the_kernel_has_no_graph_break(monkeypatch):
+    """Without the fused kernel, traced code takes the reference backend (the `sdpa` backend's strided views
+    do not trace) and the torch rotary expression: still one graph, the eager loss and gradients."""
+    monkeypatch.setattr(fused_cpu, "_state", {"error": "disabled by the test"})
+    model = _tiny(attn_dropout=0.0)
+    x = _tokens()
+    loss = model(x, return_loss=True)
+    loss.backward()
+    eager = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    compiled_loss = torch.compile(model, fullgraph=True, backend="aot_eager")(x, return_loss=True)
     compiled_loss.backward()
     torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
     for name, p in model.named_parameters():

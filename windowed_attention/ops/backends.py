@@ -12,7 +12,7 @@ result (tested against the reference on random configurations, forward and backw
 | `reference` | any    | all float         | (everything; materialises window scores)      |
 
 `auto` (`choose`) takes the first that supports the call: CUDA `flash` > `flex` > `reference`;
-CPU `fused` > `sdpa` > `reference`. Under autocast the dtype that counts is the autocast dtype (a float32
+CPU `fused` > `sdpa` > `reference` (in traced code, torch.compile's, `fused` > `reference`). Under autocast the dtype that counts is the autocast dtype (a float32
 input then computes in bfloat16). The decision is `decide`, a pure function of
 device type, dtype, window spec, options and availability flags, so it is tested without a GPU.
 """
@@ -124,6 +124,9 @@ def choose(q: torch.Tensor, spec: WindowSpec, *, value_dim: int | None = None, *
     device_type, dtype = q.device.type, q.dtype
     if dtype == torch.float32:
         dtype = autocast_dtype(device_type) or dtype
+    available = availability()
+    if torch.compiler.is_compiling():  # sdpa's autograd.Function takes strided views dynamo cannot trace:
+        available["sdpa"] = False      # traced code without the fused kernel takes the reference (no break)
     return decide(
         device_type,
         dtype,
@@ -135,5 +138,5 @@ def choose(q: torch.Tensor, spec: WindowSpec, *, value_dim: int | None = None, *
         dropout=float(options.get("dropout_p", 0.0)) > 0.0,
         head_dim=q.shape[-1],
         value_dim=value_dim,
-        available=availability(),
+        available=available,
     )

@@ -101,11 +101,15 @@ def test_compiled_model_without_the_kernel_has_no_graph_break(monkeypatch):
     loss.backward()
     eager = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
-    compiled_loss = torch.compile(model, fullgraph=True, backend="aot_eager")(x, return_loss=True)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled_loss = compiled(x, return_loss=True)
     compiled_loss.backward()
     torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, eager[name], rtol=1e-4, atol=1e-6, msg=name)
+    for bad in (64, -1):  # the token range is an assertion inside the graph
+        with pytest.raises(RuntimeError, match="token ids"):
+            compiled(torch.where(x == x[0, 3], bad, x), return_loss=True)
 
 
 def test_export_runs_the_custom_ops():

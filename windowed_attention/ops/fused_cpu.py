@@ -287,12 +287,8 @@ def _no_double_backward(ctx, *grads):
     )
 
 
-def _backward_setup(ctx, inputs, output):
-    pass
-
-
 attention_forward.register_autograd(_attention_grad, setup_context=_attention_setup)
-attention_backward.register_autograd(_no_double_backward, setup_context=_backward_setup)
+attention_backward.register_autograd(_no_double_backward)
 
 
 @torch.library.custom_op("windowed_attention::rotate", mutates_args=(), device_types="cpu")

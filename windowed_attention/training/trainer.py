@@ -125,14 +125,16 @@ def _bytes(count: int) -> str:
     return f"{count} bytes"
 
 
-def opening_line(model: torch.nn.Module, corpus, config: TrainConfig, device: torch.device, world_size: int) -> str:
+def opening_line(model: torch.nn.Module, corpus, config: TrainConfig, device: torch.device,
+                 info: distributed.DistInfo) -> str:
     """What is about to train: parameters, corpus, sequence and window, backend."""
     params = sum(p.numel() for p in model.parameters())
     corpus_name = "the built-in corpus of Python standard-library sources" if config.data is None else corpus.name
     window = next(m for m in model.modules() if isinstance(m, LocalAttention)).window_size
     backend = attention_backend(model, device, config.precision)
     extra = ", compiled" if config.compile else ""
-    extra += f", {world_size} processes" if world_size > 1 else ""
+    extra += f", {info.world_size} processes" if info.world_size > 1 else ""
+    extra += f", context parallel {info.context_parallel}" if info.context_parallel > 1 else ""
     return (f"training {params / 1e6:.2f}M parameters on {corpus_name} ({_bytes(corpus.train.numel())} train, "
             f"{_bytes(corpus.val.numel())} validation), sequence {config.seq_len}, window {window}, "
             f"attention backend {backend} ({device.type}, {config.precision}{extra})")
@@ -209,7 +211,7 @@ def _train(model_config, config, out, resume_step, progress, info, started) -> T
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     if info.is_main:
-        print(opening_line(model, corpus, config, device, info.world_size), file=sys.stderr, flush=True)
+        print(opening_line(model, corpus, config, device, info), file=sys.stderr, flush=True)
     metrics = MetricsLog(out, resume_step) if info.is_main else None
     tokens_per_step = config.batch_size * config.grad_accum * info.dp_size * config.seq_len
 

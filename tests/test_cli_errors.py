@@ -52,6 +52,14 @@ def one_line_error(err: str, *words: str) -> None:
         assert word in err, (word, err)
 
 
+def error_after_start(err: str, *words: str) -> None:
+    """An error that stops a run already under way: after its opening line, one error line, the last."""
+    assert "Traceback" not in err, err
+    lines = err.strip("\n").splitlines()
+    assert sum("error:" in line for line in lines) == 1, err
+    one_line_error(lines[-1] + "\n", *words)
+
+
 def run_main(capsys, *argv):
     code = cli.main(list(argv))
     captured = capsys.readouterr()
@@ -161,7 +169,7 @@ def test_full_disk_keeps_the_last_complete_checkpoint(tmp_path, corpus, capsys, 
     code, err = run_main(capsys, "train", "--out", str(out), "--data", str(corpus), "--steps", "6", "--save-every", "2",
                          *TINY)
     assert code == 2
-    one_line_error(err, "No space left on device", "step 4")
+    error_after_start(err, "No space left on device", "step 4")
     monkeypatch.setattr(checkpoint, "_write", real_write)
     _, _, step = load_model(out)
     assert step == 2 and not (out / ".staging").exists()

@@ -16,7 +16,7 @@ COMMANDS = {
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="windowed-attention", description=__doc__)
+    parser = Parser(prog="windowed-attention", description=__doc__)  # one-line errors, subcommands too
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)

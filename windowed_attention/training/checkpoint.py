@@ -1,4 +1,5 @@
-"""Checkpoints: `config.json`, `model.safetensors` and `trainer_state.pt` in one folder, with their
+"""Checkpoints: `config.json`, `model.safetensors` and `trainer_state.pt` (only for a run of `train`, not
+for a model saved from Python) in one folder, with their
 SHA-256 in `SHA256SUMS` (the format of `sha256sum`, so `sha256sum -c SHA256SUMS` checks them too),
 saved atomically and read consistently.
 
@@ -68,24 +69,25 @@ def _sha256(data: bytes) -> str:
 
 
 def save_checkpoint(out: str | Path, *, model: torch.nn.Module, model_config: ModelConfig,
-                    train_config: TrainConfig, step: int, trainer_state: dict) -> None:
-    """Write the checkpoint of `step` into `out` atomically (see the module docstring)."""
+                    train_config: TrainConfig | None, step: int, trainer_state: dict | None) -> None:
+    """Write the checkpoint of `step` into `out` atomically (see the module docstring). Without a
+    `trainer_state` (a model saved from Python: `runs.save_run`) there is no `trainer_state.pt`, and the run
+    cannot be resumed."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     staging = out / STAGING
     with locks.publishing(out):
         _finish_interrupted_save(out)
 
-    config = {"format_version": FORMAT_VERSION, "step": step,
-              "model": to_dict(model_config), "train": to_dict(train_config)}
+    config = {"format_version": FORMAT_VERSION, "step": step, "model": to_dict(model_config),
+              "train": None if train_config is None else to_dict(train_config)}
     weights = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
-    state = io.BytesIO()
-    torch.save({**trainer_state, "step": step}, state)
-    contents = {
-        WEIGHTS: save_safetensors_bytes(weights, metadata={"step": str(step)}),
-        STATE: state.getvalue(),
-        CONFIG: (json.dumps(config, indent=2) + "\n").encode(),
-    }
+    contents = {WEIGHTS: save_safetensors_bytes(weights, metadata={"step": str(step)})}
+    if trainer_state is not None:
+        state = io.BytesIO()
+        torch.save({**trainer_state, "step": step}, state)
+        contents[STATE] = state.getvalue()
+    contents[CONFIG] = (json.dumps(config, indent=2) + "\n").encode()
     contents[SUMS] = "".join(f"{_sha256(data)}  {name}\n" for name, data in contents.items()).encode()
 
     try:
@@ -116,6 +118,8 @@ def _finish_interrupted_save(out: Path) -> None:
     for name in FILES:
         if (staging / name).exists():
             os.replace(staging / name, out / name)
+        elif name == STATE:  # a model saved without trainer state: an older run's state must not stay
+            (out / name).unlink(missing_ok=True)
     _fsync_dir(out)
     shutil.rmtree(staging, ignore_errors=True)
 
@@ -150,7 +154,7 @@ class _Snapshot:
                 self._sums = {name: digest for digest, name in (line.split("  ", 1) for line in lines if line)}
             except (UnicodeDecodeError, ValueError) as error:
                 raise CheckpointError(f"{path} is damaged ({type(error).__name__})") from None
-            if set(self._sums) != set(DATA_FILES):
+            if not {CONFIG, WEIGHTS} <= set(self._sums) <= set(DATA_FILES):  # trainer_state.pt is optional
                 raise CheckpointError(f"{path} is damaged (it lists {sorted(self._sums)})")
         return self._sums
 
@@ -161,6 +165,8 @@ class _Snapshot:
             raise CheckpointError(f"{path} is missing{missing}")
         data = path.read_bytes()
         sums = self.sums()
+        if sums is not None and name not in sums:
+            raise CheckpointError(f"{path} is not part of this checkpoint ({SUMS} does not list it){missing}")
         if sums is not None and _sha256(data) != sums[name]:
             raise CheckpointError(f"{path} is damaged: its SHA-256 differs from the one recorded in {SUMS} at save")
         return data
@@ -180,7 +186,7 @@ def reading(folder: str | Path):
         raise CheckpointError(f"{folder} cannot be read ({error.strerror or error})") from None
 
 
-def _parse_config(snapshot: _Snapshot) -> tuple[ModelConfig, TrainConfig, int]:
+def _parse_config(snapshot: _Snapshot) -> tuple[ModelConfig, TrainConfig | None, int]:
     path = snapshot.paths[CONFIG]
     raw = snapshot.read(CONFIG, f": {snapshot.folder} holds no checkpoint")
     try:
@@ -194,7 +200,8 @@ def _parse_config(snapshot: _Snapshot) -> tuple[ModelConfig, TrainConfig, int]:
         step = config["step"]
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step {step!r} is not a non-negative int")
-        return from_dict(ModelConfig, config["model"]), from_dict(TrainConfig, config["train"]), step
+        train = None if config["train"] is None else from_dict(TrainConfig, config["train"])
+        return from_dict(ModelConfig, config["model"]), train, step
     except (UnicodeDecodeError, ValueError, TypeError, KeyError) as error:
         reason = f"{type(error).__name__}: {error}"
         raise CheckpointError(f"{path} is corrupted or holds impossible values ({reason})") from None
@@ -218,8 +225,9 @@ def _load_weights(snapshot: _Snapshot, model: torch.nn.Module, step: int) -> Non
         raise CheckpointError(f"{path} does not match the model in config.json ({first})") from None
 
 
-def load_config(folder: str | Path) -> tuple[ModelConfig, TrainConfig, int]:
-    """`(model_config, train_config, step)` from the checkpoint in `folder`."""
+def load_config(folder: str | Path) -> tuple[ModelConfig, TrainConfig | None, int]:
+    """`(model_config, train_config, step)` from the checkpoint in `folder` (`train_config` None for a model
+    saved from Python, not trained by `train`)."""
     with reading(folder) as snapshot:
         return _parse_config(snapshot)
 

@@ -12,11 +12,10 @@ from torch import nn
 from .ops import attend, make_spec
 from .ops.api import pack_leading, unpack_leading
 from .kv_cache import KVCache
-from .ops.decode import attend_one, cache_capacity, score_table
+from .ops.decode import attend_step, cache_capacity, score_table
 from .ops.dtypes import accumulation_dtype
 from .ops.validation import check_attn_bias, check_bool, check_mask, check_probability, check_qkv, check_scale
-from .positional import (SinusoidalEmbeddings, apply_rotation, rotate_step, rotation_tables, step_rotation,
-                         xpos_factors)
+from .positional import SinusoidalEmbeddings, apply_rotation, rotation_tables, step_rotation, xpos_factors
 
 ROTATION_CHUNK = 256  # decode steps whose rotation tables are computed at once
 
@@ -27,7 +26,7 @@ class DecodeConstants:
 
     `table` is `ops.decode.score_table` for the cache's `attn_bias` (a step given another tensor
     rebuilds it); `key_factors` `(slots, d)` the xpos factors by key index; the rotation tables
-    of the next `ROTATION_CHUNK` columns are computed together (`cos`, `sin` `(C, b, 1, 1, d)`, from column
+    of the next `ROTATION_CHUNK` columns are computed together (`cos`, `sin` `(C, b, d)`, from column
     `base`), as are the query residues `(C, b)` that pick each row's line of `table`.
     """
 
@@ -218,18 +217,12 @@ class LocalAttention(nn.Module):
         step = cache.column - constants.base
         if self.shared_qk:
             k = F.normalize(k, dim=-1)
-        if self.rel_pos is not None:
-            cos, sin = constants.cos[step], constants.sin[step]
-            q, k = rotate_step(q, cos, sin), rotate_step(k, cos, sin).to(k.dtype)
-        cache, keys, values, key_bias = cache.update(k, v)
+        rotation = None if self.rel_pos is None else (constants.cos[step], constants.sin[step])
         table = constants.table
         row = table if table.shape[0] == 1 else table[constants.residues[step]]  # (b or 1, heads or 1, slots)
-        row = row[:, :, None]
-        if key_bias is not None:
-            row = row + key_bias
         scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
-        out = attend_one(q, keys, values, row, scale=scale, shared_qk=self.shared_qk, key_factors=constants.key_factors)
-        return out, cache
+        return attend_step(q, k, v, cache, rotation, row, scale=scale, shared_qk=self.shared_qk,
+                           key_factors=constants.key_factors)
 
     def _next_chunk(self, constants: DecodeConstants, cache: KVCache) -> None:
         """Rotation tables and residues of the `ROTATION_CHUNK` columns from `cache.column` on."""
@@ -237,8 +230,7 @@ class LocalAttention(nn.Module):
         constants.base = cache.column
         constants.residues = positions % self.window_size
         if self.rel_pos is not None:
-            cos, sin = step_rotation(self.rel_pos, positions, cache.dtype)
-            constants.cos, constants.sin = cos[:, :, None, None], sin[:, :, None, None]
+            constants.cos, constants.sin = step_rotation(self.rel_pos, positions, cache.dtype)  # (C, b, d)
 
     def _positions(self, q, k, spec, xpos: bool = True):
         """Rotary (+ window-relative xpos) on `q, k` `(P, n, d)`; returns `q, k, key_scale`."""

@@ -137,25 +137,41 @@ class KVCache:
         """Write one column's `k, v` `(b, h, 1, d)`. Returns the new cache and the keys, values
         `(b, h, slots, d)` and `key_bias` `(b, 1, 1, slots)` (or None when every slot holds a real key) of
         the last `slots` columns, ending with the new one, oldest first."""
+        cache, slot, first, key_bias = self.advance()
+        slots = self.slots
+        self._k[..., slot, :] = k[..., 0, :]
+        self._k[..., slot + slots, :] = k[..., 0, :]
+        self._v[..., slot, :] = v[..., 0, :]
+        self._v[..., slot + slots, :] = v[..., 0, :]
+        window = (slice(None),) * 2 + (slice(first, first + slots),)
+        bias_view = None if key_bias is None else key_bias[window][:, :, None]
+        return cache, self._k[window], self._v[window], bias_view
+
+    def advance(self):
+        """`update` for a fused step that writes the keys and values itself (into `buffers`, at ring index
+        `slot` and `slot + slots`): returns the new cache, `slot`, the ring index `first` of the window of
+        `slots` columns that ends with the new one, and the `key_bias` buffer `(b, 1, 2 * slots)` (None
+        when the window holds only real keys)."""
         if self._newest[0] != self.column:
             raise ValueError(
                 "cache was already updated: its buffers now hold a later position; continue from the "
                 "cache that the update returned (one cache cannot branch into two generations)"
             )
         slot, slots = self.column % self.slots, self.slots
-        self._k[..., slot, :] = k[..., 0, :]
-        self._k[..., slot + slots, :] = k[..., 0, :]
-        self._v[..., slot, :] = v[..., 0, :]
-        self._v[..., slot + slots, :] = v[..., 0, :]
-        bias_view = None
+        key_bias = None
         if self.key_bias_needed:
-            self._key_bias[..., slot] = 0.0
-            self._key_bias[..., slot + slots] = 0.0
-            bias_view = self._window(self._key_bias[..., None], self.column + 1)[..., 0][:, :, None]
+            key_bias = self._key_bias
+            key_bias[..., slot] = 0.0
+            key_bias[..., slot + slots] = 0.0
         self._newest[0] = column = self.column + 1
         cache = KVCache(self._k, self._v, self._key_bias, self._start, column, self.capacity, self._start_range,
                         self.constants, self.signature, self.attn_bias, self._newest)
-        return cache, self._window(self._k, column), self._window(self._v, column), bias_view
+        return cache, slot, column % slots, key_bias
+
+    @property
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ring buffers `(b, h, 2 * slots, d)` of keys and values."""
+        return self._k, self._v
 
     def nbytes(self) -> int:
         """Bytes held by the buffers (constant for the life of the cache)."""

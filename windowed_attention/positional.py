@@ -132,19 +132,12 @@ def apply_rotation(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -
 
 
 def step_rotation(emb: SinusoidalEmbeddings, positions: torch.Tensor, dtype: torch.dtype):
-    """Tables `(cos, signed_sin)` `(*positions.shape, d)` for `rotate_step`: `cat(cos, cos)` and
+    """Tables `(cos, signed_sin)` `(*positions.shape, d)` for a decode step (`ops.decode.attend_step`): `cat(cos, cos)` and
     `cat(-sin, sin)` of `positions`' angles (float64), in the rotation's compute dtype for `dtype`."""
     angles = positions.to(torch.float64)[..., None] * emb._inv_freq64()
     cos, sin = angles.cos(), angles.sin()
     compute = accumulation_dtype(dtype)
     return torch.cat((cos, cos), dim=-1).to(compute), torch.cat((-sin, sin), dim=-1).to(compute)
-
-
-def rotate_step(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """`apply_rotation` for a few positions in three ops: `x * cos + roll(x) * signed_sin`, where rolling the
-    halves gives `[x2, x1]`, so the result is `[x1 c - x2 s, x2 c + x1 s]` (the same products and sums)."""
-    x = x.to(cos.dtype)
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:

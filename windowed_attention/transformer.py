@@ -129,7 +129,9 @@ class LocalTransformer(nn.Module):
 
         n = x.shape[1]
         if cache is not None:
-            if not isinstance(cache, (list, tuple)) or len(cache) != len(self.layers):
+            if not isinstance(cache, (list, tuple)):
+                raise TypeError(f"cache must be the list of per-layer KVCaches returned with return_cache=True, got {type(cache).__name__}")
+            if len(cache) != len(self.layers):
                 raise ValueError(f"cache must be the list of {len(self.layers)} per-layer caches returned with return_cache=True")
             if not all(isinstance(layer_cache, KVCache) for layer_cache in cache):
                 raise TypeError(f"cache must hold KVCache objects, got {sorted({type(c).__name__ for c in cache})}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from . import fused_cpu
 from .dtypes import accumulation_dtype
 from .spec import SELF_ATTN_SCORE, WindowSpec
 
@@ -71,3 +72,36 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: torch.Ten
             sim[..., -1] = SELF_ATTN_SCORE
         out = sim.softmax(dim=-1) @ v
     return out.reshape(b, h, 1, -1).to(dtype)
+
+
+def _rotate_step(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """`x * cos + roll(x) * signed_sin` over the last dim (see `positional.rotate_step`)."""
+    x = x.to(cos.dtype)
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+
+
+def attend_step(q, k, v, cache, rotation, row, *, scale: float, shared_qk: bool, key_factors=None):
+    """A decode step: rotate the new `q` `(b, h, 1, d)` and `k` `(b, h_kv, 1, d)` by `rotation`
+    (`(cos, signed_sin)` `(b, d)` of each row's position, or None), write `k, v` into `cache` (a
+    `KVCache`) and attend `q` over its window with the additive `row` `(b or 1, h or 1, slots)`.
+    Returns the output `(b, h, 1, d_v)` and the new cache.
+
+    On CPU without autograd it is one call of our kernel (`csrc/decode_cpu.cpp`); elsewhere the torch ops
+    below (the reference it is tested against).
+    """
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if q.device.type == "cpu" and q.dtype in fused_cpu.DTYPES and not needs_grad and fused_cpu.available():
+        cache, slot, first, key_bias = cache.advance()
+        k_buf, v_buf = cache.buffers
+        cos, sin = (None, None) if rotation is None else rotation
+        out = fused_cpu.kernel().decode_attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], k_buf, v_buf, cos, sin, row,
+                                               key_bias, key_factors, slot, first, scale, shared_qk)
+        return out[:, :, None], cache
+    dtype = q.dtype
+    if rotation is not None:
+        cos, sin = rotation[0][:, None, None], rotation[1][:, None, None]
+        q, k = _rotate_step(q, cos, sin), _rotate_step(k, cos, sin).to(k.dtype)
+    cache, keys, values, key_bias = cache.update(k, v)
+    row = row[:, :, None] if key_bias is None else row[:, :, None] + key_bias
+    out = attend_one(q, keys, values, row, scale=scale, shared_qk=shared_qk, key_factors=key_factors)
+    return out.to(dtype), cache

@@ -25,8 +25,9 @@ class KVCache:
     (opaque to the cache), `signature`, the layer configuration it was built for, and `attn_bias`, the
     position bias the layer was given at prefill (decode steps that pass the same tensor reuse its table).
 
-    The one verb is `update`; it writes into the shared buffers, so after `cache.update(...)` only the
-    returned cache is valid for further updates (decoding is a single line of history).
+    The one verb is `update` (`advance` is its bookkeeping half, for a fused step that writes the
+    buffers itself); it writes into the shared buffers, so after `cache.update(...)` only the returned
+    cache is valid for further updates (decoding is a single line of history).
     """
 
     def __init__(self, k_buffer, v_buffer, key_bias, start, column: int, capacity: int,

@@ -15,6 +15,7 @@ from .kv_cache import KVCache
 from .ops.decode import attend_step, cache_capacity, score_table
 from .ops.dtypes import accumulation_dtype
 from .ops.validation import check_attn_bias, check_bool, check_mask, check_probability, check_qkv, check_scale
+from .parallel.comm import group_info
 from .positional import SinusoidalEmbeddings, apply_rotation, rotation_tables, step_rotation, xpos_factors
 
 ROTATION_CHUNK = 256  # decode steps whose rotation tables are computed at once
@@ -92,7 +93,7 @@ class LocalAttention(nn.Module):
         self._rotation_cache = None  # (key, tables) of the last call: see `_rotation`
 
     def forward(self, q, k, v, mask=None, input_mask=None, attn_bias=None, window_size=None,
-                cache: KVCache | None = None, return_cache: bool = False):
+                cache: KVCache | None = None, return_cache: bool = False, group=None):
         """`q, k` `(..., n, d)`, `v` `(..., n, d_v)` -> `(..., n, d_v)`; `mask` `(b, n)` bool, True = attend.
 
         Decoding (causal only, `q, k, v` `(b, h, n, d)`): `return_cache=True` also returns a `KVCache` of
@@ -100,6 +101,10 @@ class LocalAttention(nn.Module):
         first: the rows hold prompts of different lengths). With that `cache`, `q, k, v` `(b, h, 1, d)`
         are the next position of every row and the output is what `forward` gives it over the whole
         sequence, in O(window) time; the new cache comes back with it.
+
+        With a process `group`, `q, k, v` and `mask` are this rank's shard of the sequence (positions
+        `r * n .. (r + 1) * n - 1`: rotary and xpos use them) and the output is this rank's slice
+        (decoding runs in one process).
         """
         if mask is not None and input_mask is not None:
             raise ValueError("give either mask or input_mask (its alias), not both")
@@ -110,6 +115,8 @@ class LocalAttention(nn.Module):
                 raise ValueError("cache and return_cache need causal=True (decoding one position at a time)")
             if window_size is not None:
                 raise ValueError("window_size cannot be overridden with cache or return_cache")
+            if group is not None:
+                raise ValueError("group cannot be combined with cache or return_cache (decoding runs in one process)")
         if cache is not None:
             if mask is not None:
                 raise ValueError("mask cannot be combined with cache (the cache knows each row's length)")
@@ -122,13 +129,14 @@ class LocalAttention(nn.Module):
             spec = make_spec(window_size, spec.causal, spec.look_backward, spec.look_forward, spec.exact_windowsize)
 
         check_qkv(q, k, v)
-        if q.shape[-2] == 0:
+        rank, world = group_info(group) if group is not None else (0, 1)
+        if q.shape[-2] == 0 and group is None:
             return q.new_zeros(*q.shape[:-1], v.shape[-1])
         lead, (q, k, v) = pack_leading(q, k, v)
         packed, n, d = q.shape
-        if not self.autopad and n % spec.window_size:
+        if not self.autopad and (n * world) % spec.window_size:
             raise ValueError(
-                f"sequence length {n} must be a multiple of window_size {spec.window_size}; pass autopad=True to allow any length"
+                f"sequence length {n * world} must be a multiple of window_size {spec.window_size}; pass autopad=True to allow any length"
             )
         if mask is not None:
             check_mask(mask, packed, n, q.device)
@@ -142,12 +150,12 @@ class LocalAttention(nn.Module):
 
         if self.shared_qk:
             k = F.normalize(k, dim=-1)
-        q, k_at, key_scale = self._positions(q, k, spec)
+        q, k_at, key_scale = self._positions(q, k, spec, offset=rank * n)
         out = attend(
             q, k_at, v, spec,
             scale=d**-0.5 if self.scale is None else self.scale,
             mask=mask, attn_bias=attn_bias, mask_self=self.shared_qk, key_scale=key_scale,
-            dropout_p=self.dropout.p if self.training else 0.0,
+            dropout_p=self.dropout.p if self.training else 0.0, group=group,
         )
         out = unpack_leading(out, lead)
         if not return_cache:
@@ -232,23 +240,24 @@ class LocalAttention(nn.Module):
         if self.rel_pos is not None:
             constants.cos, constants.sin = step_rotation(self.rel_pos, positions, cache.dtype)  # (C, b, d)
 
-    def _positions(self, q, k, spec, xpos: bool = True):
-        """Rotary (+ window-relative xpos) on `q, k` `(P, n, d)`; returns `q, k, key_scale`."""
+    def _positions(self, q, k, spec, offset: int = 0, xpos: bool = True):
+        """Rotary (+ window-relative xpos unless `xpos=False`) on `q, k` `(P, n, d)` at positions
+        `offset .. offset + n - 1`; returns `q, k, key_scale`."""
         if self.rel_pos is None:
             return q, k, None
-        q_tables, k_tables, key_scale = self._rotation(q.shape[-2], spec, q.device, q.dtype, xpos)
+        q_tables, k_tables, key_scale = self._rotation(q.shape[-2], spec, q.device, q.dtype, offset, xpos)
         return apply_rotation(q, q_tables), apply_rotation(k, k_tables), key_scale
 
-    def _rotation(self, n: int, spec, device, dtype, xpos: bool = True):
-        """The rotation tables of q and k and the xpos key scale for this length and window, kept for the
-        next call with the same ones (they depend on nothing learned)."""
-        key = (n, spec, device, dtype, xpos)
+    def _rotation(self, n: int, spec, device, dtype, offset: int = 0, xpos: bool = True):
+        """The rotation tables of q and k and the xpos key scale for these positions and window, kept for
+        the next call with the same ones (they depend on nothing learned)."""
+        key = (n, offset, spec, device, dtype, xpos)
         if self._rotation_cache is None or self._rotation_cache[0] != key:
-            cos, sin = self.rel_pos.rotation(torch.arange(n, device=device))
+            cos, sin = self.rel_pos.rotation(torch.arange(offset, offset + n, device=device))
             q_factor = k_factor = key_scale = None
             if self.use_xpos and xpos:
                 q_factor, k_factor, key_scale = xpos_factors(
-                    self.rel_pos, n, spec.window_size, spec.look_backward, spec.look_forward, device
+                    self.rel_pos, n, spec.window_size, spec.look_backward, spec.look_forward, device, offset
                 )
             tables = (rotation_tables(cos, sin, q_factor, dtype), rotation_tables(cos, sin, k_factor, dtype), key_scale)
             self._rotation_cache = (key, tables)

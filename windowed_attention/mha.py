@@ -75,8 +75,10 @@ class LocalMHA(nn.Module):
         """Most earlier keys any next query can see (what a `KVCache` of this layer holds)."""
         return cache_capacity(self.attn_fn.spec)
 
-    def forward(self, x, mask=None, attn_bias=None, cache: KVCache | None = None, return_cache: bool = False):
-        """`x` `(b, n, dim)` -> `(b, n, dim)` (and the `KVCache` with `return_cache`).
+    def forward(self, x, mask=None, attn_bias=None, cache: KVCache | None = None, return_cache: bool = False,
+                group=None):
+        """`x` `(b, n, dim)` -> `(b, n, dim)` (and the `KVCache` with `return_cache`). With a process `group`,
+        `x` and `mask` are this rank's shard of the sequence and the output is this rank's slice.
 
         Prefill and decode are this one forward: with `return_cache` the attention also returns its
         cache (`mask` may then mark right padding: rows of different lengths); with `cache`, `x`
@@ -96,7 +98,8 @@ class LocalMHA(nn.Module):
             q = F.normalize(q, dim=-1) * self.q_scale
             k = F.normalize(k, dim=-1) * self.k_scale
 
-        out = self.attn_fn(q, k, v, mask=mask, attn_bias=attn_bias, cache=cache, return_cache=return_cache)
+        out = self.attn_fn(q, k, v, mask=mask, attn_bias=attn_bias, cache=cache, return_cache=return_cache,
+                           group=group)
         if return_cache:
             out, cache = out
         if self.to_v_gate is not None:

@@ -132,8 +132,8 @@ def apply_rotation(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -
 
 
 def step_rotation(emb: SinusoidalEmbeddings, positions: torch.Tensor, dtype: torch.dtype):
-    """Tables `(cos, signed_sin)` `(*positions.shape, d)` for a decode step (`ops.decode.attend_step`): `cat(cos, cos)` and
-    `cat(-sin, sin)` of `positions`' angles (float64), in the rotation's compute dtype for `dtype`."""
+    """Tables `(cos, signed_sin)` `(*positions.shape, d)` for a decode step (`ops.decode.attend_step`):
+    `cat(cos, cos)` and `cat(-sin, sin)` of `positions`' angles (float64), in the compute dtype of `dtype`."""
     angles = positions.to(torch.float64)[..., None] * emb._inv_freq64()
     cos, sin = angles.cos(), angles.sin()
     compute = accumulation_dtype(dtype)
@@ -145,8 +145,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, factor: torch.
     return apply_rotation(x, rotation_tables(cos, sin, factor, x.dtype))
 
 
-def xpos_factors(emb: SinusoidalEmbeddings, n: int, window_size: int, look_backward: int, look_forward: int, device):
-    """Window-relative xpos factors for a blocked sequence of length `n`.
+def xpos_factors(emb: SinusoidalEmbeddings, n: int, window_size: int, look_backward: int, look_forward: int, device,
+                 offset: int = 0):
+    """Window-relative xpos factors for positions `offset .. offset + n - 1` of a blocked sequence.
 
     Returns `(q_factor (n, d), k_factor (n, d), key_scale (span, d))`. Position `i` in window `b` is
     measured from the window's centre `c_b`: q_i gets `s ** ((i - c_b) / base)`, k_j gets
@@ -154,7 +155,7 @@ def xpos_factors(emb: SinusoidalEmbeddings, n: int, window_size: int, look_backw
     factor `s ** (-delta * w / base)`, so a score is scaled by `s ** ((i - j) / base)` exactly while every
     exponent stays within a few windows.
     """
-    pos = torch.arange(n, device=device)
+    pos = torch.arange(offset, offset + n, device=device)
     local = (pos % window_size).to(torch.float64) - window_size / 2
     q_factor = emb.xpos_scale(local)
     k_factor = emb.xpos_scale(-local)

@@ -11,6 +11,7 @@ from .feedforward import FeedForward
 from .kv_cache import KVCache
 from .mha import LocalMHA
 from .ops.validation import check_bool, check_int
+from .parallel import agree, cross_entropy, group_info, next_tokens
 from .position_bias import DynamicPositionBias
 from .generation import engine
 from .sampling import check_sampling
@@ -108,7 +109,7 @@ class LocalTransformer(nn.Module):
         return self.dynamic_pos_bias(w, spec.span * w, offset=spec.look_backward * w)
 
     def forward(self, x, mask=None, return_loss: bool = False, cache: list[KVCache] | None = None,
-                return_cache: bool = False):
+                return_cache: bool = False, group=None):
         """`x` `(b, n)` token ids -> logits `(b, n, num_tokens)`, or the mean next-token cross-entropy
         (ignoring `ignore_index`) with `return_loss`. `mask` `(b, n)` bool marks real tokens.
 
@@ -116,16 +117,31 @@ class LocalTransformer(nn.Module):
         padding: prompts of different lengths); pass them as `cache` with `x` holding only the next token
         of every row `(b, 1)` to get its logits in O(window) work. Training, prefill and decode run this
         same block loop.
+
+        Context parallelism: with a process `group`, `x` (and `mask`) is this rank's shard of the tokens
+        (rank `r` holds positions `r * n .. (r + 1) * n - 1`, which the position embeddings see); the logits
+        are this rank's slice, and the loss is the single-process loss of the whole sequence, on every
+        rank (its gradients summed over the group are the single-process ones).
         """
         self._check_tokens(x)
+        rank, world = (0, 1) if group is None else group_info(group)
+        if group is not None:
+            if cache is not None or return_cache:
+                raise ValueError("group cannot be combined with cache or return_cache (decoding runs in one process)")
+            agree(group, {"the shard length n_s (x.shape[1])": ("x", x.shape[1]), "the batch size": ("x", x.shape[0]),
+                          "return_loss": ("return_loss", int(bool(return_loss))),
+                          "whether a mask is given": ("mask", int(mask is not None))}, x.device)
         if return_loss:
             if cache is not None or return_cache:
                 raise ValueError("return_loss cannot be combined with cache or return_cache")
-            if x.shape[1] < 2:
-                raise ValueError(f"x must hold at least 2 tokens with return_loss=True, got {x.shape[1]}")
-            x, labels = x[:, :-1], x[:, 1:]
-            if mask is not None:
-                mask = mask[:, :-1]
+            if x.shape[1] * world < 2:
+                raise ValueError(f"x must hold at least 2 tokens with return_loss=True, got {x.shape[1] * world}")
+            if group is None:
+                x, labels = x[:, :-1], x[:, 1:]
+                if mask is not None:
+                    mask = mask[:, :-1]
+            else:
+                labels, mask = self._shard_targets(x, mask, group, rank, world)
 
         n = x.shape[1]
         if cache is not None:
@@ -139,7 +155,10 @@ class LocalTransformer(nn.Module):
                 raise ValueError(f"with cache, x must hold exactly one new token per row (b, 1), got {tuple(x.shape)}")
             if cache[0].batch != x.shape[0]:
                 raise ValueError(f"cache holds {cache[0].batch} rows, x has {x.shape[0]}")
-        end = n if cache is None else cache[0].length + 1  # positions the longest row will have seen
+        start = rank * n
+        # the whole sequence's length (with group and return_loss the last token is no input, as x[:, :-1]);
+        # decoding: the positions the longest row will have seen
+        end = (n if group is None else world * n - int(return_loss)) if cache is None else cache[0].length + 1
         if self.pos_emb is not None and end > self.max_seq_len:
             raise ValueError(
                 f"sequence of {end} tokens exceeds max_seq_len = {self.max_seq_len} "
@@ -149,7 +168,8 @@ class LocalTransformer(nn.Module):
         h = self.token_emb(x)
         if self.pos_emb is not None:
             if cache is None:
-                h = h + self.pos_emb(torch.arange(n, device=x.device))
+                # clamped for that last token alone: its output is dropped (and it is masked as a key)
+                h = h + self.pos_emb(torch.arange(start, start + n, device=x.device).clamp_max(self.max_seq_len - 1))
             else:  # each row at its own position
                 h = h + self.pos_emb(cache[0].positions)[:, None]
 
@@ -158,7 +178,7 @@ class LocalTransformer(nn.Module):
         new_caches = []
         for index, (attn, ff) in enumerate(self.layers):
             out = attn(h, mask=mask, attn_bias=attn_bias, cache=None if cache is None else cache[index],
-                       return_cache=return_cache)
+                       return_cache=return_cache, group=group)
             if return_cache:
                 out, layer_cache = out
                 new_caches.append(layer_cache)
@@ -166,9 +186,22 @@ class LocalTransformer(nn.Module):
             h = h + ff(h)
         logits = self.to_logits(h)
 
+        if return_loss and group is not None:
+            return cross_entropy(logits, labels, group, ignore_index=self.ignore_index)
         if return_loss:
             return F.cross_entropy(rearrange(logits, "b n c -> b c n"), labels.long(), ignore_index=self.ignore_index)
         return (logits, new_caches) if return_cache else logits
+
+    def _shard_targets(self, x, mask, group, rank: int, world: int):
+        """Targets `(b, n)` of this rank's shard `x` (the next token, across shard boundaries; none for the
+        whole sequence's last token) and the key mask that leaves that last token out when not causal
+        (the single-process model never sees it: it runs on `x[:, :-1]`)."""
+        labels = next_tokens(x, group, rank, world, fill=self.ignore_index)
+        if not self.causal:
+            mask = torch.ones_like(x, dtype=torch.bool) if mask is None else mask.clone()
+            if rank == world - 1:
+                mask[:, -1] = False
+        return labels, mask
 
     @torch.no_grad()
     def generate(self, prime, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9,

@@ -2,13 +2,14 @@
 
 Both models: dim 256, depth 4, heads 4, dim_head 64, window 256, byte vocabulary, random weights, eval
 mode, `generate` with its default arguments (temperature 1, filter_thres 0.9). For each batch size B and
-context length C the prime holds B x C tokens; we time generating SHORT and LONG tokens after the same
-prime and divide the extra tokens by the extra time, so the prefill is counted out:
+context length C the prime holds B x C tokens; `generate` makes `--tokens` T tokens, and a wrapper around
+the model's `forward` notes when each call ends: the first is the prefill, each later one a decode step
+(both libraries' `generate` call `forward` once per token), so the prefill is counted out:
 
-    rate(B, C) = B * (LONG - SHORT) / (t(LONG) - t(SHORT))    [tokens/s]
+    rate(B, C) = B * (T - 1) / (end of the last forward - end of the first)    [tokens/s]
 
 The libraries take turns within each round (interleaved), and each figure is the median over `--rounds`
-rounds. Run: python examples/decode_speed.py [--batches 1 16] [--contexts 512 8192] [--rounds 5]
+rounds. Run: python examples/decode_speed.py [--batches 1 16] [--contexts 512 8192] [--rounds 5] [--threads N]
 """
 
 from __future__ import annotations
@@ -25,10 +26,23 @@ CONFIG = dict(num_tokens=256, dim=256, depth=4, heads=4, dim_head=64, local_attn
 
 
 @torch.no_grad()
-def seconds(model, prime, n: int) -> float:
-    start = time.perf_counter()
-    model.generate(prime, n)
-    return time.perf_counter() - start
+def decode_rate(model, prime, n: int) -> float:
+    """Tokens/s of the decode steps of `model.generate(prime, n)` (the prefill left out)."""
+    ends, forward = [], model.forward
+
+    def timed(*args, **kwargs):  # local-attention's generate calls self.forward, so no hook would see it
+        out = forward(*args, **kwargs)
+        ends.append(time.perf_counter())
+        return out
+
+    model.forward = timed
+    try:
+        model.generate(prime, n)
+    finally:
+        del model.forward
+    if len(ends) != n:
+        raise RuntimeError(f"expected one forward per token, got {len(ends)} for {n} tokens")
+    return prime.shape[0] * (n - 1) / (ends[-1] - ends[0])
 
 
 def main() -> None:
@@ -36,15 +50,14 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 8192])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--short", type=int, default=32)
-    parser.add_argument("--long", type=int, default=288)
+    parser.add_argument("--tokens", type=int, default=257, help="tokens generated per run (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--their-batches", type=int, nargs="*", default=[1],
                         help="batch sizes at which local-attention is timed too (default: 1; none: skip it)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    max_seq_len = max(args.contexts) + args.long + 1
+    max_seq_len = max(args.contexts) + args.tokens + 1
 
     torch.manual_seed(0)
     models = {"windowed-attention": LocalTransformer(max_seq_len=max_seq_len, **CONFIG).eval()}
@@ -55,19 +68,17 @@ def main() -> None:
             max_seq_len=max_seq_len, causal=True, num_residual_streams=1, **CONFIG).eval()
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {CONFIG}")
-    print(f"rate = B * {args.long - args.short} tokens / (t({args.long}) - t({args.short})), median of {args.rounds} rounds")
+    print(f"rate = B * {args.tokens - 1} decode steps / their time (prefill left out), median of {args.rounds} rounds")
     points = [(b, c) for b in args.batches for c in args.contexts]
     primes = {(b, c): torch.randint(0, 256, (b, c), generator=torch.Generator().manual_seed(c)) for b, c in points}
     runs = [(name, b, c) for b, c in points for name in models
             if name == "windowed-attention" or b in args.their_batches]
     for name, b, c in runs:  # warm-up: builds the kernel, first-touches the caches
-        seconds(models[name], primes[b, c], 2)
+        decode_rate(models[name], primes[b, c], 2)
     rates: dict[tuple, list[float]] = {run: [] for run in runs}
     for _ in range(args.rounds):
         for name, b, c in runs:
-            model, prime = models[name], primes[b, c]
-            elapsed = seconds(model, prime, args.long) - seconds(model, prime, args.short)
-            rates[name, b, c].append(b * (args.long - args.short) / elapsed)
+            rates[name, b, c].append(decode_rate(models[name], primes[b, c], args.tokens))
     median = {run: statistics.median(values) for run, values in rates.items()}
     for (name, b, c), rate in median.items():
         spread = f"{min(rates[name, b, c]):.0f}-{max(rates[name, b, c]):.0f}"

@@ -102,14 +102,16 @@ def check_mask(mask, packed: int, n: int, device, name: str = "mask") -> None:
         raise ValueError(f"{name} must be on the device of q ({device}), got {mask.device}")
 
 
-def check_attn_bias(attn_bias, packed: int, spec, n: int, device) -> None:
+def check_attn_bias(attn_bias, packed: int, spec, n: int | None, device) -> None:
     """Bias `(heads, w, span * w)`, float, with `heads` dividing the packed batch; when the window or the
-    look-around is longer than the sequence also the bias of `spec.for_length(n)`."""
+    look-around is longer than the sequence of `n` positions also the bias of `spec.for_length(n)`
+    (`n` None: only the former, as a decode step needs)."""
     if not isinstance(attn_bias, torch.Tensor):
         raise TypeError(f"attn_bias must be a float tensor of shape (heads, w, span * w), got {type(attn_bias).__name__}")
     if attn_bias.dtype not in FLOAT_DTYPES:
         raise TypeError(f"attn_bias must be a float tensor, got dtype {attn_bias.dtype}")
-    shapes = {(s.window_size, s.span * s.window_size) for s in (spec, spec.for_length(n))}
+    specs = (spec,) if n is None else (spec, spec.for_length(n))
+    shapes = {(s.window_size, s.span * s.window_size) for s in specs}
     fits = attn_bias.ndim == 3 and tuple(attn_bias.shape[1:]) in shapes
     if not fits or attn_bias.shape[0] == 0 or packed % attn_bias.shape[0] != 0:
         w = spec.window_size

@@ -31,10 +31,18 @@ def score_row(spec: WindowSpec, position: int, m: int, attn_bias: torch.Tensor |
 
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: torch.Tensor, *, scale: float,
                shared_qk: bool) -> torch.Tensor:
-    """`q` `(..., 1, d)` over `k, v` `(..., m, d)` with the additive `row` of `score_row`, in
-    `accumulation_dtype`; under `shared_qk` the query's own key (the last) gets the self score."""
+    """`q` `(..., h, 1, d)` over `k, v` `(..., h_kv, m, d)` (`h_kv | h`: grouped-query attention, query
+    head `i` on kv head `i // (h // h_kv)`) with the additive `row` `(heads or 1, 1, m)` of `score_row`,
+    in `accumulation_dtype`; under `shared_qk` the query's own key (the last) gets the self score."""
     compute = accumulation_dtype(q.dtype)
+    heads, kv_heads = q.shape[-3], k.shape[-3]
+    grouped = heads != kv_heads
+    if grouped:  # the queries sharing a kv head become rows of one product: (..., h_kv, g, d)
+        q = q.reshape(*q.shape[:-3], kv_heads, heads // kv_heads, q.shape[-1])
+        if row.shape[0] > 1:
+            row = row.repeat(heads // row.shape[0], 1, 1).reshape(kv_heads, heads // kv_heads, row.shape[-1])
     sim = (q.to(compute) * scale) @ k.to(compute).transpose(-1, -2) + row
     if shared_qk:
         sim[..., -1] = SELF_ATTN_SCORE
-    return (sim.softmax(dim=-1) @ v.to(compute)).to(q.dtype)
+    out = (sim.softmax(dim=-1) @ v.to(compute)).to(q.dtype)
+    return out.reshape(*out.shape[:-3], heads, 1, out.shape[-1]) if grouped else out

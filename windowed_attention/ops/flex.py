@@ -100,5 +100,7 @@ def flex_attention_backend(
             return score
 
     attend = _compiled_flex() if q.is_cuda else flex_attention
-    out = attend(q[None], k[None], v[None], score_mod=score_mod, block_mask=block_mask, scale=scale)
+    # grouped-query attention (fewer kv rows): flex maps query head h to kv head h // (P // P_kv)
+    out = attend(q[None], k[None], v[None], score_mod=score_mod, block_mask=block_mask, scale=scale,
+                 enable_gqa=k.shape[0] != P)
     return out[0]

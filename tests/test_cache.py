@@ -73,7 +73,7 @@ def test_engine_decoding_after_prompts_longer_than_the_cache(options, prompt):
 
     torch.manual_seed(prompt)
     model = LocalTransformer(num_tokens=17, max_seq_len=64, dim=16, depth=2, heads=2, dim_head=8,
-                             local_attn_window_size=4, **options).double().eval()
+                             local_attn_window_size=4, num_residual_streams=1, **options).double().eval()
     tokens = torch.randint(0, 17, (2, prompt + 6))
     full = model(tokens)
     logits, caches = engine.prefill(model, tokens[:, :prompt])

@@ -22,6 +22,10 @@ OPTIONS = [
     dict(gate_values_per_head=True),
     dict(shared_qk=True),
     dict(use_abs_pos_emb=False, look_backward=2, qk_rmsnorm=True),
+    dict(num_residual_streams=1),
+    dict(kv_heads=1),
+    dict(kv_heads=1, num_residual_streams=1, use_dynamic_pos_bias=True),
+    dict(num_residual_streams=3, kv_heads=1, use_xpos=True),
 ]
 
 
@@ -87,7 +91,7 @@ def test_rolling_cache_stays_bounded_past_max_seq_len():
     assert len(tokens) == 400 and all(t.shape == (2, 1) for t in tokens)
     assert len(sizes) == 1  # the same buffers from first to last token
     assert lengths[-1] == 7 + 399
-    capacity = model.layers[0][0].cache_capacity
+    capacity = model.layers[0][0].branch.cache_capacity
     # depth * (k, v) * 2 copies of (capacity + 1) slots * b * h * d * 4 bytes
     assert sizes.pop() == 2 * 2 * 2 * (capacity + 1) * 2 * 2 * 16 * 4
 
@@ -156,7 +160,7 @@ def test_fast_step_matches_reference_decode(options):
     """decoder.step (rotated-key cache, hoisted masks and bias) against the model's own cached forward."""
     from windowed_attention.generation import decoder
 
-    model = tiny(seed=6, **options)
+    model = tiny(seed=6, **{**options, "num_residual_streams": 1})  # the fast step runs one-stream models
     assert decoder.supported(model)
     tokens = torch.randint(0, 40, (2, 70))
     logits, caches = prefill(model, tokens[:, :3])
@@ -166,7 +170,8 @@ def test_fast_step_matches_reference_decode(options):
         fast, state = decoder.step(model, tokens[:, t:t + 1], state)
         torch.testing.assert_close(fast, reference, atol=1e-4, rtol=1e-4)
         assert state.position == caches[0].length == t + 1
-    assert not decoder.supported(tiny(use_xpos=True))
+    assert not decoder.supported(tiny(use_xpos=True, num_residual_streams=1))
+    assert not decoder.supported(tiny(num_residual_streams=4))
 
 
 def test_streaming_an_eval_model_never_switches_modes(monkeypatch):

@@ -128,7 +128,10 @@ def test_xpos_is_finite_and_window_relative_at_a_million_positions():
         (lambda: small_model(num_tokens=0), "num_tokens"),
         (lambda: small_model(local_attn_window_size=0), "window_size"),
         (lambda: small_model(attn_dropout=2.0), "dropout"),
-        (lambda: small_model(num_residual_streams=4), "num_residual_streams"),
+        (lambda: small_model(num_residual_streams=0), "num_residual_streams"),
+            (lambda: small_model(layers_insert_global_attn=(0,)), "layers_insert_global_attn"),
+            (lambda: small_model(global_attn_layer="x"), "global_attn_layer"),
+            (lambda: small_model(kv_heads=3), "kv_heads"),
     ],
 )
 def test_constructor_errors_name_the_argument(build, name):

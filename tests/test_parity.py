@@ -86,7 +86,7 @@ def test_transformer_loads_and_matches_local_attention_single_stream():
     torch.manual_seed(0)
     kw = dict(num_tokens=50, max_seq_len=64, dim=32, depth=2, heads=2, dim_head=16, local_attn_window_size=8)
     theirs = la.LocalTransformer(**kw, num_residual_streams=1)
-    ours = LocalTransformer(**kw)
+    ours = LocalTransformer(**kw, num_residual_streams=1)
     ours.load_state_dict(theirs.state_dict())
     x = torch.randint(0, 50, (2, 64))
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
@@ -178,7 +178,7 @@ def test_deviation_cached_decoding_does_not_drift():
     torch.manual_seed(0)
     kw = dict(num_tokens=64, max_seq_len=128, dim=32, depth=2, heads=2, dim_head=16, local_attn_window_size=8)
     theirs = la.LocalTransformer(**kw, num_residual_streams=1).eval()
-    ours = LocalTransformer(**kw).eval()
+    ours = LocalTransformer(**kw, num_residual_streams=1).eval()
     ours.load_state_dict(theirs.state_dict())
     x = torch.randint(0, 64, (1, 40))
 
@@ -201,7 +201,7 @@ def test_deviation_cached_decoding_uses_qk_rmsnorm_scale():
     kw = dict(num_tokens=64, max_seq_len=64, dim=32, depth=1, heads=2, dim_head=16, local_attn_window_size=8,
               qk_rmsnorm=True)
     theirs = la.LocalTransformer(**kw, num_residual_streams=1).eval()
-    ours = LocalTransformer(**kw).eval()
+    ours = LocalTransformer(**kw, num_residual_streams=1).eval()
     ours.load_state_dict(theirs.state_dict())
     x = torch.randint(0, 64, (1, 21))
     _, cache = theirs(x[:, :20], return_cache=True)

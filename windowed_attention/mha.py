@@ -19,6 +19,8 @@ class LocalMHA(nn.Module):
 
     `exact_windowsize` defaults to True. `qk_rmsnorm` l2-normalises q and k, multiplies them by learned
     per-channel scales and uses `qk_scale` as the attention scale. `dropout` drops attention weights.
+    `kv_heads` (default `heads`, must divide it) is grouped-query attention: keys and values get
+    `kv_heads` heads, query head `i` uses kv head `i // (heads // kv_heads)`, and the cache holds `kv_heads`.
     With `return_cache=True` (causal only) the forward also returns a `KVCache`; passing it back as
     `cache` with the next single token `x` `(b, 1, dim)` gives exactly that token's output of a full
     forward over the whole sequence, in O(window) time and memory.
@@ -40,6 +42,7 @@ class LocalMHA(nn.Module):
         xpos_scale_base=None,
         exact_windowsize: bool | None = None,
         gate_values_per_head: bool = False,
+        kv_heads: int | None = None,
         **kwargs,
     ):
         super().__init__()
@@ -50,12 +53,17 @@ class LocalMHA(nn.Module):
             raise ValueError(f"qk_scale must be a positive number, got {qk_scale!r}")
         if kwargs.get("use_rotary_pos_emb", True) and dim_head % 2:
             raise ValueError(f"dim_head must be even for rotary embeddings (or pass use_rotary_pos_emb=False), got {dim_head}")
+        kv_heads = heads if kv_heads is None else check_int("kv_heads", kv_heads, 1)
+        if heads % kv_heads:
+            raise ValueError(f"kv_heads must divide heads ({heads}), got {kv_heads}")
         exact_windowsize = True if exact_windowsize is None else exact_windowsize
         inner = dim_head * heads
 
-        self.heads, self.causal = heads, causal
+        self.heads, self.kv_heads, self.causal = heads, kv_heads, causal
         self.norm = nn.LayerNorm(dim) if prenorm else None
-        self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
+        # one projection for q, k, v ((heads + 2 kv_heads) * dim_head outputs: local-attention's layout when
+        # kv_heads == heads)
+        self.to_qkv = nn.Linear(dim, dim_head * (heads + 2 * kv_heads), bias=False)
         if self.qk_rmsnorm:
             self.q_scale = nn.Parameter(torch.ones(dim_head))
             self.k_scale = nn.Parameter(torch.ones(dim_head))
@@ -68,6 +76,17 @@ class LocalMHA(nn.Module):
         self.window_size, self.exact_windowsize = self.attn_fn.window_size, self.attn_fn.exact_windowsize
         self.to_v_gate = nn.Sequential(nn.Linear(dim, heads)) if gate_values_per_head else None
         self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def _project(self, h):
+        """`h` `(b, n, dim)` -> `q` `(b, heads, n, d)`, `k, v` `(b, kv_heads, n, d)`."""
+        qkv = self.to_qkv(h)
+        if self.kv_heads == self.heads:
+            return rearrange(qkv, "b n (qkv h d) -> qkv b h n d", qkv=3, h=self.heads)
+        d = qkv.shape[-1] // (self.heads + 2 * self.kv_heads)
+        q, k, v = qkv.split((self.heads * d, self.kv_heads * d, self.kv_heads * d), dim=-1)
+        q = rearrange(q, "b n (h d) -> b h n d", h=self.heads)
+        k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.kv_heads) for t in (k, v))
+        return q, k, v
 
     @property
     def cache_capacity(self) -> int:
@@ -95,7 +114,7 @@ class LocalMHA(nn.Module):
                 raise ValueError("mask cannot be combined with cache (the cache keeps no key mask)")
 
         h = self.norm(x) if self.norm is not None else x
-        q, k, v = rearrange(self.to_qkv(h), "b n (qkv h d) -> qkv b h n d", qkv=3, h=self.heads)
+        q, k, v = self._project(h)
         if self.qk_rmsnorm:
             q = F.normalize(q, dim=-1) * self.q_scale
             k = F.normalize(k, dim=-1) * self.k_scale

@@ -31,8 +31,12 @@ from ..transformer import LocalTransformer
 
 
 def supported(model: LocalTransformer) -> bool:
-    """Whether the fast step reproduces this model's decode (everything but xpos)."""
-    return not any(attn.attn_fn.use_xpos for attn, _ in model.layers)
+    """Whether the fast step reproduces this model's decode: token models of one residual stream, without
+    xpos (the others decode through the model's own cached forward)."""
+    return (
+        model.token_emb is not None and model.num_residual_streams == 1 and not model.has_global_layers
+        and not any(attn.branch.attn_fn.use_xpos for attn, _ in model.layers)
+    )
 
 
 @dataclass
@@ -50,7 +54,7 @@ class DecodeState:
 
 
 def _attention(model: LocalTransformer):
-    return model.layers[0][0].attn_fn
+    return model.layers[0][0].branch.attn_fn
 
 
 def _rotary(model: LocalTransformer, positions: torch.Tensor):
@@ -104,10 +108,11 @@ def step(model: LocalTransformer, token: torch.Tensor, state: DecodeState) -> tu
     table = _rotary(model, torch.tensor([position], device=device))
     row = None
     new_caches = []
-    for (attn, ff), cache in zip(model.layers, state.caches):
+    for (attn_block, ff_block), cache in zip(model.layers, state.caches):
+        attn, ff = attn_block.branch, ff_block.branch
         attn_fn = attn.attn_fn
         x = attn.norm(h) if attn.norm is not None else h
-        q, k, v = rearrange(attn.to_qkv(x), "b n (qkv h d) -> qkv b h n d", qkv=3, h=attn.heads)
+        q, k, v = attn._project(x)
         if attn.qk_rmsnorm:
             q = F.normalize(q, dim=-1) * attn.q_scale
             k = F.normalize(k, dim=-1) * attn.k_scale

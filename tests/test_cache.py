@@ -22,12 +22,13 @@ from windowed_attention import DynamicPositionBias, KVCache, LocalMHA, LocalTran
     bias=st.booleans(),
     prefix=st.integers(1, 12),
     seed=st.integers(0, 2**16),
+    kv_heads=st.sampled_from([1, 2, 4]),
 )
 def test_mha_cache_matches_full_forward(window, look_backward, exact, xpos, qk_rmsnorm, gates, shared_qk, bias,
-                                        prefix, seed):
+                                        prefix, seed, kv_heads):
     torch.manual_seed(seed)
-    heads = 2
-    mha = LocalMHA(
+    heads = 4
+    mha = LocalMHA(kv_heads=kv_heads, 
         dim=12, dim_head=8, heads=heads, window_size=window, causal=True, look_backward=look_backward,
         exact_windowsize=exact, use_xpos=xpos and not bias, qk_rmsnorm=qk_rmsnorm,
         gate_values_per_head=gates, shared_qk=shared_qk, prenorm=True,
@@ -47,7 +48,17 @@ def test_mha_cache_matches_full_forward(window, look_backward, exact, xpos, qk_r
         step, cache = mha(x[:, t : t + 1], attn_bias=attn_bias, cache=cache, return_cache=True)
         torch.testing.assert_close(step[:, 0], full[:, t], rtol=1e-9, atol=1e-9)
         assert cache.k.shape[-2] <= mha.cache_capacity  # O(window), whatever t is
-    assert cache.length == n
+    assert cache.length == n and cache.k.shape[1] == kv_heads  # the cache holds the kv heads only
+
+
+def test_cache_bytes_scale_with_kv_heads():
+    x = torch.randn(1, 40, 32)
+    sizes = {}
+    for kv_heads in (1, 2, 4):
+        mha = LocalMHA(dim=32, dim_head=8, heads=4, kv_heads=kv_heads, window_size=8, causal=True)
+        _, cache = mha(x, return_cache=True)
+        sizes[kv_heads] = cache.nbytes()
+    assert sizes[4] == 2 * sizes[2] == 4 * sizes[1]
 
 
 def test_cache_cannot_branch():
@@ -96,6 +107,10 @@ def test_engine_decoding_after_prompts_longer_than_the_cache(options, prompt):
         dict(qk_rmsnorm=True, gate_values_per_head=True),
         dict(shared_qk=True, exact_windowsize=False, look_backward=2),
         dict(use_abs_pos_emb=False),
+        dict(num_residual_streams=1, kv_heads=1),
+        dict(num_residual_streams=2, kv_heads=1, qk_rmsnorm=True),
+        dict(global_attn_layer=torch.nn.Sequential(torch.nn.LayerNorm(32), torch.nn.Linear(32, 32))),
+        dict(global_attn_layer=torch.nn.Linear(32, 32), layers_insert_global_attn=(2,), num_residual_streams=1),
     ],
 )
 def test_generate_cached_equals_uncached(options):

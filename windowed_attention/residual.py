@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import einsum, reduce, repeat
+from einops import reduce, repeat
 from torch import nn
 
 # The parameters of a hyper-connection wrapper (not of its branch), as the `hyper-connections` package names them.
@@ -51,8 +51,12 @@ class Residual(nn.Module):
         return h if rest is None else (h, *rest)
 
 
+NORM_EPS = 1e-12  # as F.normalize
+
+
 class StreamNorm(nn.Module):
-    """RMS norm over the last dim with a learned gain `1 + gamma` (gamma starts at zero)."""
+    """RMS norm over the last dim with a learned gain `1 + gamma` (gamma starts at zero). `HyperConnection`
+    folds it into its projection; the module holds its parameter (and says what it computes)."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -60,7 +64,7 @@ class StreamNorm(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x):
-        return F.normalize(x, dim=-1) * self.scale * (self.gamma + 1)
+        return F.normalize(x, dim=-1, eps=NORM_EPS) * self.scale * (self.gamma + 1)
 
 
 class HyperConnection(nn.Module):
@@ -85,21 +89,33 @@ class HyperConnection(nn.Module):
         self.dynamic_beta_scale = nn.Parameter(torch.tensor(1e-2))
 
     def forward(self, h, *args, **kwargs):
-        """`h` `(..., s, dim)` -> the streams after the block (and whatever else the block returned)."""
-        # both dynamic projections in one matmul: (..., s, dim) @ (dim, 1 + s + 1)
-        weights = torch.cat((self.dynamic_alpha_fn, self.dynamic_beta_fn[:, None]), dim=1)
-        dynamic = torch.tanh(self.norm(h) @ weights)
-        alpha = self.static_alpha + dynamic[..., :-1] * self.dynamic_alpha_scale  # (..., s, 1 + s)
-        beta = self.static_beta + dynamic[..., -1] * self.dynamic_beta_scale  # (..., s)
-        mixed = einsum(alpha, h, "... s t, ... s d -> ... t d")  # (..., 1 + s, dim)
-        out, rest = _split_output(self.branch(mixed[..., 0, :], *args, **kwargs))
-        h = torch.addcmul(mixed[..., 1:, :], beta[..., None], out[..., None, :])
+        """`h` `(..., s, dim)` -> the streams after the block (and whatever else the block returned).
+
+        Written for few passes over the streams: the RMS norm is folded into the projection
+        (`rmsnorm(h) @ W = scale / |h| * (h @ ((1 + gamma) W))`, so the normalised streams are never
+        materialised), both dynamic projections are one matmul, the mix is one batched matmul over the
+        tokens (`(1 + s, s) @ (s, dim)` per token) and the write-back another (`(s, 1) @ (1, dim)`)."""
+        streams, dim = self.streams, h.shape[-1]
+        lead = h.shape[:-2]
+        h = h.reshape(-1, streams, dim)  # (tokens, s, dim)
+        weights = torch.cat((self.dynamic_alpha_fn, self.dynamic_beta_fn[:, None]), dim=1) * (self.norm.gamma + 1)[:, None]
+        inverse_norm = self.norm.scale / torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min(NORM_EPS)
+        dynamic = torch.tanh((h @ weights) * inverse_norm)  # (tokens, s, 1 + s + 1)
+        alpha = self.static_alpha + dynamic[..., :-1] * self.dynamic_alpha_scale  # (tokens, s, 1 + s)
+        beta = self.static_beta + dynamic[..., -1] * self.dynamic_beta_scale  # (tokens, s)
+        # (tokens, 1 + s, dim): the block's input and the remixed streams; split (not sliced) so that the
+        # backward concatenates the two gradients instead of zero-filling one per slice
+        x, remixed = torch.bmm(alpha.transpose(1, 2).contiguous(), h).split((1, streams), dim=1)
+        out, rest = _split_output(self.branch(x.view(*lead, dim), *args, **kwargs))
+        h = torch.baddbmm(remixed, beta[..., None], out.reshape(-1, 1, dim)).view(*lead, streams, dim)
         return h if rest is None else (h, *rest)
 
 
 def expand_streams(x: torch.Tensor, streams: int) -> torch.Tensor:
     """`(b, n, dim)` -> `(b, n, s, dim)`: every stream starts as the input (unchanged for one stream)."""
-    return x if streams == 1 else repeat(x, "... d -> ... s d", s=streams)
+    # a real copy: an expanded view (stride 0 over the streams) would send every batched matmul of the first
+    # block down a per-token loop
+    return x if streams == 1 else repeat(x, "... d -> ... s d", s=streams).contiguous()
 
 
 def reduce_streams(h: torch.Tensor, streams: int) -> torch.Tensor:

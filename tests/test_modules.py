@@ -294,3 +294,23 @@ def test_residual_streams_start_as_a_plain_residual_and_learn():
     for name, param in model.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
     assert model.layers[0][0].dynamic_alpha_fn.grad.abs().sum() > 0
+
+
+def test_hyper_connection_hand_written_backwards_pass_gradcheck():
+    from windowed_attention.residual import HyperConnection, StreamNorm
+
+    torch.manual_seed(0)
+    block = HyperConnection(3, dim=6, branch=torch.nn.Linear(6, 6)).double()
+    with torch.no_grad():
+        for param in block.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    h = torch.randn(2, 4, 3, 6, dtype=torch.float64, requires_grad=True)
+    params = [h, *block.parameters()]
+    assert torch.autograd.gradcheck(lambda h, *_: block(h), params)
+    # the folded norm is the module's plain formula
+    norm = block.norm
+    weights = torch.cat((block.dynamic_alpha_fn, block.dynamic_beta_fn[:, None]), dim=1)
+    from windowed_attention.residual import _NormedProjection
+
+    folded = _NormedProjection.apply(h.reshape(-1, 3, 6), weights * (norm.gamma + 1)[:, None], norm.scale)
+    torch.testing.assert_close(folded, StreamNorm.forward(norm, h.reshape(-1, 3, 6)) @ weights)

@@ -67,6 +67,57 @@ class StreamNorm(nn.Module):
         return F.normalize(x, dim=-1, eps=NORM_EPS) * self.scale * (self.gamma + 1)
 
 
+class _NormedProjection(torch.autograd.Function):
+    """`rmsnorm(h) @ W` without materialising the normalised streams: `h` `(tokens, s, dim)`, `W` `(dim, k)`
+    (the gain already folded in) -> `(h @ W) * scale / max(|h|, eps)` `(tokens, s, k)`; the backward in
+    three passes over `h` (autograd's takes about twice as many)."""
+
+    @staticmethod
+    def forward(ctx, h, weights, scale: float):
+        norm = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
+        inverse = scale / norm.clamp_min(NORM_EPS)
+        projected = h @ weights
+        ctx.save_for_backward(h, weights, norm, inverse, projected)
+        ctx.scale = scale
+        return projected * inverse
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weights, norm, inverse, projected = ctx.saved_tensors
+        grad = grad.contiguous()
+        scaled = grad * inverse  # (tokens, s, k)
+        grad_weights = (scaled.flatten(0, 1).t() @ h.flatten(0, 1)).t()  # k x (tokens s) @ (tokens s) x dim: MKL's fast side
+        grad_h = scaled @ weights.t()
+        # d inverse / d h = -inverse^3 / scale^2 * h where |h| > eps (the clamp is flat below)
+        coef = (grad * projected).sum(-1, keepdim=True) * inverse.pow(3) * (-1.0 / ctx.scale**2)
+        grad_h.addcmul_(h, coef.masked_fill_(norm <= NORM_EPS, 0.0))
+        return grad_h, grad_weights, None
+
+
+class _Mix(torch.autograd.Function):
+    """`alpha` `(tokens, s, 1 + s)`, `h` `(tokens, s, dim)` -> the block input `alpha[:, :, 0]^T h`
+    `(tokens, 1, dim)` and the remixed streams `alpha[:, :, 1:]^T h` `(tokens, s, dim)`, as two outputs, so
+    their gradients arrive apart (a split would concatenate them first)."""
+
+    @staticmethod
+    def forward(ctx, alpha, h):
+        ctx.save_for_backward(alpha, h)
+        mix = alpha.transpose(1, 2).contiguous()
+        return torch.bmm(mix[:, :1], h), torch.bmm(mix[:, 1:], h)
+
+    @staticmethod
+    def backward(ctx, grad_x, grad_remixed):
+        alpha, h = ctx.saved_tensors
+        # contiguous: the gradient of the stream sum after the last block is an expanded view (stride 0 over
+        # the streams), which would send the batched matmuls down a per-token loop
+        grad_x = torch.zeros_like(h[:, :1]) if grad_x is None else grad_x.contiguous()
+        grad_remixed = torch.zeros_like(h) if grad_remixed is None else grad_remixed.contiguous()
+        grad_alpha = torch.cat((torch.bmm(h, grad_x.transpose(1, 2)), torch.bmm(h, grad_remixed.transpose(1, 2))), dim=2)
+        read, remix = alpha[:, :, :1].contiguous(), alpha[:, :, 1:].contiguous()  # (tokens, s, 1), (tokens, s, s)
+        grad_h = torch.bmm(read, grad_x).baddbmm_(remix, grad_remixed)
+        return grad_alpha, grad_h
+
+
 class HyperConnection(nn.Module):
     """A block on `s` residual streams `h` `(b, n, s, dim)` (see the module docstring).
 
@@ -93,19 +144,18 @@ class HyperConnection(nn.Module):
 
         Written for few passes over the streams: the RMS norm is folded into the projection
         (`rmsnorm(h) @ W = scale / |h| * (h @ ((1 + gamma) W))`, so the normalised streams are never
-        materialised), both dynamic projections are one matmul, the mix is one batched matmul over the
-        tokens (`(1 + s, s) @ (s, dim)` per token) and the write-back another (`(s, 1) @ (1, dim)`)."""
+        materialised), both dynamic projections are one matmul, the mix is batched matmuls over the
+        tokens (`(1 + s, s) @ (s, dim)` per token) and the write-back another (`(s, 1) @ (1, dim)`), with
+        hand-written backwards where autograd's would take extra passes (`_NormedProjection`, `_Mix`).
+        `StreamNorm.forward` and the parity tests hold the plain formula."""
         streams, dim = self.streams, h.shape[-1]
         lead = h.shape[:-2]
         h = h.reshape(-1, streams, dim)  # (tokens, s, dim)
         weights = torch.cat((self.dynamic_alpha_fn, self.dynamic_beta_fn[:, None]), dim=1) * (self.norm.gamma + 1)[:, None]
-        inverse_norm = self.norm.scale / torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min(NORM_EPS)
-        dynamic = torch.tanh((h @ weights) * inverse_norm)  # (tokens, s, 1 + s + 1)
+        dynamic = torch.tanh(_NormedProjection.apply(h, weights, self.norm.scale))  # (tokens, s, 1 + s + 1)
         alpha = self.static_alpha + dynamic[..., :-1] * self.dynamic_alpha_scale  # (tokens, s, 1 + s)
         beta = self.static_beta + dynamic[..., -1] * self.dynamic_beta_scale  # (tokens, s)
-        # (tokens, 1 + s, dim): the block's input and the remixed streams; split (not sliced) so that the
-        # backward concatenates the two gradients instead of zero-filling one per slice
-        x, remixed = torch.bmm(alpha.transpose(1, 2).contiguous(), h).split((1, streams), dim=1)
+        x, remixed = _Mix.apply(alpha, h)  # (tokens, 1, dim), (tokens, s, dim)
         out, rest = _split_output(self.branch(x.view(*lead, dim), *args, **kwargs))
         h = torch.baddbmm(remixed, beta[..., None], out.reshape(-1, 1, dim)).view(*lead, streams, dim)
         return h if rest is None else (h, *rest)

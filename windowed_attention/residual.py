@@ -96,8 +96,7 @@ class _NormedProjection(torch.autograd.Function):
 
 class _Mix(torch.autograd.Function):
     """`alpha` `(tokens, s, 1 + s)`, `h` `(tokens, s, dim)` -> the block input `alpha[:, :, 0]^T h`
-    `(tokens, 1, dim)` and the remixed streams `alpha[:, :, 1:]^T h` `(tokens, s, dim)`, as two outputs, so
-    their gradients arrive apart (a split would concatenate them first)."""
+    `(tokens, 1, dim)` and the remixed streams `alpha[:, :, 1:]^T h` `(tokens, s, dim)`."""
 
     @staticmethod
     def forward(ctx, alpha, h):
@@ -110,11 +109,14 @@ class _Mix(torch.autograd.Function):
         alpha, h = ctx.saved_tensors
         # contiguous: the gradient of the stream sum after the last block is an expanded view (stride 0 over
         # the streams), which would send the batched matmuls down a per-token loop
-        grad_x = torch.zeros_like(h[:, :1]) if grad_x is None else grad_x.contiguous()
-        grad_remixed = torch.zeros_like(h) if grad_remixed is None else grad_remixed.contiguous()
-        grad_alpha = torch.cat((torch.bmm(h, grad_x.transpose(1, 2)), torch.bmm(h, grad_remixed.transpose(1, 2))), dim=2)
-        read, remix = alpha[:, :, :1].contiguous(), alpha[:, :, 1:].contiguous()  # (tokens, s, 1), (tokens, s, s)
-        grad_h = torch.bmm(read, grad_x).baddbmm_(remix, grad_remixed)
+        grad_x = torch.zeros_like(h[:, :1]) if grad_x is None else grad_x
+        grad_remixed = torch.zeros_like(h) if grad_remixed is None else grad_remixed
+        # one (tokens, 1 + s, dim) gradient (a copy, also contiguous: the gradient of the stream sum after
+        # the last block is an expanded view) for two batched matmuls without vector-shaped operands (which
+        # torch runs as a per-token loop)
+        grad_mix = torch.cat((grad_x, grad_remixed), dim=1)
+        grad_alpha = torch.bmm(h, grad_mix.transpose(1, 2))  # (tokens, s, 1 + s)
+        grad_h = torch.bmm(alpha, grad_mix)
         return grad_alpha, grad_h
 
 

@@ -446,3 +446,36 @@ def test_fused_saturated_rows_pass_exactly_zero_query_gradient(dtype):
     saturated = grads[0].eq(0).all(dim=-1)
     assert saturated.float().mean() > 0.5
     assert grads[1][saturated].eq(0).all()
+
+
+def _tiles(num_blocks, indices) -> set:
+    """{(query tile, key tile)} listed by a BlockMask's (count, indices) pair."""
+    num_blocks, indices = num_blocks.flatten(0, -2)[0], indices.flatten(0, -3)[0]
+    return {(row, int(indices[row, p])) for row in range(indices.shape[0]) for p in range(int(num_blocks[row]))}
+
+
+@settings(max_examples=40)
+@given(causal=st.booleans(), w=st.sampled_from([1, 5, 64, 100, 128, 200, 300]), look_backward=st.integers(0, 2),
+       look_forward=st.integers(0, 2), exact=st.booleans(), n=st.integers(1, 1100), full_blocks=st.booleans())
+def test_flex_block_mask_lists_exactly_the_tiles_create_block_mask_finds(causal, w, look_backward, look_forward,
+                                                                          exact, n, full_blocks):
+    """Our block mask (built from key ranges, no n x n evaluation) against FlexAttention's own, which
+    evaluates the mask at every pair: the same partial and full tiles (all partial with key masks)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from windowed_attention.ops import flex
+
+    spec = WindowSpec(w, causal, look_backward, 0 if causal else look_forward, exact)
+    mask_mod = flex._window_mod(spec, n, None, 1)
+    ours = flex._block_mask(spec, n, mask_mod, full_blocks, "cpu")
+    theirs = create_block_mask(mask_mod, None, None, n, n, device="cpu")
+    theirs_partial = _tiles(theirs.kv_num_blocks, theirs.kv_indices)
+    theirs_full = _tiles(theirs.full_kv_num_blocks, theirs.full_kv_indices)
+    ours_partial = _tiles(ours.kv_num_blocks, ours.kv_indices)
+    ours_full = _tiles(ours.full_kv_num_blocks, ours.full_kv_indices)
+    if full_blocks:
+        assert ours_partial == theirs_partial and ours_full == theirs_full
+    else:
+        assert not ours_full and ours_partial == theirs_partial | theirs_full
+    if full_blocks:  # the transposed lists the backward walks agree too
+        assert _tiles(ours.q_num_blocks, ours.q_indices) == _tiles(theirs.q_num_blocks, theirs.q_indices)

@@ -47,3 +47,18 @@ class WindowSpec:
         elif self.exact_windowsize:
             ok &= (j >= i - w * self.look_backward) & (j <= i + w * self.look_forward)
         return ok
+
+    def key_range(self, i: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """First and last key query positions `i` see, ignoring key masks: `visible(i, j, n)` is exactly
+        `lo <= j <= hi` (both non-decreasing in `i`; `lo > hi` where a query sees nothing)."""
+        w = self.window_size
+        block = torch.div(i, w, rounding_mode="floor")
+        lo = ((block - self.look_backward) * w).clamp(min=0)
+        hi = ((block + self.look_forward + 1) * w - 1).clamp(max=n - 1)
+        if self.exact_windowsize:
+            lo = torch.maximum(lo, i - w * self.look_backward)
+        if self.causal:
+            hi = torch.minimum(hi, i)
+        elif self.exact_windowsize:
+            hi = torch.minimum(hi, i + w * self.look_forward)
+        return lo, hi

@@ -52,7 +52,7 @@ def main() -> None:
     max_seq_len = max(args.contexts) + LONG + 1
 
     torch.manual_seed(0)
-    ours = LocalTransformer(max_seq_len=max_seq_len, **CONFIG).eval()
+    ours = LocalTransformer(max_seq_len=max_seq_len, num_residual_streams=1, **CONFIG).eval()  # as theirs below
 
     def run_ours(prime, n):
         return generate(ours, prime, n, temperature=1.0, filter_thres=0.9)

@@ -33,3 +33,39 @@ def test_two_processes_train_with_ddp(tmp_path):
     assert config["step"] == 4
     load_model(out)
     assert not (out / ".staging").exists()
+
+
+def test_context_parallel_training_logs_the_single_process_losses(tmp_path):
+    """`--context-parallel 2` under torchrun: each rank holds half of every sequence; the logged losses are
+    those of the single-process run with the same flags and seed (to float rounding)."""
+    from windowed_attention.training import cli as train_cli
+
+    data = tmp_path / "data.txt"
+    data.write_text("".join(f"{i} squared is {i * i}\n" for i in range(2000)))
+    flags = ["--data", str(data), "--steps", "3", "--log-every", "1", "--eval-every", "3", *TINY,
+             "--depth", "2", "--window-size", "8"]
+    assert train_cli.main(["--out", str(tmp_path / "single"), *flags]) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+               "-m", "windowed_attention.training.cli", "--out", str(tmp_path / "cp"), "--context-parallel", "2",
+               *flags]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = read_metrics(tmp_path / "single" / "metrics.jsonl")
+    sharded = read_metrics(tmp_path / "cp" / "metrics.jsonl")
+    assert [r["step"] for r in sharded] == [1, 2, 3] and sharded[0]["tokens"] == single[0]["tokens"]
+    for a, b in zip(single, sharded):
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-5 * a["train_loss"], (a, b)
+    assert abs(single[-1]["val_loss"] - sharded[-1]["val_loss"]) < 1e-5 * single[-1]["val_loss"]
+    load_model(tmp_path / "cp")
+
+
+def test_context_parallel_must_divide_the_world_and_seq_len(tmp_path, capsys):
+    from windowed_attention.training import cli as train_cli
+
+    data = tmp_path / "data.txt"
+    data.write_text("abc " * 500)
+    assert train_cli.main(["--out", str(tmp_path / "a"), "--data", str(data), "--context-parallel", "2", *TINY]) == 2
+    assert "--context-parallel 2" in capsys.readouterr().err
+    assert train_cli.main(["--out", str(tmp_path / "b"), "--data", str(data), "--context-parallel", "3", *TINY]) == 2
+    assert "--seq-len 32 must divide by --context-parallel 3" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from .ops.api import pack_leading, unpack_leading
 from .ops.decode import attend_one, score_row
 from .ops.dtypes import accumulation_dtype
 from .ops.validation import check_attn_bias, check_bool, check_mask, check_probability, check_qkv, check_scale
+from .parallel.comm import group_info
 from .positional import SinusoidalEmbeddings, apply_rotation, rotate, rotation_tables, xpos_factors
 
 
@@ -69,8 +70,12 @@ class LocalAttention(nn.Module):
             raise ValueError("use_xpos needs rotary embeddings: give dim (the head dim) and keep use_rotary_pos_emb=True")
         self._rotation_cache = None  # (key, tables) of the last call: see `_rotation`
 
-    def forward(self, q, k, v, mask=None, input_mask=None, attn_bias=None, window_size=None):
-        """`q, k` `(..., n, d)`, `v` `(..., n, d_v)` -> `(..., n, d_v)`; `mask` `(b, n)` bool, True = attend."""
+    def forward(self, q, k, v, mask=None, input_mask=None, attn_bias=None, window_size=None, group=None):
+        """`q, k` `(..., n, d)`, `v` `(..., n, d_v)` -> `(..., n, d_v)`; `mask` `(b, n)` bool, True = attend.
+
+        With a process `group`, `q, k, v` and `mask` are this rank's shard of the sequence (positions
+        `r * n .. (r + 1) * n - 1`: rotary and xpos use them) and the output is this rank's slice.
+        """
         if mask is not None and input_mask is not None:
             raise ValueError("give either mask or input_mask (its alias), not both")
         mask = input_mask if mask is None else mask
@@ -81,13 +86,14 @@ class LocalAttention(nn.Module):
             spec = make_spec(window_size, spec.causal, spec.look_backward, spec.look_forward, spec.exact_windowsize)
 
         check_qkv(q, k, v)
-        if q.shape[-2] == 0:
+        rank, world = group_info(group) if group is not None else (0, 1)
+        if q.shape[-2] == 0 and group is None:
             return q.new_zeros(*q.shape[:-1], v.shape[-1])
         lead, (q, k, v) = pack_leading(q, k, v)
         packed, n, d = q.shape
-        if not self.autopad and n % spec.window_size:
+        if not self.autopad and (n * world) % spec.window_size:
             raise ValueError(
-                f"sequence length {n} must be a multiple of window_size {spec.window_size}; pass autopad=True to allow any length"
+                f"sequence length {n * world} must be a multiple of window_size {spec.window_size}; pass autopad=True to allow any length"
             )
         if mask is not None:
             check_mask(mask, packed, n, q.device)
@@ -98,32 +104,33 @@ class LocalAttention(nn.Module):
 
         if self.shared_qk:
             k = F.normalize(k, dim=-1)
-        q, k, key_scale = self._positions(q, k, spec)
+        q, k, key_scale = self._positions(q, k, spec, offset=rank * n)
         out = attend(
             q, k, v, spec,
             scale=d**-0.5 if self.scale is None else self.scale,
             mask=mask, attn_bias=attn_bias, mask_self=self.shared_qk, key_scale=key_scale,
-            dropout_p=self.dropout.p if self.training else 0.0,
+            dropout_p=self.dropout.p if self.training else 0.0, group=group,
         )
         return unpack_leading(out, lead)
 
-    def _positions(self, q, k, spec):
-        """Rotary (+ window-relative xpos) on `q, k` `(P, n, d)`; returns `q, k, key_scale`."""
+    def _positions(self, q, k, spec, offset: int = 0):
+        """Rotary (+ window-relative xpos) on `q, k` `(P, n, d)` at positions `offset .. offset + n - 1`;
+        returns `q, k, key_scale`."""
         if self.rel_pos is None:
             return q, k, None
-        q_tables, k_tables, key_scale = self._rotation(q.shape[-2], spec, q.device, q.dtype)
+        q_tables, k_tables, key_scale = self._rotation(q.shape[-2], spec, q.device, q.dtype, offset)
         return apply_rotation(q, q_tables), apply_rotation(k, k_tables), key_scale
 
-    def _rotation(self, n: int, spec, device, dtype):
-        """The rotation tables of q and k and the xpos key scale for this length and window, kept for the
-        next call with the same ones (they depend on nothing learned)."""
-        key = (n, spec, device, dtype)
+    def _rotation(self, n: int, spec, device, dtype, offset: int = 0):
+        """The rotation tables of q and k and the xpos key scale for these positions and window, kept for
+        the next call with the same ones (they depend on nothing learned)."""
+        key = (n, offset, spec, device, dtype)
         if self._rotation_cache is None or self._rotation_cache[0] != key:
-            cos, sin = self.rel_pos.rotation(torch.arange(n, device=device))
+            cos, sin = self.rel_pos.rotation(torch.arange(offset, offset + n, device=device))
             q_factor = k_factor = key_scale = None
             if self.use_xpos:
                 q_factor, k_factor, key_scale = xpos_factors(
-                    self.rel_pos, n, spec.window_size, spec.look_backward, spec.look_forward, device
+                    self.rel_pos, n, spec.window_size, spec.look_backward, spec.look_forward, device, offset
                 )
             tables = (rotation_tables(cos, sin, q_factor, dtype), rotation_tables(cos, sin, k_factor, dtype), key_scale)
             self._rotation_cache = (key, tables)

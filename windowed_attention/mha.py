@@ -94,13 +94,17 @@ class LocalMHA(nn.Module):
         spec = self.attn_fn.spec
         return spec.look_backward * spec.window_size + spec.window_size - 1
 
-    def forward(self, x, mask=None, attn_bias=None, cache: KVCache | None = None, return_cache: bool = False):
-        """`x` `(b, n, dim)` -> `(b, n, dim)` (and the `KVCache` with `return_cache`)."""
+    def forward(self, x, mask=None, attn_bias=None, cache: KVCache | None = None, return_cache: bool = False,
+                group=None):
+        """`x` `(b, n, dim)` -> `(b, n, dim)` (and the `KVCache` with `return_cache`). With a process `group`,
+        `x` and `mask` are this rank's shard of the sequence and the output is this rank's slice."""
         if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.to_qkv.in_features:
             raise ValueError(
                 f"x must be a tensor of shape (b, n, dim = {self.to_qkv.in_features}), got {getattr(x, 'shape', type(x).__name__)}"
             )
         return_cache = check_bool("return_cache", return_cache)
+        if group is not None and (cache is not None or return_cache):
+            raise ValueError("group cannot be combined with cache or return_cache (decoding runs in one process)")
         if (cache is not None or return_cache) and not self.causal:
             raise ValueError("cache and return_cache need causal=True (decoding one token at a time)")
         if return_cache and mask is not None:
@@ -120,7 +124,7 @@ class LocalMHA(nn.Module):
             k = F.normalize(k, dim=-1) * self.k_scale
 
         if cache is None:
-            out = self.attn_fn(q, k, v, mask=mask, attn_bias=attn_bias)
+            out = self.attn_fn(q, k, v, mask=mask, attn_bias=attn_bias, group=group)
             new_cache = KVCache.from_prefill(k, v, self.cache_capacity) if return_cache else None
         else:
             new_cache, keys, values = cache.append(k, v)

@@ -13,6 +13,7 @@ from .feedforward import FeedForward
 from .kv_cache import KVCache
 from .mha import LocalMHA
 from .ops.validation import check_bool, check_int
+from .parallel import agree, cross_entropy, group_info, next_tokens
 from .position_bias import DynamicPositionBias
 from .residual import HYPER_CONNECTION_PARAMETERS, expand_streams, reduce_streams, wrap
 from .sampling import check_sampling, sample
@@ -154,7 +155,7 @@ class LocalTransformer(nn.Module):
             raise ValueError(f"x must have shape (b, n, dim = {self.dim}) when num_tokens=None, got {tuple(x.shape)}")
 
     def forward(self, x, mask=None, return_loss: bool = False, cache: list[KVCache] | None = None,
-                return_cache: bool = False):
+                return_cache: bool = False, group=None):
         """`x` `(b, n)` token ids -> logits `(b, n, num_tokens)`, or the mean next-token cross-entropy
         (ignoring `ignore_index`) with `return_loss`. `mask` `(b, n)` bool marks real tokens. With
         `num_tokens=None` (the backbone), `x` `(b, n, dim)` features -> features `(b, n, dim)`.
@@ -163,6 +164,12 @@ class LocalTransformer(nn.Module):
         with `x` holding only the next token `(b, 1)` to get its logits in O(window) work. Not with global
         layers: a general module's output at the new position depends on every earlier position (`generate`
         then recomputes the sequence at each step).
+
+        Context parallelism: with a process `group`, `x` (and `mask`) is this rank's shard of the tokens
+        (rank `r` holds positions `r * n .. (r + 1) * n - 1`, which the position embeddings see); the logits
+        are this rank's slice, and the loss is the single-process loss of the whole sequence, on every
+        rank (its gradients summed over the group are the single-process ones). Not with global layers
+        (a general module would see only this rank's shard).
         """
         if self.token_emb is None:
             self._check_features(x)
@@ -175,31 +182,46 @@ class LocalTransformer(nn.Module):
                 "cache and return_cache cannot be used with global_attn_layer: a general module's output at a new "
                 "position depends on all earlier ones (generate recomputes the sequence instead)"
             )
+        rank, world = (0, 1) if group is None else group_info(group)
+        if group is not None:
+            if self.has_global_layers:
+                raise ValueError("group cannot be combined with global_attn_layer: a general module would see only this rank's shard")
+            if cache is not None or return_cache:
+                raise ValueError("group cannot be combined with cache or return_cache (decoding runs in one process)")
+            agree(group, {"the shard length n_s (x.shape[1])": ("x", x.shape[1]), "the batch size": ("x", x.shape[0]),
+                          "return_loss": ("return_loss", int(bool(return_loss))),
+                          "whether a mask is given": ("mask", int(mask is not None))}, x.device)
         if return_loss:
             if cache is not None or return_cache:
                 raise ValueError("return_loss cannot be combined with cache or return_cache")
-            if x.shape[1] < 2:
-                raise ValueError(f"x must hold at least 2 tokens with return_loss=True, got {x.shape[1]}")
-            x, labels = x[:, :-1], x[:, 1:]
-            if mask is not None:
-                mask = mask[:, :-1]
+            if x.shape[1] * world < 2:
+                raise ValueError(f"x must hold at least 2 tokens with return_loss=True, got {x.shape[1] * world}")
+            if group is None:
+                x, labels = x[:, :-1], x[:, 1:]
+                if mask is not None:
+                    mask = mask[:, :-1]
+            else:
+                labels, mask = self._shard_targets(x, mask, group, rank, world)
 
         if cache is not None:
             if not isinstance(cache, (list, tuple)) or len(cache) != len(self.layers):
                 raise ValueError(f"cache must be the list of {len(self.layers)} per-layer caches returned with return_cache=True")
             start = cache[0].length
         else:
-            start = 0
+            start = rank * x.shape[1]
         n = x.shape[1]
-        if self.pos_emb is not None and start + n > self.max_seq_len:
+        # the whole sequence's length (with group and return_loss the last token is no input, as x[:, :-1])
+        end = start + n if group is None else world * n - int(return_loss)
+        if self.pos_emb is not None and end > self.max_seq_len:
             raise ValueError(
-                f"sequence of {start + n} tokens exceeds max_seq_len = {self.max_seq_len} "
+                f"sequence of {end} tokens exceeds max_seq_len = {self.max_seq_len} "
                 "(build the model with use_abs_pos_emb=False to run past it)"
             )
 
         h = x if self.token_emb is None else self.token_emb(x)
         if self.pos_emb is not None:
-            h = h + self.pos_emb(torch.arange(start, start + n, device=x.device))
+            # clamped for that last token alone: its output is dropped (and it is masked as a key)
+            h = h + self.pos_emb(torch.arange(start, start + n, device=x.device).clamp_max(self.max_seq_len - 1))
 
         attn_bias = self._attn_bias()
         new_caches = []
@@ -208,7 +230,7 @@ class LocalTransformer(nn.Module):
             if global_layer is not None:
                 h = global_layer(h)
             h = attn(h, mask=mask, attn_bias=attn_bias, cache=None if cache is None else cache[index],
-                     return_cache=return_cache)
+                     return_cache=return_cache, group=group)
             if return_cache:
                 h, layer_cache = h
                 new_caches.append(layer_cache)
@@ -216,9 +238,22 @@ class LocalTransformer(nn.Module):
         h = reduce_streams(h, self.num_residual_streams)
         out = h if self.to_logits is None else self.to_logits(h)
 
+        if return_loss and group is not None:
+            return cross_entropy(out, labels, group, ignore_index=self.ignore_index)
         if return_loss:
             return F.cross_entropy(rearrange(out, "b n c -> b c n"), labels.long(), ignore_index=self.ignore_index)
         return (out, new_caches) if return_cache else out
+
+    def _shard_targets(self, x, mask, group, rank: int, world: int):
+        """Targets `(b, n)` of this rank's shard `x` (the next token, across shard boundaries; none for the
+        whole sequence's last token) and the key mask that leaves that last token out when not causal
+        (the single-process model never sees it: it runs on `x[:, :-1]`)."""
+        labels = next_tokens(x, group, rank, world, fill=self.ignore_index)
+        if not self.causal:
+            mask = torch.ones_like(x, dtype=torch.bool) if mask is None else mask.clone()
+            if rank == world - 1:
+                mask[:, -1] = False
+        return labels, mask
 
     @torch.no_grad()
     def generate(self, prime, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9,

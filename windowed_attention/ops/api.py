@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..parallel.attention import attend_shard, check_shards
+from ..parallel.comm import group_info
 from . import backends
 from .spec import WindowSpec
 from .validation import (
@@ -52,12 +54,25 @@ def attend(
     key_scale: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     backend: str = "auto",
+    group=None,
 ) -> torch.Tensor:
     """Trusted internal entry: `q, k, v` are `(P, n, d)`, everything already validated.
 
     `mask_self` replaces each query's score with itself by -5e4 (the shared-qk rule); `key_scale`
     `(span, d)` scales the keys of each neighbour window (xpos uses it to stay window-relative).
+    With a process `group`, `q, k, v` and `mask` are this rank's shard of the sequence and the result is
+    this rank's slice (`windowed_attention.parallel`); the ranks' agreement is checked here, collectively.
     """
+    if group is not None:
+        rank, world = group_info(group)
+        options = dict(scale=scale, mask=mask, attn_bias=attn_bias, mask_self=mask_self, key_scale=key_scale,
+                       dropout_p=dropout_p)
+        check_shards(q, k, v, spec, group, **options)  # collective: every rank raises alike, none hangs
+        if q.shape[1] == 0:
+            raise ValueError("q: with group, every rank's shard must hold n_s >= 1 positions, got 0")
+        if world > 1:
+            return attend_shard(q, k, v, spec, group=group, rank=rank, world=world, attend=attend,
+                                backend=backend, **options)
     if q.shape[1] == 0:
         return q.new_zeros(*q.shape[:-1], v.shape[-1])
     name = backends.choose(q, spec, value_dim=v.shape[-1], mask=mask, attn_bias=attn_bias, mask_self=mask_self,
@@ -84,6 +99,7 @@ def local_attention(
     dropout_p: float = 0.0,
     shared_qk: bool = False,
     backend: str = "auto",
+    group=None,
 ) -> torch.Tensor:
     """Local windowed attention. `q, k`: `(..., n, d)`, `v`: `(..., n, d_v)` -> `(..., n, d_v)`.
 
@@ -93,6 +109,12 @@ def local_attention(
     `(b, n)` is True. `attn_bias` `(heads, w, (look_backward + look_forward + 1) * w)` is added to the
     scores. `shared_qk` l2-normalises keys and lets a query see itself only when nothing else is
     visible. A query that sees no key outputs zeros. Any `n` works (no padding needed).
+
+    `group` (a `torch.distributed` process group): the sequence is split over its ranks; `q, k, v` and
+    `mask` are this rank's contiguous shard (rank `r` holds positions `[r * n_s, (r + 1) * n_s)`, the same
+    `n_s >= 1` and options on every rank) and the result, and the q, k, v gradients, are this rank's
+    slices of the single-process ones; the `attn_bias` gradient is this rank's share. Only window halos
+    travel between ranks, point to point.
     """
     check_qkv(q, k, v)
     spec = make_spec(window_size, causal, look_backward, look_forward, exact_windowsize)
@@ -101,7 +123,7 @@ def local_attention(
     scale = check_scale(scale)
     backend = backends.check_name(backend, q.device)
 
-    if q.shape[-2] == 0:  # nothing to attend (and no packed batch size can be inferred)
+    if q.shape[-2] == 0 and group is None:  # nothing to attend (and no packed batch size can be inferred)
         return q.new_zeros(*q.shape[:-1], v.shape[-1])
     lead, (q, k, v) = pack_leading(q, k, v)
     packed, n = q.shape[0], q.shape[1]
@@ -115,6 +137,6 @@ def local_attention(
     out = attend(
         q, k, v, spec,
         scale=q.shape[-1] ** -0.5 if scale is None else scale,
-        mask=mask, attn_bias=attn_bias, mask_self=shared_qk, dropout_p=dropout_p, backend=backend,
+        mask=mask, attn_bias=attn_bias, mask_self=shared_qk, dropout_p=dropout_p, backend=backend, group=group,
     )
     return unpack_leading(out, lead)

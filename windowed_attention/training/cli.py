@@ -20,7 +20,7 @@ MODEL_FLAGS = {"dim": "dim", "depth": "depth", "heads": "heads", "dim_head": "di
                "kv_heads": "kv_heads"}
 TRAIN_FLAGS = ["data", "steps", "batch_size", "grad_accum", "seq_len", "lr", "warmup_steps", "lr_decay_steps",
                "min_lr_ratio", "weight_decay", "max_grad_norm", "seed", "eval_every", "eval_batches", "save_every",
-               "log_every", "sample_length", "precision", "device", "compile"]
+               "log_every", "sample_length", "precision", "device", "compile", "context_parallel"]
 
 
 def _int_at_least(minimum: int):
@@ -88,6 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--precision", choices=["fp32", "bf16"], help="fp32, or bf16 autocast (default: fp32)")
     add("--device", choices=["cpu", "cuda"], help="cpu or cuda (default: cpu)")
     add("--compile", action="store_true", default=None, help="torch.compile the model")
+    add("--context-parallel", type=pos, help="under torchrun: ranks that split each sequence (it divides the "
+                                             "number of processes; the rest are data-parallel; default: 1)")
     add("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
     add("--no-progress", action="store_true", help="no progress bar")
 

@@ -54,6 +54,7 @@ class TrainConfig:
     precision: str = "fp32"
     device: str = "cpu"
     compile: bool = False
+    context_parallel: int = 1  # ranks per sequence under torchrun (each holds seq_len / context_parallel)
 
     @property
     def decay_steps(self) -> int:
@@ -61,7 +62,8 @@ class TrainConfig:
 
 
 # Fields a resumed run may change; every other field must match the checkpoint.
-RUN_CONTROL = {"steps", "eval_every", "save_every", "log_every", "sample_length", "device", "compile", "precision"}
+RUN_CONTROL = {"steps", "eval_every", "save_every", "log_every", "sample_length", "device", "compile", "precision",
+               "context_parallel"}
 
 
 def from_dict(cls, data: dict):

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .. import parallel
 from ..generation import generate
 from . import distributed
 from .checkpoint import load_trainer_state, load_weights, save_checkpoint
@@ -73,15 +74,27 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def batch_loss(model: torch.nn.Module, batch: torch.Tensor, info: distributed.DistInfo,
+               ignore_index: int) -> torch.Tensor:
+    """The mean next-token loss of `batch` `(b, seq_len + 1)`. Under context parallelism this rank computes
+    its shard of every sequence (inputs and targets are sharded alike) and the loss is still the whole
+    batch's, on every rank of the group."""
+    if info.cp_group is None:
+        return model(batch, return_loss=True)
+    inputs, targets = (parallel.shard(t, info.cp_group) for t in (batch[:, :-1], batch[:, 1:]))
+    return parallel.cross_entropy(model(inputs, group=info.cp_group), targets, info.cp_group, ignore_index)
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device, autocast) -> float:
+def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device, autocast,
+             info: distributed.DistInfo = distributed.DistInfo()) -> float:
     """Mean validation loss (nats per byte) over the fixed batches."""
     was_training = model.training
     model.eval()
     total = 0.0
     for batch in batches:
         with autocast():
-            total += model(batch.to(device), return_loss=True).item()
+            total += batch_loss(model, batch.to(device), info, model.ignore_index).item()
     model.train(was_training)
     return total / len(batches)
 
@@ -120,7 +133,11 @@ def train(model_config: ModelConfig, config: TrainConfig, out: str | Path, *, re
           progress: bool = True) -> TrainResult:
     """Train (or, with `resume_step`, continue from the checkpoint in `out`) until `config.steps`."""
     started = time.perf_counter()
-    info = distributed.setup(config.device)
+    if config.seq_len % config.context_parallel:
+        raise ValueError(f"--seq-len {config.seq_len} must divide by --context-parallel {config.context_parallel}")
+    if config.compile and config.context_parallel > 1:
+        raise ValueError("--compile cannot be combined with --context-parallel (the halo exchange is not compiled)")
+    info = distributed.setup(config.device, config.context_parallel)
     try:
         return _train(model_config, config, Path(out), resume_step, progress and info.is_main, info, started)
     finally:
@@ -134,7 +151,8 @@ def _train(model_config, config, out, resume_step, progress, info, started) -> T
 
     # data
     corpus = load_corpus(config.data)
-    sampler = BatchSampler(corpus.train, config.seq_len, config.batch_size, config.seed, info.rank, info.world_size)
+    # the ranks of one context-parallel group draw the same batch (each then takes its shard of it)
+    sampler = BatchSampler(corpus.train, config.seq_len, config.batch_size, config.seed, info.dp_rank, info.dp_size)
     val_batches = eval_batches(corpus.val, config.seq_len, config.batch_size, config.eval_batches)
     prime = corpus.val[: min(64, corpus.val.numel())]
 
@@ -158,7 +176,7 @@ def _train(model_config, config, out, resume_step, progress, info, started) -> T
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     metrics = MetricsLog(out, resume_step) if info.is_main else None
-    tokens_per_step = config.batch_size * config.grad_accum * info.world_size * config.seq_len
+    tokens_per_step = config.batch_size * config.grad_accum * info.dp_size * config.seq_len
 
     def checkpoint():
         if info.is_main:
@@ -182,8 +200,10 @@ def _train(model_config, config, out, resume_step, progress, info, started) -> T
                 batch = sampler.next().to(device)
                 sync = micro == config.grad_accum - 1 or not info.enabled
                 with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
-                    loss = train_model(batch, return_loss=True)
-                (loss / config.grad_accum).backward()
+                    loss = batch_loss(train_model, batch, info, model.ignore_index)
+                # each rank's gradient is its share of its sequences'; DDP averages over all ranks, so the
+                # context_parallel factor makes that the mean over data-parallel rows of the sums over shards
+                (loss * info.context_parallel / config.grad_accum).backward()
                 loss_sum += loss.detach().float()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
@@ -200,8 +220,9 @@ def _train(model_config, config, out, resume_step, progress, info, started) -> T
             last = step == config.steps or stopped
             record = {"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
                       "tokens": step * tokens_per_step}
+            if info.dp_rank == 0 and (step % config.eval_every == 0 or last):  # the first mesh row evaluates
+                val_loss = evaluate(model, val_batches, device, autocast, info)
             if info.is_main and (step % config.eval_every == 0 or last):
-                val_loss = evaluate(model, val_batches, device, autocast)
                 record.update(val_loss=val_loss, val_bpc=bits_per_byte(val_loss))
                 result.val_loss, result.val_bpc = val_loss, record["val_bpc"]
                 bar.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "

@@ -1,0 +1,238 @@
+"""Bodies of the context-parallel tests, run in spawned processes (one per rank, gloo on CPU).
+
+Every rank builds the same full inputs from the same seed, computes the single-process result itself,
+runs the sharded computation on its shard, and compares its slice (and, for replicated parameters, the
+gradients summed over the group). A failure raises in that rank with the configuration in the message.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+
+import torch
+import torch.distributed as dist
+
+from windowed_attention import LocalAttention, LocalMHA, LocalTransformer, local_attention
+from windowed_attention.ops import backends
+from windowed_attention.parallel import gather, shard, traffic
+
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def init(rank: int, world: int, init_file: str) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    # a rank that fails ends the spawn (the others are terminated); the timeout is a second guard
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+
+
+def close(rank: int) -> None:
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def close_enough(name: str, got: torch.Tensor, want: torch.Tensor, dtype, config) -> None:
+    tol = TOLERANCE[dtype]
+    scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
+    err = float((got.double() - want.double()).abs().max()) if want.numel() else 0.0
+    if not err <= tol * scale:
+        raise AssertionError(f"rank {dist.get_rank()}: {name} differs by {err:.3g} (tolerance {tol * scale:.3g}) "
+                             f"in {config}")
+
+
+def summed(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
+def draw_op_config(gen: random.Random, world: int) -> dict:
+    causal = gen.random() < 0.5
+    w = gen.randint(1, 5)
+    config = dict(
+        window_size=w, causal=causal, look_backward=gen.randint(0, 3),
+        look_forward=0 if causal else gen.randint(0, 2), exact_windowsize=gen.random() < 0.5,
+        shared_qk=gen.random() < 0.25,
+    )
+    # shard lengths from 1 (halos over several ranks) to a few windows
+    n_s = gen.choice([1, 2, gen.randint(1, 3 * w), gen.randint(w, 4 * w)])
+    dtype = gen.choice([torch.float64, torch.float64, torch.float32, torch.bfloat16, torch.float16])
+    options = dict(mask=gen.random() < 0.4, bias=gen.random() < 0.35, dim=gen.choice([4, 8]),
+                   dim_v=gen.choice([4, 6]))
+    names = ["auto", "reference", *[b for b in ("fused", "sdpa") if backends.availability()[b]]]
+    backend = gen.choice(names)
+    if backend == "sdpa" and (options["bias"] or config["shared_qk"]):
+        backend = "auto"
+    return dict(config=config, n_s=n_s, dtype=dtype, backend=backend, **options)
+
+
+def op_cases(rank: int, world: int, init_file: str, seed: int, count: int) -> None:
+    """Random op configurations: output and q, k, v gradients per slice, bias gradient summed."""
+    init(rank, world, init_file)
+    group = dist.group.WORLD
+    gen = random.Random(seed)
+    for case in range(count):
+        c = draw_op_config(gen, world)
+        config, dtype, n_s = c["config"], c["dtype"], c["n_s"]
+        n, b, h = n_s * world, 2, 2
+        h_kv = 1 if case % 2 else h  # every other case grouped-query attention
+        torch.manual_seed(seed * 1000 + case)
+        q, k = (torch.randn(b, heads, n, c["dim"], dtype=dtype) for heads in (h, h_kv))
+        v = torch.randn(b, h_kv, n, c["dim_v"], dtype=dtype)
+        grad = torch.randn(b, h, n, c["dim_v"], dtype=dtype)
+        mask = torch.rand(b, n) < 0.7 if c["mask"] else None
+        w, span = config["window_size"], config["look_backward"] + config["look_forward"] + 1
+        bias = torch.randn(h, w, span * w, dtype=dtype) if c["bias"] else None
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, *([bias] if c["bias"] else []))]
+        out = local_attention(*leaves[:3], mask=mask, attn_bias=leaves[3] if c["bias"] else None,
+                              backend=c["backend"], **config)
+        out.backward(grad)
+
+        parts = [shard(t, group, dim=2).detach().clone().requires_grad_() for t in (q, k, v)]
+        part_bias = bias.clone().requires_grad_() if c["bias"] else None
+        part_out = local_attention(*parts, mask=None if mask is None else shard(mask, group, dim=1),
+                                   attn_bias=part_bias, backend=c["backend"], group=group, **config)
+        part_out.backward(shard(grad, group, dim=2))
+        described = dict(config, n_s=n_s, world=world, dtype=str(dtype), backend=c["backend"], mask=c["mask"],
+                         bias=c["bias"], case=case, kv_heads=h_kv)
+        close_enough("output", part_out, shard(out, group, dim=2), dtype, described)
+        for name, leaf, part in zip("qkv", leaves, parts):
+            close_enough(f"grad {name}", part.grad, shard(leaf.grad, group, dim=2), dtype, described)
+        if c["bias"]:
+            close_enough("grad attn_bias (summed)", summed(part_bias.grad), leaves[3].grad, dtype, described)
+        close_enough("gather(output)", gather(part_out.detach(), group, dim=2), out.detach(), dtype, described)
+
+    # only halos travel: the bytes sent do not depend on the shard length
+    sent = []
+    for n_s in (16, 64):
+        q = torch.randn(1, 2, n_s, 4, requires_grad=True)
+        traffic.reset()
+        local_attention(q, q, q, window_size=4, look_backward=2, causal=True, group=group).sum().backward()
+        sent.append((traffic.forward_bytes, traffic.backward_bytes))
+    # rank 0 sends the last 2 windows forward, the last rank their gradients back, inner ranks both
+    expected = (2 * 4) * 2 * (4 + 4) * 4  # 2 windows of 4 positions x 2 heads x (d + d_v) floats x 4 bytes
+    if sent[0] != sent[1] or sent[0] != ((expected if rank < world - 1 else 0), (expected if rank > 0 else 0)):
+        raise AssertionError(f"rank {rank}: halo bytes {sent}, expected {expected} each way")
+
+    # dropout: each rank drops from its own stream; the result is a dropout of the right rate, finite,
+    # with finite gradients (no exact comparison: a different random stream from the single process's)
+    torch.manual_seed(seed)
+    q = torch.randn(1, 2, 6, 4, requires_grad=True)
+    out = local_attention(q, q, q, window_size=2, dropout_p=0.5, group=group)
+    plain = local_attention(q, q, q, window_size=2, group=group)
+    out.sum().backward()
+    if not (torch.isfinite(out).all() and torch.isfinite(q.grad).all()) or torch.equal(out, plain):
+        raise AssertionError("dropout under group")
+    close(rank)
+
+
+def module_cases(rank: int, world: int, init_file: str, seed: int) -> None:
+    """LocalAttention (rotary, xpos), LocalMHA and LocalTransformer (loss and summed gradients)."""
+    init(rank, world, init_file)
+    group = dist.group.WORLD
+    gen = random.Random(seed)
+    for case in range(8):
+        causal = case % 2 == 0
+        w = gen.randint(2, 4)
+        n_s = gen.choice([1, 3, w, 2 * w + 1])
+        kwargs = dict(window_size=w, causal=causal, look_backward=gen.randint(1, 2),
+                      look_forward=0 if causal else gen.randint(0, 1), exact_windowsize=case % 4 < 2,
+                      dim=8, autopad=True, use_xpos=case % 3 == 0, xpos_scale_base=16)
+        module = LocalAttention(**kwargs)
+        torch.manual_seed(seed + case)
+        q, k, v, grad = (torch.randn(2, 2, n_s * world, 8, dtype=torch.float64) for _ in range(4))
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = module(*full)
+        out.backward(grad)
+        parts = [shard(t, group, dim=2).detach().clone().requires_grad_() for t in (q, k, v)]
+        part_out = module(*parts, group=group)
+        part_out.backward(shard(grad, group, dim=2))
+        described = dict(kwargs, n_s=n_s, world=world, case=case, module="LocalAttention")
+        close_enough("output", part_out, shard(out, group, dim=2), torch.float64, described)
+        for name, leaf, part in zip("qkv", full, parts):
+            close_enough(f"grad {name}", part.grad, shard(leaf.grad, group, dim=2), torch.float64, described)
+
+    for case in range(6):
+        causal = case % 2 == 0
+        torch.manual_seed(seed + 100 + case)
+        w = gen.randint(2, 4)
+        n_s = gen.choice([2, w, 2 * w + 1])
+        kwargs = dict(causal=causal, local_attn_window_size=w, use_xpos=case % 3 == 1, xpos_scale_base=16,
+                      use_dynamic_pos_bias=case % 3 == 2, qk_rmsnorm=case >= 3, look_backward=gen.randint(1, 2),
+                      use_abs_pos_emb=case != 1, gate_values_per_head=case == 4,
+                      kv_heads=1 if case % 2 else None, num_residual_streams=1 + case % 3)
+        if not causal:
+            kwargs["look_forward"] = 1
+        model = LocalTransformer(num_tokens=11, max_seq_len=n_s * world, dim=16, depth=2, heads=2, dim_head=8,
+                                 **kwargs).double()
+        tokens = torch.randint(0, 11, (2, n_s * world))
+        mask = torch.rand(2, n_s * world) < 0.8 if case == 5 else None
+        loss = model(tokens, mask=mask, return_loss=True)
+        loss.backward()
+        want = {name: p.grad.clone() for name, p in model.named_parameters()}
+        model.zero_grad()
+        described = dict(kwargs, n_s=n_s, world=world, case=case, module="LocalTransformer")
+        part_loss = model(shard(tokens, group), mask=None if mask is None else shard(mask, group),
+                          return_loss=True, group=group)
+        part_loss.backward()
+        close_enough("loss", part_loss, loss, torch.float64, described)
+        for name, p in model.named_parameters():
+            close_enough(f"grad {name} (summed)", summed(p.grad), want[name], torch.float64, described)
+        logits = model(tokens)
+        close_enough("logits", model(shard(tokens, group), group=group), shard(logits, group), torch.float64,
+                     described)
+
+    # gather's gradient is this rank's slice of the upstream one (the gathered value is replicated)
+    x = torch.randn(2, 5 * world, 3, dtype=torch.float64)
+    part = shard(x, group, dim=1).clone().requires_grad_()
+    weight = torch.randn(2, 5 * world, 3, dtype=torch.float64)
+    (gather(part, group, dim=1) * weight).sum().backward()
+    close_enough("gather gradient", part.grad, shard(weight, group, dim=1), torch.float64, "gather")
+
+    mha = LocalMHA(dim=16, window_size=4, heads=2, dim_head=8, causal=True, prenorm=True).double()
+    x = torch.randn(1, 6 * world, 16, dtype=torch.float64)
+    close_enough("LocalMHA output", mha(shard(x, group), group=group), shard(mha(x), group), torch.float64, "mha")
+    close(rank)
+
+
+def disagreement_cases(rank: int, world: int, init_file: str) -> None:
+    """Ranks that disagree raise ValueError naming the argument, on every rank, and do not hang."""
+    init(rank, world, init_file)
+    group = dist.group.WORLD
+    q = torch.randn(1, 8 + rank, 4)  # unequal shard lengths
+
+    def expect(argument: str, **call):
+        try:
+            local_attention(**call, group=group)
+        except ValueError as error:
+            if not str(error).startswith(argument):
+                raise AssertionError(f"the error should name {argument}: {error}") from None
+        else:
+            raise AssertionError(f"no ValueError naming {argument}")
+
+    expect("q", q=q, k=q, v=q, window_size=4)
+    q = torch.randn(1, 8, 4)
+    expect("causal", q=q, k=q, v=q, window_size=4, causal=rank == 0)
+    expect("window_size", q=q, k=q, v=q, window_size=4 + rank)
+    expect("mask", q=q, k=q, v=q, window_size=4, mask=torch.ones(1, 8, dtype=torch.bool) if rank else None)
+    expect("look_backward", q=q, k=q, v=q, window_size=4, look_backward=1 + rank)
+    model = LocalTransformer(num_tokens=8, max_seq_len=32, dim=8, depth=1, heads=1, dim_head=8,
+                             local_attn_window_size=4)
+    tokens = torch.zeros(1, 8, dtype=torch.long)
+    for argument, call in (("x", dict(x=tokens[:, :6 + 2 * rank])),
+                           ("return_loss", dict(x=tokens, return_loss=rank == 1))):
+        try:
+            model(**call, group=group)
+        except ValueError as error:
+            if not str(error).startswith(argument):
+                raise AssertionError(f"the error should name {argument}: {error}") from None
+        else:
+            raise AssertionError(f"no ValueError naming {argument}")
+    # after all that, the group still works
+    out = local_attention(q, q, q, window_size=4, group=group)
+    if out.shape != q.shape:
+        raise AssertionError(out.shape)
+    close(rank)

@@ -138,56 +138,112 @@ def test_the_fused_kernel_builds_here():
     assert fused_cpu.available(), fused_cpu._state.get("error")
 
 
-def test_a_failed_build_falls_back_with_the_compiler_error(monkeypatch, tmp_path):
+def test_a_failed_build_falls_back_with_the_compiler_error(monkeypatch, tmp_path, capsys):
+    """Announced on stderr, warned once with the reason, reported by `unavailable_reason` and in the error of an
+    explicit `backend="fused"`; `auto` falls back to `sdpa`."""
     from windowed_attention.ops import fused_cpu
 
     monkeypatch.setattr(fused_cpu, "_state", {})
-    monkeypatch.setenv("WINDOWED_ATTENTION_CACHE", str(tmp_path))
+    monkeypatch.setattr(backends, "_AVAILABLE", dict(backends._AVAILABLE))
+    monkeypatch.setenv("WINDOWED_ATTENTION_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    assert not fused_cpu.available()
+    with pytest.warns(RuntimeWarning, match="no-such-compiler") as warned:
+        assert not fused_cpu.available()
+        assert not fused_cpu.available()
+    assert len(warned) == 1
+    assert "compiling the fused CPU kernel into " + str(tmp_path / "cache") in capsys.readouterr().err
+    assert "no-such-compiler" in fused_cpu.unavailable_reason()
     with pytest.raises(RuntimeError, match="no-such-compiler"):
         fused_cpu.kernel()
-    assert list(tmp_path.iterdir()) == []
+    q = torch.randn(1, 8, 4)
+    with pytest.raises(ValueError, match="backend 'fused' is not available.*no-such-compiler"):
+        local_attention(q, q, q, window_size=4, backend="fused")
+    assert backends.choose(q, PLAIN) == "sdpa"
+    assert list((tmp_path / "cache").iterdir()) == []  # no partial library left behind
 
 
-def test_disabled_build_reports_unavailable_and_explicit_choice_is_refused(monkeypatch):
+def test_disabled_build_reports_unavailable_and_explicit_choice_is_refused(monkeypatch, recwarn):
     from windowed_attention.ops import fused_cpu
 
     monkeypatch.setattr(fused_cpu, "_state", {})
     monkeypatch.setenv(fused_cpu.DISABLE_ENV, "1")
     assert not fused_cpu.available()
+    assert fused_cpu.DISABLE_ENV in fused_cpu.unavailable_reason()
     with pytest.raises(RuntimeError, match=fused_cpu.DISABLE_ENV):
         fused_cpu.kernel()
+    assert not [w for w in recwarn if "fused" in str(w.message)]  # asked for: no warning
 
 
-@pytest.mark.parametrize("name", ["flex", "flash"])
-def test_check_name_refuses_cuda_backends_for_cpu_tensors(name):
-    with pytest.raises(ValueError, match="backend"):
-        backends.check_name(name, torch.device("cpu"))
-    q = torch.randn(1, 8, 4)
-    with pytest.raises(ValueError, match="backend"):
-        local_attention(q, q, q, window_size=4, backend=name)
+def _fresh_build(monkeypatch, cache):
+    """What a fresh process does to get the kernel from `cache`: `(library path, whether it was rebuilt)`.
+    The loading itself is left out (this process has the kernel loaded already: a second copy would clash)."""
+    from windowed_attention.ops import fused_cpu
+
+    monkeypatch.setattr(fused_cpu, "_state", {})
+    monkeypatch.setenv("WINDOWED_ATTENTION_CACHE", str(cache))
+    monkeypatch.setattr(torch.ops, "load_library", lambda path: None)
+    fused_cpu.kernel()
+    return fused_cpu._state["library"], "build_seconds" in fused_cpu._state
 
 
-@pytest.mark.parametrize("name", ["fused", "sdpa"])
-def test_check_name_refuses_the_cpu_kernels_for_cuda_tensors(name):
-    with pytest.raises(ValueError, match="backend"):
-        backends.check_name(name, torch.device("cuda"))
+def test_kernel_cache_is_private_and_verified(monkeypatch, tmp_path):
+    """The cache folder is created 0700; a library is loaded only when its hash matches the one recorded at
+    build time, so a damaged (or swapped) library is rebuilt; a folder others can write is refused."""
+    import shutil
+    import stat
+
+    from windowed_attention.ops import fused_cpu
+
+    assert fused_cpu.available()
+    built = fused_cpu._state["library"]
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    shutil.copy(built, cache / built.name)
+    shutil.copy(built.with_name(built.name + ".sha256"), cache / (built.name + ".sha256"))
+    library, rebuilt = _fresh_build(monkeypatch, cache)
+    assert library == cache / built.name and not rebuilt  # verified copy: loaded as it is
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+
+    with open(library, "r+b") as f:  # damage it
+        f.seek(4096)
+        f.write(b"\0" * 64)
+    _copy_instead_of_compiling(monkeypatch, built)
+    library, rebuilt = _fresh_build(monkeypatch, cache)
+    assert rebuilt and library.read_bytes() == built.read_bytes()
+
+    (cache / (built.name + ".sha256")).unlink()  # no record: not ours, rebuilt
+    _, rebuilt = _fresh_build(monkeypatch, cache)
+    assert rebuilt
+
+    nested = tmp_path / "new" / "cache"
+    _fresh_build(monkeypatch, nested)
+    assert stat.S_IMODE(nested.stat().st_mode) == 0o700
+
+    cache.chmod(0o777)
+    monkeypatch.setattr(fused_cpu, "_state", {})
+    monkeypatch.setenv("WINDOWED_ATTENTION_CACHE", str(cache))
+    assert "writable by other users" in fused_cpu.unavailable_reason()
 
 
-def test_check_name_refuses_unknown_names_and_non_strings():
-    with pytest.raises(ValueError, match="backend"):
-        backends.check_name("fastest", torch.device("cpu"))
-    with pytest.raises(TypeError, match="backend"):
-        backends.check_name(1, torch.device("cpu"))
-    assert backends.check_name("auto", torch.device("cpu")) == "auto"
-    assert backends.check_name("reference", torch.device("cuda")) == "reference"
+def _copy_instead_of_compiling(monkeypatch, built):
+    """Stand-ins for the compiler calls: the compiles do nothing, the link writes the library we already built."""
+    import shutil
+    import subprocess
 
+    from windowed_attention.ops import fused_cpu
 
-def test_explicit_cpu_backends_agree_through_the_public_op():
-    q, k, v = (torch.randn(2, 3, 50, 8, dtype=torch.float64) for _ in range(3))
-    kwargs = dict(window_size=8, causal=True, exact_windowsize=True)
-    ref = local_attention(q, k, v, backend="reference", **kwargs)
-    assert torch.allclose(local_attention(q, k, v, backend="sdpa", **kwargs), ref, atol=1e-12)
-    assert torch.allclose(local_attention(q, k, v, backend="fused", **kwargs), ref, atol=1e-12)
-    assert torch.allclose(local_attention(q, k, v, **kwargs), ref, atol=1e-12)
+    class Compile:
+        returncode = 0
+
+        def __init__(self, command, **kwargs):
+            pass
+
+        def communicate(self):
+            return "", ""
+
+    def link(command, **kwargs):
+        shutil.copy(built, command[command.index("-o") + 1])
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(fused_cpu.subprocess, "Popen", Compile)
+    monkeypatch.setattr(fused_cpu.subprocess, "run", link)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from windowed_attention.ops import fused_cpu
-from windowed_attention.positional import SinusoidalEmbeddings, _RotateCPU, rotate_half, rotation_tables
+from windowed_attention.positional import SinusoidalEmbeddings, rotate_half, rotation_tables
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
@@ -44,7 +44,7 @@ def test_rotation_kernel_matches_the_expression(P, n, half, xpos, layout, dtype,
     upstream = torch.randn(P, n, d, generator=g, dtype=torch.float64)
 
     leaf = x.detach().clone().requires_grad_()
-    got = _RotateCPU.apply(leaf, c, s)
+    got = fused_cpu.rotate(leaf, c, s)
     (got.double() * upstream).sum().backward()
     ref_leaf = x.detach().double().requires_grad_()
     ref = _expression(ref_leaf, cos, sin, factor)
@@ -64,13 +64,13 @@ def test_modules_take_the_kernel_on_cpu_for_all_but_small_tensors(monkeypatch):
 
     assert fused_cpu.available()
     calls = []
-    original = _RotateCPU.forward
+    original = fused_cpu.rotate
 
-    def counted(ctx, *args):
-        calls.append(args[0].shape)
-        return original(ctx, *args)
+    def counted(x, *args):
+        calls.append(x.shape)
+        return original(x, *args)
 
-    monkeypatch.setattr(_RotateCPU, "forward", staticmethod(counted))
+    monkeypatch.setattr(fused_cpu, "rotate", counted)
     q = torch.randn(2, 3, 256, 8)  # 6144 elements: at least KERNEL_MIN_NUMEL
     LocalAttention(window_size=4, causal=True, dim=8)(q, q, q)
     assert len(calls) == 2  # q and k

@@ -124,17 +124,23 @@ class LocalAttention(nn.Module):
     def _rotation(self, n: int, spec, device, dtype, offset: int = 0):
         """The rotation tables of q and k and the xpos key scale for these positions and window, kept for
         the next call with the same ones (they depend on nothing learned)."""
+        if torch.compiler.is_compiling():  # traced code computes them in the graph (no module state to guard)
+            return self._rotation_tables(n, spec, device, dtype, offset)
         key = (n, offset, spec, device, dtype)
         if self._rotation_cache is None or self._rotation_cache[0] != key:
-            cos, sin = self.rel_pos.rotation(torch.arange(offset, offset + n, device=device))
-            q_factor = k_factor = key_scale = None
-            if self.use_xpos:
-                q_factor, k_factor, key_scale = xpos_factors(
-                    self.rel_pos, n, spec.window_size, spec.look_backward, spec.look_forward, device, offset
-                )
-            tables = (rotation_tables(cos, sin, q_factor, dtype), rotation_tables(cos, sin, k_factor, dtype), key_scale)
-            self._rotation_cache = (key, tables)
+            self._rotation_cache = (key, self._rotation_tables(n, spec, device, dtype, offset))
         return self._rotation_cache[1]
+
+    def _rotation_tables(self, n: int, spec, device, dtype, offset: int = 0):
+        """`(q_tables, k_tables, key_scale)` at positions `offset .. offset + n - 1`: see
+        `positional.rotation_tables` and `xpos_factors`."""
+        cos, sin = self.rel_pos.rotation(torch.arange(offset, offset + n, device=device))
+        q_factor = k_factor = key_scale = None
+        if self.use_xpos:
+            q_factor, k_factor, key_scale = xpos_factors(
+                self.rel_pos, n, spec.window_size, spec.look_backward, spec.look_forward, device, offset
+            )
+        return rotation_tables(cos, sin, q_factor, dtype), rotation_tables(cos, sin, k_factor, dtype), key_scale
 
     def decode(self, q, k, v, position: int, attn_bias=None):
         """Attention of the one query at absolute `position` over its most recent keys.

@@ -16,6 +16,12 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="windowed-attention", description=__doc__)
+
+    def error(message: str):  # one line on stderr (no usage block), exit code 2
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = error
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)

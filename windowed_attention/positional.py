@@ -102,29 +102,15 @@ def rotation_tables(cos: torch.Tensor, sin: torch.Tensor, factor: torch.Tensor |
 KERNEL_MIN_NUMEL = 4096
 
 
-class _RotateCPU(torch.autograd.Function):
-    """The rotation in one pass of our CPU kernel forward and one backward (`ops/csrc/rotary_cpu.cpp`)."""
-
-    @staticmethod
-    def forward(ctx, x, c, s):
-        ctx.save_for_backward(c, s)
-        return fused_cpu.kernel().rotate(x, c, s, False)
-
-    @staticmethod
-    def backward(ctx, grad):
-        c, s = ctx.saved_tensors
-        return fused_cpu.kernel().rotate(grad, c, s, True), None, None
-
-
 def apply_rotation(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Rotate `x` `(..., n, d)` by `rotation_tables` `(c, s)`: `x1 c - x2 s`, `x2 c + x1 s` over the halves of
     the last dim (local-attention's `x * cos + rotate_half(x) * sin`), computed in the tables' dtype and
-    returned in x's. On CPU our kernel does it in one pass each way (for tensors of `KERNEL_MIN_NUMEL`
-    elements and more: a decoding step's single token is faster as the torch expression); elsewhere, and
-    for small tensors, the torch expression."""
+    returned in x's. On CPU our kernel does it in one pass each way (`fused_cpu.rotate`, a custom op that
+    torch.compile traces; for tensors of `KERNEL_MIN_NUMEL` elements and more: a decoding step's single
+    token is faster as the torch expression); elsewhere, and for small tensors, the torch expression."""
     c, s = tables
     if x.device.type == "cpu" and x.numel() >= KERNEL_MIN_NUMEL and fused_cpu.available():
-        return _RotateCPU.apply(x.reshape(-1, *x.shape[-2:]), c, s).view(x.shape)
+        return fused_cpu.rotate(x.reshape(-1, *x.shape[-2:]), c, s).view(x.shape)
     dtype = x.dtype
     x = x.to(c.dtype)
     x1, x2 = x.chunk(2, dim=-1)

@@ -138,7 +138,10 @@ class LocalTransformer(nn.Module):
             raise TypeError(f"{name} must be an integer tensor of token ids (dtype torch.long), got {getattr(x, 'dtype', type(x).__name__)}")
         if x.ndim != 2:
             raise ValueError(f"{name} must have shape (b, n), got {tuple(x.shape)}")
-        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.num_tokens):
+        if torch.compiler.is_compiling():  # traced code: no data-dependent branch, an assertion in the graph
+            torch._assert_async(((x >= 0) & (x < self.num_tokens)).all(),
+                                f"{name} must hold token ids in [0, num_tokens = {self.num_tokens})")
+        elif x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.num_tokens):
             raise ValueError(f"{name} must hold token ids in [0, num_tokens = {self.num_tokens}), got range [{int(x.min())}, {int(x.max())}]")
 
     def _attn_bias(self):

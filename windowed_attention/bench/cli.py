@@ -3,14 +3,20 @@
 Sweep (default): N in 1k..64k, W in {64, 256, 1024}, forward and fwd+bwd, for ours (`auto`, the fused
 CPU kernel), ours-sdpa (our `sdpa` backend), local-attention,
 dense SDPA with a band mask (skipped when N > --dense-max) and compiled FlexAttention (forward only
-on CPU; skipped when compiling fails). Writes `results.json` and PNG plots to `--out`.
-`--headline`: the issue's figures (interleaved medians, side by side) into `headline.json`.
+on CPU; skipped when compiling fails). Writes `results.json` and PNG plots to `--out` (default
+`runs/bench`; `--out benchmarks` replaces the committed figures). Every implementation or point left out
+is named with the reason, on stderr and in `results.json`.
+`--quick`: about a minute on an idle 2-core CPU (N = 2k and 8k, W = 256, memory at 8k only, dense SDPA
+at 2k only, no compiled Flex).
+`--headline`: the README's figures (interleaved medians, side by side) into `headline.json`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
 import sys
 from pathlib import Path
@@ -24,39 +30,142 @@ SIZES = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 WINDOWS = [64, 256, 1024]
 
 
+QUICK_SIZES, QUICK_WINDOWS = [2048, 8192], [256]
+DEFAULT_IMPLS = ["ours", "ours-sdpa", "local-attention", "dense-sdpa", "flex-compiled"]
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, got {text!r}")
+    return value
+
+
+def _one_line_error(prog: str):
+    """argparse's error as one line on stderr (no usage block), exit code 2."""
+    def error(message: str):
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+    return error
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="benchmarks", help="folder for results.json, headline.json and plots")
-    parser.add_argument("--quick", action="store_true", help="a ~1 minute subset (N <= 8k, W = 256)")
-    parser.add_argument("--headline", action="store_true", help="measure the issue's headline figures only")
-    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="sequence lengths N")
-    parser.add_argument("--windows", type=int, nargs="+", default=None, help="window sizes W")
-    parser.add_argument("--impls", nargs="+", default=["ours", "ours-sdpa", "local-attention", "dense-sdpa", "flex-compiled"],
-                        choices=list(impls.IMPLS))
-    parser.add_argument("--reps", type=int, default=3, help="timed repetitions per point (median)")
+    parser.error = _one_line_error(parser.prog)
+    pos, nonneg = _int_at_least(1), _int_at_least(0)
+    parser.add_argument("--out", default="runs/bench",
+                        help="folder for results.json, headline.json and the plots (default: %(default)s; "
+                             "--out benchmarks replaces the committed figures)")
+    parser.add_argument("--quick", action="store_true",
+                        help="about a minute: N = 2k and 8k, W = 256, memory at the largest N only, dense SDPA at 2k only, "
+                             "no compiled Flex")
+    parser.add_argument("--headline", action="store_true", help="measure the README's headline figures only")
+    parser.add_argument("--sizes", type=pos, nargs="+", default=None, help="sequence lengths N")
+    parser.add_argument("--windows", type=pos, nargs="+", default=None, help="window sizes W")
+    parser.add_argument("--impls", nargs="+", default=None, choices=list(impls.IMPLS),
+                        help=f"implementations (default: {' '.join(DEFAULT_IMPLS)})")
+    parser.add_argument("--reps", type=pos, default=3, help="timed repetitions per point (median)")
     parser.add_argument("--no-memory", action="store_true", help="skip the subprocess memory measurements")
-    parser.add_argument("--dense-max", type=int, default=8192, help="largest N for dense SDPA")
-    parser.add_argument("--flex-max", type=int, default=16384, help="largest N for compiled flex (compile per shape)")
-    parser.add_argument("--max-seconds", type=float, default=20.0, help="skip an implementation's larger N once a call takes this long")
+    parser.add_argument("--dense-max", type=nonneg, default=None,
+                        help="largest N for dense SDPA, O(N^2) (default: 8192; 2048 with --quick)")
+    parser.add_argument("--flex-max", type=nonneg, default=16384, help="largest N for compiled flex (compile per shape)")
+    parser.add_argument("--max-seconds", type=_seconds, default=20.0,
+                        help="skip an implementation's larger N once a call takes this long")
     parser.add_argument("--no-train", action="store_true", help="headline: skip the LocalTransformer training step")
 
 
-def _points(args):
-    sizes = args.sizes or ([1024, 2048, 4096, 8192] if args.quick else SIZES)
-    windows = args.windows or ([256] if args.quick else WINDOWS)
-    chosen = [i for i in args.impls if not (args.quick and i == "flex-compiled")]
-    return [(impl, w, n) for impl in chosen for w in windows for n in sizes if n >= 2 * w]
+def check_args(args) -> None:
+    """Flag combinations argparse cannot check (ValueError, one line)."""
+    if args.headline and (args.quick or args.sizes or args.windows or args.impls):
+        raise ValueError("--headline measures fixed figures: it takes no --quick, --sizes, --windows or --impls")
+    if args.headline and not impls.installed("local-attention"):
+        raise ValueError("--headline compares against local-attention, which is not installed "
+                         "(pip install local-attention)")
+    if not args.headline and not _points(args)[0]:
+        raise ValueError(f"no point to measure: every N ({' '.join(map(str, _sizes(args)))}) is below twice "
+                         f"every W ({' '.join(map(str, _windows(args)))})")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot create the folder ({error.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out} is not writable")
 
 
-def sweep(args) -> list[dict]:
+def busy_warning() -> str | None:
+    """A warning when the machine is busy (1-minute load average above the core count): timings then
+    measure the competition as much as the code."""
+    try:
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    except (AttributeError, OSError):  # no load average on this platform
+        return None
+    if load <= cores:
+        return None
+    return (f"warning: this machine is busy (load average {load:.1f} on {cores} cores): timings will be slower "
+            "and noisier than on an idle machine; ratios of interleaved measurements hold up best")
+
+
+def _sizes(args):
+    return args.sizes or (QUICK_SIZES if args.quick else SIZES)
+
+
+def _windows(args):
+    return args.windows or (QUICK_WINDOWS if args.quick else WINDOWS)
+
+
+def _dense_max(args) -> int:
+    return args.dense_max if args.dense_max is not None else (2048 if args.quick else 8192)
+
+
+def _points(args) -> tuple[list, list[str]]:
+    """`(points, skipped)`: the (impl, w, n) to measure, and why implementations or points are left out."""
+    chosen = args.impls or DEFAULT_IMPLS
+    skipped = []
+    if args.quick and "flex-compiled" in chosen and not args.impls:
+        skipped.append("flex-compiled: compiling it takes minutes per shape (left out of --quick; "
+                       "run without --quick or name it in --impls)")
+        chosen = [i for i in chosen if i != "flex-compiled"]
+    if "local-attention" in chosen and not impls.installed("local-attention"):
+        skipped.append("local-attention: not installed (pip install local-attention)")
+        chosen = [i for i in chosen if i != "local-attention"]
+    sizes, windows, dense_max = _sizes(args), _windows(args), _dense_max(args)
+    for impl, limit, flag in (("dense-sdpa", dense_max, "--dense-max"), ("flex-compiled", args.flex_max, "--flex-max")):
+        over = [n for n in sizes if n > limit]
+        if impl in chosen and over:
+            skipped.append(f"{impl} at N = {' '.join(map(str, over))}: above {flag} {limit}")
+    if "flex-compiled" in chosen:
+        skipped.append("flex-compiled fwd+bwd: FlexAttention has no backward on CPU")
+    points = [(impl, w, n) for impl in chosen for w in windows for n in sizes if n >= 2 * w
+              and not (impl == "dense-sdpa" and n > dense_max) and not (impl == "flex-compiled" and n > args.flex_max)]
+    return points, skipped
+
+
+def sweep(args, skipped: list[str]) -> tuple[list[dict], float]:
+    """Measure every point; what is left out on the way (a failure, a call past --max-seconds) joins `skipped`."""
     peak = measure.matmul_peak()
-    rows, too_slow = [], set()
-    for impl, w, n in tqdm(_points(args), desc="bench", unit="point"):
-        if (impl == "dense-sdpa" and n > args.dense_max) or (impl == "flex-compiled" and n > args.flex_max):
-            continue
-        if impl == "local-attention" and not impls.installed(impl):
-            continue
+    points, _ = _points(args)
+    memory_sizes = {max(_sizes(args))} if args.quick else None  # --quick: memory at the largest N only
+    rows, stopped = [], {}
+    for impl, w, n in tqdm(points, desc="bench", unit="point"):
         for backward in (False, True):
-            if (impl, w, backward) in too_slow or (impl == "flex-compiled" and backward):
+            if (impl, w, backward) in stopped or (impl == "flex-compiled" and backward):
                 continue
             row = dict(impl=impl, w=w, n=n, backward=backward, dtype="float32")
             try:
@@ -64,17 +173,19 @@ def sweep(args) -> list[dict]:
                 inputs = measure.make_inputs(n, torch.float32, backward)
                 seconds = measure.median_time(measure.step(fn, inputs, backward), args.reps)
             except Exception as error:  # a failed compile or missing kernel skips the point, not the run
-                tqdm.write(f"skip {impl} w={w} n={n} backward={backward}: {type(error).__name__}: {error}"[:200])
-                too_slow.add((impl, w, backward))
+                reason = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+                stopped[impl, w, backward] = f"{impl} {'fwd+bwd' if backward else 'fwd'} W={w} from N={n}: {reason}"
                 continue
             flops = impls.useful_flops(n, w, False, backward)
             row.update(ms=seconds * 1e3, us_per_token=seconds * 1e6 / n, gflops=flops / seconds / 1e9)
             row["pct_matmul_peak"] = 100 * row["gflops"] / peak
-            if not args.no_memory and impl != "flex-compiled":
+            if not args.no_memory and impl != "flex-compiled" and (memory_sizes is None or n in memory_sizes):
                 row["peak_rise_mib"] = _mib(measure.peak_memory(impl, n, w, backward=backward))
             rows.append(row)
-            if seconds > args.max_seconds:
-                too_slow.add((impl, w, backward))
+            if seconds > args.max_seconds and n < max(_sizes(args)):
+                stopped[impl, w, backward] = (f"{impl} {'fwd+bwd' if backward else 'fwd'} W={w} above N={n}: "
+                                              f"a call took {seconds:.1f} s (over --max-seconds {args.max_seconds:g})")
+    skipped.extend(stopped.values())
     return rows, peak
 
 
@@ -92,27 +203,38 @@ def print_table(rows) -> None:
 
 
 def plot(rows, out: Path) -> list[str]:
+    """`time_vs_n.png` and `memory_vs_n.png`: one panel per W, one colour per implementation (solid fwd+bwd,
+    dashed fwd), the legend in one row below the panels, off the data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker  # noqa: F401
+    from matplotlib.lines import Line2D
 
     written = []
+    names = list(dict.fromkeys(r["impl"] for r in rows))
+    colours = {impl: f"C{i}" for i, impl in enumerate(names)}
     for key, label, name in (("ms", "time (ms)", "time"), ("peak_rise_mib", "peak memory rise (MiB)", "memory")):
-        windows = sorted({r["w"] for r in rows})
-        fig, axes = plt.subplots(1, len(windows), figsize=(5 * len(windows), 4), squeeze=False)
+        windows = sorted({r["w"] for r in rows if r.get(key) is not None})
+        if not windows:
+            continue
+        fig, axes = plt.subplots(1, len(windows), figsize=(5 * len(windows), 4.2), squeeze=False)
         for ax, w in zip(axes[0], windows):
-            for impl in dict.fromkeys(r["impl"] for r in rows):
+            for impl in names:
                 for backward, style in ((False, "--"), (True, "-")):
                     pts = [(r["n"], r[key]) for r in rows if r["impl"] == impl and r["w"] == w
                            and r["backward"] == backward and r.get(key) is not None]
                     if pts:
-                        ax.plot(*zip(*pts), style, marker="o", label=f"{impl} {'fwd+bwd' if backward else 'fwd'}")
+                        ax.plot(*zip(*pts), style, marker="o", color=colours[impl])
             ax.set(xscale="log", yscale="log", xlabel="sequence length N", ylabel=label, title=f"W = {w}")
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-            ax.legend(fontsize=7)
-        fig.tight_layout()
+        shown = [impl for impl in names if any(r["impl"] == impl and r.get(key) is not None for r in rows)]
+        handles = [Line2D([], [], color=colours[impl], marker="o", label=impl) for impl in shown]
+        handles += [Line2D([], [], color="grey", linestyle="-", label="fwd+bwd"),
+                    Line2D([], [], color="grey", linestyle="--", label="fwd")]
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
         path = out / f"{name}_vs_n.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -142,19 +264,37 @@ def environment() -> dict:
 
 
 def run(args) -> int:
+    try:
+        check_args(args)
+    except ValueError as error:
+        print(f"windowed-attention bench: error: {error}", file=sys.stderr)
+        return 2
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    busy = busy_warning()
+    if busy:
+        print(busy, file=sys.stderr)
     if args.headline:
         result = headline.run(train=not args.no_train)
         result["environment"] = environment()
         (out / "headline.json").write_text(json.dumps(result, indent=2) + "\n")
         headline.report(result)
+        print("wrote", out / "headline.json")
         return 0
-    rows, peak = sweep(args)
+    _, skipped = _points(args)
+    for reason in skipped:  # known before measuring: said at once
+        print(f"skipped {reason}", file=sys.stderr)
+    known = len(skipped)
+    rows, peak = sweep(args, skipped)
+    for reason in skipped[known:]:
+        print(f"skipped {reason}", file=sys.stderr)
     print_table(rows)
+    environment_info = environment()
+    environment_info["busy_warning"] = busy or busy_warning()
     (out / "results.json").write_text(json.dumps(
-        dict(environment=environment(), matmul_peak_gflops=peak, shapes="B=1 H=8 D=64 causal look_backward=1 fp32",
-             memory_method=measure.__doc__.strip(), rows=rows), indent=2) + "\n")
+        dict(environment=environment_info, matmul_peak_gflops=peak,
+             shapes="B=1 H=8 D=64 causal look_backward=1 fp32", memory_method=measure.__doc__.strip(),
+             skipped=skipped, rows=rows), indent=2) + "\n")
+    print("wrote", out / "results.json")
     for path in plot(rows, out):
         print("wrote", path)
     return 0

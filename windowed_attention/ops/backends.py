@@ -12,14 +12,13 @@ result (tested against the reference on random configurations, forward and backw
 | `reference` | any    | all float         | (everything; materialises window scores)      |
 
 `auto` (`choose`) takes the first that supports the call: CUDA `flash` > `flex` > `reference`;
-CPU `fused` > `sdpa` > `reference`. Under autocast the dtype that counts is the autocast dtype (a float32
+CPU `fused` > `sdpa` > `reference` (in traced code, torch.compile's, `fused` > `reference`). Under autocast the dtype that counts is the autocast dtype (a float32
 input then computes in bfloat16). The decision is `decide`, a pure function of
 device type, dtype, window spec, options and availability flags, so it is tested without a GPU.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, Mapping
 
 import torch
@@ -54,17 +53,22 @@ def get(name: str) -> Callable[..., torch.Tensor]:
     return _BACKENDS[name]
 
 
-@functools.lru_cache(maxsize=1)
-def _availability() -> tuple[tuple[str, bool], ...]:
-    return tuple({
-        "fused": fused_cpu.available(), "sdpa": sdpa_blocks.available(), "flex": flex.available(),
-        "flash": flash.available(),
-    }.items())
+# probed once at import (cheap); `fused` asks its build, which traced code takes as a constant
+_AVAILABLE = {"sdpa": sdpa_blocks.available(), "flex": flex.available(), "flash": flash.available()}
+_UNAVAILABLE = {"sdpa": "this torch has no fused CPU flash-attention kernels (torch 2.3+)",
+                "flex": "this torch has no FlexAttention", "flash": "flash-attn is not installed"}
 
 
 def availability() -> dict[str, bool]:
-    """Which optional backends this torch / environment can run (probed once)."""
-    return dict(_availability())
+    """Which optional backends this torch / environment can run (torch.compile traces it without a break)."""
+    return {"fused": fused_cpu.available(), **_AVAILABLE}
+
+
+def unavailable_reason(name: str) -> str | None:
+    """Why backend `name` cannot run in this environment (None when it can)."""
+    if name == "fused":
+        return fused_cpu.unavailable_reason()
+    return _UNAVAILABLE[name] if name in _AVAILABLE and not _AVAILABLE[name] else None
 
 
 def check_name(backend, device: torch.device) -> str:
@@ -77,7 +81,8 @@ def check_name(backend, device: torch.device) -> str:
     if devices is not None and torch.device(device).type not in devices:
         raise ValueError(f"backend {backend!r} runs only on {', '.join(devices)} tensors, got {device}; use backend='auto'")
     if backend in ("fused", "sdpa", "flex", "flash") and not availability()[backend]:
-        raise ValueError(f"backend {backend!r} is not available in this environment; use backend='auto'")
+        raise ValueError(f"backend {backend!r} is not available in this environment ({unavailable_reason(backend)}); "
+                         "use backend='auto'")
     return backend
 
 
@@ -119,6 +124,9 @@ def choose(q: torch.Tensor, spec: WindowSpec, *, value_dim: int | None = None, *
     device_type, dtype = q.device.type, q.dtype
     if dtype == torch.float32:
         dtype = autocast_dtype(device_type) or dtype
+    available = availability()
+    if torch.compiler.is_compiling():  # sdpa's autograd.Function takes strided views dynamo cannot trace:
+        available["sdpa"] = False      # traced code without the fused kernel takes the reference (no break)
     return decide(
         device_type,
         dtype,
@@ -130,5 +138,5 @@ def choose(q: torch.Tensor, spec: WindowSpec, *, value_dim: int | None = None, *
         dropout=float(options.get("dropout_p", 0.0)) > 0.0,
         head_dim=q.shape[-1],
         value_dim=value_dim,
-        available=availability(),
+        available=available,
     )

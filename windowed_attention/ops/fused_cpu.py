@@ -17,22 +17,32 @@ every step; idle memory is marked reclaimable (MADV_FREE), bounded by `$WINDOWED
 (`POOL_ENV`; default 1024, 0 turns the pool off, read once when the kernel loads) and returned by
 `release_memory()`.
 
-The source is compiled on first use (about 10 s; needs a C++20 compiler with OpenMP, `c++` or `$CXX`) into
-`~/.cache/windowed_attention` (or `$WINDOWED_ATTENTION_CACHE`) and reused from there. Where it cannot be
-built `available()` is False and `auto` takes the `sdpa` backend; `WINDOWED_ATTENTION_NO_FUSED=1` skips
-the build altogether.
+The kernels are registered as `torch.library` custom ops (`torch.ops.windowed_attention.attention_forward`,
+`attention_backward`, `rotate`) with fake implementations and autograd formulas, so `torch.compile`
+(fullgraph) and `torch.export` trace through them. Double backward through the attention raises.
+
+The source is compiled on first use (one line on stderr announces it; needs a C++20 compiler with OpenMP,
+`c++` or `$CXX`) into `~/.cache/windowed_attention` (or `$WINDOWED_ATTENTION_CACHE`), a folder private to
+the user (0700), and reused from there: a library is loaded only when its SHA-256, recorded at build
+time, matches; a damaged or foreign one is rebuilt. Where it cannot be built `available()` is False,
+`unavailable_reason()` says why, `auto` takes the `sdpa` backend and warns once;
+`WINDOWED_ATTENTION_NO_FUSED=1` skips the build altogether (without a warning).
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
+import stat
 import subprocess
+import sys
 import threading
+import time
+import warnings
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from .dtypes import accumulation_dtype, autocast_inputs
 from .spec import WindowSpec
@@ -42,10 +52,10 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "local_attention_cpu.cpp", CSRC / "rotary_cpu.cpp"]
 HEADERS = sorted(CSRC.glob("*.h"))  # included by the sources: part of what the build's hash covers
 DISABLE_ENV = "WINDOWED_ATTENTION_NO_FUSED"
+CACHE_ENV = "WINDOWED_ATTENTION_CACHE"
 POOL_ENV = "WINDOWED_ATTENTION_POOL_MB"
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
-_log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -60,45 +70,92 @@ def _capability_flags() -> list[str]:
     return []
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("WINDOWED_ATTENTION_CACHE") or os.path.join(
+def cache_dir() -> Path:
+    """Where built libraries live: `$WINDOWED_ATTENTION_CACHE`, else `$XDG_CACHE_HOME/windowed_attention`,
+    else `~/.cache/windowed_attention`."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "windowed_attention"
     )
     return Path(root)
 
 
-def _build():
+def _private_dir(folder: Path) -> Path:
+    """`folder`, created 0700; an existing one must belong to this user and be writable by no one else
+    (a library loaded from it runs as our code). OSError otherwise."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.stat()
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise OSError(f"kernel cache {folder} belongs to another user; set ${CACHE_ENV} to a folder of your own")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise OSError(f"kernel cache {folder} is writable by other users; make it private (chmod 700) "
+                      f"or set ${CACHE_ENV}")
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        folder.chmod(0o700)
+    return folder
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _verified(library: Path) -> bool:
+    """Whether `library` is the file our build wrote: its SHA-256 equals the one recorded beside it."""
+    record = library.with_name(library.name + ".sha256")
+    try:
+        return library.is_file() and record.read_text().strip() == _sha256(library)
+    except OSError:
+        return False
+
+
+def _build() -> object:
     """Compile the kernel once per (source, torch, flags) into the cache and load it into torch.ops.
 
-    A plain compiler call (no ninja or setuptools needed); the library is written under a temporary name
-    and renamed into place, so processes building at the same time (torchrun) never load a partial file.
+    Plain compiler calls (no ninja or setuptools needed), one per source in parallel, then the link; the
+    library and its recorded hash are written under temporary names and renamed into place, so processes
+    building at the same time (torchrun) never load a partial file. A cached library whose hash does not
+    match the record is rebuilt.
     """
     torch_dir = Path(torch.__file__).parent
     compiler = os.environ.get("CXX", "c++")
     flags = [
-        "-O3", "-std=c++20", "-fPIC", "-shared", "-fopenmp", "-fvisibility=hidden",
+        "-O3", "-std=c++20", "-fPIC", "-fopenmp", "-fvisibility=hidden",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", *_capability_flags(),
     ]
     digest = hashlib.sha256(
         b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS)) + " ".join([torch.__version__, compiler, *flags]).encode()
     ).hexdigest()[:16]
-    library = _cache_dir() / f"local_attention_cpu_{digest}.so"
-    if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
+    library = _private_dir(cache_dir()) / f"local_attention_cpu_{digest}.so"
+    if not _verified(library):
         partial = library.with_name(f"{library.name}.{os.getpid()}.tmp")
-        command = [
-            compiler, *flags, "-isystem", str(torch_dir / "include"),
-            "-isystem", str(torch_dir / "include" / "torch" / "csrc" / "api" / "include"),
-            *map(str, SOURCES), "-o", str(partial), f"-L{torch_dir / 'lib'}", f"-Wl,-rpath,{torch_dir / 'lib'}",
-            "-lc10", "-ltorch_cpu",
-        ]
-        _log.info("compiling the fused CPU kernel into %s (once)", library)
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            partial.unlink(missing_ok=True)
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
-        os.replace(partial, library)
+        objects = [library.with_name(f"{library.stem}.{source.stem}.{os.getpid()}.o") for source in SOURCES]
+        includes = ["-isystem", str(torch_dir / "include"),
+                    "-isystem", str(torch_dir / "include" / "torch" / "csrc" / "api" / "include")]
+        print(f"windowed-attention: compiling the fused CPU kernel into {library} (once; about 20 s of compiler "
+              "time)", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        try:
+            # one compiler process per source, side by side, then the link
+            jobs = [subprocess.Popen([compiler, *flags, *includes, "-c", str(source), "-o", str(obj)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                    for source, obj in zip(SOURCES, objects)]
+            failed = [err for job in jobs for _, err in [job.communicate()] if job.returncode != 0]
+            if failed:
+                raise RuntimeError(f"{compiler} failed: {failed[0].strip()[-2000:]}")
+            result = subprocess.run(
+                [compiler, "-shared", "-fopenmp", *map(str, objects), "-o", str(partial), f"-L{torch_dir / 'lib'}",
+                 f"-Wl,-rpath,{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu"], capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"{compiler} failed to link: {result.stderr.strip()[-2000:]}")
+            record = library.with_name(f"{library.name}.sha256.{os.getpid()}.tmp")
+            record.write_text(_sha256(partial) + "\n")
+            os.replace(record, library.with_name(library.name + ".sha256"))
+            os.replace(partial, library)
+        finally:
+            for path in (partial, *objects):
+                path.unlink(missing_ok=True)
+        _state["build_seconds"] = time.perf_counter() - started
     torch.ops.load_library(str(library))
+    _state["library"] = library
     return torch.ops.windowed_attention_cpu
 
 
@@ -119,12 +176,34 @@ def kernel():
 
 
 def available() -> bool:
-    """Whether the kernel is built (or can be built now) in this environment."""
+    """Whether the kernel is built (or can be built now) in this environment. The first call that finds
+    it cannot be built warns once with the reason (not when it is disabled by `$WINDOWED_ATTENTION_NO_FUSED`).
+
+    Traced code (torch.compile, torch.export) takes its answer as a constant."""
+    if "ops" in _state:
+        return True
     try:
         kernel()
     except RuntimeError:
+        if not _state.get("warned") and not _state["error"].startswith("disabled by"):
+            _state["warned"] = True
+            warnings.warn(f"windowed-attention: the fused CPU kernel is unavailable, falling back to the 'sdpa' "
+                          f"backend ({_state['error']})", RuntimeWarning, stacklevel=2)
         return False
     return True
+
+
+# torch.compiler.assume_constant_result(available), without importing dynamo (0.7 s) when the package loads
+available._dynamo_marked_constant = True
+
+
+def unavailable_reason() -> str | None:
+    """Why the `fused` backend is unavailable here (None when it is available; tries the build once)."""
+    try:
+        kernel()
+    except RuntimeError:
+        return str(_state["error"])
+    return None
 
 
 def release_memory() -> None:
@@ -143,31 +222,103 @@ def supports(device_type: str, dtype: torch.dtype) -> bool:
     return device_type == "cpu" and dtype in DTYPES
 
 
-class _FusedLocalAttention(torch.autograd.Function):
-    """`q, k (P, n, d)`, `v (P, n, d_v)`, `bias (H, w, span * w)`, `keep (B, n)` 1/0 and `key_scale (span, d)`
-    or None.
+# ---- the custom ops: what torch.compile and torch.export see -------------------------------------------
+#
+# `q, k (P, n, d)`, `v (P, n, d_v)` contiguous; `bias (H, w, span * w)`, `keep (B, n)` 1/0 and
+# `key_scale (span, d)` in the accumulation dtype (float64 for float64 inputs, else float32) or None;
+# `seed` an int64 scalar tensor (dropout) or None. The window and options are plain ints, floats, bools.
 
-    `bias`, `keep` and `key_scale` are in the accumulation dtype (float64 for float64 inputs, else float32); the
-    kernel returns k, v and bias gradients in it too.
-    """
 
-    @staticmethod
-    def forward(ctx, q, k, v, bias, keep, key_scale, spec: WindowSpec, scale: float, mask_self: bool,
-                dropout: tuple[float, int]):
-        window = (spec.window_size, spec.look_backward, spec.look_forward, spec.causal, spec.exact_windowsize)
-        out, lse = kernel().forward(q, k, v, bias, keep, key_scale, *window, scale, mask_self, *dropout)
-        ctx.save_for_backward(q, k, v, lse, bias, keep, key_scale)  # not out: the backward needs no output
-        ctx.options = (window, scale, mask_self, dropout)
-        return out
+@torch.library.custom_op("windowed_attention::attention_forward", mutates_args=(), device_types="cpu")
+def attention_forward(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tensor | None, key_scale: Tensor | None,
+    seed: Tensor | None, window_size: int, look_backward: int, look_forward: int, causal: bool,
+    exact_windowsize: bool, scale: float, mask_self: bool, dropout_p: float,
+) -> tuple[Tensor, Tensor]:
+    """`(out (P, n, d_v) in q's dtype, lse (P, n) in the accumulation dtype)`."""
+    return kernel().forward(q, k, v, bias, keep, key_scale, window_size, look_backward, look_forward, causal,
+                            exact_windowsize, scale, mask_self, dropout_p, 0 if seed is None else int(seed))
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, lse, bias, keep, key_scale = ctx.saved_tensors
-        window, scale, mask_self, dropout = ctx.options
-        dq, dk, dv, dbias = kernel().backward(grad_out, q, k, v, lse, bias, keep, key_scale, *window, scale,
-                                              mask_self, *dropout)
-        dbias = dbias if ctx.needs_input_grad[3] else None
-        return dq, dk.to(k.dtype), dv.to(v.dtype), dbias, None, None, None, None, None, None
+
+@attention_forward.register_fake
+def _(q, k, v, bias, keep, key_scale, seed, window_size, look_backward, look_forward, causal, exact_windowsize,
+      scale, mask_self, dropout_p):
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+    return out, q.new_empty(q.shape[0], q.shape[1], dtype=accumulation_dtype(q.dtype))
+
+
+@torch.library.custom_op("windowed_attention::attention_backward", mutates_args=(), device_types="cpu")
+def attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, bias: Tensor | None, keep: Tensor | None,
+    key_scale: Tensor | None, seed: Tensor | None, window_size: int, look_backward: int, look_forward: int,
+    causal: bool, exact_windowsize: bool, scale: float, mask_self: bool, dropout_p: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`(dq in q's dtype, dk, dv, dbias in the accumulation dtype)`; `dbias` is empty `(0,)` without bias."""
+    return kernel().backward(grad_out, q, k, v, lse, bias, keep, key_scale, window_size, look_backward,
+                             look_forward, causal, exact_windowsize, scale, mask_self, dropout_p,
+                             0 if seed is None else int(seed))
+
+
+@attention_backward.register_fake
+def _(grad_out, q, k, v, lse, bias, keep, key_scale, seed, *options):
+    acc = accumulation_dtype(q.dtype)
+    dbias = q.new_empty(0, dtype=acc) if bias is None else torch.empty_like(bias, memory_format=torch.contiguous_format)
+    return torch.empty_like(q), k.new_empty(k.shape, dtype=acc), v.new_empty(v.shape, dtype=acc), dbias
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, bias, keep, key_scale, seed, *options = inputs
+    ctx.save_for_backward(q, k, v, output[1], bias, keep, key_scale, seed)  # not out: the backward needs no output
+    ctx.options = options
+    ctx.mark_non_differentiable(output[1])
+
+
+def _attention_grad(ctx, grad_out, _grad_lse):
+    q, k, v, lse, bias, keep, key_scale, seed = ctx.saved_tensors
+    dq, dk, dv, dbias = attention_backward(grad_out, q, k, v, lse, bias, keep, key_scale, seed, *ctx.options)
+    dbias = dbias if ctx.needs_input_grad[3] else None
+    return dq, dk.to(k.dtype), dv.to(v.dtype), dbias, None, None, None, *(None,) * len(ctx.options)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "double backward (a gradient of a gradient, create_graph=True) is not implemented by the fused CPU "
+        "kernel; use local_attention(..., backend='reference') for higher-order derivatives"
+    )
+
+
+attention_forward.register_autograd(_attention_grad, setup_context=_attention_setup)
+attention_backward.register_autograd(_no_double_backward)
+
+
+@torch.library.custom_op("windowed_attention::rotate", mutates_args=(), device_types="cpu")
+def rotate_op(x: Tensor, c: Tensor, s: Tensor, transpose: bool) -> Tensor:
+    """`x (P, n, d)` rotated by the tables `c, s (n, d / 2)` (their transpose with `transpose`), contiguous."""
+    return kernel().rotate(x, c, s, transpose)
+
+
+@rotate_op.register_fake
+def _(x, c, s, transpose):
+    return x.new_empty(x.shape)
+
+
+def _rotate_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+    ctx.transpose = inputs[3]
+
+
+def _rotate_grad(ctx, grad):
+    c, s = ctx.saved_tensors
+    return rotate_op(grad, c, s, not ctx.transpose), None, None, None  # linear: its own double backward
+
+
+rotate_op.register_autograd(_rotate_grad, setup_context=_rotate_setup)
+
+
+def rotate(x: Tensor, c: Tensor, s: Tensor) -> Tensor:
+    """Rotate `x (P, n, d)` by the rotation tables `c, s (n, d / 2)` in one pass of the kernel (see
+    `positional.apply_rotation`); differentiable in `x`."""
+    return rotate_op(x, c, s, False)
 
 
 def fused_cpu_attention(
@@ -193,12 +344,17 @@ def fused_cpu_attention(
         raise ValueError(
             "backend 'fused' supports float32/float64/bfloat16/float16 CPU tensors; use backend='auto' or 'reference'"
         )
-    # the seed comes from torch's default generator, so torch.manual_seed makes dropout reproducible
-    dropout = (float(dropout_p), int(torch.randint(0, 2**62, ())) if dropout_p > 0.0 else 0)
+    # the seed comes from torch's default generator, so torch.manual_seed makes dropout reproducible; a
+    # tensor, so that traced code draws it at run time
+    seed = torch.randint(0, 2**62, (), device=q.device) if dropout_p > 0.0 else None
     acc = accumulation_dtype(q.dtype)
     with torch.autocast(device_type, enabled=False):
         q, k, v = (t.to(q.dtype).contiguous() for t in (q, k, v))
         keep = None if mask is None else mask.to(acc).contiguous()
         bias = None if attn_bias is None else attn_bias.to(acc).contiguous()
         key_scale = None if key_scale is None else key_scale.detach().to(acc).contiguous()
-        return _FusedLocalAttention.apply(q, k, v, bias, keep, key_scale, spec, float(scale), bool(mask_self), dropout)
+        out, _ = attention_forward(
+            q, k, v, bias, keep, key_scale, seed, spec.window_size, spec.look_backward, spec.look_forward,
+            spec.causal, spec.exact_windowsize, float(scale), bool(mask_self), float(dropout_p),
+        )
+        return out

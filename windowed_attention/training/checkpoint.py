@@ -53,8 +53,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(out: str | Path, *, model: torch.nn.Module, model_config: ModelConfig,
-                    train_config: TrainConfig, step: int, trainer_state: dict) -> None:
-    """Write the checkpoint of `step` into `out` atomically (see the module docstring)."""
+                    train_config: TrainConfig | None, step: int, trainer_state: dict | None) -> None:
+    """Write the checkpoint of `step` into `out` atomically (see the module docstring). Without a
+    `trainer_state` (a model saved from Python: `runs.save_run`) there is no `trainer_state.pt`, and the run
+    cannot be resumed."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     staging = out / STAGING
@@ -62,14 +64,14 @@ def save_checkpoint(out: str | Path, *, model: torch.nn.Module, model_config: Mo
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
 
-    config = {"format_version": FORMAT_VERSION, "step": step,
-              "model": to_dict(model_config), "train": to_dict(train_config)}
+    config = {"format_version": FORMAT_VERSION, "step": step, "model": to_dict(model_config),
+              "train": None if train_config is None else to_dict(train_config)}
     weights = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
-    state = io.BytesIO()
-    torch.save({**trainer_state, "step": step}, state)
-
     _write(staging / WEIGHTS, save_safetensors_bytes(weights, metadata={"step": str(step)}))
-    _write(staging / STATE, state.getvalue())
+    if trainer_state is not None:
+        state = io.BytesIO()
+        torch.save({**trainer_state, "step": step}, state)
+        _write(staging / STATE, state.getvalue())
     _write(staging / CONFIG, (json.dumps(config, indent=2) + "\n").encode())
     _fsync_dir(staging)
     _write(staging / COMPLETE, str(step).encode())
@@ -88,6 +90,8 @@ def _finish_interrupted_save(out: Path) -> None:
     for name in FILES:
         if (staging / name).exists():
             os.replace(staging / name, out / name)
+        elif name == STATE:  # a model saved without trainer state: an older run's state must not stay
+            (out / name).unlink(missing_ok=True)
     _fsync_dir(out)
     shutil.rmtree(staging, ignore_errors=True)
 
@@ -104,8 +108,9 @@ def has_checkpoint(folder: str | Path) -> bool:
     return any(p.exists() for p in paths.values())
 
 
-def load_config(folder: str | Path) -> tuple[ModelConfig, TrainConfig, int]:
-    """`(model_config, train_config, step)` from the checkpoint in `folder`."""
+def load_config(folder: str | Path) -> tuple[ModelConfig, TrainConfig | None, int]:
+    """`(model_config, train_config, step)` from the checkpoint in `folder` (`train_config` None for a model
+    saved from Python, not trained by `train`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
@@ -121,7 +126,8 @@ def load_config(folder: str | Path) -> tuple[ModelConfig, TrainConfig, int]:
         step = config["step"]
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step {step!r} is not a non-negative int")
-        return from_dict(ModelConfig, config["model"]), from_dict(TrainConfig, config["train"]), step
+        train = None if config["train"] is None else from_dict(TrainConfig, config["train"])
+        return from_dict(ModelConfig, config["model"]), train, step
     except (UnicodeDecodeError, ValueError, TypeError, KeyError) as error:
         raise CheckpointError(f"{path} is corrupted ({type(error).__name__}: {error})") from None
 

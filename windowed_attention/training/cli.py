@@ -109,6 +109,8 @@ def configs_from_args(args) -> tuple[ModelConfig, TrainConfig, int | None]:
     if not has_checkpoint(args.out):
         raise CheckpointError(f"--resume: no checkpoint in {args.out}")
     model_config, train_config, step = load_config(args.out)
+    if train_config is None:
+        raise CheckpointError(f"--resume: {args.out} holds a model saved from Python (save_run), not a run of train")
     for field, value in model_given.items():
         if getattr(model_config, field) != value:
             flag = next(f for f, name in MODEL_FLAGS.items() if name == field).replace("_", "-")

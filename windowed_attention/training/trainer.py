@@ -13,6 +13,7 @@ import contextlib
 import math
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,9 @@ import torch
 from tqdm import tqdm
 
 from .. import parallel
+from ..attention import LocalAttention
 from ..generation import generate
+from ..ops import backends
 from . import distributed
 from .checkpoint import load_trainer_state, load_weights, save_checkpoint
 from .config import ModelConfig, TrainConfig
@@ -105,6 +108,38 @@ def sample_text(model, prime: torch.Tensor, length: int, seed: int, device: torc
     return decode_bytes(tokens[0].tolist())
 
 
+def attention_backend(model: torch.nn.Module, device: torch.device, precision: str) -> str:
+    """The backend `auto` picks for the model's attention on this device and precision."""
+    attention = next(m for m in model.modules() if isinstance(m, LocalAttention))
+    return backends.decide(
+        device.type, torch.bfloat16 if precision == "bf16" else torch.float32, attention.spec,
+        attn_bias=getattr(model, "dynamic_pos_bias", None) is not None, mask_self=attention.shared_qk,
+        key_scale=attention.use_xpos, dropout=attention.dropout.p > 0, available=backends.availability(),
+    )
+
+
+def _bytes(count: int) -> str:
+    for power, unit in ((9, "GB"), (6, "MB"), (3, "kB")):
+        if count >= 10**power:
+            return f"{count / 10**power:.1f} {unit}"
+    return f"{count} bytes"
+
+
+def opening_line(model: torch.nn.Module, corpus, config: TrainConfig, device: torch.device,
+                 info: distributed.DistInfo) -> str:
+    """What is about to train: parameters, corpus, sequence and window, backend."""
+    params = sum(p.numel() for p in model.parameters())
+    corpus_name = "the built-in corpus of Python standard-library sources" if config.data is None else corpus.name
+    window = next(m for m in model.modules() if isinstance(m, LocalAttention)).window_size
+    backend = attention_backend(model, device, config.precision)
+    extra = ", compiled" if config.compile else ""
+    extra += f", {info.world_size} processes" if info.world_size > 1 else ""
+    extra += f", context parallel {info.context_parallel}" if info.context_parallel > 1 else ""
+    return (f"training {params / 1e6:.2f}M parameters on {corpus_name} ({_bytes(corpus.train.numel())} train, "
+            f"{_bytes(corpus.val.numel())} validation), sequence {config.seq_len}, window {window}, "
+            f"attention backend {backend} ({device.type}, {config.precision}{extra})")
+
+
 class StopSignal:
     """Turns SIGINT/SIGTERM into a flag the loop checks after each step (the step finishes, the run
     saves and stops); a second signal of the same kind raises KeyboardInterrupt at once."""
@@ -175,6 +210,8 @@ def _train(model_config, config, out, resume_step, progress, info, started) -> T
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
+    if info.is_main:
+        print(opening_line(model, corpus, config, device, info), file=sys.stderr, flush=True)
     metrics = MetricsLog(out, resume_step) if info.is_main else None
     tokens_per_step = config.batch_size * config.grad_accum * info.dp_size * config.seq_len
 

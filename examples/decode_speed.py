@@ -1,92 +1,101 @@
-"""Cached decoding speed at short and long context: windowed-attention vs local-attention, side by side.
+"""Cached decoding speed: windowed-attention against local-attention, side by side in one process.
 
-Both models: dim 256, depth 4, heads 4, dim_head 64, window 256, byte vocabulary, random weights. For each
-context length C the prime holds C tokens; we time generating 64 and 320 tokens after the same prime and
-divide the difference (256 tokens) by the difference in time, so the prefill is counted out:
+Both models: dim 256, depth 4, heads 4, dim_head 64, window 256, byte vocabulary, random weights, eval
+mode, `generate` with its default arguments (temperature 1, filter_thres 0.9). For each batch size B and
+context length C the prime holds B x C tokens; `generate` makes `--tokens` T tokens, and a wrapper around
+the model's `forward` notes when each call ends: the first is the prefill, each later one a decode step
+(both libraries' `generate` call `forward` once per token), so the prefill is counted out:
 
-    rate(C) = (320 - 64) / (t(320) - t(64))    [tokens/s]
+    rate(B, C) = B * (T - 1) / (end of the last forward - end of the first)    [tokens/s]
 
-Each timing is the best of `--repeats` runs. Run: python examples/decode_speed.py [--contexts 512 8192]
+The libraries take turns within each round (interleaved), and each figure is the median over `--rounds`
+rounds. Run: python examples/decode_speed.py [--batches 1 16] [--contexts 512 8192] [--rounds 5] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
 
 from windowed_attention import LocalTransformer
-from windowed_attention.generation import generate
 
 CONFIG = dict(num_tokens=256, dim=256, depth=4, heads=4, dim_head=64, local_attn_window_size=256)
-SHORT, LONG = 64, 320
 
 
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+@torch.no_grad()
+def decode_rate(model, prime, n: int) -> float:
+    """Tokens/s of the decode steps of `model.generate(prime, n)` (the prefill left out)."""
+    ends, forward = [], model.forward
 
+    def timed(*args, **kwargs):  # local-attention's generate calls self.forward, so no hook would see it
+        out = forward(*args, **kwargs)
+        ends.append(time.perf_counter())
+        return out
 
-def decode_rate(run, prime, repeats: int) -> float:
-    """Tokens/s of decoding alone: (LONG - SHORT) tokens over the extra time they take."""
-    run(prime, 4)  # warm-up
-    t_short = best_time(lambda: run(prime, SHORT), repeats)
-    t_long = best_time(lambda: run(prime, LONG), repeats)
-    return (LONG - SHORT) / (t_long - t_short)
+    model.forward = timed
+    try:
+        model.generate(prime, n)
+    finally:
+        del model.forward
+    if len(ends) != n:
+        raise RuntimeError(f"expected one forward per token, got {len(ends)} for {n} tokens")
+    return prime.shape[0] * (n - 1) / (ends[-1] - ends[0])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 8192])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=257, help="tokens generated per run (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--skip-theirs", action="store_true", help="do not time local-attention")
+    parser.add_argument("--their-batches", type=int, nargs="*", default=[1],
+                        help="batch sizes at which local-attention is timed too (default: 1; none: skip it)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    max_seq_len = max(args.contexts) + LONG + 1
+    max_seq_len = max(args.contexts) + args.tokens + 1
 
     torch.manual_seed(0)
-    ours = LocalTransformer(max_seq_len=max_seq_len, num_residual_streams=1, **CONFIG).eval()  # as theirs below
-
-    def run_ours(prime, n):
-        return generate(ours, prime, n, temperature=1.0, filter_thres=0.9)
-
-    runners = {"windowed-attention": run_ours}
-    if not args.skip_theirs:
+    models = {"windowed-attention": LocalTransformer(max_seq_len=max_seq_len, num_residual_streams=1, **CONFIG).eval()}  # as theirs
+    if args.their_batches:
         import local_attention
 
-        theirs = local_attention.LocalTransformer(max_seq_len=max_seq_len, causal=True, num_residual_streams=1,
-                                                  **CONFIG).eval()
-
-        @torch.no_grad()
-        def run_theirs(prime, n):
-            return theirs.generate(prime, n, temperature=1.0, filter_thres=0.9, use_kv_cache=True)
-
-        runners["local-attention"] = run_theirs
+        models["local-attention"] = local_attention.LocalTransformer(
+            max_seq_len=max_seq_len, causal=True, num_residual_streams=1, **CONFIG).eval()
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {CONFIG}")
-    print(f"rate = {LONG - SHORT} tokens / (t({LONG}) - t({SHORT})), best of {args.repeats}")
-    rates: dict[str, dict[int, float]] = {name: {} for name in runners}
-    for context in args.contexts:
-        prime = torch.randint(0, 256, (1, context))
-        for name, run in runners.items():
-            rates[name][context] = rate = decode_rate(run, prime, args.repeats)
-            print(f"{name:>20} context {context:>6}: {rate:8.1f} tokens/s ({1000 / rate:.2f} ms/token)", flush=True)
+    print(f"rate = B * {args.tokens - 1} decode steps / their time (prefill left out), median of {args.rounds} rounds")
+    points = [(b, c) for b in args.batches for c in args.contexts]
+    primes = {(b, c): torch.randint(0, 256, (b, c), generator=torch.Generator().manual_seed(c)) for b, c in points}
+    runs = [(name, b, c) for b, c in points for name in models
+            if name == "windowed-attention" or b in args.their_batches]
+    for name, b, c in runs:  # warm-up: builds the kernel, first-touches the caches
+        decode_rate(models[name], primes[b, c], 2)
+    rates: dict[tuple, list[float]] = {run: [] for run in runs}
+    for _ in range(args.rounds):
+        for name, b, c in runs:
+            rates[name, b, c].append(decode_rate(models[name], primes[b, c], args.tokens))
+    median = {run: statistics.median(values) for run, values in rates.items()}
+    for (name, b, c), rate in median.items():
+        spread = f"{min(rates[name, b, c]):.0f}-{max(rates[name, b, c]):.0f}"
+        print(f"{name:>20} batch {b:>3} context {c:>6}: {rate:8.1f} tokens/s (rounds {spread})", flush=True)
 
+    ours = {(b, c): median["windowed-attention", b, c] for b, c in points}
     short, long = min(args.contexts), max(args.contexts)
-    ours_rates = rates["windowed-attention"]
-    print(f"windowed-attention flatness: rate({long}) / rate({short}) = {ours_rates[long] / ours_rates[short]:.2f}")
-    if "local-attention" in rates:
-        theirs_rates = rates["local-attention"]
-        print(f"local-attention flatness:    rate({long}) / rate({short}) = {theirs_rates[long] / theirs_rates[short]:.2f}")
-        for context in args.contexts:
-            print(f"speed-up at context {context}: {ours_rates[context] / theirs_rates[context]:.2f}x")
+    for b in args.batches:
+        print(f"windowed-attention batch {b}: flatness rate({long}) / rate({short}) = {ours[b, long] / ours[b, short]:.2f}")
+        for c in args.contexts:
+            if ("local-attention", b, c) in median:
+                print(f"batch {b} context {c}: {ours[b, c] / median['local-attention', b, c]:.2f}x local-attention")
+    if 1 in args.batches:
+        for b in args.batches:
+            if b != 1:
+                for c in args.contexts:
+                    print(f"context {c}: batch {b} decodes {ours[b, c] / ours[1, c]:.2f}x the tokens/s of batch 1")
 
 
 if __name__ == "__main__":

@@ -21,11 +21,16 @@ from windowed_attention import DynamicPositionBias, KVCache, LocalMHA, LocalTran
     shared_qk=st.booleans(),
     bias=st.booleans(),
     prefix=st.integers(1, 12),
+    shorter=st.integers(0, 11),
+    fused=st.booleans(),
     seed=st.integers(0, 2**16),
     kv_heads=st.sampled_from([1, 2, 4]),
 )
 def test_mha_cache_matches_full_forward(window, look_backward, exact, xpos, qk_rmsnorm, gates, shared_qk, bias,
-                                        prefix, seed, kv_heads):
+                                        prefix, shorter, fused, seed, kv_heads):
+    """Prefill (rows of different lengths: the second row's prompt is `shorter` tokens shorter) then decode
+    token by token equals the full forward of each row; `fused` runs without autograd (the CPU kernel
+    step), else with it (the torch step)."""
     torch.manual_seed(seed)
     heads = 4
     mha = LocalMHA(kv_heads=kv_heads, 
@@ -41,14 +46,24 @@ def test_mha_cache_matches_full_forward(window, look_backward, exact, xpos, qk_r
     n = prefix + 3 * window + 2
     x = torch.randn(2, n, 12, dtype=torch.float64)
     full = mha(x, attn_bias=attn_bias)
+    lengths = torch.tensor([prefix, max(prefix - shorter, 1)])
+    mask = torch.arange(prefix) < lengths[:, None]
+    # row 1 continues from its own last prompt token: its sequence is x[1, :length] then x[1, prefix:]
+    row1 = torch.cat((x[1, :lengths[1]], x[1, prefix:]))
+    full1 = mha(row1[None], attn_bias=attn_bias)[0]
 
-    out, cache = mha(x[:, :prefix], attn_bias=attn_bias, return_cache=True)
-    torch.testing.assert_close(out, full[:, :prefix])
-    for t in range(prefix, n):
-        step, cache = mha(x[:, t : t + 1], attn_bias=attn_bias, cache=cache, return_cache=True)
-        torch.testing.assert_close(step[:, 0], full[:, t], rtol=1e-9, atol=1e-9)
-        assert cache.k.shape[-2] <= mha.cache_capacity  # O(window), whatever t is
-    assert cache.length == n and cache.k.shape[1] == kv_heads  # the cache holds the kv heads only
+    with torch.set_grad_enabled(not fused):
+        out, cache = mha(x[:, :prefix], mask=mask, attn_bias=attn_bias, return_cache=True)
+        torch.testing.assert_close(out[0], full[0, :prefix])
+        torch.testing.assert_close(out[1, :lengths[1]], full1[:lengths[1]])
+        for t in range(prefix, n):
+            step, cache = mha(x[:, t : t + 1], attn_bias=attn_bias, cache=cache, return_cache=True)
+            torch.testing.assert_close(step[0, 0], full[0, t], rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(step[1, 0], full1[t - prefix + lengths[1]], rtol=1e-9, atol=1e-9)
+            assert cache.k.shape[-2] <= mha.cache_capacity  # O(window), whatever t is
+    assert cache.length == n and cache.positions.tolist() == [n, n - prefix + int(lengths[1])]
+    assert cache.k.shape[1] == kv_heads  # the cache holds the kv heads only
+
 
 
 def test_cache_bytes_scale_with_kv_heads():
@@ -58,7 +73,9 @@ def test_cache_bytes_scale_with_kv_heads():
         mha = LocalMHA(dim=32, dim_head=8, heads=4, kv_heads=kv_heads, window_size=8, causal=True)
         _, cache = mha(x, return_cache=True)
         sizes[kv_heads] = cache.nbytes()
-    assert sizes[4] == 2 * sizes[2] == 4 * sizes[1]
+    # kv_heads * (key and value rings) + what does not depend on heads (each row's key bias)
+    per_head = sizes[2] - sizes[1]
+    assert per_head > 0 and sizes[4] - sizes[2] == 2 * per_head and sizes[1] - per_head < per_head
 
 
 def test_cache_cannot_branch():
@@ -79,7 +96,7 @@ def test_cache_cannot_branch():
                                      dict(use_dynamic_pos_bias=True), dict(use_abs_pos_emb=False, look_backward=2)])
 @pytest.mark.parametrize("prompt", [1, 7, 9, 13, 30])
 def test_engine_decoding_after_prompts_longer_than_the_cache(options, prompt):
-    """Prompts longer than the cache capacity (here 7 or 11) must land in the right ring slots."""
+    """Prompts longer than the cache capacity (here 4, 7 or 11) must land in the right ring slots."""
     from windowed_attention.generation import engine
 
     torch.manual_seed(prompt)
@@ -88,10 +105,9 @@ def test_engine_decoding_after_prompts_longer_than_the_cache(options, prompt):
     tokens = torch.randint(0, 17, (2, prompt + 6))
     full = model(tokens)
     logits, caches = engine.prefill(model, tokens[:, :prompt])
-    state = engine.decoder.from_reference(model, caches)
     for t in range(prompt, prompt + 6):
         torch.testing.assert_close(logits, full[:, t - 1], rtol=1e-9, atol=1e-9)
-        logits, state = engine.decoder.step(model, tokens[:, t : t + 1], state)
+        logits, caches = engine.decode_step(model, tokens[:, t : t + 1], caches)
     generated = model.generate(tokens[:, :prompt], 12, temperature=0)
     assert torch.equal(generated, model.generate(tokens[:, :prompt], 12, temperature=0, use_kv_cache=False))
 
@@ -161,5 +177,107 @@ def test_kv_cache_keeps_at_most_capacity():
     k = torch.randn(1, 2, 10, 4)
     cache = KVCache.from_prefill(k, k, capacity=6)
     assert cache.k.shape[-2] == 6 and cache.length == 10
-    cache, keys, _ = cache.append(k[..., :1, :], k[..., :1, :])
-    assert keys.shape[-2] == 7 and cache.k.shape[-2] == 6 and cache.length == 11
+    cache, keys, _, key_bias = cache.update(k[..., :1, :], k[..., :1, :])
+    assert keys.shape[-2] == 7 and cache.k.shape[-2] == 6 and cache.length == 11 and key_bias is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("options", [dict(), dict(shared_qk=True), dict(factors=True), dict(rotary=False)])
+def test_fused_decode_step_matches_torch_step(dtype, kv_heads, options):
+    """The CPU kernel's step (rotate, write the ring, attend) against the torch ops of `attend_step`, on
+    rows of different lengths (empty slots masked), grouped-query heads, shared-qk and xpos factors."""
+    from windowed_attention.ops import fused_cpu
+    from windowed_attention.ops.decode import attend_step, cache_capacity, score_table
+    from windowed_attention.ops.spec import WindowSpec
+    from windowed_attention.positional import SinusoidalEmbeddings, step_rotation
+
+    if not fused_cpu.available():
+        pytest.skip("the fused CPU kernel is not built here")
+    torch.manual_seed(0)
+    b, h, d, n = 3, 4, 8, 9
+    spec = WindowSpec(4, True, 1, 0, False)
+    capacity, compute = cache_capacity(spec), torch.float64 if dtype == torch.float64 else torch.float32
+    bias = torch.randn(h, 4, 8)
+    row = score_table(spec, bias, "cpu", compute)[torch.tensor([1, 2, 3])]  # (b, h, slots)
+    factors = torch.rand(capacity + 1, d, dtype=compute) + 0.5 if options.get("factors") else None
+    lengths = torch.tensor([9, 2, 5])
+    k, v = torch.randn(b, kv_heads, n, d).to(dtype), torch.randn(b, kv_heads, n, d).to(dtype)
+    caches = [KVCache.from_prefill(k, v, capacity, lengths, compute_dtype=compute) for _ in range(2)]
+    rotation = None
+    if options.get("rotary", True):
+        rotation = step_rotation(SinusoidalEmbeddings(d), caches[0].positions, dtype)
+    for step in range(8):
+        q = torch.randn(b, h, 1, d).to(dtype)
+        k1, v1 = torch.randn(b, kv_heads, 1, d).to(dtype), torch.randn(b, kv_heads, 1, d).to(dtype)
+        outs = []
+        for index, grad in enumerate((False, True)):  # no autograd: the kernel; autograd: the torch ops
+            with torch.set_grad_enabled(grad):
+                q_in = q.clone().requires_grad_(grad)
+                out, caches[index] = attend_step(q_in, k1, v1, caches[index], rotation, row, scale=0.3,
+                                                 shared_qk=options.get("shared_qk", False), key_factors=factors)
+            outs.append(out.detach())
+        tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(outs[0], outs[1], **tol)
+        assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+
+
+def test_cache_of_another_layer_or_type_is_refused():
+    """A cache used with a layer whose window, heads, head dim, position encoding or batch differ, or a
+    `cache` that is no cache, raises an error naming `cache` (never a wrong result or AttributeError)."""
+    torch.manual_seed(0)
+    base = dict(dim=16, dim_head=8, heads=2, window_size=4, causal=True)
+    mha = LocalMHA(**base).eval()
+    x = torch.randn(2, 6, 16)
+    _, cache = mha(x, return_cache=True)
+    others = [
+        LocalMHA(**{**base, "window_size": 8}),
+        LocalMHA(**{**base, "window_size": 4, "look_backward": 2}),
+        LocalMHA(**{**base, "heads": 4}),
+        LocalMHA(**{**base, "dim_head": 4}),
+        LocalMHA(**{**base, "use_xpos": True}),
+        LocalMHA(**{**base, "exact_windowsize": False}),
+    ]
+    for other in others:
+        with pytest.raises(ValueError, match="cache"):
+            other.eval()(x[:, :1], cache=cache)
+    with pytest.raises(ValueError, match="cache"):
+        mha(x[:1, :1], cache=cache)  # batch 1 against a cache of 2 rows
+    with pytest.raises(ValueError, match="cache"):
+        mha.double()(x[:, :1].double(), cache=cache)  # float64 layer, float32 cache
+    mha.float()
+    for wrong in (object(), [cache], (cache.k, cache.v), torch.zeros(3)):
+        with pytest.raises(TypeError, match="cache"):
+            mha(x[:, :1], cache=wrong)
+    with pytest.raises(ValueError, match="cache"):
+        LocalMHA(**{**base, "causal": False})(x[:, :1], cache=cache)
+
+    model = LocalTransformer(num_tokens=10, max_seq_len=32, dim=16, depth=2, heads=2, dim_head=8,
+                             local_attn_window_size=4).eval()
+    tokens = torch.randint(0, 10, (2, 5))
+    _, caches = model(tokens, return_cache=True)
+    with pytest.raises(ValueError, match="cache"):
+        model(tokens[:, :1], cache=caches[:1])
+    with pytest.raises(TypeError, match="cache"):
+        model(tokens[:, :1], cache=[caches[0], "cache"])
+    with pytest.raises(TypeError, match="cache"):
+        model(tokens[:, :1], cache=caches[0])
+    with pytest.raises(ValueError, match="cache"):
+        model(tokens[:1, :1], cache=caches)
+    wider = LocalTransformer(num_tokens=10, max_seq_len=32, dim=16, depth=2, heads=2, dim_head=8,
+                             local_attn_window_size=8).eval()
+    with pytest.raises(ValueError, match="cache"):
+        wider(tokens[:, :1], cache=caches)
+    # a layer with the same configuration may continue another's cache (same computation)
+    twin = LocalMHA(**base).eval()
+    twin.load_state_dict(mha.state_dict())
+    torch.testing.assert_close(twin(x[:, :1], cache=cache), mha(x[:, :1], cache=mha(x, return_cache=True)[1]))
+
+
+def test_prefill_mask_must_be_right_padding():
+    mha = LocalMHA(dim=16, dim_head=8, heads=2, window_size=4, causal=True).eval()
+    x = torch.randn(2, 5, 16)
+    with pytest.raises(ValueError, match="mask"):
+        mha(x, mask=torch.tensor([[True] * 5, [False, True, True, True, True]]), return_cache=True)
+    with pytest.raises(ValueError, match="mask"):
+        mha(x, mask=torch.tensor([[True] * 5, [False] * 5]), return_cache=True)

@@ -48,6 +48,34 @@ def test_generate_greedy_and_top_p(trained, capsys):
     assert capsys.readouterr().out.count("\n") >= 2
 
 
+def test_generate_prompts_file_one_line_per_prompt(trained, tmp_path, capsys):
+    """Prompts of different lengths, generated in batches of 2: each output line is its prompt and the
+    continuation that prompt alone gets (greedy), with newlines escaped."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\nwindowed attention\nx\na\\b\n", encoding="utf-8")
+    common = ["--checkpoint", str(trained), "--length", "12", "--temperature", "0"]
+    assert generate_cli.main([*common, "--prompts-file", str(prompts), "--batch-size", "2"]) == 0
+    lines = capsys.readouterr().out.split("\n")
+    assert lines[-1] == "" and len(lines) == 5
+    for line, prompt in zip(lines, ["hello", "windowed attention", "x", "a\\\\b"]):
+        assert line.startswith(prompt)
+    assert generate_cli.main([*common, "--prime", "windowed attention"]) == 0
+    alone = capsys.readouterr().out[:-1]
+    escaped = alone.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+    assert lines[1] == escaped
+
+
+@pytest.mark.parametrize("content, message", [(b"", "holds no prompt"), (b"a\n\nb\n", "line 2")])
+def test_generate_bad_prompts_file_exits_2(trained, tmp_path, capsys, content, message):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(content)
+    assert generate_cli.main(["--checkpoint", str(trained), "--prompts-file", str(prompts)]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == "" and "Traceback" not in captured.err
+    assert generate_cli.main(["--checkpoint", str(trained), "--prompts-file", str(tmp_path / "none.txt")]) == 2
+    assert "--prompts-file" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--temperature", "-1"], "temperature"),
     (["--filter-thres", "3"], "filter_thres"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -10,11 +11,32 @@ from torch import nn
 
 from .ops import attend, make_spec
 from .ops.api import pack_leading, unpack_leading
-from .ops.decode import attend_one, score_row
+from .kv_cache import KVCache
+from .ops.decode import attend_step, cache_capacity, score_table
 from .ops.dtypes import accumulation_dtype
 from .ops.validation import check_attn_bias, check_bool, check_mask, check_probability, check_qkv, check_scale
 from .parallel.comm import group_info
-from .positional import SinusoidalEmbeddings, apply_rotation, rotate, rotation_tables, xpos_factors
+from .positional import SinusoidalEmbeddings, apply_rotation, rotation_tables, step_rotation, xpos_factors
+
+ROTATION_CHUNK = 256  # decode steps whose rotation tables are computed at once
+
+
+@dataclass
+class DecodeConstants:
+    """What a decode step needs that is fixed for a generation, kept in the cache (see `KVCache`).
+
+    `table` is `ops.decode.score_table` for the cache's `attn_bias` (a step given another tensor
+    rebuilds it); `key_factors` `(slots, d)` the xpos factors by key index; the rotation tables
+    of the next `ROTATION_CHUNK` columns are computed together (`cos`, `sin` `(C, b, d)`, from column
+    `base`), as are the query residues `(C, b)` that pick each row's line of `table`.
+    """
+
+    table: torch.Tensor
+    key_factors: torch.Tensor | None
+    base: int | None = None
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+    residues: torch.Tensor | None = None
 
 
 class LocalAttention(nn.Module):
@@ -70,15 +92,36 @@ class LocalAttention(nn.Module):
             raise ValueError("use_xpos needs rotary embeddings: give dim (the head dim) and keep use_rotary_pos_emb=True")
         self._rotation_cache = None  # (key, tables) of the last call: see `_rotation`
 
-    def forward(self, q, k, v, mask=None, input_mask=None, attn_bias=None, window_size=None, group=None):
+    def forward(self, q, k, v, mask=None, input_mask=None, attn_bias=None, window_size=None,
+                cache: KVCache | None = None, return_cache: bool = False, group=None):
         """`q, k` `(..., n, d)`, `v` `(..., n, d_v)` -> `(..., n, d_v)`; `mask` `(b, n)` bool, True = attend.
 
+        Decoding (causal only, `q, k, v` `(b, h, n, d)`): `return_cache=True` also returns a `KVCache` of
+        the keys the next query can see; `mask` may then mark right padding (each row's real positions
+        first: the rows hold prompts of different lengths). With that `cache`, `q, k, v` `(b, h, 1, d)`
+        are the next position of every row and the output is what `forward` gives it over the whole
+        sequence, in O(window) time; the new cache comes back with it.
+
         With a process `group`, `q, k, v` and `mask` are this rank's shard of the sequence (positions
-        `r * n .. (r + 1) * n - 1`: rotary and xpos use them) and the output is this rank's slice.
+        `r * n .. (r + 1) * n - 1`: rotary and xpos use them) and the output is this rank's slice
+        (decoding runs in one process).
         """
         if mask is not None and input_mask is not None:
             raise ValueError("give either mask or input_mask (its alias), not both")
         mask = input_mask if mask is None else mask
+        return_cache = check_bool("return_cache", return_cache)
+        if cache is not None or return_cache:
+            if not self.causal:
+                raise ValueError("cache and return_cache need causal=True (decoding one position at a time)")
+            if window_size is not None:
+                raise ValueError("window_size cannot be overridden with cache or return_cache")
+            if group is not None:
+                raise ValueError("group cannot be combined with cache or return_cache (decoding runs in one process)")
+        if cache is not None:
+            if mask is not None:
+                raise ValueError("mask cannot be combined with cache (the cache knows each row's length)")
+            out, cache = self._decode(q, k, v, cache, attn_bias)
+            return (out, cache) if return_cache else out
         spec = self.spec
         if window_size is not None:
             if not self.use_xpos:
@@ -89,6 +132,7 @@ class LocalAttention(nn.Module):
         rank, world = group_info(group) if group is not None else (0, 1)
         if q.shape[-2] == 0 and group is None:
             return q.new_zeros(*q.shape[:-1], v.shape[-1])
+        kv_lead = tuple(k.shape[:-2])  # fewer heads than q with grouped-query attention
         lead, (q, k, v) = pack_leading(q, k, v)
         packed, n, d = q.shape
         if not self.autopad and (n * world) % spec.window_size:
@@ -102,62 +146,126 @@ class LocalAttention(nn.Module):
         if self.rel_pos is not None and d != self.rel_pos.dim:
             raise ValueError(f"dim ({self.rel_pos.dim}) must equal the head dim of q and k ({d}) for rotary embeddings")
 
+        if return_cache and (len(lead) != 2 or (mask is not None and mask.shape[0] != lead[0])):
+            raise ValueError("return_cache needs q, k, v of shape (b, h, n, d) and a mask of shape (b, n)")
+
         if self.shared_qk:
             k = F.normalize(k, dim=-1)
-        q, k, key_scale = self._positions(q, k, spec, offset=rank * n)
+        q, k_at, key_scale = self._positions(q, k, spec, offset=rank * n)
         out = attend(
-            q, k, v, spec,
+            q, k_at, v, spec,
             scale=d**-0.5 if self.scale is None else self.scale,
             mask=mask, attn_bias=attn_bias, mask_self=self.shared_qk, key_scale=key_scale,
             dropout_p=self.dropout.p if self.training else 0.0, group=group,
         )
-        return unpack_leading(out, lead)
+        out = unpack_leading(out, lead)
+        if not return_cache:
+            return out
+        # the cache holds keys at their positions: rotated, without xpos (applied by distance when attending)
+        k_at = k_at if key_scale is None else self._positions(k, k, spec, xpos=False)[1]
+        return out, self._new_cache(unpack_leading(k_at, kv_lead), unpack_leading(v, kv_lead), mask, attn_bias)
 
-    def _positions(self, q, k, spec, offset: int = 0):
-        """Rotary (+ window-relative xpos) on `q, k` `(P, n, d)` at positions `offset .. offset + n - 1`;
-        returns `q, k, key_scale`."""
+    def _signature(self, dtype, device) -> tuple:
+        """What a cache built by this layer depends on: another layer with the same one can use it."""
+        rel = self.rel_pos
+        rotary = None if rel is None else (rel.dim, rel.theta, rel.use_xpos, rel.scale_base)
+        return (self.spec, self.shared_qk, self.scale, rotary, dtype, device)
+
+    def _new_cache(self, k, v, mask, attn_bias) -> KVCache:
+        """The cache after a prefill of positioned keys `k` and values `v` `(b, h, n, d)`."""
+        lengths, n = None, k.shape[-2]
+        if mask is not None:
+            lengths = mask.sum(dim=-1)
+            positions = torch.arange(n, device=mask.device)
+            if not torch.equal(mask, positions < lengths[:, None]):
+                raise ValueError("mask must mark a prefix of each row (right padding) to build a cache")
+            if int(lengths.min()) < 1:
+                raise ValueError("mask must keep at least one position of every row to build a cache")
+        constants = self._decode_constants(attn_bias, k.shape[-1], k.dtype, k.device)
+        return KVCache.from_prefill(
+            k, v, cache_capacity(self.spec), lengths, constants=constants,
+            signature=self._signature(k.dtype, k.device), attn_bias=attn_bias, compute_dtype=accumulation_dtype(k.dtype),
+        )
+
+    def _decode_constants(self, attn_bias, d: int, dtype, device) -> DecodeConstants:
+        compute = accumulation_dtype(dtype)
+        key_factors = None
+        if self.use_xpos:
+            slots = cache_capacity(self.spec) + 1
+            key_factors = self.rel_pos.xpos_scale(torch.arange(slots - 1, -1, -1, device=device)).to(compute)
+        return DecodeConstants(score_table(self.spec, attn_bias, device, compute), key_factors)
+
+    def _check_cache(self, cache, q, k, v) -> None:
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be the KVCache returned with return_cache=True, got {type(cache).__name__}")
+        if q.ndim != 4 or q.shape[-2] != 1 or k.shape[:-1] != v.shape[:-1] or k.ndim != 4:
+            raise ValueError(f"with cache, q, k, v must hold one position (b, h, 1, d), got q {tuple(q.shape)}")
+        if cache.signature != self._signature(k.dtype, k.device):
+            raise ValueError(
+                "cache was built by a layer with another window, position encoding, dtype or device "
+                f"({cache.signature}) than this one ({self._signature(k.dtype, k.device)})"
+            )
+        if (cache.batch, cache.heads, cache.head_dims) != (k.shape[0], k.shape[1], (k.shape[-1], v.shape[-1])):
+            raise ValueError(
+                f"cache holds batch {cache.batch}, {cache.heads} heads of dims {cache.head_dims}, but the "
+                f"keys/values are {tuple(k.shape)} / {tuple(v.shape)}"
+            )
+        if q.shape[0] != k.shape[0] or q.shape[1] % k.shape[1]:
+            raise ValueError(f"q {tuple(q.shape)} does not match the cached keys {tuple(k.shape)}")
+
+    def _decode(self, q, k, v, cache: KVCache, attn_bias):
+        """One position per row against `cache`: the output `(b, h, 1, d_v)` and the new cache."""
+        self._check_cache(cache, q, k, v)
+        if cache.attn_bias is not attn_bias:  # another bias than the cache's: its table, once
+            if attn_bias is not None:
+                check_attn_bias(attn_bias, q.shape[0] * q.shape[1], self.window_size, self.spec.span, q.device)
+            cache = cache.with_constants(self._decode_constants(attn_bias, k.shape[-1], k.dtype, k.device), attn_bias)
+        constants = cache.constants
+        if constants.base is None or not constants.base <= cache.column < constants.base + ROTATION_CHUNK:
+            self._next_chunk(constants, cache)
+        step = cache.column - constants.base
+        if self.shared_qk:
+            k = F.normalize(k, dim=-1)
+        rotation = None if self.rel_pos is None else (constants.cos[step], constants.sin[step])
+        table = constants.table
+        row = table if table.shape[0] == 1 else table[constants.residues[step]]  # (b or 1, heads or 1, slots)
+        scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
+        return attend_step(q, k, v, cache, rotation, row, scale=scale, shared_qk=self.shared_qk,
+                           key_factors=constants.key_factors)
+
+    def _next_chunk(self, constants: DecodeConstants, cache: KVCache) -> None:
+        """Rotation tables and residues of the `ROTATION_CHUNK` columns from `cache.column` on."""
+        positions = cache.positions[None, :] + torch.arange(ROTATION_CHUNK, device=cache.device)[:, None]  # (C, b)
+        constants.base = cache.column
+        constants.residues = positions % self.window_size
+        if self.rel_pos is not None:
+            constants.cos, constants.sin = step_rotation(self.rel_pos, positions, cache.dtype)  # (C, b, d)
+
+    def _positions(self, q, k, spec, offset: int = 0, xpos: bool = True):
+        """Rotary (+ window-relative xpos unless `xpos=False`) on `q, k` `(P, n, d)` at positions
+        `offset .. offset + n - 1`; returns `q, k, key_scale`."""
         if self.rel_pos is None:
             return q, k, None
-        q_tables, k_tables, key_scale = self._rotation(q.shape[-2], spec, q.device, q.dtype, offset)
+        q_tables, k_tables, key_scale = self._rotation(q.shape[-2], spec, q.device, q.dtype, offset, xpos)
         return apply_rotation(q, q_tables), apply_rotation(k, k_tables), key_scale
 
-    def _rotation(self, n: int, spec, device, dtype, offset: int = 0):
+    def _rotation(self, n: int, spec, device, dtype, offset: int = 0, xpos: bool = True):
         """The rotation tables of q and k and the xpos key scale for these positions and window, kept for
         the next call with the same ones (they depend on nothing learned)."""
         if torch.compiler.is_compiling():  # traced code computes them in the graph (no module state to guard)
-            return self._rotation_tables(n, spec, device, dtype, offset)
-        key = (n, offset, spec, device, dtype)
+            return self._rotation_tables(n, spec, device, dtype, offset, xpos)
+        key = (n, offset, spec, device, dtype, xpos)
         if self._rotation_cache is None or self._rotation_cache[0] != key:
-            self._rotation_cache = (key, self._rotation_tables(n, spec, device, dtype, offset))
+            self._rotation_cache = (key, self._rotation_tables(n, spec, device, dtype, offset, xpos))
         return self._rotation_cache[1]
 
-    def _rotation_tables(self, n: int, spec, device, dtype, offset: int = 0):
+    def _rotation_tables(self, n: int, spec, device, dtype, offset: int = 0, xpos: bool = True):
         """`(q_tables, k_tables, key_scale)` at positions `offset .. offset + n - 1`: see
-        `positional.rotation_tables` and `xpos_factors`."""
+        `positional.rotation_tables` and `xpos_factors` (left out with `xpos=False`)."""
         cos, sin = self.rel_pos.rotation(torch.arange(offset, offset + n, device=device))
         q_factor = k_factor = key_scale = None
-        if self.use_xpos:
+        if self.use_xpos and xpos:
             q_factor, k_factor, key_scale = xpos_factors(
                 self.rel_pos, n, spec.window_size, spec.look_backward, spec.look_forward, device, offset
             )
         return rotation_tables(cos, sin, q_factor, dtype), rotation_tables(cos, sin, k_factor, dtype), key_scale
-
-    def decode(self, q, k, v, position: int, attn_bias=None):
-        """Attention of the one query at absolute `position` over its most recent keys.
-
-        `q` `(..., 1, d)`; `k, v` `(..., m, d)` are the raw keys/values of positions
-        `position - m + 1 .. position` (the query's own last). Gives what `forward` gives for that query
-        in a causal model (keys before the window are simply not passed or are masked here).
-        """
-        m = k.shape[-2]
-        if self.shared_qk:
-            k = F.normalize(k, dim=-1)
-        if self.rel_pos is not None:
-            rel = torch.arange(1 - m, 1, device=q.device)  # key positions relative to the query's
-            cos, sin = self.rel_pos.rotation(rel)
-            factor = self.rel_pos.xpos_scale(-rel) if self.use_xpos else None
-            k = rotate(k, cos, sin, factor)
-        compute = accumulation_dtype(q.dtype)
-        row = score_row(self.spec, position, m, attn_bias, q.device, compute)
-        scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
-        return attend_one(q, k, v, row, scale=scale, shared_qk=self.shared_qk)

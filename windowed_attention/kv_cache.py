@@ -1,11 +1,15 @@
 """`KVCache`: the keys and values a causal local-attention layer still needs for decoding.
 
-A query at position t sees at most `capacity = look_backward * w + w - 1` earlier keys (fewer with exact
-windows), so the cache keeps only those: memory is O(window) per layer, however long generation runs.
+A query sees at most `capacity` earlier keys (`look_backward * w` with exact windows, else
+`look_backward * w + w - 1`), so the cache keeps only those: memory is O(window) per layer, however long
+generation runs.
 
-Storage is a preallocated ring of `slots = capacity + 1` entries, written twice (at `p % slots` and
-`p % slots + slots`) so that the most recent entries, oldest first, are always one contiguous slice: an
-append is two small copies and hands back views, never a concatenation of the whole window.
+Rows of a batch may hold different numbers of positions (prompts of different lengths). Every row
+advances one *column* per step; row `r`'s position `p` sits in column `p + start[r]`, so a step writes
+the same slot in every row. Storage is a preallocated ring of `slots = capacity + 1` columns, written
+twice (at `c % slots` and `c % slots + slots`), so the last `slots` columns, oldest first, are always one
+contiguous slice: a step is a few small copies and hands back views. Slots that hold no key yet (before a
+row's first position) are marked by `key_bias` (-inf; not needed once every visible slot holds a key).
 """
 
 from __future__ import annotations
@@ -14,81 +18,165 @@ import torch
 
 
 class KVCache:
-    """Raw (pre-position-encoding) keys and values `(b, h, m, d)` of the last `m <= capacity` positions,
-    and how many positions have been seen in total (`length`, the position of the next token).
+    """Keys and values `(b, h, slots, d)` of the last `slots` columns and each row's next position.
 
-    The one verb is `append`; it writes into the shared buffers, so after `cache.append(...)` only the
-    returned cache is valid for further appends (decoding is a single line of history).
+    The cache stores keys as the attention uses them (the owning layer decides: ours are rotated to their
+    absolute position), and carries `constants`, what the owning layer computed once for the generation
+    (opaque to the cache), `signature`, the layer configuration it was built for, and `attn_bias`, the
+    position bias the layer was given at prefill (decode steps that pass the same tensor reuse its table).
+
+    The one verb is `update` (`advance` is its bookkeeping half, for a fused step that writes the
+    buffers itself); it writes into the shared buffers, so after `cache.update(...)` only the returned
+    cache is valid for further updates (decoding is a single line of history).
     """
 
-    def __init__(self, k_buffer: torch.Tensor, v_buffer: torch.Tensor, length: int, capacity: int,
+    def __init__(self, k_buffer, v_buffer, key_bias, start, column: int, capacity: int,
+                 start_range: tuple[int, int], constants=None, signature=None, attn_bias=None,
                  newest: list[int] | None = None):
-        self._k, self._v = k_buffer, v_buffer  # (b, h, 2 * slots, d)
-        self.length, self.capacity = length, capacity
-        # The length of the newest cache on these buffers, shared by all of them: an older cache's
-        # slots may have been overwritten, so appending to it again is refused.
-        self._newest = [length] if newest is None else newest
+        self._k, self._v, self._key_bias = k_buffer, v_buffer, key_bias  # (b, h, 2 * slots, d), (b, 1, 2 * slots)
+        self._start = start  # (b,) long: the column of each row's position 0
+        self._start_range = start_range  # (min, max) of start, as ints
+        self.column, self.capacity = column, capacity
+        self.constants, self.signature, self.attn_bias = constants, signature, attn_bias
+        # The column of the newest cache on these buffers, shared by all of them: an older cache's slots
+        # may have been overwritten, so updating it again is refused.
+        self._newest = [column] if newest is None else newest
 
     @property
     def slots(self) -> int:
         return self.capacity + 1
 
-    @classmethod
-    def from_prefill(cls, k: torch.Tensor, v: torch.Tensor, capacity: int, length: int | None = None) -> "KVCache":
-        """Cache after a full forward over `k, v` `(b, h, n, d)`, keeping the last `capacity` positions.
+    @property
+    def batch(self) -> int:
+        return self._k.shape[0]
 
-        `length`: the position after the last of `k` when `k` holds only the last positions of a longer
-        sequence (default `n`, i.e. `k` starts at position 0)."""
+    @property
+    def heads(self) -> int:
+        return self._k.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._k.device
+
+    @property
+    def head_dims(self) -> tuple[int, int]:
+        return self._k.shape[-1], self._v.shape[-1]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """`(b,)` long: the position of each row's next token (= how many positions the row has seen)."""
+        return self.column - self._start
+
+    @property
+    def length(self) -> int:
+        """Positions seen by the longest row (every row, when all prompts had the same length)."""
+        return self.column - self._start_range[0]
+
+    @classmethod
+    def from_prefill(cls, k: torch.Tensor, v: torch.Tensor, capacity: int, lengths: torch.Tensor | None = None,
+                     constants=None, signature=None, attn_bias=None,
+                     compute_dtype: torch.dtype | None = None) -> "KVCache":
+        """Cache after a forward over `k, v` `(b, h, n, d)`, keeping each row's last `capacity` positions.
+
+        `lengths` `(b,)`: how many leading positions of each row are real (right padding; default all
+        `n`). `compute_dtype`: the dtype of `key_bias` (default k's)."""
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
             raise ValueError(f"capacity must be an int >= 0, got {capacity!r}")
-        n, slots = k.shape[-2], capacity + 1
-        length = n if length is None else length
-        if isinstance(length, bool) or not isinstance(length, int) or length < n:
-            raise ValueError(f"length must be an int >= the number of positions given ({n}), got {length!r}")
+        b, n, slots = k.shape[0], k.shape[-2], capacity + 1
+        if lengths is None:
+            lengths = torch.full((b,), n, dtype=torch.long, device=k.device)
+        start = n - lengths.to(device=k.device, dtype=torch.long)  # row r's position p is column p + start[r]
         k_buffer = k.new_zeros(*k.shape[:-2], 2 * slots, k.shape[-1])
         v_buffer = v.new_zeros(*v.shape[:-2], 2 * slots, v.shape[-1])
-        start = max(n - capacity, 0)
-        index = torch.arange(length - (n - start), length, device=k.device) % slots
-        for buffer, source in ((k_buffer, k), (v_buffer, v)):
-            buffer[..., index, :] = source[..., start:, :]
-            buffer[..., index + slots, :] = source[..., start:, :]
-        return cls(k_buffer, v_buffer, length, capacity)
+        key_bias = torch.full((b, 1, 2 * slots), float("-inf"), dtype=compute_dtype or k.dtype, device=k.device)
+        first = max(n - capacity, 0)  # the columns still visible to the next query: first .. n - 1
+        columns = torch.arange(first, n, device=k.device)
+        if columns.numel():
+            positions = columns[None, :] - start[:, None]  # (b, m); negative where the row has no key yet
+            real = positions >= 0
+            gather = positions.clamp(min=0)[:, None, :, None]  # empty slots get a real (masked) key
+            slot = columns % slots
+            for buffer, source in ((k_buffer, k), (v_buffer, v)):
+                values = source.gather(-2, gather.expand(-1, source.shape[1], -1, source.shape[-1]))
+                buffer[..., slot, :] = values
+                buffer[..., slot + slots, :] = values
+            bias = torch.zeros_like(real, dtype=key_bias.dtype).masked_fill(~real, float("-inf"))
+            key_bias[:, 0, slot] = bias
+            key_bias[:, 0, slot + slots] = bias
+        start_range = (int(start.min()), int(start.max())) if b else (0, 0)
+        return cls(k_buffer, v_buffer, key_bias, start, n, capacity, start_range, constants, signature, attn_bias)
 
-    def _window(self, buffer: torch.Tensor, end: int, count: int) -> torch.Tensor:
-        """The entries of positions `end - count .. end - 1`, oldest first (a view)."""
-        start = (end - count) % self.slots
-        return buffer[..., start:start + count, :]
+    def with_constants(self, constants, attn_bias) -> "KVCache":
+        """The same cache (same buffers and history) carrying other `constants` for another `attn_bias`."""
+        return KVCache(self._k, self._v, self._key_bias, self._start, self.column, self.capacity,
+                       self._start_range, constants, self.signature, attn_bias, self._newest)
+
+    @property
+    def key_bias_needed(self) -> bool:
+        """Whether the window of the next step (columns `column - capacity .. column`) may hold empty slots."""
+        return self.column - self.capacity < self._start_range[1]
+
+    def _window(self, buffer: torch.Tensor, end: int) -> torch.Tensor:
+        """The entries of the `slots` columns before `end`, oldest first (a view)."""
+        first = end % self.slots
+        return buffer[..., first:first + self.slots, :]
 
     @property
     def k(self) -> torch.Tensor:
-        return self._window(self._k, self.length, min(self.length, self.capacity))
+        """Keys `(b, h, m, d)` of the last `m = min(columns seen, capacity)` columns, oldest first."""
+        return self._window(self._k, self.column)[..., self.slots - min(self.column, self.capacity):, :]
 
     @property
     def v(self) -> torch.Tensor:
-        return self._window(self._v, self.length, min(self.length, self.capacity))
+        return self._window(self._v, self.column)[..., self.slots - min(self.column, self.capacity):, :]
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple["KVCache", torch.Tensor, torch.Tensor]:
-        """Add one position's `k, v` `(b, h, 1, d)`. Returns the new cache and the keys/values
-        `(b, h, m, d)` that end with the new position (at most `capacity + 1` of them, oldest first)."""
-        if self._newest[0] != self.length:
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        """Write one column's `k, v` `(b, h, 1, d)`. Returns the new cache and the keys, values
+        `(b, h, slots, d)` and `key_bias` `(b, 1, 1, slots)` (or None when every slot holds a real key) of
+        the last `slots` columns, ending with the new one, oldest first."""
+        cache, slot, first, key_bias = self.advance()
+        slots = self.slots
+        self._k[..., slot, :] = k[..., 0, :]
+        self._k[..., slot + slots, :] = k[..., 0, :]
+        self._v[..., slot, :] = v[..., 0, :]
+        self._v[..., slot + slots, :] = v[..., 0, :]
+        window = (slice(None),) * 2 + (slice(first, first + slots),)
+        bias_view = None if key_bias is None else key_bias[window][:, :, None]
+        return cache, self._k[window], self._v[window], bias_view
+
+    def advance(self):
+        """`update` for a fused step that writes the keys and values itself (into `buffers`, at ring index
+        `slot` and `slot + slots`): returns the new cache, `slot`, the ring index `first` of the window of
+        `slots` columns that ends with the new one, and the `key_bias` buffer `(b, 1, 2 * slots)` (None
+        when the window holds only real keys)."""
+        if self._newest[0] != self.column:
             raise ValueError(
-                "cache was already appended to: its buffers now hold a later position; continue from the "
-                "cache that append returned (one cache cannot branch into two generations)"
+                "cache was already updated: its buffers now hold a later position; continue from the "
+                "cache that the update returned (one cache cannot branch into two generations)"
             )
-        slot, slots = self.length % self.slots, self.slots
-        self._k[..., slot:slot + 1, :] = k
-        self._k[..., slot + slots:slot + slots + 1, :] = k
-        self._v[..., slot:slot + 1, :] = v
-        self._v[..., slot + slots:slot + slots + 1, :] = v
-        length = self.length + 1
-        count = min(length, slots)
-        self._newest[0] = length
-        cache = KVCache(self._k, self._v, length, self.capacity, self._newest)
-        return cache, self._window(self._k, length, count), self._window(self._v, length, count)
+        slot, slots = self.column % self.slots, self.slots
+        key_bias = None
+        if self.key_bias_needed:
+            key_bias = self._key_bias
+            key_bias[..., slot] = 0.0
+            key_bias[..., slot + slots] = 0.0
+        self._newest[0] = column = self.column + 1
+        cache = KVCache(self._k, self._v, self._key_bias, self._start, column, self.capacity, self._start_range,
+                        self.constants, self.signature, self.attn_bias, self._newest)
+        return cache, slot, column % slots, key_bias
+
+    @property
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ring buffers `(b, h, 2 * slots, d)` of keys and values."""
+        return self._k, self._v
 
     def nbytes(self) -> int:
         """Bytes held by the buffers (constant for the life of the cache)."""
-        return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
+        return sum(t.numel() * t.element_size() for t in (self._k, self._v, self._key_bias))
 
     def __repr__(self) -> str:
         return f"KVCache(length={self.length}, capacity={self.capacity}, shape={tuple(self._k.shape)})"

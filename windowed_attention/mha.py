@@ -6,11 +6,11 @@ import numbers
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from .attention import LocalAttention
 from .kv_cache import KVCache
+from .ops.decode import cache_capacity
 from .ops.validation import check_bool, check_int, check_probability
 
 
@@ -23,7 +23,8 @@ class LocalMHA(nn.Module):
     `kv_heads` heads, query head `i` uses kv head `i // (heads // kv_heads)`, and the cache holds `kv_heads`.
     With `return_cache=True` (causal only) the forward also returns a `KVCache`; passing it back as
     `cache` with the next single token `x` `(b, 1, dim)` gives exactly that token's output of a full
-    forward over the whole sequence, in O(window) time and memory.
+    forward over the whole sequence, in O(window) time and memory. Rows may hold sequences of different
+    lengths: give the prefill a right-padding `mask`.
     """
 
     def __init__(
@@ -81,41 +82,34 @@ class LocalMHA(nn.Module):
         """`h` `(b, n, dim)` -> `q` `(b, heads, n, d)`, `k, v` `(b, kv_heads, n, d)`."""
         qkv = self.to_qkv(h)
         if self.kv_heads == self.heads:
-            return rearrange(qkv, "b n (qkv h d) -> qkv b h n d", qkv=3, h=self.heads)
+            return qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # 3 x (b, h, n, d)
         d = qkv.shape[-1] // (self.heads + 2 * self.kv_heads)
         q, k, v = qkv.split((self.heads * d, self.kv_heads * d, self.kv_heads * d), dim=-1)
-        q = rearrange(q, "b n (h d) -> b h n d", h=self.heads)
-        k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.kv_heads) for t in (k, v))
+        q = q.unflatten(-1, (self.heads, d)).transpose(1, 2)  # (b, h, n, d)
+        k, v = (t.unflatten(-1, (self.kv_heads, d)).transpose(1, 2) for t in (k, v))
         return q, k, v
 
     @property
     def cache_capacity(self) -> int:
-        """Most earlier keys any next query can see."""
-        spec = self.attn_fn.spec
-        return spec.look_backward * spec.window_size + spec.window_size - 1
+        """Most earlier keys any next query can see (what a `KVCache` of this layer holds)."""
+        return cache_capacity(self.attn_fn.spec)
 
     def forward(self, x, mask=None, attn_bias=None, cache: KVCache | None = None, return_cache: bool = False,
                 group=None):
         """`x` `(b, n, dim)` -> `(b, n, dim)` (and the `KVCache` with `return_cache`). With a process `group`,
-        `x` and `mask` are this rank's shard of the sequence and the output is this rank's slice."""
+        `x` and `mask` are this rank's shard of the sequence and the output is this rank's slice.
+
+        Prefill and decode are this one forward: with `return_cache` the attention also returns its
+        cache (`mask` may then mark right padding: rows of different lengths); with `cache`, `x`
+        `(b, 1, dim)` is the next position of every row (no einops here: a decode step is a few dozen
+        small ops, and their overhead is the step's cost).
+        """
         if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.to_qkv.in_features:
             raise ValueError(
                 f"x must be a tensor of shape (b, n, dim = {self.to_qkv.in_features}), got {getattr(x, 'shape', type(x).__name__)}"
             )
-        return_cache = check_bool("return_cache", return_cache)
-        if group is not None and (cache is not None or return_cache):
-            raise ValueError("group cannot be combined with cache or return_cache (decoding runs in one process)")
-        if (cache is not None or return_cache) and not self.causal:
-            raise ValueError("cache and return_cache need causal=True (decoding one token at a time)")
-        if return_cache and mask is not None:
-            raise ValueError("mask cannot be combined with return_cache (the cache keeps no key mask)")
-        if cache is not None:
-            if not isinstance(cache, KVCache):
-                raise TypeError(f"cache must be the KVCache returned with return_cache=True, got {type(cache).__name__}")
-            if x.shape[1] != 1:
-                raise ValueError(f"with cache, x must hold exactly one new position (b, 1, dim), got {tuple(x.shape)}")
-            if mask is not None:
-                raise ValueError("mask cannot be combined with cache (the cache keeps no key mask)")
+        if cache is not None and x.shape[1] != 1:
+            raise ValueError(f"with cache, x must hold exactly one new position (b, 1, dim), got {tuple(x.shape)}")
 
         h = self.norm(x) if self.norm is not None else x
         q, k, v = self._project(h)
@@ -123,14 +117,11 @@ class LocalMHA(nn.Module):
             q = F.normalize(q, dim=-1) * self.q_scale
             k = F.normalize(k, dim=-1) * self.k_scale
 
-        if cache is None:
-            out = self.attn_fn(q, k, v, mask=mask, attn_bias=attn_bias, group=group)
-            new_cache = KVCache.from_prefill(k, v, self.cache_capacity) if return_cache else None
-        else:
-            new_cache, keys, values = cache.append(k, v)
-            out = self.attn_fn.decode(q, keys, values, position=cache.length, attn_bias=attn_bias)
-
+        out = self.attn_fn(q, k, v, mask=mask, attn_bias=attn_bias, cache=cache, return_cache=return_cache,
+                           group=group)
+        if return_cache:
+            out, cache = out
         if self.to_v_gate is not None:
-            out = out * rearrange(self.to_v_gate(h), "b n h -> b h n 1").sigmoid()
-        out = self.to_out(rearrange(out, "b h n d -> b n (h d)"))
-        return (out, new_cache) if return_cache else out
+            out = out * self.to_v_gate(h).transpose(1, 2)[..., None].sigmoid()  # gate (b, n, h) -> (b, h, n, 1)
+        out = self.to_out(out.transpose(1, 2).flatten(2))  # (b, h, n, d) -> (b, n, h d)
+        return (out, cache) if return_cache else out

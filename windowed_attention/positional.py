@@ -117,6 +117,15 @@ def apply_rotation(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(dtype)
 
 
+def step_rotation(emb: SinusoidalEmbeddings, positions: torch.Tensor, dtype: torch.dtype):
+    """Tables `(cos, signed_sin)` `(*positions.shape, d)` for a decode step (`ops.decode.attend_step`):
+    `cat(cos, cos)` and `cat(-sin, sin)` of `positions`' angles (float64), in the compute dtype of `dtype`."""
+    angles = positions.to(torch.float64)[..., None] * emb._inv_freq64()
+    cos, sin = angles.cos(), angles.sin()
+    compute = accumulation_dtype(dtype)
+    return torch.cat((cos, cos), dim=-1).to(compute), torch.cat((-sin, sin), dim=-1).to(compute)
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate `x` `(..., n, d)` by `cos, sin` `(n, d)`, optionally times `factor` `(n, d)`; in float32 or wider."""
     return apply_rotation(x, rotation_tables(cos, sin, factor, x.dtype))

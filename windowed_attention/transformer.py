@@ -15,8 +15,9 @@ from .mha import LocalMHA
 from .ops.validation import check_bool, check_int
 from .parallel import agree, cross_entropy, group_info, next_tokens
 from .position_bias import DynamicPositionBias
+from .generation import engine
 from .residual import HYPER_CONNECTION_PARAMETERS, expand_streams, reduce_streams, wrap
-from .sampling import check_sampling, sample
+from .sampling import check_sampling
 
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -163,10 +164,11 @@ class LocalTransformer(nn.Module):
         (ignoring `ignore_index`) with `return_loss`. `mask` `(b, n)` bool marks real tokens. With
         `num_tokens=None` (the backbone), `x` `(b, n, dim)` features -> features `(b, n, dim)`.
 
-        Decoding: with `return_cache=True` the per-layer caches come back too; pass them as `cache`
-        with `x` holding only the next token `(b, 1)` to get its logits in O(window) work. Not with global
-        layers: a general module's output at the new position depends on every earlier position (`generate`
-        then recomputes the sequence at each step).
+        Decoding: with `return_cache=True` the per-layer caches come back too (`mask` may then mark right
+        padding: prompts of different lengths); pass them as `cache` with `x` holding only the next token
+        of every row `(b, 1)` to get its logits in O(window) work. Training, prefill and decode run this
+        same block loop. Not with global layers: a general module's output at the new
+        position depends on every earlier position (`generate` then recomputes the sequence at each step).
 
         Context parallelism: with a process `group`, `x` (and `mask`) is this rank's shard of the tokens
         (rank `r` holds positions `r * n .. (r + 1) * n - 1`, which the position embeddings see); the logits
@@ -206,15 +208,22 @@ class LocalTransformer(nn.Module):
             else:
                 labels, mask = self._shard_targets(x, mask, group, rank, world)
 
-        if cache is not None:
-            if not isinstance(cache, (list, tuple)) or len(cache) != len(self.layers):
-                raise ValueError(f"cache must be the list of {len(self.layers)} per-layer caches returned with return_cache=True")
-            start = cache[0].length
-        else:
-            start = rank * x.shape[1]
         n = x.shape[1]
-        # the whole sequence's length (with group and return_loss the last token is no input, as x[:, :-1])
-        end = start + n if group is None else world * n - int(return_loss)
+        if cache is not None:
+            if not isinstance(cache, (list, tuple)):
+                raise TypeError(f"cache must be the list of per-layer KVCaches returned with return_cache=True, got {type(cache).__name__}")
+            if len(cache) != len(self.layers):
+                raise ValueError(f"cache must be the list of {len(self.layers)} per-layer caches returned with return_cache=True")
+            if not all(isinstance(layer_cache, KVCache) for layer_cache in cache):
+                raise TypeError(f"cache must hold KVCache objects, got {sorted({type(c).__name__ for c in cache})}")
+            if n != 1:
+                raise ValueError(f"with cache, x must hold exactly one new token per row (b, 1), got {tuple(x.shape)}")
+            if cache[0].batch != x.shape[0]:
+                raise ValueError(f"cache holds {cache[0].batch} rows, x has {x.shape[0]}")
+        start = rank * n
+        # the whole sequence's length (with group and return_loss the last token is no input, as x[:, :-1]);
+        # decoding: the positions the longest row will have seen
+        end = (n if group is None else world * n - int(return_loss)) if cache is None else cache[0].length + 1
         if self.pos_emb is not None and end > self.max_seq_len:
             raise ValueError(
                 f"sequence of {end} tokens exceeds max_seq_len = {self.max_seq_len} "
@@ -223,10 +232,14 @@ class LocalTransformer(nn.Module):
 
         h = x if self.token_emb is None else self.token_emb(x)
         if self.pos_emb is not None:
-            # clamped for that last token alone: its output is dropped (and it is masked as a key)
-            h = h + self.pos_emb(torch.arange(start, start + n, device=x.device).clamp_max(self.max_seq_len - 1))
+            if cache is None:
+                # clamped for that last token alone: its output is dropped (and it is masked as a key)
+                h = h + self.pos_emb(torch.arange(start, start + n, device=x.device).clamp_max(self.max_seq_len - 1))
+            else:  # each row at its own position
+                h = h + self.pos_emb(cache[0].positions)[:, None]
 
-        attn_bias = self._attn_bias()
+        # a decode step reuses the bias its caches were built with (computed once per generation)
+        attn_bias = self._attn_bias() if cache is None else cache[0].attn_bias
         new_caches = []
         h = expand_streams(h, self.num_residual_streams)
         for index, ((attn, ff), global_layer) in enumerate(zip(self.layers, self.global_layers)):
@@ -262,42 +275,29 @@ class LocalTransformer(nn.Module):
     def generate(self, prime, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9,
                  use_kv_cache: bool = True, top_p: float | None = None, generator: torch.Generator | None = None,
                  **kwargs):
-        """Sample `seq_len` tokens after `prime` `(b, n)`; returns only the new tokens `(b, seq_len)`.
+        """Sample `seq_len` tokens after `prime`; returns only the new tokens `(b, seq_len)`.
 
-        `temperature=0` is greedy; `filter_thres` keeps the top `1 - filter_thres` of the vocabulary;
-        `top_p` adds nucleus filtering. Cached and uncached generation give the same tokens.
+        `prime` is a `(b, n)` tensor or a list of 1-D prompts of different lengths (each row generates
+        what its prompt alone generates; see `windowed_attention.generation` for sampling with a
+        `generator`). `temperature=0` is greedy; `filter_thres` keeps the top `1 - filter_thres` of the
+        vocabulary; `top_p` adds nucleus filtering. Cached and uncached generation give the same tokens.
         """
         if self.token_emb is None:
             raise ValueError("generate needs token ids and logits: the model was built with num_tokens=None (a backbone)")
         if kwargs:  # local-attention forwards these to every step's forward; no step here takes any
             raise TypeError(f"generate got unsupported keyword arguments {sorted(kwargs)} (a key mask cannot be used with the KV cache)")
-        self._check_tokens(prime, "prime")
+        tokens, lengths = engine.batch_prompts(prime, "prime")
+        self._check_tokens(tokens, "prime")
         seq_len = check_int("seq_len", seq_len, 0)
         check_sampling(temperature, filter_thres, top_p)
         use_kv_cache = check_bool("use_kv_cache", use_kv_cache)
         if not self.causal:
             raise ValueError("generate needs a causal model (causal=True)")
-        if prime.shape[1] < 1:
-            raise ValueError("prime must hold at least one token")
-        if self.pos_emb is not None and prime.shape[1] + seq_len - 1 > self.max_seq_len:
+        if self.pos_emb is not None and tokens.shape[1] + seq_len - 1 > self.max_seq_len:
             raise ValueError(
-                f"prime length {prime.shape[1]} + seq_len {seq_len} - 1 exceeds max_seq_len = {self.max_seq_len}"
+                f"prime length {tokens.shape[1]} + seq_len {seq_len} - 1 exceeds max_seq_len = {self.max_seq_len}"
             )
-
-        if use_kv_cache and not self.has_global_layers:  # (global layers: recomputed, see forward)
-            # The generation engine: one blocked prefill, then O(window) steps on a rolling cache.
-            from .generation.engine import generate as generate_cached
-
-            return generate_cached(self, prime, seq_len, temperature=temperature, filter_thres=filter_thres,
-                                   top_p=top_p, generator=generator).to(prime.dtype)
-
-        was_training = self.training
-        self.eval()
-        try:
-            out = prime
-            for _ in range(seq_len):
-                token = sample(self.forward(out)[:, -1], temperature, filter_thres, top_p, generator)
-                out = torch.cat((out, token.to(out.dtype)), dim=-1)
-        finally:
-            self.train(was_training)
-        return out[:, prime.shape[1]:]
+        # global layers: no cache (see forward); every step recomputes the sequence
+        out = engine.generate(self, prime, seq_len, temperature=temperature, filter_thres=filter_thres,
+                              top_p=top_p, generator=generator, use_cache=use_kv_cache and not self.has_global_layers)
+        return out.to(prime.dtype) if isinstance(prime, torch.Tensor) else out

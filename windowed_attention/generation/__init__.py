@@ -1,5 +1,5 @@
 """Generation: prefill + rolling-KV-cache decoding (`engine`), and the `generate` command (`cli`)."""
 
-from .engine import cache_nbytes, decode_step, generate, prefill, stream
+from .engine import batch_prompts, cache_nbytes, decode_step, generate, prefill, stream
 
-__all__ = ["prefill", "decode_step", "generate", "stream", "cache_nbytes"]
+__all__ = ["prefill", "decode_step", "generate", "stream", "cache_nbytes", "batch_prompts"]

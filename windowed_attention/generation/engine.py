@@ -1,40 +1,61 @@
-"""Generation kept apart from the model: prefill the prompt once, then decode one token at a time.
+"""Generation kept apart from the model: prefill the prompts once, then decode one token per row per step.
 
-`prefill` runs one blocked forward over the prompt and keeps, per layer, a `KVCache` of only the keys
-the next token can see. `decode_step` feeds one token through the model against those caches: O(window)
-time and memory per token, whatever the length so far. With `use_abs_pos_emb=False` (rotary only) the
-model has no maximum length, and `stream` can run indefinitely in constant memory.
+`prefill` runs one forward over the prompts (right-padded, with their key padding mask when their lengths
+differ) and keeps, per layer, a `KVCache` of only the keys the next token can see. `decode_step` feeds
+the next token of every row through the model's own forward against those caches: O(window) time and
+memory per token, whatever the length so far. With `use_abs_pos_emb=False` (rotary only) the model has
+no maximum length, and `stream` can run indefinitely in constant memory.
+
+Works with any causal token model whose `forward(x, mask=None, cache=None, return_cache=False)` follows
+`LocalTransformer`'s (that class's `generate` calls this module; this module does not import it).
+
+Prompts of different lengths: each row generates what its prompt alone generates. Greedy decoding gives
+the same tokens; sampling with a `generator` draws every step's tokens for all rows at once, so a row's
+samples follow the distribution of its prompt alone but equal those of a run of that prompt alone only
+for a batch of one (a batch is reproducible for the same seed and prompts).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from ..kv_cache import KVCache
-from . import decoder
 from ..sampling import check_sampling, sample
-from ..transformer import LocalTransformer
 
 
-def _check_model(model) -> LocalTransformer:
-    if not isinstance(model, LocalTransformer):
+def _check_model(model) -> torch.nn.Module:
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "max_seq_len") or not hasattr(model, "causal"):
         raise TypeError(f"model must be a windowed_attention.LocalTransformer, got {type(model).__name__}")
     if not model.causal:
         raise ValueError("model must be causal (causal=True) to generate")
     return model
 
 
-def _check_prompt(prompt) -> torch.Tensor:
-    if not isinstance(prompt, torch.Tensor) or prompt.dtype.is_floating_point or prompt.dtype == torch.bool:
-        raise TypeError(f"prompt must be an integer tensor of token ids, got {getattr(prompt, 'dtype', type(prompt).__name__)}")
-    if prompt.ndim == 1:
-        prompt = prompt[None]
-    if prompt.ndim != 2 or prompt.shape[1] < 1:
-        raise ValueError(f"prompt must have shape (b, n) with n >= 1, got {tuple(prompt.shape)}")
-    return prompt.long()
+def batch_prompts(prompt, name: str = "prompt") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(b, n)` or `(n,)` integer tensor, or a list of 1-D integer tensors of different lengths ->
+    right-padded tokens `(b, n_max)` (long) and the lengths `(b,)`, or None when all rows are full."""
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor of token ids, got {prompt.dtype}")
+        prompt = prompt[None] if prompt.ndim == 1 else prompt
+        if prompt.ndim != 2 or prompt.shape[1] < 1:
+            raise ValueError(f"{name} must have shape (b, n) with n >= 1, got {tuple(prompt.shape)}")
+        return prompt.long(), None
+    if not isinstance(prompt, Sequence) or isinstance(prompt, (str, bytes)) or not prompt:
+        raise TypeError(f"{name} must be a (b, n) tensor or a non-empty list of 1-D tensors, got {type(prompt).__name__}")
+    for index, row in enumerate(prompt):
+        if not isinstance(row, torch.Tensor) or row.dtype.is_floating_point or row.dtype.is_complex or row.dtype == torch.bool:
+            raise TypeError(f"{name}[{index}] must be an integer tensor of token ids, got {getattr(row, 'dtype', type(row).__name__)}")
+        if row.ndim != 1 or row.numel() < 1:
+            raise ValueError(f"{name}[{index}] must be 1-D with at least one token, got shape {tuple(row.shape)}")
+        if row.device != prompt[0].device:
+            raise ValueError(f"{name}[{index}] is on {row.device}, {name}[0] on {prompt[0].device}")
+    lengths = torch.tensor([row.numel() for row in prompt], device=prompt[0].device)
+    tokens = torch.nn.utils.rnn.pad_sequence([row.long() for row in prompt], batch_first=True)
+    return tokens, lengths
 
 
 def _check_count(max_new_tokens) -> int:
@@ -59,16 +80,28 @@ def _eval_mode(model: torch.nn.Module):
         model.train(True)
 
 
-@torch.no_grad()
-def prefill(model: LocalTransformer, prompt: torch.Tensor) -> tuple[torch.Tensor, list[KVCache]]:
-    """One forward over `prompt` `(b, n)`: the logits of its last position `(b, vocab)` and the caches."""
-    logits, caches = model(prompt, return_cache=True)
-    return logits[:, -1], caches
+def _last(logits: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Logits `(b, n, vocab)` -> those of each row's last real position `(b, vocab)`."""
+    if lengths is None:
+        return logits[:, -1]
+    return logits[torch.arange(logits.shape[0], device=logits.device), lengths - 1]
 
 
 @torch.no_grad()
-def decode_step(model: LocalTransformer, token: torch.Tensor, caches: list[KVCache]) -> tuple[torch.Tensor, list[KVCache]]:
-    """The next token `(b, 1)` through the model against `caches`: its logits `(b, vocab)` and the new caches."""
+def prefill(model, prompt: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, list[KVCache]]:
+    """One forward over `prompt` `(b, n)` (right-padded to `lengths` `(b,)` when given): the logits of
+    each row's last position `(b, vocab)` and the per-layer caches."""
+    mask = None
+    if lengths is not None:
+        mask = torch.arange(prompt.shape[1], device=prompt.device) < lengths[:, None]
+    logits, caches = model(prompt, mask=mask, return_cache=True)
+    return _last(logits, lengths), caches
+
+
+@torch.no_grad()
+def decode_step(model, token: torch.Tensor, caches: list[KVCache]) -> tuple[torch.Tensor, list[KVCache]]:
+    """The next token of every row `(b, 1)` through the model against `caches`: its logits `(b, vocab)`
+    and the new caches."""
     logits, caches = model(token, cache=caches, return_cache=True)
     return logits[:, -1], caches
 
@@ -79,32 +112,36 @@ def cache_nbytes(caches: list[KVCache]) -> int:
 
 
 @torch.no_grad()
-def stream(model: LocalTransformer, prompt: torch.Tensor, max_new_tokens: int | None, *,
-           temperature: float = 1.0, filter_thres: float = 0.9, top_p: float | None = None,
-           generator: torch.Generator | None = None,
-           on_caches: Callable[[int, list[KVCache]], None] | None = None, fast: bool = True) -> Iterator[torch.Tensor]:
-    """Yield new tokens `(b, 1)` one by one after `prompt` `(b, n)`; `max_new_tokens=None` never stops
-    (needs a model without absolute positions to run past `max_seq_len`).
+def stream(model, prompt, max_new_tokens: int | None, *, temperature: float = 1.0, filter_thres: float = 0.9,
+           top_p: float | None = None, generator: torch.Generator | None = None,
+           on_caches: Callable[[int, list[KVCache]], None] | None = None,
+           use_cache: bool = True) -> Iterator[torch.Tensor]:
+    """Yield new tokens `(b, 1)` one by one after `prompt` (a `(b, n)` tensor or a list of 1-D prompts of
+    different lengths); `max_new_tokens=None` never stops (needs a model without absolute positions to
+    run past `max_seq_len`).
 
     `temperature=0` is greedy; `filter_thres` keeps the top `1 - filter_thres` of the vocabulary (top-k);
     `top_p` adds nucleus filtering. `on_caches(step, caches)` is called after each decode step.
-    `fast=False` decodes with the model's own cached forward instead of `decoder.step` (same tokens).
+    `use_cache=False` runs the whole sequence through the model at every step (same tokens, for testing).
     """
     model = _check_model(model)
-    prompt = _check_prompt(prompt)
+    tokens, lengths = batch_prompts(prompt)
     check_sampling(temperature, filter_thres, top_p)
+    longest = tokens.shape[1]
     if max_new_tokens is not None:
         _check_count(max_new_tokens)
-        if model.use_abs_pos_emb and prompt.shape[1] + max_new_tokens - 1 > model.max_seq_len:
+        if model.use_abs_pos_emb and longest + max_new_tokens - 1 > model.max_seq_len:
             raise ValueError(
-                f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} - 1 exceeds max_seq_len = "
+                f"prompt length {longest} + max_new_tokens {max_new_tokens} - 1 exceeds max_seq_len = "
                 f"{model.max_seq_len} (a model with use_abs_pos_emb=False has no limit)"
             )
     if max_new_tokens == 0:
         return
+    if not use_cache:
+        yield from _stream_uncached(model, tokens, lengths, max_new_tokens, temperature, filter_thres, top_p, generator)
+        return
     with _eval_mode(model):
-        logits, caches = prefill(model, prompt)
-        state = decoder.from_reference(model, caches) if fast and decoder.supported(model) else None
+        logits, caches = prefill(model, tokens, lengths)
     step = 0
     while True:
         token = sample(logits, temperature, filter_thres, top_p, generator)
@@ -112,33 +149,48 @@ def stream(model: LocalTransformer, prompt: torch.Tensor, max_new_tokens: int | 
         step += 1
         if max_new_tokens is not None and step >= max_new_tokens:
             return
-        if model.use_abs_pos_emb and caches[0].length >= model.max_seq_len:
-            raise ValueError(f"generation reached max_seq_len = {model.max_seq_len} (build the model with use_abs_pos_emb=False to stream past it)")
         with _eval_mode(model):
-            if state is not None:
-                logits, state = decoder.step(model, token, state)
-                caches = state.caches
-            else:
-                logits, caches = decode_step(model, token, caches)
+            logits, caches = decode_step(model, token, caches)
         if on_caches is not None:
             on_caches(step, caches)
 
 
-@torch.no_grad()
-def generate(model: LocalTransformer, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-             filter_thres: float = 0.9, top_p: float | None = None,
-             generator: torch.Generator | None = None, fast: bool = True) -> torch.Tensor:
-    """Sample `max_new_tokens` tokens after `prompt` `(b, n)` with the rolling KV cache; returns `(b, max_new_tokens)`.
+def _stream_uncached(model, tokens, lengths, max_new_tokens, temperature, filter_thres, top_p, generator):
+    """`stream` without a cache: each step is a full forward over every row's tokens so far."""
+    b = tokens.shape[0]
+    lengths = torch.full((b,), tokens.shape[1], device=tokens.device) if lengths is None else lengths.clone()
+    rows = torch.arange(b, device=tokens.device)
+    step = 0
+    while True:
+        end = int(lengths.max())
+        if tokens.shape[1] < end + 1:  # room for this step's tokens (right padding)
+            tokens = torch.cat((tokens, tokens.new_zeros(b, max(end + 1 - tokens.shape[1], 64))), dim=1)
+        with _eval_mode(model):
+            logits = model(tokens[:, :end])[rows, lengths - 1]
+        token = sample(logits, temperature, filter_thres, top_p, generator)
+        yield token
+        tokens[rows, lengths] = token[:, 0]
+        lengths += 1
+        step += 1
+        if max_new_tokens is not None and step >= max_new_tokens:
+            return
 
-    Gives the same tokens as `model.generate(prompt, max_new_tokens, ..., use_kv_cache=False)`.
-    """
+
+@torch.no_grad()
+def generate(model, prompt, max_new_tokens: int, *, temperature: float = 1.0, filter_thres: float = 0.9,
+             top_p: float | None = None, generator: torch.Generator | None = None,
+             use_cache: bool = True) -> torch.Tensor:
+    """Sample `max_new_tokens` tokens after `prompt` (a `(b, n)` tensor or a list of 1-D prompts of
+    different lengths) with the rolling KV cache; returns `(b, max_new_tokens)`.
+
+    Gives the same tokens as `use_cache=False` (a full forward per token)."""
     if max_new_tokens is None:
         raise ValueError("max_new_tokens must be an int >= 0 (use stream() to generate without end)")
     _check_count(max_new_tokens)
-    prompt = _check_prompt(prompt)
-    out = torch.empty(prompt.shape[0], max_new_tokens, dtype=torch.long, device=prompt.device)
+    tokens, _ = batch_prompts(prompt)
+    out = torch.empty(tokens.shape[0], max_new_tokens, dtype=torch.long, device=tokens.device)
     for index, token in enumerate(stream(model, prompt, max_new_tokens, temperature=temperature,
                                          filter_thres=filter_thres, top_p=top_p, generator=generator,
-                                         fast=fast)):
+                                         use_cache=use_cache)):
         out[:, index:index + 1] = token
     return out

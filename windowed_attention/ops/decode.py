@@ -1,48 +1,107 @@
-"""Attention of one new query over its cached keys: the op of a decode step.
+"""Attention of one new query per row over its cached keys: the op of a decode step.
 
-Both decode paths use it: `LocalAttention.decode` (the reference decode, keys rotated per step) and
-`generation.decoder.step` (the fast one, keys cached rotated). The query sits at absolute `position`;
-the keys are those of positions `position - m + 1 .. position`, its own last.
+The keys come from a `KVCache` window: the last `slots = capacity + 1` columns, oldest first, so the key
+at index `a` is at distance `slots - 1 - a` from the query (the query's own key last). Which of them the
+query sees, and the position bias, depend only on that distance and on the query's position within its
+window (`position % w`): `score_table` builds them once per generation.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import fused_cpu
 from .dtypes import accumulation_dtype
 from .spec import SELF_ATTN_SCORE, WindowSpec
 
 
-def score_row(spec: WindowSpec, position: int, m: int, attn_bias: torch.Tensor | None, device,
-              dtype: torch.dtype) -> torch.Tensor:
-    """Additive scores `(heads or 1, 1, m)`: the position bias `attn_bias` `(heads, w, span * w)` (or 0)
-    where the window rule lets the query see the key, -inf where not."""
+def cache_capacity(spec: WindowSpec) -> int:
+    """Most earlier keys a causal query can see: `look_backward * w`, plus `w - 1` without exact windows."""
     w = spec.window_size
-    key_pos = torch.arange(position - m + 1, position + 1, device=device)
-    visible = spec.visible(torch.tensor(position, device=device), key_pos, position + 1)
+    return spec.look_backward * w + (0 if spec.exact_windowsize else w - 1)
+
+
+def score_table(spec: WindowSpec, attn_bias: torch.Tensor | None, device, dtype: torch.dtype) -> torch.Tensor:
+    """Additive scores `(R, heads or 1, slots)` by query residue `u = position % w` (`R = w`, or 1 when
+    nothing depends on it) and key index `a` (distance `slots - 1 - a`): the position bias `attn_bias`
+    `(heads, w, span * w)` (or 0) where the causal window rule lets the query see the key, -inf where not.
+
+    Key `j = i - dist` of query `i` is visible when `dist <= look_backward * w + u` (its window is at most
+    `look_backward` back) and, with exact windows, `dist <= look_backward * w`; its bias is
+    `attn_bias[:, u, look_backward * w + u - dist]` (the layout of the op's `attn_bias`).
+    """
+    w, back = spec.window_size, spec.look_backward * spec.window_size
+    slots = cache_capacity(spec) + 1
+    residues = 1 if attn_bias is None and spec.exact_windowsize else w
+    u = torch.arange(residues, device=device)[:, None]
+    dist = torch.arange(slots - 1, -1, -1, device=device)[None, :]  # (1, slots), oldest first
+    visible = dist <= back + u
+    if spec.exact_windowsize:
+        visible &= dist <= back
     if attn_bias is None:
-        row = torch.zeros(1, 1, m, device=device, dtype=dtype)
+        table = torch.zeros(residues, 1, slots, device=device, dtype=dtype)
     else:
-        first_key = (position // w - spec.look_backward) * w
-        cols = (key_pos - first_key).clamp(0, attn_bias.shape[-1] - 1)
-        row = attn_bias[:, position % w, cols].to(dtype)[:, None]
-    return row.masked_fill(~visible, float("-inf"))
+        cols = (back + u - dist).clamp(0, attn_bias.shape[-1] - 1)  # (R, slots)
+        table = attn_bias.to(dtype)[:, u, cols].permute(1, 0, 2)  # (R, heads, slots)
+    return table.masked_fill(~visible[:, None, :], float("-inf")).contiguous()
 
 
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: torch.Tensor, *, scale: float,
-               shared_qk: bool) -> torch.Tensor:
-    """`q` `(..., h, 1, d)` over `k, v` `(..., h_kv, m, d)` (`h_kv | h`: grouped-query attention, query
-    head `i` on kv head `i // (h // h_kv)`) with the additive `row` `(heads or 1, 1, m)` of `score_row`,
-    in `accumulation_dtype`; under `shared_qk` the query's own key (the last) gets the self score."""
-    compute = accumulation_dtype(q.dtype)
-    heads, kv_heads = q.shape[-3], k.shape[-3]
-    grouped = heads != kv_heads
-    if grouped:  # the queries sharing a kv head become rows of one product: (..., h_kv, g, d)
-        q = q.reshape(*q.shape[:-3], kv_heads, heads // kv_heads, q.shape[-1])
-        if row.shape[0] > 1:
-            row = row.repeat(heads // row.shape[0], 1, 1).reshape(kv_heads, heads // kv_heads, row.shape[-1])
-    sim = (q.to(compute) * scale) @ k.to(compute).transpose(-1, -2) + row
-    if shared_qk:
-        sim[..., -1] = SELF_ATTN_SCORE
-    out = (sim.softmax(dim=-1) @ v.to(compute)).to(q.dtype)
-    return out.reshape(*out.shape[:-3], heads, 1, out.shape[-1]) if grouped else out
+               shared_qk: bool, key_factors: torch.Tensor | None = None) -> torch.Tensor:
+    """`q` `(b, h, 1, d)` over `k, v` `(b, h_kv, m, d)` (`h % h_kv == 0`: query head `i` uses kv head
+    `i // (h // h_kv)`) with the additive `row` `(b or 1, h or 1, 1, m)`, in `accumulation_dtype`.
+
+    Under `shared_qk` the query's own key (the last) gets the self score. `key_factors` `(m, d)`: per key
+    and channel factors of the scores (xpos: `scale ** (distance / scale_base)`).
+    """
+    b, h, _, d = q.shape
+    h_kv, dtype = k.shape[1], q.dtype
+    compute = accumulation_dtype(dtype)
+    q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    if h_kv != h:  # grouped queries: the g query heads of a kv head become g rows against its keys
+        q = q.reshape(b, h_kv, h // h_kv, d)
+        if row.shape[1] == h:
+            row = row.reshape(row.shape[0], h_kv, h // h_kv, row.shape[-1])
+    if key_factors is None and not shared_qk:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=row, scale=scale)
+    else:
+        if key_factors is not None:
+            k = k * key_factors
+        sim = (q * scale) @ k.transpose(-1, -2) + row
+        if shared_qk:
+            sim[..., -1] = SELF_ATTN_SCORE
+        out = sim.softmax(dim=-1) @ v
+    return out.reshape(b, h, 1, -1).to(dtype)
+
+
+def _rotate_step(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """`x * cos + roll(x) * signed_sin` over the last dim (see `positional.rotate_step`)."""
+    x = x.to(cos.dtype)
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+
+
+def attend_step(q, k, v, cache, rotation, row, *, scale: float, shared_qk: bool, key_factors=None):
+    """A decode step: rotate the new `q` `(b, h, 1, d)` and `k` `(b, h_kv, 1, d)` by `rotation`
+    (`(cos, signed_sin)` `(b, d)` of each row's position, or None), write `k, v` into `cache` (a
+    `KVCache`) and attend `q` over its window with the additive `row` `(b or 1, h or 1, slots)`.
+    Returns the output `(b, h, 1, d_v)` and the new cache.
+
+    On CPU without autograd it is one call of our kernel (`csrc/decode_cpu.cpp`); elsewhere the torch ops
+    below (the reference it is tested against).
+    """
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if q.device.type == "cpu" and q.dtype in fused_cpu.DTYPES and not needs_grad and fused_cpu.available():
+        cache, slot, first, key_bias = cache.advance()
+        k_buf, v_buf = cache.buffers
+        cos, sin = (None, None) if rotation is None else rotation
+        out = fused_cpu.kernel().decode_attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], k_buf, v_buf, cos, sin, row,
+                                               key_bias, key_factors, slot, first, scale, shared_qk)
+        return out[:, :, None], cache
+    dtype = q.dtype
+    if rotation is not None:
+        cos, sin = rotation[0][:, None, None], rotation[1][:, None, None]
+        q, k = _rotate_step(q, cos, sin), _rotate_step(k, cos, sin).to(k.dtype)
+    cache, keys, values, key_bias = cache.update(k, v)
+    row = row[:, :, None] if key_bias is None else row[:, :, None] + key_bias
+    out = attend_one(q, keys, values, row, scale=scale, shared_qk=shared_qk, key_factors=key_factors)
+    return out.to(dtype), cache

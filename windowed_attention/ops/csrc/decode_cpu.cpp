@@ -1,0 +1,188 @@
+// One decode step of local attention on CPU in one call, instead of a dozen small torch ops: rotate the
+// new query and key of every row to their positions, write the key and value into the cache's ring
+// (twice: at `slot` and `slot + S`), and attend the query over the `S` cached keys from ring index `first`
+// (oldest first, its own key last). It computes what `ops.decode.attend_one` computes after
+// `positional.rotate_step` and `KVCache.update` (tests/test_cache.py compares the two).
+//
+//   q (b, h, d), k (b, hk, d), v (b, hk, dv): any strides; h % hk == 0, query head i uses kv head i / (h / hk)
+//   k_buf (b, hk, 2S, d), v_buf (b, hk, 2S, dv): contiguous, the cache's buffers (written here)
+//   cos, sig (b, d): the rotation of each row, `cat(cos, cos)` and `cat(-sin, sin)`, or undefined (no rotary)
+//   row (B, H, S): additive scores by key (window rule and position bias), B in {1, b}, H in {1, h}
+//   key_bias (b, 1, 2S) or undefined: -inf where a ring slot holds no key yet, read from `first`
+//   key_factors (S, d) or undefined: per key and channel factors of the scores (xpos)
+// Tables are in the compute dtype (float64 for float64, else float32); 16-bit keys are rounded once on
+// the way into the cache, as the torch path does. Returns the output (b, h, dv) in q's dtype.
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr double SELF_ATTN_SCORE = -5e4;
+
+template <typename T>
+T dot(const T* a, const T* b, int64_t n) {
+  using V = at::vec::Vectorized<T>;
+  V acc(T(0));
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) acc = at::vec::fmadd(V::loadu(a + c), V::loadu(b + c), acc);
+  T s = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, acc);
+  for (; c < n; ++c) s += a[c] * b[c];
+  return s;
+}
+
+template <typename T>
+void axpy(T alpha, const T* x, T* y, int64_t n) {  // y += alpha x
+  using V = at::vec::Vectorized<T>;
+  const V a(alpha);
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) at::vec::fmadd(a, V::loadu(x + c), V::loadu(y + c)).store(y + c);
+  for (; c < n; ++c) y[c] += alpha * x[c];
+}
+
+template <typename S>
+void decode_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_buf, at::Tensor& v_buf,
+                 const at::Tensor& cos, const at::Tensor& sig, const at::Tensor& row, const at::Tensor& key_bias,
+                 const at::Tensor& key_factors, int64_t slot, int64_t first, double scale, bool shared_qk,
+                 at::Tensor& out) {
+  using T = at::opmath_type<S>;
+  constexpr bool same = std::is_same_v<S, T>;
+  const int64_t b = q.size(0), h = q.size(1), d = q.size(2), hk = k.size(1), dv = v.size(2);
+  const int64_t S2 = k_buf.size(2), Sn = S2 / 2, group = h / hk, half = d / 2;
+  const bool rotary = cos.defined();
+  const S* qd = q.data_ptr<S>();
+  const S* kd = k.data_ptr<S>();
+  const S* vd = v.data_ptr<S>();
+  S* kb = k_buf.data_ptr<S>();
+  S* vb = v_buf.data_ptr<S>();
+  const T* rowd = row.data_ptr<T>();
+  const int64_t row_b = row.size(0) == 1 ? 0 : row.stride(0), row_h = row.size(1) == 1 ? 0 : row.stride(1);
+  const T* biasd = key_bias.defined() ? key_bias.data_ptr<T>() : nullptr;
+  const T* factors = key_factors.defined() ? key_factors.data_ptr<T>() : nullptr;
+  S* od = out.data_ptr<S>();
+
+  auto rotate = [&](const S* x, int64_t stride, int64_t r, T* y) {  // y = x rotated for row r, in T
+    for (int64_t c = 0; c < d; ++c) {
+      const T xc = static_cast<T>(x[c * stride]);
+      if (!rotary) {
+        y[c] = xc;
+        continue;
+      }
+      const T xr = static_cast<T>(x[((c + half) % d) * stride]);  // roll by half: [x2, x1]
+      y[c] = xc * cos.data_ptr<T>()[r * d + c] + xr * sig.data_ptr<T>()[r * d + c];
+    }
+  };
+
+  // 1. the new keys and values into the ring (every row and kv head)
+  at::parallel_for(0, b * hk, 64, [&](int64_t begin, int64_t end) {
+    std::vector<T> y(d);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t r = p / hk, g = p % hk;
+      rotate(kd + r * k.stride(0) + g * k.stride(1), k.stride(2), r, y.data());
+      S* k0 = kb + (p * S2 + slot) * d;
+      S* v0 = vb + (p * S2 + slot) * dv;
+      const S* vs = vd + r * v.stride(0) + g * v.stride(1);
+      for (int64_t c = 0; c < d; ++c) k0[c] = k0[c + Sn * d] = static_cast<S>(y[c]);
+      for (int64_t c = 0; c < dv; ++c) v0[c] = v0[c + Sn * dv] = vs[c * v.stride(2)];
+    }
+  });
+
+  // 2. each query over its kv head's window
+  at::parallel_for(0, b * h, 32, [&](int64_t begin, int64_t end) {
+    std::vector<T> qr(d), score(Sn), acc(dv), row_k(same ? 0 : d), row_v(same ? 0 : dv);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t r = p / h, i = p % h, g = i / group;
+      rotate(qd + r * q.stride(0) + i * q.stride(1), q.stride(2), r, qr.data());
+      const S* keys = kb + ((r * hk + g) * S2 + first) * d;
+      const S* values = vb + ((r * hk + g) * S2 + first) * dv;
+      const T* add = rowd + r * row_b + i * row_h;
+      T best = -std::numeric_limits<T>::infinity();
+      for (int64_t j = 0; j < Sn; ++j) {
+        T s = 0;
+        const T* kj;
+        if constexpr (same) {
+          kj = keys + j * d;
+        } else {
+          at::vec::convert(keys + j * d, row_k.data(), d);
+          kj = row_k.data();
+        }
+        if (factors) {
+          const T* f = factors + j * d;
+          for (int64_t c = 0; c < d; ++c) s += qr[c] * kj[c] * f[c];
+        } else {
+          s = dot(qr.data(), kj, d);
+        }
+        s = s * static_cast<T>(scale) + add[j];
+        if (biasd) s += biasd[r * S2 + first + j];
+        if (shared_qk && j == Sn - 1) s = static_cast<T>(SELF_ATTN_SCORE);
+        score[j] = s;
+        best = std::max(best, s);
+      }
+      T total = 0;
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t j = 0; j < Sn; ++j) {
+        if (score[j] == -std::numeric_limits<T>::infinity()) continue;
+        const T e = std::exp(score[j] - best);
+        total += e;
+        const T* vj;
+        if constexpr (same) {
+          vj = values + j * dv;
+        } else {
+          at::vec::convert(values + j * dv, row_v.data(), dv);
+          vj = row_v.data();
+        }
+        axpy(e, vj, acc.data(), dv);
+      }
+      S* o = od + p * dv;
+      for (int64_t c = 0; c < dv; ++c) o[c] = static_cast<S>(acc[c] / total);
+    }
+  });
+}
+
+at::Tensor decode_attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor k_buf, at::Tensor v_buf,
+                         const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sig, const at::Tensor& row,
+                         const c10::optional<at::Tensor>& key_bias, const c10::optional<at::Tensor>& key_factors,
+                         int64_t slot, int64_t first, double scale, bool shared_qk) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k, v must be (b, heads, d)");
+  TORCH_CHECK(k_buf.is_contiguous() && v_buf.is_contiguous() && k_buf.dim() == 4 && v_buf.dim() == 4,
+              "k_buf and v_buf must be contiguous (b, hk, 2S, d)");
+  const int64_t b = q.size(0), h = q.size(1), d = q.size(2), hk = k.size(1), Sn = k_buf.size(2) / 2;
+  TORCH_CHECK(k.size(0) == b && v.size(0) == b && v.size(1) == hk && k.size(2) == d && h % hk == 0 && d % 2 == 0,
+              "q, k, v shapes do not match");
+  TORCH_CHECK(k_buf.size(0) == b && k_buf.size(1) == hk && k_buf.size(3) == d && v_buf.sizes().slice(0, 3) == k_buf.sizes().slice(0, 3)
+              && v_buf.size(3) == v.size(2), "k_buf, v_buf do not match k, v");
+  TORCH_CHECK(0 <= slot && slot < Sn && 0 <= first && first <= Sn, "slot and first must lie in the ring");
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype && k_buf.scalar_type() == dtype
+              && v_buf.scalar_type() == dtype, "q, k, v and the buffers must share a dtype");
+  const auto acc = at::toOpMathType(dtype);
+  auto table = [&](const c10::optional<at::Tensor>& t, const char* name) {
+    if (!t.has_value() || !t->defined()) return at::Tensor();
+    TORCH_CHECK(t->scalar_type() == acc && t->is_contiguous(), name, " must be contiguous in the compute dtype");
+    return *t;
+  };
+  const at::Tensor c = table(cos, "cos"), s = table(sig, "sig"), kb = table(key_bias, "key_bias"),
+                   f = table(key_factors, "key_factors");
+  TORCH_CHECK(row.scalar_type() == acc && row.dim() == 3 && row.stride(2) == 1 && row.size(2) == Sn
+              && (row.size(0) == 1 || row.size(0) == b) && (row.size(1) == 1 || row.size(1) == h), "row must be (1|b, 1|h, S)");
+  TORCH_CHECK(!c.defined() || (c.sizes() == at::IntArrayRef({b, d}) && s.defined() && s.sizes() == c.sizes()), "cos, sig must be (b, d)");
+  TORCH_CHECK(!kb.defined() || (kb.size(0) == b && kb.numel() == b * 2 * Sn), "key_bias must be (b, 1, 2S)");
+  TORCH_CHECK(!f.defined() || f.sizes() == at::IntArrayRef({Sn, d}), "key_factors must be (S, d)");
+  auto out = at::empty({b, h, v.size(2)}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "windowed_attention_decode", [&] {
+    decode_rows<scalar_t>(q, k, v, k_buf, v_buf, c, s, row, kb, f, slot, first, scale, shared_qk, out);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(windowed_attention_cpu, m) { m.def("decode_attend", &decode_attend); }

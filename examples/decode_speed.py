@@ -60,7 +60,7 @@ def main() -> None:
     max_seq_len = max(args.contexts) + args.tokens + 1
 
     torch.manual_seed(0)
-    models = {"windowed-attention": LocalTransformer(max_seq_len=max_seq_len, **CONFIG).eval()}
+    models = {"windowed-attention": LocalTransformer(max_seq_len=max_seq_len, num_residual_streams=1, **CONFIG).eval()}  # as theirs
     if args.their_batches:
         import local_attention
 

@@ -42,7 +42,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = LocalTransformer(num_tokens=256, max_seq_len=512, dim=args.dim, depth=args.depth, heads=4, dim_head=64,
-                             local_attn_window_size=args.window, use_abs_pos_emb=False).eval()
+                             local_attn_window_size=args.window, use_abs_pos_emb=False, num_residual_streams=1).eval()
     prompt = torch.randint(0, 256, (1, 64))
     state = {}
 

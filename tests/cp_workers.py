@@ -78,9 +78,10 @@ def op_cases(rank: int, world: int, init_file: str, seed: int, count: int) -> No
         c = draw_op_config(gen, world)
         config, dtype, n_s = c["config"], c["dtype"], c["n_s"]
         n, b, h = n_s * world, 2, 2
+        h_kv = 1 if case % 2 else h  # every other case grouped-query attention
         torch.manual_seed(seed * 1000 + case)
-        q, k = (torch.randn(b, h, n, c["dim"], dtype=dtype) for _ in range(2))
-        v = torch.randn(b, h, n, c["dim_v"], dtype=dtype)
+        q, k = (torch.randn(b, heads, n, c["dim"], dtype=dtype) for heads in (h, h_kv))
+        v = torch.randn(b, h_kv, n, c["dim_v"], dtype=dtype)
         grad = torch.randn(b, h, n, c["dim_v"], dtype=dtype)
         mask = torch.rand(b, n) < 0.7 if c["mask"] else None
         w, span = config["window_size"], config["look_backward"] + config["look_forward"] + 1
@@ -96,7 +97,7 @@ def op_cases(rank: int, world: int, init_file: str, seed: int, count: int) -> No
                                    attn_bias=part_bias, backend=c["backend"], group=group, **config)
         part_out.backward(shard(grad, group, dim=2))
         described = dict(config, n_s=n_s, world=world, dtype=str(dtype), backend=c["backend"], mask=c["mask"],
-                         bias=c["bias"], case=case)
+                         bias=c["bias"], case=case, kv_heads=h_kv)
         close_enough("output", part_out, shard(out, group, dim=2), dtype, described)
         for name, leaf, part in zip("qkv", leaves, parts):
             close_enough(f"grad {name}", part.grad, shard(leaf.grad, group, dim=2), dtype, described)
@@ -161,7 +162,8 @@ def module_cases(rank: int, world: int, init_file: str, seed: int) -> None:
         n_s = gen.choice([2, w, 2 * w + 1])
         kwargs = dict(causal=causal, local_attn_window_size=w, use_xpos=case % 3 == 1, xpos_scale_base=16,
                       use_dynamic_pos_bias=case % 3 == 2, qk_rmsnorm=case >= 3, look_backward=gen.randint(1, 2),
-                      use_abs_pos_emb=case != 1, gate_values_per_head=case == 4)
+                      use_abs_pos_emb=case != 1, gate_values_per_head=case == 4,
+                      kv_heads=1 if case % 2 else None, num_residual_streams=1 + case % 3)
         if not causal:
             kwargs["look_forward"] = 1
         model = LocalTransformer(num_tokens=11, max_seq_len=n_s * world, dim=16, depth=2, heads=2, dim_head=8,

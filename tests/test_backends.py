@@ -38,8 +38,10 @@ def problems(draw, dtypes=(torch.float64, torch.float32, torch.bfloat16), max_w=
     w = draw(st.integers(1, max_w))
     spec = WindowSpec(w, causal, draw(st.integers(0, 2)), 0 if causal else draw(st.integers(0, 2)), draw(st.booleans()))
     n = draw(st.integers(1, min(3 * w + 5, 160)))
-    heads = draw(st.sampled_from([1, 2]))
+    heads = draw(st.sampled_from([1, 2, 4]))
     batch = draw(st.sampled_from([1, 2]))
+    # grouped-query attention: query heads per kv head (k, v get batch * heads / groups rows)
+    groups = draw(st.sampled_from([g for g in (1, 2, 4) if heads % g == 0]))
     d = draw(st.sampled_from([4, 8]))
     dv = draw(st.sampled_from([d, 6]))
     mask = None
@@ -54,7 +56,7 @@ def problems(draw, dtypes=(torch.float64, torch.float32, torch.bfloat16), max_w=
     if with_bias and draw(st.booleans()):
         bias = torch.randn(heads, w, spec.span * w, dtype=torch.float64)
     return dict(
-        spec=spec, n=n, P=batch * heads, d=d, dv=dv, mask=mask, key_scale=key_scale, attn_bias=bias,
+        spec=spec, n=n, P=batch * heads, P_kv=batch * heads // groups, d=d, dv=dv, mask=mask, key_scale=key_scale, attn_bias=bias,
         mask_self=with_bias and draw(st.booleans()), dtype=draw(st.sampled_from(dtypes)), seed=draw(st.integers(0, 99)),
     )
 
@@ -62,8 +64,9 @@ def problems(draw, dtypes=(torch.float64, torch.float32, torch.bfloat16), max_w=
 def _inputs(pb, requires_grad=True):
     g = torch.Generator().manual_seed(pb["seed"])
     P, n, d, dv, dtype = pb["P"], pb["n"], pb["d"], pb["dv"], pb["dtype"]
-    q, k = (torch.randn(P, n, d, generator=g).to(dtype).requires_grad_(requires_grad) for _ in range(2))
-    v = torch.randn(P, n, dv, generator=g).to(dtype).requires_grad_(requires_grad)
+    P_kv = pb.get("P_kv", P)
+    q, k = (torch.randn(rows, n, d, generator=g).to(dtype).requires_grad_(requires_grad) for rows in (P, P_kv))
+    v = torch.randn(P_kv, n, dv, generator=g).to(dtype).requires_grad_(requires_grad)
     bias = pb["attn_bias"]
     if bias is not None:
         bias = bias.to(dtype).requires_grad_(requires_grad)

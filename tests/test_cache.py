@@ -24,15 +24,16 @@ from windowed_attention import DynamicPositionBias, KVCache, LocalMHA, LocalTran
     shorter=st.integers(0, 11),
     fused=st.booleans(),
     seed=st.integers(0, 2**16),
+    kv_heads=st.sampled_from([1, 2, 4]),
 )
 def test_mha_cache_matches_full_forward(window, look_backward, exact, xpos, qk_rmsnorm, gates, shared_qk, bias,
-                                        prefix, shorter, fused, seed):
+                                        prefix, shorter, fused, seed, kv_heads):
     """Prefill (rows of different lengths: the second row's prompt is `shorter` tokens shorter) then decode
     token by token equals the full forward of each row; `fused` runs without autograd (the CPU kernel
     step), else with it (the torch step)."""
     torch.manual_seed(seed)
-    heads = 2
-    mha = LocalMHA(
+    heads = 4
+    mha = LocalMHA(kv_heads=kv_heads, 
         dim=12, dim_head=8, heads=heads, window_size=window, causal=True, look_backward=look_backward,
         exact_windowsize=exact, use_xpos=xpos and not bias, qk_rmsnorm=qk_rmsnorm,
         gate_values_per_head=gates, shared_qk=shared_qk, prenorm=True,
@@ -61,6 +62,20 @@ def test_mha_cache_matches_full_forward(window, look_backward, exact, xpos, qk_r
             torch.testing.assert_close(step[1, 0], full1[t - prefix + lengths[1]], rtol=1e-9, atol=1e-9)
             assert cache.k.shape[-2] <= mha.cache_capacity  # O(window), whatever t is
     assert cache.length == n and cache.positions.tolist() == [n, n - prefix + int(lengths[1])]
+    assert cache.k.shape[1] == kv_heads  # the cache holds the kv heads only
+
+
+
+def test_cache_bytes_scale_with_kv_heads():
+    x = torch.randn(1, 40, 32)
+    sizes = {}
+    for kv_heads in (1, 2, 4):
+        mha = LocalMHA(dim=32, dim_head=8, heads=4, kv_heads=kv_heads, window_size=8, causal=True)
+        _, cache = mha(x, return_cache=True)
+        sizes[kv_heads] = cache.nbytes()
+    # kv_heads * (key and value rings) + what does not depend on heads (each row's key bias)
+    per_head = sizes[2] - sizes[1]
+    assert per_head > 0 and sizes[4] - sizes[2] == 2 * per_head and sizes[1] - per_head < per_head
 
 
 def test_cache_cannot_branch():
@@ -86,7 +101,7 @@ def test_engine_decoding_after_prompts_longer_than_the_cache(options, prompt):
 
     torch.manual_seed(prompt)
     model = LocalTransformer(num_tokens=17, max_seq_len=64, dim=16, depth=2, heads=2, dim_head=8,
-                             local_attn_window_size=4, **options).double().eval()
+                             local_attn_window_size=4, num_residual_streams=1, **options).double().eval()
     tokens = torch.randint(0, 17, (2, prompt + 6))
     full = model(tokens)
     logits, caches = engine.prefill(model, tokens[:, :prompt])
@@ -108,6 +123,10 @@ def test_engine_decoding_after_prompts_longer_than_the_cache(options, prompt):
         dict(qk_rmsnorm=True, gate_values_per_head=True),
         dict(shared_qk=True, exact_windowsize=False, look_backward=2),
         dict(use_abs_pos_emb=False),
+        dict(num_residual_streams=1, kv_heads=1),
+        dict(num_residual_streams=2, kv_heads=1, qk_rmsnorm=True),
+        dict(global_attn_layer=torch.nn.Sequential(torch.nn.LayerNorm(32), torch.nn.Linear(32, 32))),
+        dict(global_attn_layer=torch.nn.Linear(32, 32), layers_insert_global_attn=(2,), num_residual_streams=1),
     ],
 )
 def test_generate_cached_equals_uncached(options):

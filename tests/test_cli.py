@@ -115,3 +115,33 @@ def test_console_entry_point_train_then_generate(tmp_path):
     bad = subprocess.run([*command, "generate", "--checkpoint", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_residual_streams_and_kv_heads_are_saved_and_used_by_generate_and_resume(tmp_path, capsys):
+    from windowed_attention.training.checkpoint import load_config
+
+    data = tmp_path / "data.txt"
+    data.write_text("grouped queries on residual streams, " * 400)
+    out = tmp_path / "run"
+    shape = ["--residual-streams", "2", "--kv-heads", "1", "--lr-decay-steps", "3"]
+    assert train_cli.main(["--out", str(out), "--data", str(data), "--steps", "2", *shape, *TINY]) == 0
+    model = json.loads((out / "config.json").read_text())["model"]
+    assert model["num_residual_streams"] == 2 and model["kv_heads"] == 1
+    assert generate_cli.main(["--checkpoint", str(out), "--prime", "grouped", "--length", "8", "--seed", "0"]) == 0
+    assert train_cli.main(["--out", str(out), "--data", str(data), "--steps", "3", "--resume", *shape, *TINY]) == 0
+    capsys.readouterr()
+    assert train_cli.main(["--out", str(out), "--steps", "4", "--resume", "--kv-heads", "2", "--no-progress"]) == 2
+    assert "--kv-heads" in capsys.readouterr().err
+    # a config.json written before these fields existed means one stream and kv_heads = heads
+    config = json.loads((out / "config.json").read_text())
+    for field in ("num_residual_streams", "kv_heads"):
+        del config["model"][field]
+    (out / "config.json").write_text(json.dumps(config))
+    model_config, _, _ = load_config(out)
+    assert model_config.num_residual_streams == 1 and model_config.kv_heads is None
+
+
+def test_kv_heads_must_divide_heads(tmp_path, capsys):
+    assert train_cli.main(["--out", str(tmp_path / "run"), "--heads", "4", "--kv-heads", "3", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--kv-heads" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -40,13 +40,15 @@ def _tokens(b=4, n=65):
     dict(bias=False, keep=False, key_scale=False, dropout=0.0, causal=True, exact=False),
     dict(bias=True, keep=True, key_scale=True, dropout=0.0, causal=True, exact=True),
     dict(bias=True, keep=True, key_scale=False, dropout=0.2, causal=False, exact=False),
+    dict(bias=True, keep=False, key_scale=True, dropout=0.0, causal=True, exact=False, kv_rows=1),  # GQA
 ])
 def test_opcheck_attention(options):
     g = torch.Generator().manual_seed(0)
     P, n, d, w = 4, 40, 8, 8
     look_forward = 0 if options["causal"] else 1
     span = 2 + look_forward
-    q, k, v = (torch.randn(P, n, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    kv_rows = options.get("kv_rows", P)
+    q, k, v = (torch.randn(rows, n, d, generator=g, dtype=torch.float64, requires_grad=True) for rows in (P, kv_rows, kv_rows))
     bias = torch.randn(2, w, span * w, generator=g, dtype=torch.float64, requires_grad=True) if options["bias"] else None
     keep = (torch.rand(2, n, generator=g) > 0.2).double() if options["keep"] else None
     key_scale = torch.rand(span, d, generator=g, dtype=torch.float64) + 0.5 if options["key_scale"] else None
@@ -75,8 +77,9 @@ def test_double_backward_through_the_fused_kernel_raises():
 
 def test_compiled_model_fullgraph_matches_eager():
     """No graph break (fullgraph=True) through the token check, the backend choice, rotary and the fused
-    kernel; loss and gradients equal the eager ones."""
-    model = _tiny()
+    kernel; loss and gradients equal the eager ones (4 residual streams, the default, and GQA)."""
+    model = _tiny(kv_heads=1)
+    assert model.num_residual_streams == 4
     x = _tokens()
     loss = model(x, return_loss=True)
     loss.backward()

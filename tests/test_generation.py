@@ -22,6 +22,10 @@ OPTIONS = [
     dict(gate_values_per_head=True),
     dict(shared_qk=True),
     dict(use_abs_pos_emb=False, look_backward=2, qk_rmsnorm=True),
+    dict(num_residual_streams=1),
+    dict(kv_heads=1),
+    dict(kv_heads=1, num_residual_streams=1, use_dynamic_pos_bias=True),
+    dict(num_residual_streams=3, kv_heads=1, use_xpos=True),
 ]
 
 
@@ -142,7 +146,7 @@ def test_rolling_cache_stays_bounded_past_max_seq_len():
     assert len(tokens) == 400 and all(t.shape == (2, 1) for t in tokens)
     assert len(sizes) == 1  # the same buffers from first to last token
     assert lengths[-1] == 7 + 399
-    capacity = model.layers[0][0].cache_capacity
+    capacity = model.layers[0][0].branch.cache_capacity
     # depth * ((k, v) * b * h * d + b key-bias entries) * 2 copies of (capacity + 1) slots * 4 bytes
     assert sizes.pop() == 2 * (2 * 2 * 2 * 16 + 2) * 2 * (capacity + 1) * 4
 
@@ -232,7 +236,7 @@ def test_decode_runs_the_modules_own_forward():
     assert importlib.util.find_spec("windowed_attention.generation.decoder") is None
     model = tiny()
     calls = []
-    model.layers[0][0].register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
+    model.layers[0][0].branch.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
     generate(model, torch.randint(0, 40, (2, 5)), 4)
     assert calls == [(2, 5, 32)] + [(2, 1, 32)] * 3
 

@@ -128,7 +128,10 @@ def test_xpos_is_finite_and_window_relative_at_a_million_positions():
         (lambda: small_model(num_tokens=0), "num_tokens"),
         (lambda: small_model(local_attn_window_size=0), "window_size"),
         (lambda: small_model(attn_dropout=2.0), "dropout"),
-        (lambda: small_model(num_residual_streams=4), "num_residual_streams"),
+        (lambda: small_model(num_residual_streams=0), "num_residual_streams"),
+            (lambda: small_model(layers_insert_global_attn=(0,)), "layers_insert_global_attn"),
+            (lambda: small_model(global_attn_layer="x"), "global_attn_layer"),
+            (lambda: small_model(kv_heads=3), "kv_heads"),
     ],
 )
 def test_constructor_errors_name_the_argument(build, name):
@@ -204,3 +207,110 @@ def test_validation_survives_python_O():
     result = subprocess.run([sys.executable, "-O", "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "all raised" in result.stdout
+
+
+# -- grouped-query attention, residual streams, global layers, the backbone ----------------------------
+
+
+def test_grouped_query_mha_equals_full_mha_with_repeated_kv_projections():
+    """kv_heads=h_kv: query head i uses kv head i // (heads // kv_heads), as a full model whose k, v
+    projections repeat those heads."""
+    torch.manual_seed(0)
+    kw = dict(dim=24, dim_head=6, heads=4, window_size=5, causal=True, prenorm=True, qk_rmsnorm=True,
+              gate_values_per_head=True)
+    grouped, full = LocalMHA(kv_heads=2, **kw).double(), LocalMHA(**kw).double()
+    state = grouped.state_dict()
+    wq, wk, wv = state.pop("to_qkv.weight").split((24, 12, 12))
+    repeat = lambda w: w.view(2, 6, 24).repeat_interleave(2, dim=0).reshape(24, 24)  # noqa: E731
+    full.load_state_dict({**state, "to_qkv.weight": torch.cat((wq, repeat(wk), repeat(wv)))})
+    assert grouped.to_qkv.weight.shape == (6 * (4 + 2 * 2), 24)
+    x = torch.randn(2, 23, 24, dtype=torch.float64)
+    torch.testing.assert_close(grouped(x), full(x), rtol=1e-10, atol=1e-10)
+
+
+def test_global_layers_are_deep_copies_at_the_chosen_layers_wrapped_like_the_blocks():
+    layer = torch.nn.Linear(16, 16)
+    model = small_model(depth=3, global_attn_layer=layer, layers_insert_global_attn=(1, 3))
+    present = [g is not None for g in model.global_layers]
+    assert present == [True, False, True]
+    copies = [model.global_layers[0].branch, model.global_layers[2].branch]
+    assert all(c is not layer for c in copies) and copies[0].weight is not copies[1].weight
+    assert {"static_alpha", "dynamic_alpha_fn"} <= {name for name, _ in model.global_layers[0].named_parameters()}
+    assert len(small_model(depth=3, global_attn_layer=layer).global_layers) == 3  # default: every layer
+    x = torch.randint(0, 32, (2, 20))
+    with pytest.raises(ValueError, match="global_attn_layer"):
+        model(x, return_cache=True)
+    assert model(x).shape == (2, 20, 32)
+
+
+def test_backbone_mode_maps_features_to_features():
+    torch.manual_seed(0)
+    model = small_model(num_tokens=None)
+    assert model.token_emb is None and model.pos_emb is None and model.to_logits is None
+    x = torch.randn(2, 30, 16)
+    assert model(x).shape == (2, 30, 16)
+    with pytest.raises(TypeError, match="num_tokens=None"):
+        model(torch.zeros(2, 30, dtype=torch.long))
+    with pytest.raises(ValueError, match="dim"):
+        model(torch.randn(2, 30, 8))
+    with pytest.raises(ValueError, match="num_tokens=None"):
+        model(x, return_loss=True)
+    with pytest.raises(ValueError, match="num_tokens=None"):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), 3)
+    # cached decoding of features equals the full forward
+    causal = small_model(num_tokens=None).double().eval()
+    x = torch.randn(1, 25, 16, dtype=torch.float64)
+    full = causal(x)
+    out, cache = causal(x[:, :10], return_cache=True)
+    for t in range(10, 25):
+        step, cache = causal(x[:, t:t + 1], cache=cache, return_cache=True)
+        torch.testing.assert_close(step[:, 0], full[:, t], rtol=1e-9, atol=1e-9)
+
+
+def test_checkpoints_of_one_stream_load_in_either_key_layout_and_stream_counts_must_match():
+    torch.manual_seed(0)
+    one = small_model(num_residual_streams=1)
+    x = torch.randint(0, 32, (2, 20))
+    # this package's checkpoints from before blocks were wrapped had no `.branch.` in their keys
+    old = {key.replace(".branch.", "."): value for key, value in one.state_dict().items()}
+    assert not any(".branch." in key for key in old)
+    again = small_model(num_residual_streams=1)
+    again.load_state_dict(old, strict=True)
+    torch.testing.assert_close(again(x), one(x))
+    with pytest.raises(ValueError, match="num_residual_streams=1"):
+        small_model(num_residual_streams=4).load_state_dict(one.state_dict())
+    with pytest.raises(ValueError, match="num_residual_streams=4"):
+        one.load_state_dict(small_model(num_residual_streams=4).state_dict())
+
+
+def test_residual_streams_start_as_a_plain_residual_and_learn():
+    """At initialisation the dynamic parts are zero: each block reads one stream and adds its output to
+    every stream, so the model is a (scaled) plain residual; the stream weights get gradients."""
+    torch.manual_seed(0)
+    model = small_model(num_residual_streams=3)
+    reads = [block.static_alpha[:, 0].argmax().item() for pair in model.layers for block in pair]
+    assert reads == [0, 1, 2, 0]  # block b starts reading stream b % s
+    model(torch.randint(0, 32, (2, 20)), return_loss=True).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+    assert model.layers[0][0].dynamic_alpha_fn.grad.abs().sum() > 0
+
+
+def test_hyper_connection_hand_written_backwards_pass_gradcheck():
+    from windowed_attention.residual import HyperConnection, StreamNorm
+
+    torch.manual_seed(0)
+    block = HyperConnection(3, dim=6, branch=torch.nn.Linear(6, 6)).double()
+    with torch.no_grad():
+        for param in block.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    h = torch.randn(2, 4, 3, 6, dtype=torch.float64, requires_grad=True)
+    params = [h, *block.parameters()]
+    assert torch.autograd.gradcheck(lambda h, *_: block(h), params)
+    # the folded norm is the module's plain formula
+    norm = block.norm
+    weights = torch.cat((block.dynamic_alpha_fn, block.dynamic_beta_fn[:, None]), dim=1)
+    from windowed_attention.residual import _NormedProjection
+
+    folded = _NormedProjection.apply(h.reshape(-1, 3, 6), weights * (norm.gamma + 1)[:, None], norm.scale)
+    torch.testing.assert_close(folded, StreamNorm.forward(norm, h.reshape(-1, 3, 6)) @ weights)

@@ -192,6 +192,68 @@ def test_low_precision_forward_matches_oracle(case, dtype, backend):
     torch.testing.assert_close(out.to(torch.float64), ref, **LOW_PRECISION_TOL[dtype])
 
 
+# -- grouped-query attention: k, v with fewer heads than q ------------------------------------------
+
+GQA_LEADING = [(2,), (4,), (6,), (2, 4), (1, 6), (2, 2, 4)]  # the last leading dim is the head dim
+
+
+@st.composite
+def grouped_cases(draw):
+    """A drawn case whose head dim (the one before n) has a kv head count dividing it."""
+    case = draw(cases(max_n=70))
+    case.lead = draw(st.sampled_from(GQA_LEADING))
+    heads = case.lead[-1]
+    kv_heads = draw(st.sampled_from([x for x in _divisors(heads) if x < heads]))
+    if case.mask_batch is not None:
+        case.mask_batch = _batch_sizes(draw, case.packed)
+    if case.bias_heads is not None:
+        case.bias_heads = _batch_sizes(draw, case.packed)
+    case.k_is_q = False
+    return case, kv_heads
+
+
+@settings(max_examples=_few(2))
+@given(drawn=grouped_cases(), backend=st.sampled_from(ORACLE_BACKENDS))
+def test_grouped_query_attention_matches_oracle_with_repeated_heads(drawn, backend):
+    """q (..., h, n, d) with k, v (..., h_kv, n, d): query head i uses kv head i // (h // h_kv), and the
+    k, v gradients are summed over the heads that share them (the oracle repeats the heads)."""
+    case, kv_heads = drawn
+    q, k, v, mask, bias = case.tensors(torch.float64)
+    group = case.lead[-1] // kv_heads
+    k, v = k[..., ::group, :, :].clone(), v[..., ::group, :, :].clone()  # (..., h_kv, n, d)
+    leaves = [t.requires_grad_(True) for t in (q, k, v)]
+    try:
+        out = local_attention(q, k, v, mask=mask, attn_bias=bias, backend=backend, **case.kwargs)
+    except ValueError as error:
+        if backend not in ("auto", "reference") and str(error).startswith(f"backend {backend!r}"):
+            reject()  # an explicit backend that does not support these options says so
+        raise
+    oracle_leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    oq, ok, ov = oracle_leaves
+    ref = oracle_attention(oq, ok.repeat_interleave(group, dim=-3), ov.repeat_interleave(group, dim=-3), mask=mask,
+                           attn_bias=bias, **case.kwargs)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-9)
+    upstream = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(case.seed + 1))
+    (out * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    for name, a, b in zip("qkv", leaves, oracle_leaves):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-9, rtol=1e-8, msg=lambda m: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_query_attention_in_low_precision(backend, dtype):
+    if backend not in ORACLE_BACKENDS:
+        pytest.skip(f"{backend} is not available here")
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 8, 100, 16, generator=g).to(dtype)
+    k, v = (torch.randn(2, 2, 100, 16, generator=g).to(dtype) for _ in range(2))
+    kw = dict(window_size=16, causal=True, look_backward=2, exact_windowsize=True)
+    out = local_attention(q, k, v, backend=backend, **kw)
+    ref = oracle_attention(q, k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1), **kw)
+    torch.testing.assert_close(out.double(), ref, **LOW_PRECISION_TOL[dtype])
+
+
 @settings(max_examples=_few(3))
 @given(case=cases(max_n=20), backend=st.sampled_from(BACKENDS))
 def test_gradcheck(case, backend):
@@ -451,6 +513,10 @@ BAD_CALLS = [
     ("attn_bias", dict(attn_bias=torch.randn(W, 3 * W))),
     ("attn_bias", dict(attn_bias=torch.ones(2, W, 3 * W, dtype=torch.int64))),
     ("attn_bias", dict(attn_bias="bias")),
+    ("k", dict(k=torch.randn(2, 3, N, D), v=torch.randn(2, 3, N, D))),  # 3 kv heads do not divide 2
+    ("k", dict(k=torch.randn(1, 1, N, D), v=torch.randn(1, 1, N, D))),  # only the head dim may differ
+    ("k", dict(k=torch.randn(2, 1, N + 1, D), v=torch.randn(2, 1, N + 1, D))),
+    ("v", dict(k=torch.randn(2, 1, N, D), v=torch.randn(2, 2, N, D))),  # v must have k's heads
 ]
 
 

@@ -86,7 +86,7 @@ def test_transformer_loads_and_matches_local_attention_single_stream():
     torch.manual_seed(0)
     kw = dict(num_tokens=50, max_seq_len=64, dim=32, depth=2, heads=2, dim_head=16, local_attn_window_size=8)
     theirs = la.LocalTransformer(**kw, num_residual_streams=1)
-    ours = LocalTransformer(**kw)
+    ours = LocalTransformer(**kw, num_residual_streams=1)
     ours.load_state_dict(theirs.state_dict())
     x = torch.randint(0, 50, (2, 64))
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
@@ -178,7 +178,7 @@ def test_deviation_cached_decoding_does_not_drift():
     torch.manual_seed(0)
     kw = dict(num_tokens=64, max_seq_len=128, dim=32, depth=2, heads=2, dim_head=16, local_attn_window_size=8)
     theirs = la.LocalTransformer(**kw, num_residual_streams=1).eval()
-    ours = LocalTransformer(**kw).eval()
+    ours = LocalTransformer(**kw, num_residual_streams=1).eval()
     ours.load_state_dict(theirs.state_dict())
     x = torch.randint(0, 64, (1, 40))
 
@@ -201,7 +201,7 @@ def test_deviation_cached_decoding_uses_qk_rmsnorm_scale():
     kw = dict(num_tokens=64, max_seq_len=64, dim=32, depth=1, heads=2, dim_head=16, local_attn_window_size=8,
               qk_rmsnorm=True)
     theirs = la.LocalTransformer(**kw, num_residual_streams=1).eval()
-    ours = LocalTransformer(**kw).eval()
+    ours = LocalTransformer(**kw, num_residual_streams=1).eval()
     ours.load_state_dict(theirs.state_dict())
     x = torch.randint(0, 64, (1, 21))
     _, cache = theirs(x[:, :20], return_cache=True)
@@ -224,3 +224,100 @@ def test_deviation_top_k_keeps_at_least_one_token():
     assert torch.equal(kept.argmax(-1), logits.argmax(-1)) and torch.isfinite(kept).sum() == 2
     wide = torch.randn(2, 256)
     torch.testing.assert_close(top_k(wide, 0.9), their_top_k(wide, 0.9))  # same count otherwise
+
+
+# ---- local-attention 1.11's LocalTransformer: hyper-connections, global layers, the backbone ----------
+
+
+class CausalGlobalAttention(torch.nn.Module):
+    """A user's global layer for the tests: dense causal single-head attention on (b, n, dim)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.to_qkv = torch.nn.Linear(dim, 3 * dim, bias=False)
+
+    def forward(self, x):
+        q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _perturb_streams(model, seed=0):
+    """Move the hyper-connection weights off their initial values (dynamic parts start at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(part in name for part in ("alpha", "beta", "gamma")):
+                param.add_(0.3 * torch.randn(param.shape, generator=g))
+
+
+@pytest.mark.parametrize("streams", [2, 4])
+def test_hyper_connection_matches_the_hyper_connections_package(streams):
+    from einops import rearrange
+    from hyper_connections import get_init_and_expand_reduce_stream_functions
+
+    from windowed_attention.residual import HyperConnection
+
+    torch.manual_seed(0)
+    init, expand, reduce = get_init_and_expand_reduce_stream_functions(streams)  # as local-attention calls it
+    theirs = init(dim=16, branch=torch.nn.Sequential(torch.nn.LayerNorm(16), torch.nn.Linear(16, 16)))
+    _perturb_streams(theirs)
+    ours = HyperConnection(streams, dim=16, branch=torch.nn.Sequential(torch.nn.LayerNorm(16), torch.nn.Linear(16, 16)))
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    h = torch.randn(3, 7, streams, 16, requires_grad=True)  # ours: (b, n, s, d); theirs: ((b s), n, d)
+    their_h = rearrange(h.detach(), "b n s d -> (b s) n d").requires_grad_(True)
+    out, their_out = ours(h), rearrange(theirs(their_h), "(b s) n d -> b n s d", s=streams)
+    torch.testing.assert_close(out, their_out)
+    weights = torch.randn(out.shape)
+    (out * weights).sum().backward()
+    (their_out * weights).sum().backward()
+    torch.testing.assert_close(h.grad, rearrange(their_h.grad, "(b s) n d -> b n s d", s=streams))
+    their_params = dict(theirs.named_parameters())
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param.grad, their_params[name].grad, msg=lambda m: f"{name}: {m}")
+
+
+TRANSFORMER_OPTIONS = [
+    dict(),  # local-attention's defaults: 4 residual streams
+    dict(num_residual_streams=2, qk_rmsnorm=True, gate_values_per_head=True, look_backward=2),
+    dict(use_dynamic_pos_bias=True),
+    dict(use_xpos=True, exact_windowsize=False),
+    dict(global_attn_layer=CausalGlobalAttention(32)),
+    dict(global_attn_layer=CausalGlobalAttention(32), layers_insert_global_attn=(2,), num_residual_streams=1),
+    dict(num_tokens=None),
+    dict(num_tokens=None, global_attn_layer=torch.nn.Linear(32, 32), num_residual_streams=3),
+]
+
+
+@pytest.mark.parametrize("options", TRANSFORMER_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
+def test_transformer_loads_and_matches_local_attention(options):
+    """State dicts of local-attention 1.11 models load with strict=True; logits (or backbone features),
+    loss and every parameter's gradient agree."""
+    torch.manual_seed(0)
+    kw = {**dict(num_tokens=50, max_seq_len=64, dim=32, depth=2, heads=2, dim_head=16, local_attn_window_size=8),
+          **options}
+    # float64: local-attention computes rotary angles in float32 (ours in float64), ~1e-7 apart; its
+    # DynamicPositionBias runs only in float32
+    dtype = torch.float32 if kw.get("use_dynamic_pos_bias") else torch.float64
+    tol = 1 if dtype == torch.float64 else 20
+    theirs = la.LocalTransformer(**kw).to(dtype)
+    _perturb_streams(theirs)
+    ours = LocalTransformer(**kw).to(dtype)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    if kw["num_tokens"] is None:
+        x = torch.randn(2, 64, 32, dtype=dtype)
+        out, their_out = ours(x), theirs(x)
+        weights = torch.randn(out.shape, dtype=dtype)
+        loss, their_loss = (out * weights).mean(), (their_out * weights).mean()
+    else:
+        x = torch.randint(0, 50, (2, 64))
+        out, their_out = ours(x), theirs(x)
+        loss, their_loss = ours(x, return_loss=True), theirs(x, return_loss=True)
+    torch.testing.assert_close(out, their_out, rtol=tol * 1e-5, atol=tol * 1e-5)
+    torch.testing.assert_close(loss, their_loss, rtol=tol * 1e-6, atol=tol * 1e-6)
+    loss.backward()
+    their_loss.backward()
+    their_params = dict(theirs.named_parameters())
+    assert set(their_params) == {name for name, _ in ours.named_parameters()}
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param.grad, their_params[name].grad, rtol=tol * 1e-4, atol=tol * 1e-6,
+                                   msg=lambda m: f"grad of {name}: {m}")

@@ -137,6 +137,7 @@ class LocalAttention(nn.Module):
         rank, world = group_info(group) if group is not None else (0, 1)
         if q.shape[-2] == 0 and group is None:
             return q.new_zeros(*q.shape[:-1], v.shape[-1], dtype=result_dtype(q.dtype, q.device.type))
+        kv_lead = tuple(k.shape[:-2])  # fewer heads than q with grouped-query attention
         lead, (q, k, v) = pack_leading(q, k, v)
         packed, n, d = q.shape
         if not self.autopad and (n * world) % spec.window_size:
@@ -170,7 +171,7 @@ class LocalAttention(nn.Module):
             return out
         # the cache holds keys at their positions: rotated, without xpos (applied by distance when attending)
         k_at = k_at if key_scale is None else self._positions(k, k, spec, xpos=False)[1]
-        return out, self._new_cache(unpack_leading(k_at, lead), unpack_leading(v, lead), mask, attn_bias)
+        return out, self._new_cache(unpack_leading(k_at, kv_lead), unpack_leading(v, kv_lead), mask, attn_bias)
 
     def _signature(self, dtype, device) -> tuple:
         """What a cache built by this layer depends on: another layer with the same one can use it."""

@@ -17,6 +17,8 @@ class LocalMHA(nn.Module):
 
     `exact_windowsize` defaults to True. `qk_rmsnorm` l2-normalises q and k, multiplies them by learned
     per-channel scales and uses `qk_scale` as the attention scale. `dropout` drops attention weights.
+    `kv_heads` (default `heads`, must divide it) is grouped-query attention: keys and values get
+    `kv_heads` heads, query head `i` uses kv head `i // (heads // kv_heads)`, and the cache holds `kv_heads`.
     With `return_cache=True` (causal only) the forward also returns a `KVCache`; passing it back as
     `cache` with the next single token `x` `(b, 1, dim)` gives exactly that token's output of a full
     forward over the whole sequence, in O(window) time and memory. Rows may hold sequences of different
@@ -39,6 +41,7 @@ class LocalMHA(nn.Module):
         xpos_scale_base=None,
         exact_windowsize: bool | None = None,
         gate_values_per_head: bool = False,
+        kv_heads: int | None = None,
         **kwargs,
     ):
         super().__init__()
@@ -48,12 +51,17 @@ class LocalMHA(nn.Module):
         qk_scale = check_positive_real("qk_scale", qk_scale, MAX_SCALE)
         if kwargs.get("use_rotary_pos_emb", True) and dim_head % 2:
             raise ValueError(f"dim_head must be even for rotary embeddings (or pass use_rotary_pos_emb=False), got {dim_head}")
+        kv_heads = heads if kv_heads is None else check_int("kv_heads", kv_heads, 1)
+        if heads % kv_heads:
+            raise ValueError(f"kv_heads must divide heads ({heads}), got {kv_heads}")
         exact_windowsize = True if exact_windowsize is None else exact_windowsize
         inner = dim_head * heads
 
-        self.heads, self.causal = heads, causal
+        self.heads, self.kv_heads, self.causal = heads, kv_heads, causal
         self.norm = nn.LayerNorm(dim) if prenorm else None
-        self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
+        # one projection for q, k, v ((heads + 2 kv_heads) * dim_head outputs: local-attention's layout when
+        # kv_heads == heads)
+        self.to_qkv = nn.Linear(dim, dim_head * (heads + 2 * kv_heads), bias=False)
         if self.qk_rmsnorm:
             self.q_scale = nn.Parameter(torch.ones(dim_head))
             self.k_scale = nn.Parameter(torch.ones(dim_head))
@@ -66,6 +74,17 @@ class LocalMHA(nn.Module):
         self.window_size, self.exact_windowsize = self.attn_fn.window_size, self.attn_fn.exact_windowsize
         self.to_v_gate = nn.Sequential(nn.Linear(dim, heads)) if gate_values_per_head else None
         self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def _project(self, h):
+        """`h` `(b, n, dim)` -> `q` `(b, heads, n, d)`, `k, v` `(b, kv_heads, n, d)`."""
+        qkv = self.to_qkv(h)
+        if self.kv_heads == self.heads:
+            return qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # 3 x (b, h, n, d)
+        d = qkv.shape[-1] // (self.heads + 2 * self.kv_heads)
+        q, k, v = qkv.split((self.heads * d, self.kv_heads * d, self.kv_heads * d), dim=-1)
+        q = q.unflatten(-1, (self.heads, d)).transpose(1, 2)  # (b, h, n, d)
+        k, v = (t.unflatten(-1, (self.kv_heads, d)).transpose(1, 2) for t in (k, v))
+        return q, k, v
 
     @property
     def cache_capacity(self) -> int:
@@ -90,7 +109,7 @@ class LocalMHA(nn.Module):
             raise ValueError(f"with cache, x must hold exactly one new position (b, 1, dim), got {tuple(x.shape)}")
 
         h = self.norm(x) if self.norm is not None else x
-        q, k, v = self.to_qkv(h).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # 3 x (b, h, n, d)
+        q, k, v = self._project(h)
         if self.qk_rmsnorm:
             q = F.normalize(q, dim=-1) * self.q_scale
             k = F.normalize(k, dim=-1) * self.k_scale

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from copy import deepcopy
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -14,32 +16,62 @@ from .ops.validation import check_bool, check_int, check_positive_real
 from .parallel import agree, cross_entropy, group_info, next_tokens
 from .position_bias import DynamicPositionBias
 from .generation import engine
+from .residual import HYPER_CONNECTION_PARAMETERS, expand_streams, reduce_streams, wrap
 from .sampling import check_sampling
 
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def _from_single_stream_residuals(state_dict, prefix, *args):
-    """Accept local-attention checkpoints made with `num_residual_streams=1`: their blocks are wrapped in
-    a `Residual` whose parameters sit under `.branch.`."""
-    for key in [key for key in state_dict if key.startswith(prefix + "layers.") and ".branch." in key]:
-        state_dict[key.replace(".branch.", ".", 1)] = state_dict.pop(key)
+def _check_global_layers(layers, depth: int) -> set[int]:
+    """`layers_insert_global_attn`: 1-indexed layers (None: all of them)."""
+    if layers is None:
+        return set(range(1, depth + 1))
+    try:
+        chosen = list(layers)
+    except TypeError:
+        raise TypeError(f"layers_insert_global_attn must be a tuple of layer numbers in [1, depth], got {layers!r}") from None
+    for layer in chosen:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= depth:
+            raise ValueError(f"layers_insert_global_attn must hold layer numbers in [1, depth = {depth}] (1-indexed), got {layers!r}")
+    return set(chosen)
+
+
+def _upgrade_state_dict(model, state_dict, prefix, *args):
+    """Before loading: accept checkpoints of this package saved before blocks were wrapped (keys
+    `layers.i.j.<param>`, now `layers.i.j.branch.<param>`), and say plainly when the checkpoint has another
+    number of residual streams than the model (instead of a list of unexpected keys)."""
+    head = prefix + "layers."
+    found = state_dict.get(head + "0.0.static_alpha")
+    streams = 1 if found is None else found.shape[0]
+    if streams != model.num_residual_streams and any(key.startswith(head + "0.0.") for key in state_dict):
+        raise ValueError(
+            f"the state dict has {streams} residual stream(s); build the model with num_residual_streams={streams} "
+            f"(it has {model.num_residual_streams})"
+        )
+    for key in [key for key in state_dict if key.startswith(head)]:
+        layer, block, rest = key[len(head):].split(".", 2)
+        if not rest.startswith("branch.") and rest not in HYPER_CONNECTION_PARAMETERS:
+            state_dict[f"{head}{layer}.{block}.branch.{rest}"] = state_dict.pop(key)
 
 
 class LocalTransformer(nn.Module):
-    """Token embedding (+ learned absolute positions), `depth` x pre-norm residual [LocalMHA, FeedForward],
-    final LayerNorm and logits (drop-in for local-attention's class, with one residual stream).
+    """Token embedding (+ learned absolute positions), `depth` x [LocalMHA, FeedForward] residual blocks
+    (pre-norm), final LayerNorm and logits: drop-in for local-attention 1.11's class.
 
-    `use_dynamic_pos_bias` replaces rotary embeddings by a learned bias of the distance.
-    `use_abs_pos_emb=False` drops the absolute position embedding (rotary only), which lets the model
-    run and generate past `max_seq_len`. Extra keywords (`look_backward`, `qk_rmsnorm`, ...) go to every
-    `LocalMHA`.
+    `num_residual_streams` (default 4, as local-attention) runs the blocks on hyper-connection residual
+    streams (`residual.py`); 1 is a plain residual. `global_attn_layer` (any module on `(b, n, dim)`) is
+    deep-copied before the attention of each layer in `layers_insert_global_attn` (1-indexed, default
+    all) and wrapped like the other blocks. `num_tokens=None` is the backbone: features `(b, n, dim)` in,
+    features out (no embeddings, no logits). `use_dynamic_pos_bias` replaces rotary embeddings by a
+    learned bias of the distance. `use_abs_pos_emb=False` drops the absolute position embedding (rotary
+    only), which lets the model run and generate past `max_seq_len`. Extra keywords (`look_backward`,
+    `qk_rmsnorm`, `kv_heads`, ...) go to every `LocalMHA`.
     """
 
     def __init__(
         self,
         *,
-        num_tokens: int,
+        num_tokens: int | None,
         max_seq_len: int,
         dim: int,
         depth: int,
@@ -54,45 +86,54 @@ class LocalTransformer(nn.Module):
         use_xpos: bool = False,
         xpos_scale_base=None,
         use_dynamic_pos_bias: bool = False,
+        global_attn_layer: nn.Module | None = None,
+        layers_insert_global_attn=None,
+        num_residual_streams: int = 4,
         use_abs_pos_emb: bool = True,
-        num_residual_streams: int = 1,
         **kwargs,
     ):
         super().__init__()
-        self.num_tokens = check_int("num_tokens", num_tokens, 1)
+        self.num_tokens = None if num_tokens is None else check_int("num_tokens", num_tokens, 1)
         self.max_seq_len = check_int("max_seq_len", max_seq_len, 1)
         dim, depth = check_int("dim", dim, 1), check_int("depth", depth, 1)
         ff_mult = check_positive_real("ff_mult", ff_mult)
+        self.dim = dim
         self.causal = check_bool("causal", causal)
         self.use_abs_pos_emb = check_bool("use_abs_pos_emb", use_abs_pos_emb)
         use_dynamic_pos_bias = check_bool("use_dynamic_pos_bias", use_dynamic_pos_bias)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-        if num_residual_streams != 1:
-            raise ValueError(f"num_residual_streams must be 1 (hyper-connections are not supported), got {num_residual_streams!r}")
+        self.num_residual_streams = streams = check_int("num_residual_streams", num_residual_streams, 1)
+        if global_attn_layer is not None and not isinstance(global_attn_layer, nn.Module):
+            raise TypeError(f"global_attn_layer must be a torch.nn.Module or None, got {type(global_attn_layer).__name__}")
+        global_at = _check_global_layers(layers_insert_global_attn, depth)
         self.ignore_index = ignore_index
         self.local_attn_window_size = local_attn_window_size
 
-        self.token_emb = nn.Embedding(num_tokens, dim)
-        self.pos_emb = nn.Embedding(max_seq_len, dim) if self.use_abs_pos_emb else None
-        self.layers = nn.ModuleList(
-            nn.ModuleList([
-                LocalMHA(
-                    dim=dim, dim_head=dim_head, heads=heads, dropout=attn_dropout, causal=causal,
-                    window_size=local_attn_window_size, use_xpos=use_xpos, xpos_scale_base=xpos_scale_base,
-                    use_rotary_pos_emb=not use_dynamic_pos_bias, prenorm=True, **kwargs,
-                ),
-                FeedForward(dim=dim, mult=ff_mult, dropout=ff_dropout),
-            ])
-            for _ in range(depth)
-        )
+        has_tokens = self.num_tokens is not None
+        self.token_emb = nn.Embedding(num_tokens, dim) if has_tokens else None
+        self.pos_emb = nn.Embedding(max_seq_len, dim) if has_tokens and self.use_abs_pos_emb else None
+        blocks = iter(range(3 * depth))  # block index: which stream a hyper-connection starts reading
+        self.global_layers = nn.ModuleList()
+        self.layers = nn.ModuleList()
+        for layer in range(1, depth + 1):
+            has_global = global_attn_layer is not None and layer in global_at
+            self.global_layers.append(wrap(deepcopy(global_attn_layer), streams, dim, next(blocks)) if has_global else None)
+            attn = LocalMHA(
+                dim=dim, dim_head=dim_head, heads=heads, dropout=attn_dropout, causal=causal,
+                window_size=local_attn_window_size, use_xpos=use_xpos, xpos_scale_base=xpos_scale_base,
+                use_rotary_pos_emb=not use_dynamic_pos_bias, prenorm=True, **kwargs,
+            )
+            ff = FeedForward(dim=dim, mult=ff_mult, dropout=ff_dropout)
+            self.layers.append(nn.ModuleList([wrap(attn, streams, dim, next(blocks)), wrap(ff, streams, dim, next(blocks))]))
+        self.has_global_layers = any(layer is not None for layer in self.global_layers)
         self.dynamic_pos_bias = DynamicPositionBias(dim=dim // 2 or 1, heads=heads) if use_dynamic_pos_bias else None
-        self.to_logits = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_tokens, bias=False))
-        self._register_load_state_dict_pre_hook(_from_single_stream_residuals)
+        self.to_logits = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_tokens, bias=False)) if has_tokens else None
+        self.register_load_state_dict_pre_hook(_upgrade_state_dict)
 
     @property
     def spec(self):
-        return self.layers[0][0].attn_fn.spec
+        return self.layers[0][0].branch.attn_fn.spec
 
     def _check_tokens(self, x, name: str = "x") -> None:
         if not isinstance(x, torch.Tensor) or x.dtype not in INT_DTYPES:
@@ -114,24 +155,45 @@ class LocalTransformer(nn.Module):
         w = spec.window_size
         return self.dynamic_pos_bias(w, spec.span * w, offset=spec.look_backward * w)
 
+    def _check_features(self, x) -> None:
+        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+            raise TypeError(f"x must be a float tensor of features (b, n, dim) when num_tokens=None, got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape (b, n, dim = {self.dim}) when num_tokens=None, got {tuple(x.shape)}")
+
     def forward(self, x, mask=None, return_loss: bool = False, cache: list[KVCache] | None = None,
                 return_cache: bool = False, group=None):
         """`x` `(b, n)` token ids -> logits `(b, n, num_tokens)`, or the mean next-token cross-entropy
-        (ignoring `ignore_index`) with `return_loss`. `mask` `(b, n)` bool marks real tokens.
+        (ignoring `ignore_index`) with `return_loss`. `mask` `(b, n)` bool marks real tokens. With
+        `num_tokens=None` (the backbone), `x` `(b, n, dim)` features -> features `(b, n, dim)`.
 
         Decoding: with `return_cache=True` the per-layer caches come back too (`mask` may then mark right
         padding: prompts of different lengths); pass them as `cache` with `x` holding only the next token
         of every row `(b, 1)` to get its logits in O(window) work. Training, prefill and decode run this
-        same block loop.
+        same block loop. Not with global layers: a general module's output at the new
+        position depends on every earlier position (`generate` then recomputes the sequence at each step).
 
         Context parallelism: with a process `group`, `x` (and `mask`) is this rank's shard of the tokens
         (rank `r` holds positions `r * n .. (r + 1) * n - 1`, which the position embeddings see); the logits
         are this rank's slice, and the loss is the single-process loss of the whole sequence, on every
-        rank (its gradients summed over the group are the single-process ones).
+        rank (its gradients summed over the group are the single-process ones). Not with global layers
+        (a general module would see only this rank's shard).
         """
-        self._check_tokens(x)
+        if self.token_emb is None:
+            self._check_features(x)
+            if return_loss:
+                raise ValueError("return_loss needs token ids and logits: the model was built with num_tokens=None (a backbone)")
+        else:
+            self._check_tokens(x)
+        if (cache is not None or return_cache) and self.has_global_layers:
+            raise ValueError(
+                "cache and return_cache cannot be used with global_attn_layer: a general module's output at a new "
+                "position depends on all earlier ones (generate recomputes the sequence instead)"
+            )
         rank, world = (0, 1) if group is None else group_info(group)
         if group is not None:
+            if self.has_global_layers:
+                raise ValueError("group cannot be combined with global_attn_layer: a general module would see only this rank's shard")
             if cache is not None or return_cache:
                 raise ValueError("group cannot be combined with cache or return_cache (decoding runs in one process)")
             agree(group, {"the shard length n_s (x.shape[1])": ("x", x.shape[1]), "the batch size": ("x", x.shape[0]),
@@ -171,7 +233,7 @@ class LocalTransformer(nn.Module):
                 "(build the model with use_abs_pos_emb=False to run past it)"
             )
 
-        h = self.token_emb(x)
+        h = x if self.token_emb is None else self.token_emb(x)
         if self.pos_emb is not None:
             if cache is None:
                 # clamped for that last token alone: its output is dropped (and it is masked as a key)
@@ -186,21 +248,24 @@ class LocalTransformer(nn.Module):
         else:
             attn_bias = self._attn_bias(None if return_cache else world * n)
         new_caches = []
-        for index, (attn, ff) in enumerate(self.layers):
-            out = attn(h, mask=mask, attn_bias=attn_bias, cache=None if cache is None else cache[index],
-                       return_cache=return_cache, group=group)
+        h = expand_streams(h, self.num_residual_streams)
+        for index, ((attn, ff), global_layer) in enumerate(zip(self.layers, self.global_layers)):
+            if global_layer is not None:
+                h = global_layer(h)
+            h = attn(h, mask=mask, attn_bias=attn_bias, cache=None if cache is None else cache[index],
+                     return_cache=return_cache, group=group)
             if return_cache:
-                out, layer_cache = out
+                h, layer_cache = h
                 new_caches.append(layer_cache)
-            h = h + out
-            h = h + ff(h)
-        logits = self.to_logits(h)
+            h = ff(h)
+        h = reduce_streams(h, self.num_residual_streams)
+        out = h if self.to_logits is None else self.to_logits(h)
 
         if return_loss and group is not None:
-            return cross_entropy(logits, labels, group, ignore_index=self.ignore_index)
+            return cross_entropy(out, labels, group, ignore_index=self.ignore_index)
         if return_loss:
-            return F.cross_entropy(rearrange(logits, "b n c -> b c n"), labels.long(), ignore_index=self.ignore_index)
-        return (logits, new_caches) if return_cache else logits
+            return F.cross_entropy(rearrange(out, "b n c -> b c n"), labels.long(), ignore_index=self.ignore_index)
+        return (out, new_caches) if return_cache else out
 
     def _shard_targets(self, x, mask, group, rank: int, world: int):
         """Targets `(b, n)` of this rank's shard `x` (the next token, across shard boundaries; none for the
@@ -224,6 +289,8 @@ class LocalTransformer(nn.Module):
         `generator`). `temperature=0` is greedy; `filter_thres` keeps the top `1 - filter_thres` of the
         vocabulary; `top_p` adds nucleus filtering. Cached and uncached generation give the same tokens.
         """
+        if self.token_emb is None:
+            raise ValueError("generate needs token ids and logits: the model was built with num_tokens=None (a backbone)")
         if kwargs:  # local-attention forwards these to every step's forward; no step here takes any
             raise TypeError(f"generate got unsupported keyword arguments {sorted(kwargs)} (a key mask cannot be used with the KV cache)")
         tokens, lengths = engine.batch_prompts(prime, "prime")
@@ -237,6 +304,7 @@ class LocalTransformer(nn.Module):
             raise ValueError(
                 f"prime length {tokens.shape[1]} + seq_len {seq_len} - 1 exceeds max_seq_len = {self.max_seq_len}"
             )
+        # global layers: no cache (see forward); every step recomputes the sequence
         out = engine.generate(self, prime, seq_len, temperature=temperature, filter_thres=filter_thres,
-                              top_p=top_p, generator=generator, use_cache=use_kv_cache)
+                              top_p=top_p, generator=generator, use_cache=use_kv_cache and not self.has_global_layers)
         return out.to(prime.dtype) if isinstance(prime, torch.Tensor) else out

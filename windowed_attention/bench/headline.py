@@ -57,7 +57,8 @@ def _options(reps: int) -> dict:
     return result
 
 
-def _training(reps: int) -> dict | None:
+def _training(reps: int, streams: int = 1) -> dict | None:
+    """A LocalTransformer training step, ours against local-attention's, both with `streams` residual streams."""
     try:
         from local_attention import LocalTransformer as Theirs
 
@@ -68,9 +69,9 @@ def _training(reps: int) -> dict | None:
                   causal=True)
     batch = torch.randint(0, 256, (4, 2048), generator=torch.Generator().manual_seed(0))
     steps = {}
-    for name, cls, extra in (("ours", Ours, {}), ("theirs", Theirs, {"num_residual_streams": 1})):
+    for name, cls in (("ours", Ours), ("theirs", Theirs)):
         torch.manual_seed(0)
-        model = cls(**config, **extra)
+        model = cls(**config, num_residual_streams=streams)
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
         def step(model=model, opt=opt):
@@ -82,7 +83,8 @@ def _training(reps: int) -> dict | None:
         steps[name] = step
     times = measure.interleaved(steps, reps)
     tokens = batch.numel()
-    return dict(config=dict(config, batch="4x2048", optimizer="Adam fp32"), ours_tokens_per_s=tokens / times["ours"],
+    return dict(config=dict(config, batch="4x2048", optimizer="Adam fp32", num_residual_streams=streams),
+                ours_tokens_per_s=tokens / times["ours"],
                 theirs_tokens_per_s=tokens / times["theirs"], speedup=times["theirs"] / times["ours"])
 
 
@@ -145,6 +147,7 @@ def run(train: bool = True, reps: int = 7) -> dict:
                                         autocast_bf16_ms=times["autocast"] * 1e3, bf16_speedup=times["fp32"] / times["bf16"])
     if train:
         result["train_step_local_transformer"] = _training(3)
+        result["train_step_local_transformer_4_streams"] = _training(3, streams=4)
     return result
 
 
@@ -166,3 +169,4 @@ def report(result: dict) -> None:
     show("fwd_bwd_xpos_n8192", "fwd+bwd N=8192 xpos vs local-attention")
     show("bf16_fwd_bwd_n8192", "bf16 vs fp32 fwd+bwd N=8192")
     show("train_step_local_transformer", "LocalTransformer train step tokens/s")
+    show("train_step_local_transformer_4_streams", "LocalTransformer train step, 4 streams, tokens/s")

@@ -54,7 +54,8 @@ def flash_attn_backend(
         raise ValueError("backend 'flash' supports only exact_windowsize=True without mask, attn_bias, shared_qk or xpos")
     w = spec.window_size
     left, right = w * spec.look_backward, 0 if spec.causal else w * spec.look_forward
-    # flash-attn wants (batch, seqlen, heads, dim): the packed P rows become heads of one batch.
+    # flash-attn wants (batch, seqlen, heads, dim): the packed P rows become heads of one batch (with
+    # fewer kv rows, flash-attn's own grouped-query rule maps query head p to kv head p // (P // P_kv)).
     # flash-attn needs the last dim contiguous: other layouts are copied.
     q4, k4, v4 = ((t if t.stride(-1) == 1 else t.contiguous()).transpose(0, 1)[None] for t in (q, k, v))
     out = flash_attn_func(q4, k4, v4, dropout_p=dropout_p, softmax_scale=scale, causal=spec.causal,

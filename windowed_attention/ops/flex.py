@@ -147,5 +147,7 @@ def flex_attention_backend(
     attend = _compiled_flex() if q.is_cuda else flex_attention
     # the kernels read rows as contiguous vectors: other layouts are copied
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out = attend(q[None], k[None], v[None], score_mod=score_mod, block_mask=block_mask, scale=scale)
+    # grouped-query attention (fewer kv rows): flex maps query head h to kv head h // (P // P_kv)
+    out = attend(q[None], k[None], v[None], score_mod=score_mod, block_mask=block_mask, scale=scale,
+                 enable_gqa=k.shape[0] != P)
     return out[0]

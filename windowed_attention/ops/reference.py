@@ -3,7 +3,8 @@
 Readable first, fast never. Every other backend is tested against this one (and this one against a dense
 O(n^2) oracle written independently in the tests).
 
-Shapes: `q, k, v` are `(P, n, d)` (leading dims already packed), `mask` is `(B, n)` bool with `B | P`,
+Shapes: `q` is `(P, n, d)`, `k, v` are `(P_kv, n, d)` (leading dims already packed; `P_kv | P`: with
+grouped-query attention query row `p` uses key row `p // (P // P_kv)`), `mask` is `(B, n)` bool with `B | P`,
 `attn_bias` is `(H, w, span * w)` with `H | P`, `key_scale` is `(span, d)` or None.
 """
 
@@ -39,6 +40,11 @@ def block_positions(spec: WindowSpec, n: int, device) -> tuple[torch.Tensor, tor
     return q_pos, k_pos
 
 
+def repeat_kv(t: torch.Tensor, packed: int) -> torch.Tensor:
+    """Key or value rows `(P_kv, n, d)` repeated for the `packed` query rows that use them: `(P, n, d)`."""
+    return t if t.shape[0] == packed else repeat(t, "p n d -> (p g) n d", g=packed // t.shape[0])
+
+
 def reference_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -62,6 +68,7 @@ def reference_attention(
 
 def _blocked(q, k, v, spec: WindowSpec, scale, mask, attn_bias, mask_self, key_scale, dropout_p) -> torch.Tensor:
     P, n, d = q.shape
+    k, v = repeat_kv(k, P), repeat_kv(v, P)
     w, out_dtype = spec.window_size, q.dtype
     compute_dtype = accumulation_dtype(q.dtype)
     q, k, v = (t.to(compute_dtype) for t in (q, k, v))

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .dtypes import accumulation_dtype, autocast_inputs
+from .reference import repeat_kv
 from .spec import WindowSpec
 
 _aten = torch.ops.aten
@@ -199,6 +200,7 @@ def sdpa_blocks_attention(
     device_type = q.device.type
     q, k, v = autocast_inputs(q, k, v)
     P, n, d = q.shape
+    k, v = repeat_kv(k, P), repeat_kv(v, P)  # grouped-query attention: the flash kernel wants one kv row per q row
     dv = v.shape[-1]
     if dv != d:
         # The fused kernel wants one head size: zero channels change neither scores nor outputs.

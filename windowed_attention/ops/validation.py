@@ -67,7 +67,8 @@ def check_scale(scale, name: str = "scale") -> float | None:
 
 
 def check_qkv(q, k, v) -> None:
-    """q, k, v: float tensors `(..., n, d)` on one device, one dtype; q and k share `d`."""
+    """q, k, v: float tensors `(..., n, d)` on one device, one dtype; q and k share `d`; k and v may have
+    fewer heads than q (`is_grouped`)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape (..., n, d), got {type(t).__name__}")
@@ -82,10 +83,23 @@ def check_qkv(q, k, v) -> None:
         raise TypeError(f"dtype of q, k, v must match, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.shape != k.shape:
-        raise ValueError(f"k must have the shape of q (..., n, d), got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    if v.shape[:-1] != q.shape[:-1]:
-        raise ValueError(f"v must have shape (..., n, d_v) matching q's (..., n), got q {tuple(q.shape)} and v {tuple(v.shape)}")
+    if q.shape != k.shape and not is_grouped(q, k):
+        raise ValueError(
+            f"k must have the shape of q (..., n, d), or (..., h_kv, n, d) for q (..., h, n, d) with h_kv dividing h "
+            f"(grouped-query attention), got q {tuple(q.shape)} and k {tuple(k.shape)}"
+        )
+    if v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(f"v must have shape (..., n, d_v) matching k's (..., n), got k {tuple(k.shape)} and v {tuple(v.shape)}")
+
+
+def is_grouped(q, k) -> bool:
+    """Grouped-query attention: `q (..., h, n, d)` and `k (..., h_kv, n, d)` with `h_kv | h`, the other
+    leading dims equal (the dim just before `n` is the head dim). Query head `i` uses kv head
+    `i // (h // h_kv)`, so once the leading dims are packed, query row `p` uses kv row `p // (P // P_kv)`."""
+    return (
+        q.ndim >= 3 and k.ndim == q.ndim and k.shape[-2:] == q.shape[-2:] and k.shape[:-3] == q.shape[:-3]
+        and k.shape[-3] >= 1 and q.shape[-3] % k.shape[-3] == 0
+    )
 
 
 def check_mask(mask, packed: int, n: int, device, name: str = "mask") -> None:

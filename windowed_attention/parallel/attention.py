@@ -28,6 +28,7 @@ def check_shards(q, k, v, spec: WindowSpec, group, *, scale, mask, attn_bias, ma
     fields = {
         "the shard length n_s (q.shape[-2])": ("q", q.shape[1]),
         "the packed batch of q (its leading dims)": ("q", q.shape[0]),
+        "the packed batch of k and v (fewer rows than q: grouped-query attention)": ("k", k.shape[0]),
         "the head dim of q and k": ("q", q.shape[2]),
         "the head dim of v": ("v", v.shape[2]),
         "the dtype of q, k, v": ("dtype", _DTYPES[q.dtype]),

@@ -18,7 +18,8 @@ from .locks import RunFolderBusy, in_use
 
 # flag -> (config, field)
 MODEL_FLAGS = {"dim": "dim", "depth": "depth", "heads": "heads", "dim_head": "dim_head",
-               "window_size": "local_attn_window_size"}
+               "window_size": "local_attn_window_size", "residual_streams": "num_residual_streams",
+               "kv_heads": "kv_heads"}
 TRAIN_FLAGS = ["data", "steps", "batch_size", "grad_accum", "seq_len", "lr", "warmup_steps", "lr_decay_steps",
                "min_lr_ratio", "weight_decay", "max_grad_norm", "seed", "eval_every", "eval_batches", "save_every",
                "log_every", "sample_length", "precision", "device", "compile", "context_parallel"]
@@ -42,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--depth", type=pos, help=f"number of layers (default: {d_model.depth})")
     add("--heads", type=pos, help=f"attention heads (default: {d_model.heads})")
     add("--dim-head", type=pos, help=f"dimension per head (default: {d_model.dim_head})")
+    add("--residual-streams", type=pos, help="hyper-connection residual streams, 1 = a plain residual "
+                                              f"(default: {d_model.num_residual_streams}; the library's default is 4)")
+    add("--kv-heads", type=pos, help="key/value heads for grouped-query attention, dividing --heads (default: --heads)")
     add("--lr", type=positive, help=f"peak learning rate (default: {d_train.lr})")
     add("--warmup-steps", type=nonneg, help=f"linear warmup steps (default: {d_train.warmup_steps})")
     add("--lr-decay-steps", type=pos, help="step at which the cosine reaches its floor (default: --steps); give "
@@ -72,6 +76,8 @@ def configs_from_args(args) -> tuple[ModelConfig, TrainConfig, int | None]:
         train_given["data"] = resolve_path(train_given["data"])
     if not args.resume:
         model_config = ModelConfig(**model_given)
+        if model_config.kv_heads is not None and model_config.heads % model_config.kv_heads:
+            raise ValueError(f"--kv-heads {model_config.kv_heads} must divide --heads {model_config.heads}")
         train_config = TrainConfig(**train_given)
         seq_len = train_config.seq_len
         return replace(model_config, max_seq_len=max(model_config.max_seq_len, seq_len)), train_config, None

@@ -44,6 +44,10 @@ class ModelConfig:
     dim_head: int = 32
     local_attn_window_size: int = 64
     use_abs_pos_emb: bool = False  # rotary only: the model can generate past max_seq_len
+    # One plain residual stream (the library's default is local-attention's 4 hyper-connection streams):
+    # faster on the quickstart's small model. Also what a config.json written before the field existed means.
+    num_residual_streams: int = 1
+    kv_heads: int | None = None  # grouped-query attention; None: as many as heads
 
     def __post_init__(self):
         # cheap checks of every field by its default's type (a config.json may hold anything); the model

@@ -24,6 +24,11 @@
 // same products, no copy of the keys), and treated as a constant. Dropout (probability `dropout_p`) zeroes
 // each weight with that probability and divides the rest by 1 - p; which weights drop is a hash of
 // (seed, head, query, key), so the backward recomputes the same ones for any blocking or thread count.
+//
+// Grouped-query attention: k and v may hold fewer rows than q (P_kv = P / groups); query row p reads key
+// and value row p / groups in place (nothing is repeated). Forward tasks of the query rows that share a
+// key row run one after another (their key blocks stay in cache); a backward task owns a key row and runs
+// all of its query rows, so the dK, dV sums over the sharing heads need no locks either.
 
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
@@ -248,7 +253,7 @@ struct Inputs {
   using T = Acc<S>;
   const S *q, *k, *v;
   const T *bias, *keep, *key_scale;
-  int64_t P, d, dv, heads, per_keep;
+  int64_t P, d, dv, heads, per_keep, groups;  // groups: query rows per key/value row (GQA), 1 otherwise
   T scale;
   bool mask_self;
   Geometry g;
@@ -289,7 +294,7 @@ struct Inputs {
   // scaled per slot into qs (slot s at qs + s * BLOCK_Q * d), which the backward reuses for dK.
   void scores(const Block& b, T* out, S* qs) const {
     const S* qb = q + (b.p * g.n + b.r0) * d;
-    const S* kb = k + (b.p * g.n + b.klo) * d;
+    const S* kb = k + (b.p / groups * g.n + b.klo) * d;
     const int64_t m = b.rows(), L = b.keys();
     if (key_scale == nullptr) {
       gemm(false, true, m, L, d, T(1), qb, d, kb, d, T(0), out, L);
@@ -348,13 +353,15 @@ void forward_impl(const Inputs<S>& in, S* out, Acc<S>* lse) {
   constexpr bool same = std::is_same_v<S, T>;
   const int64_t nw = windows_of(in), bpw = blocks_per_window(in.g.w), n = in.g.n;
   const int64_t span_keys = (in.g.lb + in.g.lf + 1) * in.g.w;
+  const int64_t G = in.groups;
   at::parallel_for(0, in.P * nw * bpw, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(BLOCK_Q * span_keys), pbuf(span_keys), fbuf(in.dropout ? span_keys : 0);
     std::vector<T> obuf(same ? 0 : BLOCK_Q * in.dv);
     std::vector<S> wbuf(same ? 0 : BLOCK_Q * span_keys);
     std::vector<S> qsbuf(in.key_scale ? span_keys / in.g.w * BLOCK_Q * in.d : 0);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t p = t / (nw * bpw), win = (t / bpw) % nw, j = t % bpw;
+      // task t = ((p_kv * nw + win) * bpw + j) * G + r: query rows sharing a key row are neighbours
+      const int64_t p = t / (nw * bpw * G) * G + t % G, win = (t / (bpw * G)) % nw, j = (t / G) % bpw;
       if (win * in.g.w + j * BLOCK_Q >= n) continue;
       const Block b = in.block(p, win, j);
       S* o = out + (p * n + b.r0) * in.dv;
@@ -386,7 +393,7 @@ void forward_impl(const Inputs<S>& in, S* out, Acc<S>* lse) {
         }
       }
       const S* weights = operand<S>(scores, wbuf.data(), b.rows() * L);
-      const S* vb = in.v + (p * n + b.klo) * in.dv;
+      const S* vb = in.v + (p / G * n + b.klo) * in.dv;
       if constexpr (same) {
         gemm(false, false, b.rows(), in.dv, L, T(1), weights, L, vb, in.dv, T(0), o, in.dv);
       } else {
@@ -434,7 +441,8 @@ void backward_impl(const Inputs<S>& in, const Strided<S>& grad_out, const Acc<S>
                    Acc<S>* dk, Acc<S>* dv, Acc<S>* dbias) {
   using T = Acc<S>;
   constexpr bool same = std::is_same_v<S, T>;
-  const int64_t nw = windows_of(in), bpw = blocks_per_window(in.g.w), n = in.g.n, P = in.P, w = in.g.w;
+  const int64_t nw = windows_of(in), bpw = blocks_per_window(in.g.w), n = in.g.n, w = in.g.w;
+  const int64_t G = in.groups, P_kv = in.P / G;  // a task owns key row p_kv and its G query rows
   const int64_t span_keys = (in.g.lb + in.g.lf + 1) * w;
   const int64_t bias_numel = in.bias == nullptr ? 0 : in.heads * w * span_keys;
 
@@ -443,7 +451,7 @@ void backward_impl(const Inputs<S>& in, const Strided<S>& grad_out, const Acc<S>
   const int64_t groups = (nw + group - 1) / group;
   for (int64_t phase = 0; phase < 2; ++phase) {
     const int64_t mine = (groups - phase + 1) / 2;  // groups phase, phase + 2, ...
-    at::parallel_for(0, P * mine, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, P_kv * mine, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> sbuf(BLOCK_Q * span_keys), gbuf(BLOCK_Q * span_keys), pbuf(span_keys);
       std::vector<T> fbuf(in.dropout ? span_keys : 0);
       std::vector<S> wbuf(same ? 0 : BLOCK_Q * span_keys), dsbuf(same ? 0 : BLOCK_Q * span_keys);
@@ -458,16 +466,17 @@ void backward_impl(const Inputs<S>& in, const Strided<S>& grad_out, const Acc<S>
         db = part.data();
       }
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t p = t / mine, gi = phase + 2 * (t % mine);
+        const int64_t p_kv = t / mine, gi = phase + 2 * (t % mine);
         if (phase == 0) {
           int64_t from, to;
           zeroed_windows(gi, group, groups, in.g.lb, nw, from, to);
-          const int64_t r0 = p * n + from * w, r1 = p * n + std::min(to * w, n);
+          const int64_t r0 = p_kv * n + from * w, r1 = p_kv * n + std::min(to * w, n);
           std::fill(dk + r0 * in.d, dk + r1 * in.d, T(0));
           std::fill(dv + r0 * in.dv, dv + r1 * in.dv, T(0));
         }
         for (int64_t win = gi * group; win < std::min((gi + 1) * group, nw); ++win) {
-          for (int64_t j = 0; j < bpw && win * w + j * BLOCK_Q < n; ++j) {
+          for (int64_t j = 0; j < bpw && win * w + j * BLOCK_Q < n; ++j)
+          for (int64_t p = p_kv * G; p < (p_kv + 1) * G; ++p) {  // the query rows sharing key row p_kv
             const Block b = in.block(p, win, j);
             S* dqb = dq + (p * n + b.r0) * in.d;
             const int64_t L = b.keys(), m = b.rows();
@@ -476,8 +485,8 @@ void backward_impl(const Inputs<S>& in, const Strided<S>& grad_out, const Acc<S>
               continue;
             }
             const S* qb = in.q + (p * n + b.r0) * in.d;
-            const S* kb = in.k + (p * n + b.klo) * in.d;
-            const S* vb = in.v + (p * n + b.klo) * in.dv;
+            const S* kb = in.k + (p_kv * n + b.klo) * in.d;
+            const S* vb = in.v + (p_kv * n + b.klo) * in.dv;
             int64_t ldg;
             const S* gob = grad_out.rows(p, b.r0, m, in.dv, gobuf.data(), ldg);
             T* scores = sbuf.data();
@@ -509,7 +518,7 @@ void backward_impl(const Inputs<S>& in, const Strided<S>& grad_out, const Acc<S>
             // dV += P^T dO (P with dropout applied), dQ = scale dS K, dK += scale dS^T Q
             const S* weights = operand<S>(scores, wbuf.data(), m * L);
             const S* dlogits = operand<S>(G, dsbuf.data(), m * L);
-            gemm(true, false, L, in.dv, m, T(1), weights, L, gob, ldg, T(1), dv + (p * n + b.klo) * in.dv, in.dv);
+            gemm(true, false, L, in.dv, m, T(1), weights, L, gob, ldg, T(1), dv + (p_kv * n + b.klo) * in.dv, in.dv);
             if (in.key_scale != nullptr) {  // per slot: dQ += scale (dS K) * f, dK += scale dS^T (Q * f)
               T* acc = qbuf.data();
               std::fill(acc, acc + m * in.d, T(0));
@@ -521,7 +530,7 @@ void backward_impl(const Inputs<S>& in, const Strided<S>& grad_out, const Acc<S>
                 for (int64_t r = 0; r < m; ++r)
                   for (int64_t c = 0; c < in.d; ++c) acc[r * in.d + c] += tbuf[r * in.d + c] * f[c];
                 gemm(true, false, hi - lo, in.d, m, in.scale, ds, L, qsbuf.data() + slot * BLOCK_Q * in.d, in.d, T(1),
-                     dk + (p * n + lo) * in.d, in.d);
+                     dk + (p_kv * n + lo) * in.d, in.d);
               });
               if constexpr (same) std::copy(acc, acc + m * in.d, dqb);
               else at::vec::convert(acc, dqb, m * in.d);
@@ -532,7 +541,7 @@ void backward_impl(const Inputs<S>& in, const Strided<S>& grad_out, const Acc<S>
                 gemm(false, false, m, in.d, L, in.scale, dlogits, L, kb, in.d, T(0), qbuf.data(), in.d);
                 at::vec::convert(qbuf.data(), dqb, m * in.d);
               }
-              gemm(true, false, L, in.d, m, in.scale, dlogits, L, qb, in.d, T(1), dk + (p * n + b.klo) * in.d, in.d);
+              gemm(true, false, L, in.d, m, in.scale, dlogits, L, qb, in.d, T(1), dk + (p_kv * n + b.klo) * in.d, in.d);
             }
           }
         }
@@ -556,6 +565,7 @@ Inputs<S> make_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   using T = Acc<S>;
   Inputs<S> in{};
   in.P = q.size(0);
+  in.groups = q.size(0) / k.size(0);
   in.d = q.size(2);
   in.dv = v.size(2);
   in.q = q.data_ptr<S>();
@@ -689,6 +699,11 @@ void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const 
            const std::optional<at::Tensor>& keep, const std::optional<at::Tensor>& key_scale, int64_t lb, int64_t lf) {
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k, v must be contiguous");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "q, k, v dtypes differ");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k, v must be (P, n, d)");
+  TORCH_CHECK(k.size(0) >= 1 && q.size(0) % k.size(0) == 0 && v.size(0) == k.size(0),
+              "k and v must have P_kv rows dividing the P rows of q (grouped-query attention)");
+  TORCH_CHECK(k.size(1) == q.size(1) && v.size(1) == q.size(1) && k.size(2) == q.size(2),
+              "k must be (P_kv, n, d) and v (P_kv, n, dv) for q (P, n, d)");
   TORCH_CHECK(!bias.has_value() || (bias->is_contiguous() && bias->scalar_type() == acc_type(q)),
               "bias must be contiguous, float64 for float64 inputs and float32 otherwise");
   TORCH_CHECK(!keep.has_value() || (keep->is_contiguous() && keep->scalar_type() == acc_type(q)),

@@ -37,19 +37,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from windowed_attention import LocalTransformer, parallel
+from windowed_attention.bench.measure import proc_status
 from windowed_attention.ops import fused_cpu
 
 CONFIG = dict(num_tokens=256, max_seq_len=256, dim=256, depth=4, heads=4, dim_head=64, local_attn_window_size=256,
               use_abs_pos_emb=False, num_residual_streams=1)  # the figures were measured with one stream
 WARMUP_TOKENS = 4096
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
 
 
 def _step(model, tokens, group):
@@ -73,13 +66,13 @@ def _rank_main(rank: int, world: int, store: str, n: int, threads: int, out: str
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    before = _status("VmRSS")
+    before = proc_status("VmRSS")
     parallel.traffic.reset()
     dist.barrier()
     start = time.perf_counter()
     loss = _step(model, tokens, group)
     seconds = time.perf_counter() - start
-    rise = _status("VmHWM") - before
+    rise = proc_status("VmHWM") - before
     depth = CONFIG["depth"]
     record = dict(rank=rank, ranks=world, n=n, loss=loss, seconds=seconds, peak_rise_bytes=rise,
                   halo_bytes_per_layer_forward=parallel.traffic.forward_bytes / depth,

@@ -66,20 +66,22 @@ def implementations(n: int, dtype, dense_max: int) -> dict:
     return fns
 
 
-def timed(fn, inputs, backward: bool, reps: int) -> list[float]:
-    def call():
-        if backward:
-            out = fn(*inputs)
-            out.backward(torch.ones_like(out))
-        else:
-            with torch.no_grad():
-                fn(*inputs)
+def call(fn, inputs, backward: bool) -> None:
+    """One forward (under no_grad), or one forward and backward."""
+    if backward:
+        out = fn(*inputs)
+        out.backward(torch.ones_like(out))
+    else:
+        with torch.no_grad():
+            fn(*inputs)
 
+
+def timed(fn, inputs, backward: bool, reps: int) -> list[float]:
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        call()
+        call(fn, inputs, backward)
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
@@ -91,12 +93,7 @@ def peak_mib(fn, inputs, backward: bool) -> float:
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    if backward:
-        out = fn(*inputs)
-        out.backward(torch.ones_like(out))
-    else:
-        with torch.no_grad():
-            fn(*inputs)
+    call(fn, inputs, backward)
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 

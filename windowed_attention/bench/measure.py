@@ -70,7 +70,8 @@ def make_inputs(n: int, dtype, backward: bool):
     return [t.requires_grad_(backward) for t in impls.qkv(n, dtype)]
 
 
-def _status(field: str) -> int:
+def proc_status(field: str) -> int:
+    """A byte count from /proc/self/status (`VmRSS`, `VmHWM`, ...); Linux only."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -101,9 +102,9 @@ def _measure_here(config: dict) -> dict:
     _trim_heap()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    before = _status("VmRSS")
+    before = proc_status("VmRSS")
     run()
-    return {"peak_rise_bytes": _status("VmHWM") - before}
+    return {"peak_rise_bytes": proc_status("VmHWM") - before}
 
 
 def peak_memory(impl: str, n: int, w: int, dtype: str = "float32", backward: bool = True, exact: bool = False,

@@ -139,3 +139,20 @@ def test_generation_on_cuda_cached_equals_uncached():
     uncached = model.generate(prime, 40, temperature=0.0, use_kv_cache=False)
     assert cached.is_cuda
     assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_flex_grouped_query_attention_matches_oracle_with_repeated_heads(causal):
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 300, 32, generator=g).cuda().requires_grad_()
+    k, v = (torch.randn(2, 2, 300, 32, generator=g).cuda().requires_grad_() for _ in range(2))
+    kwargs = dict(window_size=64, causal=causal, look_backward=1, look_forward=0 if causal else 1)
+    out = local_attention(q, k, v, backend="flex", **kwargs)
+    oq, ok, ov = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = oracle_attention(oq, ok.repeat_interleave(2, dim=1), ov.repeat_interleave(2, dim=1), **kwargs)
+    torch.testing.assert_close(out.double(), ref, **TOL[torch.float32])
+    upstream = torch.randn(out.shape, generator=g).cuda()
+    (out * upstream).sum().backward()
+    (ref * upstream.double()).sum().backward()
+    for a, b in zip((q, k, v), (oq, ok, ov)):
+        torch.testing.assert_close(a.grad.double(), b.grad, **TOL[torch.float32])

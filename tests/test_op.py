@@ -137,17 +137,23 @@ def cases(draw, max_n: int = 150) -> Case:
     return case
 
 
+def _op_or_reject(q, k, v, mask, bias, backend, kwargs):
+    """`local_attention` on `backend`; an explicit backend that says it does not support these options
+    rejects the example instead of failing it."""
+    try:
+        return local_attention(q, k, v, mask=mask, attn_bias=bias, backend=backend, **kwargs)
+    except ValueError as error:
+        if backend not in ("auto", "reference") and str(error).startswith(f"backend {backend!r}"):
+            reject()
+        raise
+
+
 def _run_both(case: Case, dtype, backend="auto", requires_grad=False):
     q, k, v, mask, bias = case.tensors(dtype)
     leaves = [q, k, v] + ([bias] if bias is not None else [])
     for t in leaves:
         t.requires_grad_(requires_grad)
-    try:
-        out = local_attention(q, k, v, mask=mask, attn_bias=bias, backend=backend, **case.kwargs)
-    except ValueError as error:
-        if backend not in ("auto", "reference") and str(error).startswith(f"backend {backend!r}"):
-            reject()  # an explicit backend that does not support these options says so
-        raise
+    out = _op_or_reject(q, k, v, mask, bias, backend, case.kwargs)
     # the oracle gets its own float64 copies so gradients are separate
     oq, ok, ov = (t.detach().to(torch.float64).requires_grad_(requires_grad) for t in (q, k, v))
     ob = None if bias is None else bias.detach().to(torch.float64).requires_grad_(requires_grad)
@@ -222,12 +228,7 @@ def test_grouped_query_attention_matches_oracle_with_repeated_heads(drawn, backe
     group = case.lead[-1] // kv_heads
     k, v = k[..., ::group, :, :].clone(), v[..., ::group, :, :].clone()  # (..., h_kv, n, d)
     leaves = [t.requires_grad_(True) for t in (q, k, v)]
-    try:
-        out = local_attention(q, k, v, mask=mask, attn_bias=bias, backend=backend, **case.kwargs)
-    except ValueError as error:
-        if backend not in ("auto", "reference") and str(error).startswith(f"backend {backend!r}"):
-            reject()  # an explicit backend that does not support these options says so
-        raise
+    out = _op_or_reject(q, k, v, mask, bias, backend, case.kwargs)
     oracle_leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     oq, ok, ov = oracle_leaves
     ref = oracle_attention(oq, ok.repeat_interleave(group, dim=-3), ov.repeat_interleave(group, dim=-3), mask=mask,

@@ -8,6 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from windowed_attention import DynamicPositionBias, KVCache, LocalMHA, LocalTransformer
+from windowed_attention.ops import decode
+from windowed_attention.ops.spec import WindowSpec
 
 
 @settings(max_examples=25, deadline=None)
@@ -44,6 +46,14 @@ def test_mha_cache_matches_full_forward(window, look_backward, exact, xpos, qk_r
         span = look_backward + 1
         attn_bias = DynamicPositionBias(dim=4, heads=heads).double()(window, span * window, offset=look_backward * window)
     n = prefix + 3 * window + 2
+    cache = _decode_and_compare(mha, attn_bias, n, prefix, shorter, fused)
+    assert cache.k.shape[1] == kv_heads  # the cache holds the kv heads only
+    assert cache.capacity == mha.cache_capacity  # O(window), whatever the length is
+
+
+def _decode_and_compare(mha, attn_bias, n, prefix, shorter, fused):
+    """Prefill two rows (the second `shorter` tokens shorter) of `n` random positions, then decode token by
+    token: every output equals the full forward of its row. Returns the last cache."""
     x = torch.randn(2, n, 12, dtype=torch.float64)
     full = mha(x, attn_bias=attn_bias)
     lengths = torch.tensor([prefix, max(prefix - shorter, 1)])
@@ -60,10 +70,47 @@ def test_mha_cache_matches_full_forward(window, look_backward, exact, xpos, qk_r
             step, cache = mha(x[:, t : t + 1], attn_bias=attn_bias, cache=cache, return_cache=True)
             torch.testing.assert_close(step[0, 0], full[0, t], rtol=1e-9, atol=1e-9)
             torch.testing.assert_close(step[1, 0], full1[t - prefix + lengths[1]], rtol=1e-9, atol=1e-9)
-            assert cache.k.shape[-2] <= mha.cache_capacity  # O(window), whatever t is
+            assert cache.k.shape[-2] <= cache.capacity
     assert cache.length == n and cache.positions.tolist() == [n, n - prefix + int(lengths[1])]
-    assert cache.k.shape[1] == kv_heads  # the cache holds the kv heads only
+    return cache
 
+
+@settings(max_examples=30, deadline=None)
+@given(
+    window=st.sampled_from([2, 5, 24, 10**9]),
+    look_backward=st.sampled_from([0, 1, 2, 10**9]),
+    exact=st.booleans(),
+    xpos=st.booleans(),
+    shared_qk=st.booleans(),
+    bias=st.booleans(),
+    prefix=st.integers(1, 12),
+    shorter=st.integers(0, 11),
+    fused=st.booleans(),
+    first_limit=st.sampled_from([1, 2, 4]),
+    seed=st.integers(0, 2**16),
+)
+def test_decoding_a_window_longer_than_the_text_grows_the_cache_with_the_text(
+        window, look_backward, exact, xpos, shared_qk, bias, prefix, shorter, fused, first_limit, seed):
+    """A window (or look-back) longer than the text decodes with the window cut to a length bound that
+    doubles as the text grows (from `first_limit` here, 1024 by default): the ring, the score table and
+    the bias are re-laid at each doubling, and every step still equals the full forward. The bias may be
+    that of any cut covering the text."""
+    torch.manual_seed(seed)
+    n = prefix + 20
+    spec = WindowSpec(window, True, look_backward, 0, exact)
+    mha = LocalMHA(dim=12, dim_head=8, heads=2, window_size=window, causal=True, look_backward=look_backward,
+                   exact_windowsize=exact, use_xpos=xpos and not bias, shared_qk=shared_qk, prenorm=True,
+                   use_rotary_pos_emb=not bias).double().eval()
+    attn_bias = None
+    if bias:  # the bias of the window cut to 64 positions (it covers every bound reached below)
+        cut = spec.for_length(64)
+        w = cut.window_size
+        attn_bias = DynamicPositionBias(dim=4, heads=2).double()(w, cut.span * w, offset=cut.look_backward * w)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(decode, "FIRST_DECODE_LIMIT", first_limit)
+        cache = _decode_and_compare(mha, attn_bias, n, prefix, shorter, fused)
+        # the ring holds what the window cut to the bound (a power of two >= the text) needs, not the window
+        assert cache.capacity == decode.cache_capacity(decode.decode_window(spec, n)[0]) <= 2 * 64
 
 
 def test_cache_bytes_scale_with_kv_heads():

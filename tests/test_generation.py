@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from windowed_attention import KVCache, LocalTransformer
 from windowed_attention.generation import batch_prompts, cache_nbytes, decode_step, generate, prefill, stream
+from windowed_attention.ops import decode
 
 OPTIONS = [
     dict(),
@@ -73,7 +74,24 @@ def test_batched_prompts_match_one_by_one():
 def test_ragged_prompts_match_one_by_one(options):
     """Prompts of different lengths (shorter and longer than the window and the cache) in one batch:
     each row's logits and greedy tokens are those of its prompt alone, cached and uncached."""
-    model = tiny(seed=7, **options).double()
+    _check_ragged_prompts(tiny(seed=7, **options).double())
+
+
+HUGE = [dict(local_attn_window_size=10**9), dict(local_attn_window_size=10**9, use_dynamic_pos_bias=True),
+        dict(local_attn_window_size=10**9, use_xpos=True, look_backward=2, exact_windowsize=True),
+        dict(local_attn_window_size=3, look_backward=10**9, use_dynamic_pos_bias=True, exact_windowsize=False)]
+
+
+@pytest.mark.parametrize("options", HUGE, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_ragged_prompts_with_a_window_longer_than_the_text(options, monkeypatch):
+    """A window or look-back far longer than the text: decoding cuts it to a bound that doubles as the text
+    grows (from 4 here, so it grows several times within the prompts and the generation), and rows still
+    match their prompts alone and the full forward."""
+    monkeypatch.setattr(decode, "FIRST_DECODE_LIMIT", 4)
+    _check_ragged_prompts(tiny(seed=7, **options).double())
+
+
+def _check_ragged_prompts(model):
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 40, (n,), generator=g) for n in (1, 6, 23, 11, 40)]
     logits, _ = prefill(model, *batch_prompts(prompts))

@@ -21,6 +21,7 @@ from windowed_attention.ops import backends
 from windowed_attention.ops.flex import flex_attention_backend
 from windowed_attention.ops.reference import reference_attention
 from windowed_attention.ops.spec import WindowSpec
+from windowed_attention.ops.validation import check_attn_bias
 
 CPU_BACKENDS = [name for name in ("reference", "sdpa", "fused") if name == "reference" or backends.availability()[name]]
 LAYOUTS = ["contiguous", "transposed", "sliced", "strided", "expanded", "heads-outer", "broadcast-rows"]
@@ -267,6 +268,23 @@ def test_a_window_far_longer_than_the_sequence_costs_what_the_sequence_costs(bac
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, refs))
 
 
+@settings(max_examples=300, deadline=None)
+@given(w=st.integers(1, 40), lb=st.sampled_from([0, 1, 2, 3, 10**9]), lf=st.sampled_from([0, 1, 2, 10**9]),
+       causal=st.booleans(), exact=st.booleans(), m=st.integers(1, 300), n=st.integers(1, 300))
+def test_the_bias_shape_of_a_cut_window_names_the_cut(w, lb, lf, causal, exact, m, n):
+    """`with_bias_shape` finds the rule `for_length(m)` back from its bias's shape, and `check_attn_bias`
+    takes the bias of any cut that covers the sequence (m >= n) and refuses a shorter one."""
+    spec = WindowSpec(w, causal, lb, 0 if causal else lf, exact)
+    cut = spec.for_length(m)
+    assert spec.with_bias_shape(cut.window_size, cut.span * cut.window_size) == cut
+    bias = torch.zeros(1, cut.window_size, cut.span * cut.window_size)
+    if m >= n or cut == spec.for_length(n):
+        check_attn_bias(bias, 2, spec, n, bias.device)
+    else:
+        with pytest.raises(ValueError, match="attn_bias"):
+            check_attn_bias(bias, 2, spec, n, bias.device)
+
+
 @pytest.mark.parametrize("w, n, lb, lf, causal", [(16, 9, 1, 1, False), (4, 9, 5, 2, False), (4, 9, 0, 7, False),
                                                    (3, 10, 10**6, 0, True), (10**6, 10, 2, 0, True)])
 def test_a_bias_for_a_long_window_or_look_around_is_cut_to_the_sequence(w, n, lb, lf, causal):
@@ -291,12 +309,13 @@ def test_a_bias_for_a_long_window_or_look_around_is_cut_to_the_sequence(w, n, lb
         used = torch.zeros_like(grad, dtype=torch.bool)
         used[:, i % w, col.clamp(0, spec.span * w - 1)] = spec.visible(i, j, n)
         assert grad[~used].eq(0).all()
-        # the same bias in the layout of the smaller spec
-        m, small_col = small.window_size, j - (i // small.window_size - small.look_backward) * small.window_size
-        cut = torch.zeros(2, m, small.span * m, dtype=torch.float64)
-        visible = spec.visible(i, j, n)
-        cut[:, (i % m).expand(n, n)[visible], small_col[visible]] = bias.detach()[:, (i % w).expand(n, n)[visible], col[visible]]
-        results.append((cut, expected))
+        # the same bias in the layout of the smaller spec, and of the window cut to a longer length
+        for other in (small, spec.for_length(n + 3)):
+            m, other_col = other.window_size, j - (i // other.window_size - other.look_backward) * other.window_size
+            cut = torch.zeros(2, m, other.span * m, dtype=torch.float64)
+            visible = spec.visible(i, j, n)
+            cut[:, (i % m).expand(n, n)[visible], other_col[visible]] = bias.detach()[:, (i % w).expand(n, n)[visible], col[visible]]
+            results.append((cut, expected))
     else:  # the bias only as the smaller spec's: compare with a finite stand-in of the same values
         cut = torch.randn(2, small.window_size, small.span * small.window_size, generator=g, dtype=torch.float64)
         results.append((cut, local_attention(q, k, v, attn_bias=cut, backend="reference",
@@ -311,7 +330,8 @@ def test_a_bias_for_a_long_window_or_look_around_is_cut_to_the_sequence(w, n, lb
 
 def test_modules_with_a_huge_window_run_in_little_memory():
     """LocalAttention with xpos and LocalTransformer with dynamic position bias at `window_size=10**9`:
-    the same outputs as with the window `n`, in a fresh process whose peak memory stays small."""
+    the same outputs as with the window `n`, and cached generation (a KV cache) as uncached, in a fresh
+    process whose peak memory stays small."""
     code = """
 import resource
 # a regression must fail here with an allocation error, not take the machine's memory
@@ -329,6 +349,15 @@ tokens = torch.randint(0, 32, (2, 40))
 loss = model(tokens, return_loss=True)
 loss.backward()
 assert torch.isfinite(loss)
+# decoding: the cache, score table and bias follow the text too (here within the first bound, 1024)
+model.eval()
+assert torch.equal(model.generate(tokens[:, :5], 30, temperature=0),
+                   model.generate(tokens[:, :5], 30, temperature=0, use_kv_cache=False))
+out, cache = big(q, k, v, return_cache=True)
+assert cache.nbytes() < 16 << 20  # a ring for the first bound (1024 positions), not the window
+with torch.no_grad():
+    for t in range(3):
+        step, cache = big(q[:, :, :1], k[:, :, :1], v[:, :, :1], cache=cache, return_cache=True)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -11,8 +12,9 @@ from torch import nn
 from .ops import attend, make_spec
 from .kv_cache import KVCache
 from .ops.api import fit_window, pack_leading, unpack_leading
-from .ops.decode import attend_step, cache_capacity, score_table
+from .ops.decode import attend_step, cache_capacity, decode_window, score_table
 from .ops.dtypes import accumulation_dtype, result_dtype
+from .ops.spec import WindowSpec
 from .ops.validation import (
     check_attn_bias,
     check_bool,
@@ -32,12 +34,16 @@ ROTATION_CHUNK = 256  # decode steps whose rotation tables are computed at once
 class DecodeConstants:
     """What a decode step needs that is fixed for a generation, kept in the cache (see `KVCache`).
 
-    `table` is `ops.decode.score_table` for the cache's `attn_bias` (a step given another tensor
-    rebuilds it); `key_factors` `(slots, d)` the xpos factors by key index; the rotation tables
+    `spec` is the rule the cache decodes positions below `limit` with (`ops.decode.decode_window`: the
+    layer's, or its window cut to a length bound that grows with the text, the cache with it); `table`
+    is `ops.decode.score_table` for it and the cache's `attn_bias` (a step given another tensor rebuilds
+    it); `key_factors` `(slots, d)` the xpos factors by key index; the rotation tables
     of the next `ROTATION_CHUNK` columns are computed together (`cos`, `sin` `(C, b, d)`, from column
     `base`), as are the query residues `(C, b)` that pick each row's line of `table`.
     """
 
+    spec: WindowSpec
+    limit: int
     table: torch.Tensor
     key_factors: torch.Tensor | None
     base: int | None = None
@@ -171,7 +177,7 @@ class LocalAttention(nn.Module):
             return out
         # the cache holds keys at their positions: rotated, without xpos (applied by distance when attending)
         k_at = k_at if key_scale is None else self._positions(k, k, spec, xpos=False)[1]
-        return out, self._new_cache(unpack_leading(k_at, kv_lead), unpack_leading(v, kv_lead), mask, attn_bias)
+        return out, self._new_cache(unpack_leading(k_at, kv_lead), unpack_leading(v, kv_lead), mask, attn_bias, packed)
 
     def _signature(self, dtype, device) -> tuple:
         """What a cache built by this layer depends on: another layer with the same one can use it."""
@@ -179,29 +185,37 @@ class LocalAttention(nn.Module):
         rotary = None if rel is None else (rel.dim, rel.theta, rel.use_xpos, rel.scale_base)
         return (self.spec, self.shared_qk, self.scale, rotary, dtype, device)
 
-    def _new_cache(self, k, v, mask, attn_bias) -> KVCache:
-        """The cache after a prefill of positioned keys `k` and values `v` `(b, h, n, d)`."""
-        lengths, n = None, k.shape[-2]
+    def _new_cache(self, k, v, mask, attn_bias, packed: int) -> KVCache:
+        """The cache after a prefill of positioned keys `k` and values `v` `(b, h_kv, n, d)` (`packed`: b times
+        the query heads)."""
+        lengths, length = None, k.shape[-2]
         if mask is not None:
             lengths = mask.sum(dim=-1)
-            positions = torch.arange(n, device=mask.device)
+            positions = torch.arange(length, device=mask.device)
             if not torch.equal(mask, positions < lengths[:, None]):
                 raise ValueError("mask must mark a prefix of each row (right padding) to build a cache")
             if int(lengths.min()) < 1:
                 raise ValueError("mask must keep at least one position of every row to build a cache")
-        constants = self._decode_constants(attn_bias, k.shape[-1], k.dtype, k.device)
+            length = int(lengths.max())
+        constants = self._decode_constants(length + 1, attn_bias, packed, k.dtype, k.device)
         return KVCache.from_prefill(
-            k, v, cache_capacity(self.spec), lengths, constants=constants,
+            k, v, cache_capacity(constants.spec), lengths, constants=constants,
             signature=self._signature(k.dtype, k.device), attn_bias=attn_bias, compute_dtype=accumulation_dtype(k.dtype),
         )
 
-    def _decode_constants(self, attn_bias, d: int, dtype, device) -> DecodeConstants:
+    def _decode_constants(self, n: int, attn_bias, packed: int, dtype, device) -> DecodeConstants:
+        """The constants for decoding a text of `n` positions (so far) with `attn_bias` (for the layer's
+        window or, when that is cut for decoding, for a cut that covers it)."""
+        spec, limit = decode_window(self.spec, n)
+        if attn_bias is not None:
+            check_attn_bias(attn_bias, packed, self.spec, None if limit == sys.maxsize else limit, device)
+            attn_bias = fit_window(self.spec, limit, attn_bias)[1]
         compute = accumulation_dtype(dtype)
         key_factors = None
         if self.use_xpos:
-            slots = cache_capacity(self.spec) + 1
+            slots = cache_capacity(spec) + 1
             key_factors = self.rel_pos.xpos_scale(torch.arange(slots - 1, -1, -1, device=device)).to(compute)
-        return DecodeConstants(score_table(self.spec, attn_bias, device, compute), key_factors)
+        return DecodeConstants(spec, limit, score_table(spec, attn_bias, device, compute, limit), key_factors)
 
     def _check_cache(self, cache, q, k, v) -> None:
         if not isinstance(cache, KVCache):
@@ -224,10 +238,11 @@ class LocalAttention(nn.Module):
     def _decode(self, q, k, v, cache: KVCache, attn_bias):
         """One position per row against `cache`: the output `(b, h, 1, d_v)` and the new cache."""
         self._check_cache(cache, q, k, v)
-        if cache.attn_bias is not attn_bias:  # another bias than the cache's: its table, once
-            if attn_bias is not None:
-                check_attn_bias(attn_bias, q.shape[0] * q.shape[1], self.spec, None, q.device)
-            cache = cache.with_constants(self._decode_constants(attn_bias, k.shape[-1], k.dtype, k.device), attn_bias)
+        # another bias than the cache's: its table, once; a text past the limit of a cut window: a longer
+        # cut, in a ring as long as its window
+        if cache.attn_bias is not attn_bias or cache.length >= cache.constants.limit:
+            constants = self._decode_constants(cache.length + 1, attn_bias, q.shape[0] * q.shape[1], k.dtype, k.device)
+            cache = cache.resized(cache_capacity(constants.spec)).with_constants(constants, attn_bias)
         constants = cache.constants
         if constants.base is None or not constants.base <= cache.column < constants.base + ROTATION_CHUNK:
             self._next_chunk(constants, cache)
@@ -245,7 +260,7 @@ class LocalAttention(nn.Module):
         """Rotation tables and residues of the `ROTATION_CHUNK` columns from `cache.column` on."""
         positions = cache.positions[None, :] + torch.arange(ROTATION_CHUNK, device=cache.device)[:, None]  # (C, b)
         constants.base = cache.column
-        constants.residues = positions % self.window_size
+        constants.residues = positions % constants.spec.window_size
         if self.rel_pos is not None:
             constants.cos, constants.sin = step_rotation(self.rel_pos, positions, cache.dtype)  # (C, b, d)
 

@@ -115,6 +115,35 @@ class KVCache:
         return KVCache(self._k, self._v, self._key_bias, self._start, self.column, self.capacity,
                        self._start_range, constants, self.signature, attn_bias, self._newest)
 
+    def resized(self, capacity: int) -> "KVCache":
+        """The same history in a ring of `capacity >= self.capacity` (new buffers; this cache can no longer
+        be updated). The ring holds the last `slots` columns, so those carry over; older ones are empty.
+        The owning layer grows its cache so when its window was cut to the text's length (`ops.decode`):
+        the columns a longer cut can see and the ring no longer holds lie before every row's start."""
+        if capacity == self.capacity:
+            return self
+        if capacity < self.capacity:
+            raise ValueError(f"capacity can only grow, from {self.capacity}, got {capacity}")
+        self._claim()
+        self._newest[0] = -1  # these buffers are left behind
+        slots, column = capacity + 1, self.column
+        columns = torch.arange(column - self.slots, column, device=self.device)  # what the ring holds
+        slot = columns % slots
+        buffers = []
+        for old in (self._k, self._v):
+            new = old.new_zeros(*old.shape[:-2], 2 * slots, old.shape[-1])
+            values = self._window(old, column)
+            new[..., slot, :] = values
+            new[..., slot + slots, :] = values
+            buffers.append(new)
+        key_bias = torch.full((self.batch, 1, 2 * slots), float("-inf"), dtype=self._key_bias.dtype, device=self.device)
+        bias = torch.zeros(self.batch, columns.numel(), dtype=key_bias.dtype, device=self.device)
+        bias.masked_fill_(columns[None, :] < self._start[:, None], float("-inf"))
+        key_bias[:, 0, slot] = bias
+        key_bias[:, 0, slot + slots] = bias
+        return KVCache(*buffers, key_bias, self._start, column, capacity, self._start_range,
+                       self.constants, self.signature, self.attn_bias)
+
     @property
     def key_bias_needed(self) -> bool:
         """Whether the window of the next step (columns `column - capacity .. column`) may hold empty slots."""
@@ -153,11 +182,7 @@ class KVCache:
         `slot` and `slot + slots`): returns the new cache, `slot`, the ring index `first` of the window of
         `slots` columns that ends with the new one, and the `key_bias` buffer `(b, 1, 2 * slots)` (None
         when the window holds only real keys)."""
-        if self._newest[0] != self.column:
-            raise ValueError(
-                "cache was already updated: its buffers now hold a later position; continue from the "
-                "cache that the update returned (one cache cannot branch into two generations)"
-            )
+        self._claim()
         slot, slots = self.column % self.slots, self.slots
         key_bias = None
         if self.key_bias_needed:
@@ -168,6 +193,14 @@ class KVCache:
         cache = KVCache(self._k, self._v, self._key_bias, self._start, column, self.capacity, self._start_range,
                         self.constants, self.signature, self.attn_bias, self._newest)
         return cache, slot, column % slots, key_bias
+
+    def _claim(self) -> None:
+        """Refuse a cache whose buffers a later one has written (or left)."""
+        if self._newest[0] != self.column:
+            raise ValueError(
+                "cache was already updated: its buffers now hold a later position; continue from the "
+                "cache that the update returned (one cache cannot branch into two generations)"
+            )
 
     @property
     def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -88,7 +88,8 @@ class LocalMHA(nn.Module):
 
     @property
     def cache_capacity(self) -> int:
-        """Most earlier keys any next query can see (what a `KVCache` of this layer holds)."""
+        """Most earlier keys any next query can see (what a `KVCache` of this layer holds at most; a window
+        longer than the text is cut to a bound on its length while decoding, see `ops.decode.decode_window`)."""
         return cache_capacity(self.attn_fn.spec)
 
     def forward(self, x, mask=None, attn_bias=None, cache: KVCache | None = None, return_cache: bool = False,

@@ -12,6 +12,7 @@ from torch import nn
 from .feedforward import FeedForward
 from .kv_cache import KVCache
 from .mha import LocalMHA
+from .ops.decode import decode_window
 from .ops.validation import check_bool, check_int, check_positive_real
 from .parallel import agree, cross_entropy, group_info, next_tokens
 from .position_bias import DynamicPositionBias
@@ -146,14 +147,24 @@ class LocalTransformer(nn.Module):
         elif x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.num_tokens):
             raise ValueError(f"{name} must hold token ids in [0, num_tokens = {self.num_tokens}), got range [{int(x.min())}, {int(x.max())}]")
 
-    def _attn_bias(self, n: int | None = None):
-        """The dynamic position bias `(heads, w, span * w)`; for a whole sequence of `n` positions that of
-        the window `min(w, n)` (the op takes either), so its cost never follows a longer window."""
+    def _attn_bias(self, spec):
+        """The dynamic position bias `(heads, w, span * w)` of `spec`, the layers' rule cut to a length (the
+        op takes the bias of any cut that covers the sequence), so its cost never follows a longer window."""
         if self.dynamic_pos_bias is None:
             return None
-        spec = self.spec if n is None else self.spec.for_length(n)
         w = spec.window_size
         return self.dynamic_pos_bias(w, spec.span * w, offset=spec.look_backward * w)
+
+    def _decode_bias(self, n: int, cache):
+        """The bias for decoding a text of `n` positions: that of the caches while its cut covers `n`
+        (computed once per generation, or once more each time the cut grows: `ops.decode.decode_window`)."""
+        if self.dynamic_pos_bias is None:
+            return None
+        spec = decode_window(self.spec, n)[0]
+        bias = None if cache is None else cache[0].attn_bias
+        if bias is None or tuple(bias.shape[-2:]) != (spec.window_size, spec.span * spec.window_size):
+            bias = self._attn_bias(spec)
+        return bias
 
     def _check_features(self, x) -> None:
         if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
@@ -241,12 +252,12 @@ class LocalTransformer(nn.Module):
             else:  # each row at its own position
                 h = h + self.pos_emb(cache[0].positions)[:, None]
 
-        # a decode step reuses the bias its caches were built with (computed once per generation); a plain
-        # forward takes the bias of the window cut to the whole sequence (`fit_window`: cost follows it)
-        if cache is not None:
-            attn_bias = cache[0].attn_bias
+        # decoding reuses the bias its caches were built with; a plain forward takes the bias of the window
+        # cut to the whole sequence (`fit_window`: cost follows it)
+        if cache is not None or return_cache:
+            attn_bias = self._decode_bias(end if cache is not None else end + 1, cache)
         else:
-            attn_bias = self._attn_bias(None if return_cache else world * n)
+            attn_bias = self._attn_bias(self.spec.for_length(world * n))
         new_caches = []
         h = expand_streams(h, self.num_residual_streams)
         for index, ((attn, ff), global_layer) in enumerate(zip(self.layers, self.global_layers)):

@@ -98,21 +98,24 @@ def fit_window(spec: WindowSpec, n: int, attn_bias: torch.Tensor | None, key_sca
     sequence's windows): the same result on a sequence of `n` positions, at a cost that follows the
     sequence, not the window. (With a process group, `n` is the whole sequence's length.)
 
-    `attn_bias` may come for either spec and is cut to the smaller one. Its column of key `j` for a query
-    in window `b` is `j - (b - look_backward) * w`: a shorter look-back drops the first
-    `(look_backward - lb) * w` columns. With `w > n` every key lies in the query's own window (slot
-    `look_backward`), so only that slot's first `n` columns are kept; the other slots lie outside the
-    sequence and are never seen. `key_scale` `(span, d)` (xpos, one row per neighbour window) keeps the
-    rows of the windows that remain.
+    `attn_bias` may come for `spec` or for any `spec.for_length(m)` with `m >= n` (`check_attn_bias`) and is
+    cut to the smaller one. Its column of key `j` for a query in window `b` is `j - (b - look_backward) *
+    w`: a shorter look-back drops the first `(look_backward - lb) * w` columns. With `w > n` every key
+    lies in the query's own window (slot `look_backward`), so only that slot's first `n` columns are kept;
+    the other slots lie outside the sequence and are never seen. `key_scale` `(span, d)` (xpos, one row
+    per neighbour window of `spec`) keeps the rows of the windows that remain.
     """
     small = spec.for_length(n)
     if small is spec:
         return spec, attn_bias, key_scale
-    m, span, w, lb = small.window_size, small.span, spec.window_size, spec.look_backward
+    m, span = small.window_size, small.span
     if key_scale is not None:
+        lb = spec.look_backward
         key_scale = key_scale[lb - small.look_backward : lb - small.look_backward + span]
     if attn_bias is None or tuple(attn_bias.shape[-2:]) == (m, span * m):
         return small, attn_bias, key_scale
+    source = spec.with_bias_shape(*attn_bias.shape[-2:])
+    w, lb = source.window_size, source.look_backward
     if m == w:
         start = (lb - small.look_backward) * w
         return small, attn_bias[:, :, start : start + span * w], key_scale

@@ -8,6 +8,8 @@ window (`position % w`): `score_table` builds them once per generation.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from . import fused_cpu
@@ -21,21 +23,41 @@ def cache_capacity(spec: WindowSpec) -> int:
     return spec.look_backward * w + (0 if spec.exact_windowsize else w - 1)
 
 
-def score_table(spec: WindowSpec, attn_bias: torch.Tensor | None, device, dtype: torch.dtype) -> torch.Tensor:
+# Decoding a window far longer than the text decodes with the window cut to a length bound (`decode_window`),
+# doubled as the text grows past it, starting here.
+FIRST_DECODE_LIMIT = 1024
+
+
+def decode_window(spec: WindowSpec, n: int) -> tuple[WindowSpec, int]:
+    """`(rule, limit)`: the rule a cache decodes positions `< limit` with, for a text that will hold `n`
+    positions: `spec.for_length(limit)` (the same result on those positions; `ops.spec`) with `limit` the
+    power of two from `FIRST_DECODE_LIMIT` on that is `>= n`, so that the cache, the score table and the
+    bias follow the text, not the window. `spec` itself (and no limit, `sys.maxsize`) once the cut changes
+    nothing."""
+    limit = max(FIRST_DECODE_LIMIT, 1 << max(n - 1, 0).bit_length())
+    small = spec.for_length(limit)
+    return (spec, sys.maxsize) if small == spec else (small, limit)
+
+
+def score_table(spec: WindowSpec, attn_bias: torch.Tensor | None, device, dtype: torch.dtype,
+                limit: int = sys.maxsize) -> torch.Tensor:
     """Additive scores `(R, heads or 1, slots)` by query residue `u = position % w` (`R = w`, or 1 when
     nothing depends on it) and key index `a` (distance `slots - 1 - a`): the position bias `attn_bias`
     `(heads, w, span * w)` (or 0) where the causal window rule lets the query see the key, -inf where not.
 
     Key `j = i - dist` of query `i` is visible when `dist <= look_backward * w + u` (its window is at most
     `look_backward` back) and, with exact windows, `dist <= look_backward * w`; its bias is
-    `attn_bias[:, u, look_backward * w + u - dist]` (the layout of the op's `attn_bias`).
+    `attn_bias[:, u, look_backward * w + u - dist]` (the layout of the op's `attn_bias`). When every
+    position decoded with the table is below `limit <= w` (all in window 0), each existing key has
+    `dist <= u`, so the first condition always holds and, without a bias, nothing depends on `u`.
     """
     w, back = spec.window_size, spec.look_backward * spec.window_size
     slots = cache_capacity(spec) + 1
-    residues = 1 if attn_bias is None and spec.exact_windowsize else w
+    first_window = limit <= w
+    residues = 1 if attn_bias is None and (spec.exact_windowsize or first_window) else w
     u = torch.arange(residues, device=device)[:, None]
     dist = torch.arange(slots - 1, -1, -1, device=device)[None, :]  # (1, slots), oldest first
-    visible = dist <= back + u
+    visible = (dist <= back + u) | first_window
     if spec.exact_windowsize:
         visible &= dist <= back
     if attn_bias is None:

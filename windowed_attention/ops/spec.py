@@ -53,6 +53,34 @@ class WindowSpec:
             return self
         return replace(self, window_size=w, look_backward=lb, look_forward=lf)
 
+    def with_bias_shape(self, rows: int, cols: int) -> "WindowSpec | None":
+        """The rule `for_length(m)` (for some `m`) whose bias `(heads, w', span' * w')` has these last two
+        dims, or None when no such rule exists. (A candidate whose look-around no length gives comes back
+        too: callers check `for_length(n)` of the result against their own.)
+
+        A window cut below `window_size` holds every position in window 0 and looks at most one window each
+        way; at the full window the look-around `min(look_backward, W) + min(look_forward, W)` grows with
+        the number of windows `W`, so `span'` names `W`.
+        """
+        w = self.window_size
+        if rows < 1 or rows > w or cols % rows:
+            return None
+        around = cols // rows - 1
+        if rows < w:
+            windows = 1
+        else:
+            lo, hi = sorted((self.look_backward, self.look_forward))
+            windows = hi if around >= lo + hi else around // 2 if around <= 2 * lo else around - lo
+        lb, lf = min(self.look_backward, windows), min(self.look_forward, windows)
+        if lb + lf != around:
+            return None
+        return replace(self, window_size=rows, look_backward=lb, look_forward=lf)
+
+    def covers(self, other: "WindowSpec", n: int) -> bool:
+        """Whether `other` (a `for_length` of this rule) gives this rule's result on sequences of `n`
+        positions: `other.for_length(n) == self.for_length(n)`."""
+        return other.for_length(n) == self.for_length(n)
+
     def visible(self, i: torch.Tensor, j: torch.Tensor, n: int) -> torch.Tensor:
         """Boolean visibility of key positions `j` from query positions `i` (broadcasting)."""
         w = self.window_size

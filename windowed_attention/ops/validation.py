@@ -117,22 +117,22 @@ def check_mask(mask, packed: int, n: int, device, name: str = "mask") -> None:
 
 
 def check_attn_bias(attn_bias, packed: int, spec, n: int | None, device) -> None:
-    """Bias `(heads, w, span * w)`, float, with `heads` dividing the packed batch; when the window or the
-    look-around is longer than the sequence of `n` positions also the bias of `spec.for_length(n)`
-    (`n` None: only the former, as a decode step needs)."""
+    """Bias `(heads, w, span * w)`, float, with `heads` dividing the packed batch: that of `spec`, or (with
+    `n`) that of the window cut to any length `m >= n`, `spec.for_length(m)` (the same rule on `n`
+    positions; a window far longer than the sequence needs no bias as long as the window)."""
     if not isinstance(attn_bias, torch.Tensor):
         raise TypeError(f"attn_bias must be a float tensor of shape (heads, w, span * w), got {type(attn_bias).__name__}")
     if attn_bias.dtype not in FLOAT_DTYPES:
         raise TypeError(f"attn_bias must be a float tensor, got dtype {attn_bias.dtype}")
-    specs = (spec,) if n is None else (spec, spec.for_length(n))
-    shapes = {(s.window_size, s.span * s.window_size) for s in specs}
-    fits = attn_bias.ndim == 3 and tuple(attn_bias.shape[1:]) in shapes
+    source = spec.with_bias_shape(*attn_bias.shape[1:]) if attn_bias.ndim == 3 else None
+    fits = source is not None and (source == spec if n is None else spec.covers(source, n))
     if not fits or attn_bias.shape[0] == 0 or packed % attn_bias.shape[0] != 0:
         w = spec.window_size
+        cut = "" if n is None else f", or that of the window cut to a length >= {n}"
         raise ValueError(
             f"attn_bias must have shape (heads, {w}, {spec.span * w}) = (heads, window_size, "
-            f"(look_backward + look_forward + 1) * window_size) with heads dividing the packed batch {packed}, "
-            f"got {tuple(attn_bias.shape)}"
+            f"(look_backward + look_forward + 1) * window_size){cut}, with heads dividing the packed batch "
+            f"{packed}, got {tuple(attn_bias.shape)}"
         )
     if attn_bias.device != device:
         raise ValueError(f"attn_bias must be on the device of q ({device}), got {attn_bias.device}")

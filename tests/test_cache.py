@@ -230,10 +230,14 @@ def test_kv_cache_keeps_at_most_capacity():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
-@pytest.mark.parametrize("options", [dict(), dict(shared_qk=True), dict(factors=True), dict(rotary=False)])
-def test_fused_decode_step_matches_torch_step(dtype, kv_heads, options):
+@pytest.mark.parametrize("d", [8, 72])
+@pytest.mark.parametrize("options", [dict(), dict(shared_qk=True), dict(factors=True), dict(rotary=False),
+                                     dict(holes=True), dict(holes=True, shared_qk=True), dict(holes=True, factors=True)])
+def test_fused_decode_step_matches_torch_step(dtype, kv_heads, options, d):
     """The CPU kernel's step (rotate, write the ring, attend) against the torch ops of `attend_step`, on
-    rows of different lengths (empty slots masked), grouped-query heads, shared-qk and xpos factors."""
+    rows of different lengths (empty slots masked), grouped-query heads, shared-qk and xpos factors, head
+    dims below and above a vector (with a tail); `holes`: a bias that hides random keys, and every key of
+    one query (its output is zeros, or its own value under shared-qk)."""
     from windowed_attention.ops import fused_cpu
     from windowed_attention.ops.decode import attend_step, cache_capacity, score_table
     from windowed_attention.ops.spec import WindowSpec
@@ -242,11 +246,14 @@ def test_fused_decode_step_matches_torch_step(dtype, kv_heads, options):
     if not fused_cpu.available():
         pytest.skip("the fused CPU kernel is not built here")
     torch.manual_seed(0)
-    b, h, d, n = 3, 4, 8, 9
+    b, h, n = 3, 4, 9
     spec = WindowSpec(4, True, 1, 0, False)
     capacity, compute = cache_capacity(spec), torch.float64 if dtype == torch.float64 else torch.float32
     bias = torch.randn(h, 4, 8)
     row = score_table(spec, bias, "cpu", compute)[torch.tensor([1, 2, 3])]  # (b, h, slots)
+    if options.get("holes"):
+        row = row.masked_fill(torch.rand(row.shape) < 0.3, float("-inf"))
+        row[1, 2] = float("-inf")
     factors = torch.rand(capacity + 1, d, dtype=compute) + 0.5 if options.get("factors") else None
     lengths = torch.tensor([9, 2, 5])
     k, v = torch.randn(b, kv_heads, n, d).to(dtype), torch.randn(b, kv_heads, n, d).to(dtype)
@@ -264,7 +271,8 @@ def test_fused_decode_step_matches_torch_step(dtype, kv_heads, options):
                 out, caches[index] = attend_step(q_in, k1, v1, caches[index], rotation, row, scale=0.3,
                                                  shared_qk=options.get("shared_qk", False), key_factors=factors)
             outs.append(out.detach())
-        tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+        tol = {torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float32: dict(rtol=1e-5, atol=1e-5),
+               torch.float64: dict(rtol=1e-10, atol=1e-12)}[dtype]
         torch.testing.assert_close(outs[0], outs[1], **tol)
         assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
 

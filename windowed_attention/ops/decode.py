@@ -92,7 +92,10 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: torch.Ten
         sim = (q * scale) @ k.transpose(-1, -2) + row
         if shared_qk:
             sim[..., -1] = SELF_ATTN_SCORE
-        out = sim.softmax(dim=-1) @ v
+        weights = sim.softmax(dim=-1)
+        if not shared_qk:  # a query that sees no key (a bias hid them all) outputs zeros, as sdpa's does
+            weights = weights.masked_fill(sim.isneginf().all(dim=-1, keepdim=True), 0.0)
+        out = weights @ v
     return out.reshape(b, h, 1, -1).to(dtype)
 
 

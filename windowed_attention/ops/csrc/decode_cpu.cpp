@@ -48,6 +48,85 @@ void axpy(T alpha, const T* x, T* y, int64_t n) {  // y += alpha x
   for (; c < n; ++c) y[c] += alpha * x[c];
 }
 
+// out[j] = q . keys[j] for j in [lo, n) (rows of d): four keys at a time, so that the four reductions
+// overlap instead of each waiting on its chain of multiply-adds
+template <typename T>
+void dots(const T* q, const T* keys, int64_t d, int64_t lo, int64_t n, T* out) {
+  using V = at::vec::Vectorized<T>;
+  auto sum = [](V x) { return at::vec::vec_reduce_all<T>([](V a, V b) { return a + b; }, x); };
+  int64_t j = lo;
+  for (; j + 4 <= n; j += 4) {
+    const T* k0 = keys + j * d;
+    const T *k1 = k0 + d, *k2 = k1 + d, *k3 = k2 + d;
+    V a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
+    int64_t c = 0;
+    for (; c + V::size() <= d; c += V::size()) {
+      const V x = V::loadu(q + c);
+      a0 = at::vec::fmadd(x, V::loadu(k0 + c), a0);
+      a1 = at::vec::fmadd(x, V::loadu(k1 + c), a1);
+      a2 = at::vec::fmadd(x, V::loadu(k2 + c), a2);
+      a3 = at::vec::fmadd(x, V::loadu(k3 + c), a3);
+    }
+    T s0 = sum(a0), s1 = sum(a1), s2 = sum(a2), s3 = sum(a3);
+    for (; c < d; ++c) {
+      s0 += q[c] * k0[c];
+      s1 += q[c] * k1[c];
+      s2 += q[c] * k2[c];
+      s3 += q[c] * k3[c];
+    }
+    out[j] = s0, out[j + 1] = s1, out[j + 2] = s2, out[j + 3] = s3;
+  }
+  for (; j < n; ++j) out[j] = dot(q, keys + j * d, d);
+}
+
+// x[j] = exp(x[j] - shift) in place (-inf gives 0); returns their sum
+template <typename T>
+T exp_shifted(T* x, int64_t n, T shift) {
+  using V = at::vec::Vectorized<T>;
+  const V s(shift);
+  V total(T(0));
+  int64_t j = 0;
+  for (; j + V::size() <= n; j += V::size()) {
+    const V e = (V::loadu(x + j) - s).exp();
+    e.store(x + j);
+    total = total + e;
+  }
+  T sum = at::vec::vec_reduce_all<T>([](V a, V b) { return a + b; }, total);
+  for (; j < n; ++j) sum += (x[j] = std::exp(x[j] - shift));
+  return sum;
+}
+
+// out = sum over j in [lo, n) of w[j] * values[j] (rows of dv), the accumulators held in registers across
+// the keys, four vectors of the value dim at a time
+template <typename T>
+void weighted_sum(const T* w, const T* values, int64_t lo, int64_t n, int64_t dv, T* out) {
+  using V = at::vec::Vectorized<T>;
+  constexpr int64_t L = V::size();
+  int64_t c = 0;
+  for (; c + 4 * L <= dv; c += 4 * L) {
+    V a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
+    for (int64_t j = lo; j < n; ++j) {
+      const V e(w[j]);
+      const T* x = values + j * dv + c;
+      a0 = at::vec::fmadd(e, V::loadu(x), a0);
+      a1 = at::vec::fmadd(e, V::loadu(x + L), a1);
+      a2 = at::vec::fmadd(e, V::loadu(x + 2 * L), a2);
+      a3 = at::vec::fmadd(e, V::loadu(x + 3 * L), a3);
+    }
+    a0.store(out + c), a1.store(out + c + L), a2.store(out + c + 2 * L), a3.store(out + c + 3 * L);
+  }
+  for (; c + L <= dv; c += L) {
+    V a(T(0));
+    for (int64_t j = lo; j < n; ++j) a = at::vec::fmadd(V(w[j]), V::loadu(values + j * dv + c), a);
+    a.store(out + c);
+  }
+  for (; c < dv; ++c) {
+    T a = 0;
+    for (int64_t j = lo; j < n; ++j) a += w[j] * values[j * dv + c];
+    out[c] = a;
+  }
+}
+
 template <typename S>
 void decode_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_buf, at::Tensor& v_buf,
                  const at::Tensor& cos, const at::Tensor& sig, const at::Tensor& row, const at::Tensor& key_bias,
@@ -95,7 +174,10 @@ void decode_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
     }
   });
 
-  // 2. each query over its kv head's window
+  // 2. each query over its kv head's window. The window rule hides the oldest keys of the ring (on average
+  // a quarter of it): they are never read, since a large batch's step is bound by reading the cache
+  // from memory. A key hidden after the first one seen (by a bias) is scored, then hidden.
+  constexpr T hidden = -std::numeric_limits<T>::infinity();
   at::parallel_for(0, b * h, 32, [&](int64_t begin, int64_t end) {
     std::vector<T> qr(d), score(Sn), acc(dv), row_k(same ? 0 : d), row_v(same ? 0 : dv);
     for (int64_t p = begin; p < end; ++p) {
@@ -104,44 +186,55 @@ void decode_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       const S* keys = kb + ((r * hk + g) * S2 + first) * d;
       const S* values = vb + ((r * hk + g) * S2 + first) * dv;
       const T* add = rowd + r * row_b + i * row_h;
-      T best = -std::numeric_limits<T>::infinity();
-      for (int64_t j = 0; j < Sn; ++j) {
-        T s = 0;
-        const T* kj;
-        if constexpr (same) {
-          kj = keys + j * d;
-        } else {
-          at::vec::convert(keys + j * d, row_k.data(), d);
-          kj = row_k.data();
-        }
-        if (factors) {
-          const T* f = factors + j * d;
-          for (int64_t c = 0; c < d; ++c) s += qr[c] * kj[c] * f[c];
-        } else {
-          s = dot(qr.data(), kj, d);
-        }
-        s = s * static_cast<T>(scale) + add[j];
-        if (biasd) s += biasd[r * S2 + first + j];
-        if (shared_qk && j == Sn - 1) s = static_cast<T>(SELF_ATTN_SCORE);
-        score[j] = s;
-        best = std::max(best, s);
+      const T* empty = biasd ? biasd + r * S2 + first : nullptr;
+      auto seen = [&](int64_t j) { return add[j] != hidden && !(empty && empty[j] == hidden); };
+      const bool self_score = shared_qk;  // the query's own key (the last) gets SELF_ATTN_SCORE, whatever hides it
+      int64_t lo = 0;
+      while (lo < Sn - self_score && !seen(lo)) ++lo;
+      if constexpr (same) {
+        if (!factors) dots(qr.data(), keys, d, lo, Sn, score.data());
       }
-      T total = 0;
-      std::fill(acc.begin(), acc.end(), T(0));
-      for (int64_t j = 0; j < Sn; ++j) {
-        if (score[j] == -std::numeric_limits<T>::infinity()) continue;
-        const T e = std::exp(score[j] - best);
-        total += e;
-        const T* vj;
-        if constexpr (same) {
-          vj = values + j * dv;
+      T best = hidden;
+      for (int64_t j = lo; j < Sn; ++j) {
+        T s;
+        if (same && !factors) {
+          s = score[j];
         } else {
-          at::vec::convert(values + j * dv, row_v.data(), dv);
-          vj = row_v.data();
+          const T* kj;
+          if constexpr (same) {
+            kj = keys + j * d;
+          } else {
+            at::vec::convert(keys + j * d, row_k.data(), d);
+            kj = row_k.data();
+          }
+          s = 0;
+          if (factors) {
+            const T* f = factors + j * d;
+            for (int64_t c = 0; c < d; ++c) s += qr[c] * kj[c] * f[c];
+          } else {
+            s = dot(qr.data(), kj, d);
+          }
         }
-        axpy(e, vj, acc.data(), dv);
+        s = s * static_cast<T>(scale) + add[j] + (empty ? empty[j] : T(0));
+        score[j] = self_score && j == Sn - 1 ? static_cast<T>(SELF_ATTN_SCORE) : seen(j) ? s : hidden;
+        best = std::max(best, score[j]);
       }
       S* o = od + p * dv;
+      if (best == hidden) {  // a query that sees no key (a bias hid them all) outputs zeros, as the op does
+        for (int64_t c = 0; c < dv; ++c) o[c] = static_cast<S>(0);
+        continue;
+      }
+      const T total = exp_shifted(score.data() + lo, Sn - lo, best);  // score[j] = exp(score[j] - best)
+      if constexpr (same) {
+        weighted_sum(score.data(), values, lo, Sn, dv, acc.data());
+      } else {
+        std::fill(acc.begin(), acc.end(), T(0));
+        for (int64_t j = lo; j < Sn; ++j) {
+          if (score[j] == T(0)) continue;
+          at::vec::convert(values + j * dv, row_v.data(), dv);
+          axpy(score[j], row_v.data(), acc.data(), dv);
+        }
+      }
       for (int64_t c = 0; c < dv; ++c) o[c] = static_cast<S>(acc[c] / total);
     }
   });

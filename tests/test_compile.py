@@ -152,3 +152,26 @@ def test_train_compile_end_to_end_gives_the_eager_losses(tmp_path, capsys):
     for (step, train, val), (step_c, train_c, val_c) in zip(losses[False], losses[True]):
         assert step == step_c and train_c == pytest.approx(train, rel=1e-5)
         assert val_c == (None if val is None else pytest.approx(val, rel=1e-5))
+
+
+def test_opcheck_hyper_connection_ops():
+    """The stream mix and write-back of `ops/hyper.py`: schema, fake, autograd and traced; double backward raises."""
+    from windowed_attention.ops import hyper
+
+    g = torch.Generator().manual_seed(0)
+    s, dim, tokens = 3, 8, 5
+    args = [torch.randn(tokens, s, dim, generator=g, dtype=torch.float64), torch.randn(dim, s + 2, generator=g, dtype=torch.float64),
+            torch.randn(s, s + 1, generator=g, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64),
+            torch.randn(s, generator=g, dtype=torch.float64), torch.tensor(0.2, dtype=torch.float64)]
+    args = [a.requires_grad_() for a in args]
+    torch.library.opcheck(hyper.hyper_mix, (*args, 2.0))
+    write = (torch.randn(tokens, s, dim, generator=g, dtype=torch.float64, requires_grad=True),
+             torch.randn(tokens, s, generator=g, dtype=torch.float64, requires_grad=True),
+             torch.randn(tokens, dim, generator=g, dtype=torch.float64, requires_grad=True))
+    torch.library.opcheck(hyper.hyper_write, write)
+    assert torch.autograd.gradcheck(lambda *a: hyper.mix(*a, 2.0), tuple(args))
+    assert torch.autograd.gradcheck(hyper.write, write)
+    x, remixed, beta = hyper.mix(*args, 2.0)
+    (grad,) = torch.autograd.grad((x * x).sum() + (remixed * beta[..., None]).sum(), args[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad.sum().backward()

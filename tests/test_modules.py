@@ -8,6 +8,8 @@ import textwrap
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from oracle import oracle_attention
 
 from windowed_attention import (
@@ -19,6 +21,8 @@ from windowed_attention import (
     LocalTransformer,
     SinusoidalEmbeddings,
 )
+from windowed_attention.ops import fused_cpu, hyper
+from windowed_attention.residual import HyperConnection
 
 
 def small_model(**kwargs):
@@ -314,3 +318,43 @@ def test_hyper_connection_hand_written_backwards_pass_gradcheck():
 
     folded = _NormedProjection.apply(h.reshape(-1, 3, 6), weights * (norm.gamma + 1)[:, None], norm.scale)
     torch.testing.assert_close(folded, StreamNorm.forward(norm, h.reshape(-1, 3, 6)) @ weights)
+
+
+@settings(max_examples=20, deadline=None)
+@given(streams=st.integers(1, 5), dim=st.sampled_from([5, 16, 20, 67]), tokens=st.integers(1, 70),
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
+def test_hyper_connection_kernel_equals_the_torch_formula(streams, dim, tokens, dtype, seed):
+    """The CPU kernel's stream mix and write-back (`ops/hyper.py`) against the torch formula of
+    `HyperConnection`, forward and every gradient (streams, gains, static and dynamic weights, scales), on
+    random parameters, widths with and without a vector tail, and any number of tokens."""
+    if not hyper.supports(torch.zeros(1, dtype=dtype)):
+        pytest.skip("the fused CPU kernel is not built here")
+    torch.manual_seed(seed)
+    block = HyperConnection(streams, dim=dim, branch=torch.nn.Linear(dim, dim), stream=seed).to(dtype)
+    with torch.no_grad():
+        for parameter in block.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    h = torch.randn(tokens, 1, streams, dim, dtype=dtype, requires_grad=True)
+    grad = torch.randn(tokens, 1, streams, dim, dtype=dtype)
+    results = []
+    for kernel in (True, False):
+        with pytest.MonkeyPatch.context() as patch:
+            if not kernel:
+                patch.setattr(hyper, "supports", lambda *args: False)
+            out = block(h)
+            results.append((out, torch.autograd.grad(out, (h, *block.parameters()), grad)))
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(results[0][0], results[1][0], **tol)
+    for ours, reference in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(ours, reference, **tol)
+
+
+def test_hyper_connection_kernel_runs_where_it_should():
+    """The kernel takes float32/float64 CPU streams outside autocast (when built); bfloat16 and autocast keep
+    the torch formula (whose matmuls autocast)."""
+    h = torch.zeros(2, 3, 8)
+    assert hyper.supports(h) == fused_cpu.available()
+    assert not hyper.supports(h.bfloat16())
+    assert not hyper.supports(h, torch.zeros(1, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not hyper.supports(h)

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from einops import reduce, repeat
 from torch import nn
 
+from .ops import hyper
+
 # The parameters of a hyper-connection wrapper (not of its branch), as the `hyper-connections` package names them.
 HYPER_CONNECTION_PARAMETERS = (
     "static_alpha", "dynamic_alpha_fn", "dynamic_alpha_scale", "static_beta", "dynamic_beta_fn",
@@ -149,11 +151,19 @@ class HyperConnection(nn.Module):
         materialised), both dynamic projections are one matmul, the mix is batched matmuls over the
         tokens (`(1 + s, s) @ (s, dim)` per token) and the write-back another (`(s, 1) @ (1, dim)`), with
         hand-written backwards where autograd's would take extra passes (`_NormedProjection`, `_Mix`).
+        On CPU in float32/float64 (outside autocast) our kernel computes the same in one pass over the
+        streams each way, the mix and the write-back (`ops/hyper.py`; tested against this formula).
         `StreamNorm.forward` and the parity tests hold the plain formula."""
         streams, dim = self.streams, h.shape[-1]
         lead = h.shape[:-2]
         h = h.reshape(-1, streams, dim)  # (tokens, s, dim)
         weights = torch.cat((self.dynamic_alpha_fn, self.dynamic_beta_fn[:, None]), dim=1) * (self.norm.gamma + 1)[:, None]
+        parameters = (weights, self.static_alpha, self.dynamic_alpha_scale, self.static_beta, self.dynamic_beta_scale)
+        if hyper.supports(h, *parameters):  # the same formula in one pass of our CPU kernel, each way
+            x, remixed, beta = hyper.mix(h, *parameters, self.norm.scale)
+            out, rest = _split_output(self.branch(x.view(*lead, dim), *args, **kwargs))
+            h = hyper.write(remixed, beta, out.reshape(-1, dim)).view(*lead, streams, dim)
+            return h if rest is None else (h, *rest)
         dynamic = torch.tanh(_NormedProjection.apply(h, weights, self.norm.scale))  # (tokens, s, 1 + s + 1)
         alpha = self.static_alpha + dynamic[..., :-1] * self.dynamic_alpha_scale  # (tokens, s, 1 + s)
         beta = self.static_beta + dynamic[..., -1] * self.dynamic_beta_scale  # (tokens, s)

@@ -1,0 +1,132 @@
+"""The stream mixing of a hyper-connection on CPU in one pass of our kernel (`csrc/hyper_cpu.cpp`).
+
+`residual.HyperConnection` reads a learned, input-dependent mix of `s` residual streams: an RMS norm, a
+narrow projection, tanh, and batched `(1 + s, s) @ (s, dim)` matmuls per token. In torch each is a pass
+over all the streams, and the backward takes about twice as many; the kernel does the forward in one
+pass and the backward in one, per token, in float32 or float64. It is a `torch.library` custom op with a
+fake implementation and an autograd formula (double backward raises), so `torch.compile` and
+`torch.export` trace through it; `residual.HyperConnection` keeps the torch formula (the reference it is
+tested against) for other devices and dtypes, under autocast, and where the kernel cannot be built.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import fused_cpu
+
+DTYPES = (torch.float32, torch.float64)
+
+
+def supports(h: Tensor, *parameters: Tensor) -> bool:
+    """Whether the kernel computes the mix of `h` with these parameters here (else the torch formula)."""
+    return (h.device.type == "cpu" and h.dtype in DTYPES and all(p.dtype == h.dtype for p in parameters)
+            and not torch.is_autocast_enabled("cpu") and fused_cpu.available())
+
+
+@torch.library.custom_op("windowed_attention::hyper_mix", mutates_args=(), device_types="cpu")
+def hyper_mix(h: Tensor, w: Tensor, static_alpha: Tensor, alpha_scale: Tensor, static_beta: Tensor,
+              beta_scale: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`h (T, s, D)`, `w (D, s + 2)` (the gain folded in) -> the block input `x (T, D)`, the remixed streams
+    `(T, s, D)`, `beta (T, s)`, and for the backward the tanh values and projections `(T, s, s + 2)` and
+    the norms `(T, s)`."""
+    return tuple(fused_cpu.kernel().hyper_forward(h, w, static_alpha, alpha_scale, static_beta, beta_scale, scale))
+
+
+@hyper_mix.register_fake
+def _(h, w, static_alpha, alpha_scale, static_beta, beta_scale, scale):
+    tokens, s, dim = h.shape
+    return (h.new_empty(tokens, dim), h.new_empty(tokens, s, dim), h.new_empty(tokens, s),
+            h.new_empty(tokens, s, s + 2), h.new_empty(tokens, s, s + 2), h.new_empty(tokens, s))
+
+
+@torch.library.custom_op("windowed_attention::hyper_mix_backward", mutates_args=(), device_types="cpu")
+def hyper_mix_backward(grad_x: Tensor, grad_remixed: Tensor, grad_beta: Tensor, h: Tensor, w: Tensor,
+                       static_alpha: Tensor, alpha_scale: Tensor, static_beta: Tensor, beta_scale: Tensor,
+                       scale: float, y: Tensor, p: Tensor, norm: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of `h, w, static_alpha, alpha_scale, static_beta, beta_scale`."""
+    return tuple(fused_cpu.kernel().hyper_backward(grad_x, grad_remixed, grad_beta, h, w, static_alpha, alpha_scale,
+                                                   static_beta, beta_scale, scale, y, p, norm))
+
+
+@hyper_mix_backward.register_fake
+def _(grad_x, grad_remixed, grad_beta, h, w, static_alpha, alpha_scale, static_beta, beta_scale, scale, y, p, norm):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
+                 for t in (h, w, static_alpha, alpha_scale, static_beta, beta_scale))
+
+
+def _setup(ctx, inputs, output):
+    h, w, static_alpha, alpha_scale, static_beta, beta_scale, scale = inputs
+    ctx.save_for_backward(h, w, static_alpha, alpha_scale, static_beta, beta_scale, *output[3:])
+    ctx.scale = scale
+    ctx.mark_non_differentiable(*output[3:])
+
+
+def _grad(ctx, grad_x, grad_remixed, grad_beta, *_):
+    h, w, static_alpha, alpha_scale, static_beta, beta_scale, y, p, norm = ctx.saved_tensors
+    grads = [torch.zeros_like(t) if g is None else g.contiguous()
+             for g, t in ((grad_x, h[:, 0]), (grad_remixed, h), (grad_beta, h[..., 0]))]
+    return (*hyper_mix_backward(*grads, h, w, static_alpha, alpha_scale, static_beta, beta_scale, ctx.scale, y, p, norm),
+            None)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "double backward (a gradient of a gradient, create_graph=True) is not implemented by the hyper-connection "
+        "kernel; set WINDOWED_ATTENTION_NO_FUSED=1 to run the torch formula instead"
+    )
+
+
+hyper_mix.register_autograd(_grad, setup_context=_setup)
+hyper_mix_backward.register_autograd(_no_double_backward)
+
+
+@torch.library.custom_op("windowed_attention::hyper_write", mutates_args=(), device_types="cpu")
+def hyper_write(remixed: Tensor, beta: Tensor, out: Tensor) -> Tensor:
+    """The streams after the block: `remixed (T, s, D) + beta (T, s) * out (T, D)` per stream."""
+    return fused_cpu.kernel().hyper_write(remixed, beta, out)
+
+
+@hyper_write.register_fake
+def _(remixed, beta, out):
+    return torch.empty_like(remixed, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("windowed_attention::hyper_write_backward", mutates_args=(), device_types="cpu")
+def hyper_write_backward(grad: Tensor, beta: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+    """The gradients of `beta` and `out` (that of `remixed` is `grad` itself)."""
+    return tuple(fused_cpu.kernel().hyper_write_backward(grad, beta, out))
+
+
+@hyper_write_backward.register_fake
+def _(grad, beta, out):
+    return torch.empty_like(beta, memory_format=torch.contiguous_format), torch.empty_like(out, memory_format=torch.contiguous_format)
+
+
+def _write_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+
+
+def _write_grad(ctx, grad):
+    beta, out = ctx.saved_tensors
+    grad = grad.contiguous()
+    return (grad, *hyper_write_backward(grad, beta, out))
+
+
+hyper_write.register_autograd(_write_grad, setup_context=_write_setup)
+hyper_write_backward.register_autograd(_no_double_backward)
+
+
+def write(remixed: Tensor, beta: Tensor, out: Tensor) -> Tensor:
+    """`remixed (T, s, D) + beta[..., None] * out[:, None]`: the write-back of `residual.HyperConnection`."""
+    return hyper_write(remixed.contiguous(), beta.contiguous(), out.contiguous())
+
+
+def mix(h: Tensor, w: Tensor, static_alpha: Tensor, alpha_scale: Tensor, static_beta: Tensor, beta_scale: Tensor,
+        scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """`(x (T, D), remixed (T, s, D), beta (T, s))` of the streams `h (T, s, D)` (see the module docstring
+    and `residual.HyperConnection`)."""
+    x, remixed, beta, *_ = hyper_mix(h.contiguous(), w.contiguous(), static_alpha.contiguous(), alpha_scale,
+                                     static_beta.contiguous(), beta_scale, float(scale))
+    return x, remixed, beta

@@ -57,6 +57,16 @@ def _options(reps: int) -> dict:
     return result
 
 
+def _grouped_query(reps: int, kv_heads: int = impls.HEADS // 4) -> dict:
+    """The op's forward+backward with `kv_heads` kv heads against as many as query heads (same q, N, W)."""
+    q, k, v = measure.make_inputs(N, torch.float32, True)
+    grouped = [q, k[:, :kv_heads].detach().clone().requires_grad_(), v[:, :kv_heads].detach().clone().requires_grad_()]
+    fn = impls.ours(N, W)
+    times = measure.interleaved({"grouped": measure.step(fn, grouped, True), "full": measure.step(fn, [q, k, v], True)}, reps)
+    return dict(kv_heads=kv_heads, heads=impls.HEADS, grouped_ms=times["grouped"] * 1e3, full_ms=times["full"] * 1e3,
+                speedup=times["full"] / times["grouped"])
+
+
 def _training(reps: int, streams: int = 1) -> dict | None:
     """A LocalTransformer training step, ours against local-attention's, both with `streams` residual streams."""
     try:
@@ -133,6 +143,8 @@ def run(train: bool = True, reps: int = 7) -> dict:
     except ImportError:  # local-attention is a test/benchmark extra
         pass
 
+    result["fwd_bwd_grouped_query_n8192"] = _grouped_query(reps)
+
     fp32_in = measure.make_inputs(N, torch.float32, True)
     bf16_in = measure.make_inputs(N, torch.bfloat16, True)
     fn = impls.ours(N, W)
@@ -167,6 +179,7 @@ def report(result: dict) -> None:
     show("linear_cost_fwd_bwd", "time/token fwd+bwd N=65536 vs 4096")
     show("fwd_bwd_dropout_n8192", "fwd+bwd N=8192 dropout 0.1 vs local-attention")
     show("fwd_bwd_xpos_n8192", "fwd+bwd N=8192 xpos vs local-attention")
+    show("fwd_bwd_grouped_query_n8192", "fwd+bwd N=8192, kv heads H/4 vs H")
     show("bf16_fwd_bwd_n8192", "bf16 vs fp32 fwd+bwd N=8192")
     show("train_step_local_transformer", "LocalTransformer train step tokens/s")
     show("train_step_local_transformer_4_streams", "LocalTransformer train step, 4 streams, tokens/s")

@@ -18,8 +18,9 @@ every step; idle memory is marked reclaimable (MADV_FREE), bounded by `$WINDOWED
 `release_memory()`.
 
 The kernels are registered as `torch.library` custom ops (`torch.ops.windowed_attention.attention_forward`,
-`attention_backward`, `rotate`) with fake implementations and autograd formulas, so `torch.compile`
-(fullgraph) and `torch.export` trace through them. Double backward through the attention raises.
+`attention_backward`, `rotate`; the hyper-connection ops live in `ops/hyper.py`) with fake implementations
+and autograd formulas, so `torch.compile` (fullgraph) and `torch.export` trace through them. Double
+backward through the attention raises.
 
 The source is compiled on first use (one line on stderr announces it; needs a C++20 compiler with OpenMP,
 `c++` or `$CXX`) into `~/.cache/windowed_attention` (or `$WINDOWED_ATTENTION_CACHE`), a folder private to

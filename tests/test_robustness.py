@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from windowed_attention import LocalAttention, LocalMHA, LocalTransformer, local_attention
-from windowed_attention.ops import backends
+from windowed_attention.ops import backends, fused_cpu
 from windowed_attention.ops.flex import flex_attention_backend
 from windowed_attention.ops.reference import reference_attention
 from windowed_attention.ops.spec import WindowSpec
@@ -450,3 +450,18 @@ def test_other_non_finite_constructor_numbers_are_rejected_by_name(value):
         SinusoidalEmbeddings(8, theta=value)
     with pytest.raises((ValueError, TypeError), match="scale_base"):
         SinusoidalEmbeddings(8, scale_base=value, use_xpos=True)
+
+
+def test_the_kernel_op_refuses_a_bias_or_mask_of_another_shape():
+    """A direct call of the fused kernel's op (what `torch.ops` exposes) with a bias or key mask whose shape
+    does not match the window and q raises, instead of reading past the tensor."""
+    if not fused_cpu.available():
+        pytest.skip("the fused CPU kernel is not built here")
+    q, k, v = (torch.randn(4, 16, 8) for _ in range(3))
+    window = (4, 1, 0, True, False, 0.3, False, 0.0, 0)  # w, lb, lf, causal, exact, scale, mask_self, dropout_p, seed
+    ops = fused_cpu.kernel()
+    ops.forward(q, k, v, torch.zeros(2, 4, 8), torch.ones(2, 16), None, *window)  # the right shapes
+    for bias, keep in ((torch.zeros(2, 4, 4), None), (torch.zeros(3, 4, 8), None), (torch.zeros(2, 8, 8), None),
+                       (torch.zeros(4, 8), None), (None, torch.ones(2, 8)), (None, torch.ones(3, 16)), (None, torch.ones(16))):
+        with pytest.raises(RuntimeError, match="bias|keep"):
+            ops.forward(q, k, v, bias, keep, None, *window)

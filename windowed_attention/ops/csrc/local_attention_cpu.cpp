@@ -696,7 +696,9 @@ class OutputPool final : public c10::Allocator {
 at::ScalarType acc_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
-           const std::optional<at::Tensor>& keep, const std::optional<at::Tensor>& key_scale, int64_t lb, int64_t lf) {
+           const std::optional<at::Tensor>& keep, const std::optional<at::Tensor>& key_scale, int64_t w, int64_t lb,
+           int64_t lf) {
+  TORCH_CHECK(w >= 1 && lb >= 0 && lf >= 0, "window_size must be >= 1 and the look-around >= 0");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k, v must be contiguous");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "q, k, v dtypes differ");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k, v must be (P, n, d)");
@@ -706,8 +708,16 @@ void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const 
               "k must be (P_kv, n, d) and v (P_kv, n, dv) for q (P, n, d)");
   TORCH_CHECK(!bias.has_value() || (bias->is_contiguous() && bias->scalar_type() == acc_type(q)),
               "bias must be contiguous, float64 for float64 inputs and float32 otherwise");
+  // the kernel indexes the bias and the mask by these shapes: a direct call of the op with others must not
+  // read past them
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 3 && bias->size(0) >= 1 && q.size(0) % bias->size(0) == 0
+                                    && bias->size(1) == w && bias->size(2) == (lb + lf + 1) * w),
+              "bias must be (H, w, span * w) with H dividing the P rows of q");
   TORCH_CHECK(!keep.has_value() || (keep->is_contiguous() && keep->scalar_type() == acc_type(q)),
               "keep must be contiguous (1 = kept, 0 = masked), float64 for float64 inputs and float32 otherwise");
+  TORCH_CHECK(!keep.has_value() || (keep->dim() == 2 && keep->size(0) >= 1 && q.size(0) % keep->size(0) == 0
+                                    && keep->size(1) == q.size(1)),
+              "keep must be (B, n) with B dividing the P rows of q");
   TORCH_CHECK(!key_scale.has_value() || (key_scale->is_contiguous() && key_scale->scalar_type() == acc_type(q) &&
                                          key_scale->sizes() == at::IntArrayRef({lb + lf + 1, q.size(2)})),
               "key_scale must be contiguous (span, d), float64 for float64 inputs and float32 otherwise");
@@ -720,7 +730,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
                                            const std::optional<at::Tensor>& key_scale, int64_t w, int64_t lb,
                                            int64_t lf, bool causal, bool exact, double scale, bool mask_self,
                                            double dropout_p, int64_t seed) {
-  check(q, k, v, bias, keep, key_scale, lb, lf);
+  check(q, k, v, bias, keep, key_scale, w, lb, lf);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1)");
   auto& pool = OutputPool::instance();
   auto out = pool.empty({q.size(0), q.size(1), v.size(2)}, q.scalar_type());
@@ -739,7 +749,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const std::optional<at::Tensor>& keep, const std::optional<at::Tensor>& key_scale, int64_t w, int64_t lb,
     int64_t lf, bool causal, bool exact,
     double scale, bool mask_self, double dropout_p, int64_t seed) {
-  check(q, k, v, bias, keep, key_scale, lb, lf);
+  check(q, k, v, bias, keep, key_scale, w, lb, lf);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1)");
   TORCH_CHECK(lse.is_contiguous() && lse.sizes() == at::IntArrayRef({q.size(0), q.size(1)}), "lse must be (P, n), contiguous");
   TORCH_CHECK(grad_out.dim() == 3 && grad_out.sizes() == at::IntArrayRef({q.size(0), q.size(1), v.size(2)}),

@@ -29,6 +29,7 @@ def test_two_processes_train_with_ddp(tmp_path):
     # tokens per step count both ranks: 2 ranks * batch 2 * grad_accum 2 * seq_len 32
     assert records[0]["tokens"] == 2 * 2 * 2 * 32
     assert done.stdout.count("step 4: train loss") + done.stderr.count("step 4: train loss") == 1
+    assert (done.stdout + done.stderr).count("done: step 4") == 1  # rank 0 alone reports the run
     config = json.loads((out / "config.json").read_text())
     assert config["step"] == 4
     load_model(out)

@@ -122,6 +122,8 @@ def run(args) -> int:
         if not is_out_of_memory(error):
             raise
         return fail("train", error)
+    if not result.main:  # under torchrun rank 0 reports the run
+        return 130 if result.stopped_by == "SIGINT" else 143 if result.stopped_by else 0
     if result.stopped_by is not None:
         print(f"stopped by {result.stopped_by} at step {result.step}; checkpoint saved in {args.out} "
               "(continue with --resume)", file=sys.stderr)

@@ -41,6 +41,7 @@ class TrainResult:
     val_bpc: float | None
     seconds: float
     stopped_by: str | None = None  # "SIGINT" / "SIGTERM" when a signal ended the run early
+    main: bool = True  # whether this process reports the run (rank 0; the only one without torchrun)
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -240,7 +241,7 @@ def _train(model_config, config, out, resume_step, progress, info, started) -> T
         distributed.barrier(info)
 
     bar = tqdm(total=config.steps, initial=step, disable=not progress, dynamic_ncols=True, unit="step")
-    result = TrainResult(step, None, None, None, 0.0)
+    result = TrainResult(step, None, None, None, 0.0, main=info.is_main)
     with StopSignal() as stop:
         while step < config.steps:
             tick = time.perf_counter()

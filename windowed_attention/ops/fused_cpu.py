@@ -282,15 +282,21 @@ def _attention_grad(ctx, grad_out, _grad_lse):
     return dq, dk.to(k.dtype), dv.to(v.dtype), dbias, None, None, None, *(None,) * len(ctx.options)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "double backward (a gradient of a gradient, create_graph=True) is not implemented by the fused CPU "
-        "kernel; use local_attention(..., backend='reference') for higher-order derivatives"
-    )
+def no_double_backward(kernel: str, instead: str):
+    """The autograd formula of a backward op whose kernel has no derivative: it raises, naming `instead`."""
+
+    def refuse(ctx, *grads):
+        raise RuntimeError(
+            f"double backward (a gradient of a gradient, create_graph=True) is not implemented by the {kernel}; "
+            f"{instead}"
+        )
+
+    return refuse
 
 
 attention_forward.register_autograd(_attention_grad, setup_context=_attention_setup)
-attention_backward.register_autograd(_no_double_backward)
+attention_backward.register_autograd(no_double_backward(
+    "fused CPU kernel", "use local_attention(..., backend='reference') for higher-order derivatives"))
 
 
 @torch.library.custom_op("windowed_attention::rotate", mutates_args=(), device_types="cpu")

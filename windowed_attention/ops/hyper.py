@@ -71,13 +71,8 @@ def _grad(ctx, grad_x, grad_remixed, grad_beta, *_):
             None)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "double backward (a gradient of a gradient, create_graph=True) is not implemented by the hyper-connection "
-        "kernel; set WINDOWED_ATTENTION_NO_FUSED=1 to run the torch formula instead"
-    )
-
-
+_no_double_backward = fused_cpu.no_double_backward(
+    "hyper-connection kernel", "set WINDOWED_ATTENTION_NO_FUSED=1 to run the torch formula instead")
 hyper_mix.register_autograd(_grad, setup_context=_setup)
 hyper_mix_backward.register_autograd(_no_double_backward)
 

@@ -336,3 +336,31 @@ def test_prefill_mask_must_be_right_padding():
         mha(x, mask=torch.tensor([[True] * 5, [False, True, True, True, True]]), return_cache=True)
     with pytest.raises(ValueError, match="mask"):
         mha(x, mask=torch.tensor([[True] * 5, [False] * 5]), return_cache=True)
+
+
+def test_a_resized_ring_keeps_exactly_the_columns_it_held():
+    """`KVCache.resized` right after a prefill and after steps, several times: every key the grown ring
+    shows as present is the true key of its column, and it shows what the smaller ring held, its last
+    `slots` columns less those an earlier resize had already left empty (older ones are not kept: the
+    owning layer resizes only when no query can see them)."""
+    n, capacity, grown = 10, 3, 6
+    keys = torch.arange(1.0, n + 20)[None, None, :, None]  # column c holds the value c + 1
+    cache = KVCache.from_prefill(keys[:, :, :n], keys[:, :, :n], capacity)
+    held_from = 0
+    for steps in range(3):
+        small = cache
+        column = small.column
+        held_from = max(held_from, column - small.slots)
+        held = set(range(held_from, column))
+        big = small.resized(grown)
+        big, k, v, bias = big.update(keys[:, :, column : column + 1], keys[:, :, column : column + 1])
+        window = range(column + 1 - big.slots, column + 1)  # the columns of the returned window, oldest first
+        present = {c for c, b in zip(window, bias[0, 0, 0].tolist()) if b == 0}
+        assert present == held | {column}
+        assert all(k[0, 0, i, 0] == c + 1 for i, c in enumerate(window) if c in present)
+        with pytest.raises(ValueError, match="cache"):
+            small.update(keys[:, :, :1], keys[:, :, :1])  # the smaller ring was left behind
+        cache = big.resized(big.capacity)  # the same cache (nothing to grow) for the next round
+        for _ in range(steps):
+            cache, *_ = cache.update(keys[:, :, cache.column : cache.column + 1], keys[:, :, cache.column : cache.column + 1])
+        capacity, grown = cache.capacity, cache.capacity + 3

@@ -454,7 +454,8 @@ def test_other_non_finite_constructor_numbers_are_rejected_by_name(value):
 
 def test_the_kernel_op_refuses_a_bias_or_mask_of_another_shape():
     """A direct call of the fused kernel's op (what `torch.ops` exposes) with a bias or key mask whose shape
-    does not match the window and q raises, instead of reading past the tensor."""
+    does not match the window and q, or a look-around whose index arithmetic would overflow, raises instead
+    of reading past the tensor."""
     if not fused_cpu.available():
         pytest.skip("the fused CPU kernel is not built here")
     q, k, v = (torch.randn(4, 16, 8) for _ in range(3))
@@ -465,3 +466,5 @@ def test_the_kernel_op_refuses_a_bias_or_mask_of_another_shape():
                        (torch.zeros(4, 8), None), (None, torch.ones(2, 8)), (None, torch.ones(3, 16)), (None, torch.ones(16))):
         with pytest.raises(RuntimeError, match="bias|keep"):
             ops.forward(q, k, v, bias, keep, None, *window)
+    with pytest.raises(RuntimeError, match="window_size"):  # a look-around whose index arithmetic overflows
+        ops.forward(q, k, v, torch.zeros(2, 4, 4), None, None, 4, 2**62, 0, *window[3:])

@@ -32,7 +32,7 @@ class KVCache:
 
     def __init__(self, k_buffer, v_buffer, key_bias, start, column: int, capacity: int,
                  start_range: tuple[int, int], constants=None, signature=None, attn_bias=None,
-                 newest: list[int] | None = None):
+                 newest: list[int] | None = None, held_from: int = 0):
         self._k, self._v, self._key_bias = k_buffer, v_buffer, key_bias  # (b, h, 2 * slots, d), (b, 1, 2 * slots)
         self._start = start  # (b,) long: the column of each row's position 0
         self._start_range = start_range  # (min, max) of start, as ints
@@ -41,6 +41,7 @@ class KVCache:
         # The column of the newest cache on these buffers, shared by all of them: an older cache's slots
         # may have been overwritten, so updating it again is refused.
         self._newest = [column] if newest is None else newest
+        self._held_from = held_from  # columns before it hold no key in any row (older than a resize kept)
 
     @property
     def slots(self) -> int:
@@ -93,7 +94,9 @@ class KVCache:
         k_buffer = k.new_zeros(*k.shape[:-2], 2 * slots, k.shape[-1])
         v_buffer = v.new_zeros(*v.shape[:-2], 2 * slots, v.shape[-1])
         key_bias = torch.full((b, 1, 2 * slots), float("-inf"), dtype=compute_dtype or k.dtype, device=k.device)
-        first = max(n - capacity, 0)  # the columns still visible to the next query: first .. n - 1
+        # the ring holds the last `slots` columns (the next query sees the last `capacity` of them; `resized`
+        # carries all `slots`)
+        first = max(n - slots, 0)
         columns = torch.arange(first, n, device=k.device)
         if columns.numel():
             positions = columns[None, :] - start[:, None]  # (b, m); negative where the row has no key yet
@@ -113,7 +116,7 @@ class KVCache:
     def with_constants(self, constants, attn_bias) -> "KVCache":
         """The same cache (same buffers and history) carrying other `constants` for another `attn_bias`."""
         return KVCache(self._k, self._v, self._key_bias, self._start, self.column, self.capacity,
-                       self._start_range, constants, self.signature, attn_bias, self._newest)
+                       self._start_range, constants, self.signature, attn_bias, self._newest, self._held_from)
 
     def resized(self, capacity: int) -> "KVCache":
         """The same history in a ring of `capacity >= self.capacity` (new buffers; this cache can no longer
@@ -138,16 +141,17 @@ class KVCache:
             buffers.append(new)
         key_bias = torch.full((self.batch, 1, 2 * slots), float("-inf"), dtype=self._key_bias.dtype, device=self.device)
         bias = torch.zeros(self.batch, columns.numel(), dtype=key_bias.dtype, device=self.device)
-        bias.masked_fill_(columns[None, :] < self._start[:, None], float("-inf"))
+        bias.masked_fill_((columns[None, :] < self._start[:, None]) | (columns[None, :] < self._held_from), float("-inf"))
         key_bias[:, 0, slot] = bias
         key_bias[:, 0, slot + slots] = bias
-        return KVCache(*buffers, key_bias, self._start, column, capacity, self._start_range,
-                       self.constants, self.signature, self.attn_bias)
+        return KVCache(*buffers, key_bias, self._start, column, capacity, self._start_range, self.constants,
+                       self.signature, self.attn_bias, held_from=max(self._held_from, column - self.slots))
 
     @property
     def key_bias_needed(self) -> bool:
-        """Whether the window of the next step (columns `column - capacity .. column`) may hold empty slots."""
-        return self.column - self.capacity < self._start_range[1]
+        """Whether the window of the next step (columns `column - capacity .. column`) may hold empty slots
+        (before a row's start, or older than what a resized ring carried over)."""
+        return self.column - self.capacity < max(self._start_range[1], self._held_from)
 
     def _window(self, buffer: torch.Tensor, end: int) -> torch.Tensor:
         """The entries of the `slots` columns before `end`, oldest first (a view)."""
@@ -191,7 +195,7 @@ class KVCache:
             key_bias[..., slot + slots] = 0.0
         self._newest[0] = column = self.column + 1
         cache = KVCache(self._k, self._v, self._key_bias, self._start, column, self.capacity, self._start_range,
-                        self.constants, self.signature, self.attn_bias, self._newest)
+                        self.constants, self.signature, self.attn_bias, self._newest, self._held_from)
         return cache, slot, column % slots, key_bias
 
     def _claim(self) -> None:

@@ -698,7 +698,11 @@ at::ScalarType acc_type(const at::Tensor& q) { return q.scalar_type() == at::kDo
 void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
            const std::optional<at::Tensor>& keep, const std::optional<at::Tensor>& key_scale, int64_t w, int64_t lb,
            int64_t lf) {
-  TORCH_CHECK(w >= 1 && lb >= 0 && lf >= 0, "window_size must be >= 1 and the look-around >= 0");
+  int64_t span = 0, columns = 0, rows = 0;  // the kernel's index arithmetic must not overflow
+  TORCH_CHECK(w >= 1 && lb >= 0 && lf >= 0 && !__builtin_add_overflow(lb, lf + 1, &span)
+              && !__builtin_mul_overflow(span, w, &columns) && !__builtin_mul_overflow(span + 1, w, &rows),
+              "window_size must be >= 1 and the look-around >= 0, with (look_backward + look_forward + 2) * "
+              "window_size within int64");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k, v must be contiguous");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "q, k, v dtypes differ");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k, v must be (P, n, d)");

@@ -73,10 +73,35 @@ def peer(group, rank: int) -> int:
     return dist.get_global_rank(group, rank)
 
 
-def _run(ops: list) -> None:
+def _trade(sources, targets, spec, group, rank: int, world: int, n_s: int, f, backward: bool) -> int:
+    """Move every halo piece of `sources` into `targets`, point to point, and return the bytes sent.
+
+    Forward a piece goes from its owner (`piece.src`, reading its shard, which starts at `f.start`) to the
+    rank whose frame needs it (`piece.dst`, writing its frame, which starts at `f.origin`); backward the
+    same piece's gradient goes the other way, frame to shard, and is added.
+    """
+    send_at, recv_at = (f.origin, f.start) if backward else (f.start, f.origin)
+    ops, received, sent = [], [], 0
+    for piece in pieces(spec, n_s, world):
+        sender, receiver = (piece.dst, piece.src) if backward else (piece.src, piece.dst)
+        for source, target in zip(sources, targets):
+            if sender == rank:
+                chunk = source[:, piece.lo - send_at:piece.hi - send_at].contiguous()
+                ops.append(dist.P2POp(dist.isend, chunk, peer(group, receiver), group))
+                sent += chunk.numel() * chunk.element_size()
+            elif receiver == rank:
+                buffer = source.new_empty(source.shape[0], piece.hi - piece.lo, source.shape[2])
+                ops.append(dist.P2POp(dist.irecv, buffer, peer(group, sender), group))
+                received.append((target[:, piece.lo - recv_at:piece.hi - recv_at], buffer))
     if ops:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
+    for place, buffer in received:
+        if backward:
+            place.add_(buffer)
+        else:
+            place.copy_(buffer)
+    return sent
 
 
 def exchange(xs: tuple[torch.Tensor, ...], spec, group, rank: int, world: int) -> tuple[torch.Tensor, ...]:
@@ -90,20 +115,7 @@ def exchange(xs: tuple[torch.Tensor, ...], spec, group, rank: int, world: int) -
         out[:, :f.need_lo - f.origin].zero_()
         out[:, f.start - f.origin:f.stop - f.origin] = x
         outs.append(out)
-    ops, received = [], []
-    for piece in pieces(spec, n_s, world):
-        for x, out in zip(xs, outs):
-            if piece.src == rank:
-                chunk = x[:, piece.lo - f.start:piece.hi - f.start].contiguous()
-                ops.append(dist.P2POp(dist.isend, chunk, peer(group, piece.dst), group))
-                traffic.forward_bytes += chunk.numel() * chunk.element_size()
-            elif piece.dst == rank:
-                buffer = x.new_empty(x.shape[0], piece.hi - piece.lo, x.shape[2])
-                ops.append(dist.P2POp(dist.irecv, buffer, peer(group, piece.src), group))
-                received.append((out[:, piece.lo - f.origin:piece.hi - f.origin], buffer))
-    _run(ops)
-    for place, buffer in received:
-        place.copy_(buffer)
+    traffic.forward_bytes += _trade(xs, outs, spec, group, rank, world, n_s, f, backward=False)
     traffic.calls += 1
     return tuple(outs)
 
@@ -114,20 +126,7 @@ def return_halo_gradients(grads: tuple[torch.Tensor, ...], spec, group, rank: in
     plus the gradients of its positions that other ranks used as their halo (sent back point to point)."""
     f = frame(spec, n_s, world, rank)
     outs = tuple(grad[:, f.start - f.origin:f.stop - f.origin].clone() for grad in grads)
-    ops, received = [], []
-    for piece in pieces(spec, n_s, world):
-        for grad, out in zip(grads, outs):
-            if piece.dst == rank:
-                chunk = grad[:, piece.lo - f.origin:piece.hi - f.origin].contiguous()
-                ops.append(dist.P2POp(dist.isend, chunk, peer(group, piece.src), group))
-                traffic.backward_bytes += chunk.numel() * chunk.element_size()
-            elif piece.src == rank:
-                buffer = grad.new_empty(grad.shape[0], piece.hi - piece.lo, grad.shape[2])
-                ops.append(dist.P2POp(dist.irecv, buffer, peer(group, piece.dst), group))
-                received.append((out[:, piece.lo - f.start:piece.hi - f.start], buffer))
-    _run(ops)
-    for place, buffer in received:
-        place.add_(buffer)
+    traffic.backward_bytes += _trade(grads, outs, spec, group, rank, world, n_s, f, backward=True)
     return outs
 
 

@@ -17,6 +17,25 @@ from __future__ import annotations
 import torch
 
 
+def _lay_out(columns: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, empty: torch.Tensor, slots: int,
+             bias_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """New ring buffers of `slots` columns `(b, h, 2 * slots, d)` holding `keys` and `values` `(b, h, m, d)`
+    at `columns` `(m,)` (each written twice, see the module docstring), and the key bias `(b, 1, 2 * slots)`:
+    -inf everywhere but where a row holds a key (not `empty` `(b, m)`)."""
+    slot = columns % slots
+    buffers = []
+    for source in (keys, values):
+        buffer = source.new_zeros(*source.shape[:-2], 2 * slots, source.shape[-1])
+        buffer[..., slot, :] = source
+        buffer[..., slot + slots, :] = source
+        buffers.append(buffer)
+    key_bias = torch.full((keys.shape[0], 1, 2 * slots), float("-inf"), dtype=bias_dtype, device=keys.device)
+    bias = torch.zeros(empty.shape, dtype=bias_dtype, device=keys.device).masked_fill(empty, float("-inf"))
+    key_bias[:, 0, slot] = bias
+    key_bias[:, 0, slot + slots] = bias
+    return buffers[0], buffers[1], key_bias
+
+
 class KVCache:
     """Keys and values `(b, h, slots, d)` of the last `slots` columns and each row's next position.
 
@@ -91,25 +110,13 @@ class KVCache:
         if lengths is None:
             lengths = torch.full((b,), n, dtype=torch.long, device=k.device)
         start = n - lengths.to(device=k.device, dtype=torch.long)  # row r's position p is column p + start[r]
-        k_buffer = k.new_zeros(*k.shape[:-2], 2 * slots, k.shape[-1])
-        v_buffer = v.new_zeros(*v.shape[:-2], 2 * slots, v.shape[-1])
-        key_bias = torch.full((b, 1, 2 * slots), float("-inf"), dtype=compute_dtype or k.dtype, device=k.device)
         # the ring holds the last `slots` columns (the next query sees the last `capacity` of them; `resized`
         # carries all `slots`)
-        first = max(n - slots, 0)
-        columns = torch.arange(first, n, device=k.device)
-        if columns.numel():
-            positions = columns[None, :] - start[:, None]  # (b, m); negative where the row has no key yet
-            real = positions >= 0
-            gather = positions.clamp(min=0)[:, None, :, None]  # empty slots get a real (masked) key
-            slot = columns % slots
-            for buffer, source in ((k_buffer, k), (v_buffer, v)):
-                values = source.gather(-2, gather.expand(-1, source.shape[1], -1, source.shape[-1]))
-                buffer[..., slot, :] = values
-                buffer[..., slot + slots, :] = values
-            bias = torch.zeros_like(real, dtype=key_bias.dtype).masked_fill(~real, float("-inf"))
-            key_bias[:, 0, slot] = bias
-            key_bias[:, 0, slot + slots] = bias
+        columns = torch.arange(max(n - slots, 0), n, device=k.device)
+        positions = columns[None, :] - start[:, None]  # (b, m); negative where the row has no key yet
+        gather = positions.clamp(min=0)[:, None, :, None]  # empty slots get a real (masked) key
+        keys, values = (t.gather(-2, gather.expand(-1, t.shape[1], -1, t.shape[-1])) for t in (k, v))
+        k_buffer, v_buffer, key_bias = _lay_out(columns, keys, values, positions < 0, slots, compute_dtype or k.dtype)
         start_range = (int(start.min()), int(start.max())) if b else (0, 0)
         return cls(k_buffer, v_buffer, key_bias, start, n, capacity, start_range, constants, signature, attn_bias)
 
@@ -129,21 +136,11 @@ class KVCache:
             raise ValueError(f"capacity can only grow, from {self.capacity}, got {capacity}")
         self._claim()
         self._newest[0] = -1  # these buffers are left behind
-        slots, column = capacity + 1, self.column
+        column = self.column
         columns = torch.arange(column - self.slots, column, device=self.device)  # what the ring holds
-        slot = columns % slots
-        buffers = []
-        for old in (self._k, self._v):
-            new = old.new_zeros(*old.shape[:-2], 2 * slots, old.shape[-1])
-            values = self._window(old, column)
-            new[..., slot, :] = values
-            new[..., slot + slots, :] = values
-            buffers.append(new)
-        key_bias = torch.full((self.batch, 1, 2 * slots), float("-inf"), dtype=self._key_bias.dtype, device=self.device)
-        bias = torch.zeros(self.batch, columns.numel(), dtype=key_bias.dtype, device=self.device)
-        bias.masked_fill_((columns[None, :] < self._start[:, None]) | (columns[None, :] < self._held_from), float("-inf"))
-        key_bias[:, 0, slot] = bias
-        key_bias[:, 0, slot + slots] = bias
+        empty = (columns[None, :] < self._start[:, None]) | (columns[None, :] < self._held_from)
+        *buffers, key_bias = _lay_out(columns, self._window(self._k, column), self._window(self._v, column), empty,
+                                      capacity + 1, self._key_bias.dtype)
         return KVCache(*buffers, key_bias, self._start, column, capacity, self._start_range, self.constants,
                        self.signature, self.attn_bias, held_from=max(self._held_from, column - self.slots))
 

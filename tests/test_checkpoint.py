@@ -8,9 +8,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
+import run_waiting
 import torch
 
 from windowed_attention.training import cli as train_cli
@@ -157,20 +157,8 @@ def train_command(out, data, *extra):
             *TINY, *extra]
 
 
-def wait_for_step(out, minimum, proc, timeout=90):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"training exited early with {proc.returncode}: {proc.stderr.read()}")
-        try:
-            step = load_config(out)[2]
-            if step >= minimum:
-                return step
-        except CheckpointError:
-            pass
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail("no checkpoint appeared in time")
+def wait_for_step(out, minimum, proc):
+    return run_waiting.wait_for_step(out, minimum, proc, timeout=90)
 
 
 def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path, text_file):

@@ -18,11 +18,12 @@ import sys
 import time
 
 import pytest
+import run_waiting
 
 from windowed_attention import cli
 from windowed_attention.cli_types import describe
 from windowed_attention.training import checkpoint
-from windowed_attention.training.checkpoint import CheckpointError, load_config, load_model
+from windowed_attention.training.checkpoint import load_config, load_model
 from windowed_attention.training.metrics import read_metrics
 
 TINY = ["--dim", "32", "--depth", "1", "--heads", "2", "--dim-head", "16", "--seq-len", "32", "--window-size", "16",
@@ -231,19 +232,8 @@ def train_process(out, data, *extra):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_step(out, minimum, proc, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"training exited early with {proc.returncode}: {proc.stderr.read()}")
-        try:
-            if load_config(out)[2] >= minimum:
-                return
-        except CheckpointError:
-            pass
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail("no checkpoint appeared in time")
+def wait_for_step(out, minimum, proc):
+    return run_waiting.wait_for_step(out, minimum, proc, timeout=120)
 
 
 def test_second_run_on_the_same_folder_is_refused_and_the_first_is_unharmed(tmp_path, corpus):

@@ -151,6 +151,25 @@ def test_top_p_and_top_k_restrict_choices():
     assert torch.equal(generate(model, prime, 20, temperature=2.0, filter_thres=1.0), greedy)
 
 
+
+@pytest.mark.parametrize("filter_thres, top_p, temperature", [(0.9, None, 1.0), (0.5, 0.8, 0.7), (0.0, None, 1.5)])
+def test_sample_draws_from_the_filtered_distribution(filter_thres, top_p, temperature):
+    """`sample` draws over the kept tokens only; its frequencies follow softmax(top_p(top_k(logits)) / T)
+    over the whole vocabulary (within 5 standard deviations over 40000 draws)."""
+    from windowed_attention.sampling import sample, top_k, top_p as nucleus
+
+    logits = torch.randn(1, 40, generator=torch.Generator().manual_seed(5)) * 2
+    expected = top_k(logits, filter_thres)
+    expected = expected if top_p is None else nucleus(expected, top_p)
+    expected = (expected / temperature).softmax(dim=-1)[0].double()
+    draws = 40000
+    tokens = sample(logits.expand(draws, -1), temperature, filter_thres, top_p, torch.Generator().manual_seed(6))
+    assert tokens.shape == (draws, 1)
+    frequencies = torch.bincount(tokens[:, 0], minlength=40).double() / draws
+    sigma = (expected * (1 - expected) / draws).sqrt()
+    assert (frequencies[expected == 0] == 0).all()
+    assert ((frequencies - expected).abs() <= 5 * sigma + 1e-12).all(), (frequencies, expected)
+
 def test_rolling_cache_stays_bounded_past_max_seq_len():
     model = tiny(seed=4, use_abs_pos_emb=False, max_seq_len=16, local_attn_window_size=4)
     sizes, lengths = set(), []

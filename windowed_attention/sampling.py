@@ -27,23 +27,33 @@ def top_k(logits: torch.Tensor, thres: float = 0.9) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter_(-1, indices, values)
 
 
+def _nucleus(sorted_logits: torch.Tensor, p: float) -> torch.Tensor:
+    """`sorted_logits` `(b, k)` in descending order with those past the smallest prefix whose probability
+    reaches `p` set to -inf."""
+    probs = sorted_logits.softmax(dim=-1)
+    drop = probs.cumsum(dim=-1) - probs >= p  # mass before this token already reaches p
+    return sorted_logits.masked_fill(drop, float("-inf"))
+
+
 def top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability reaches `p`; the rest become -inf."""
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    drop = cumulative - sorted_logits.softmax(dim=-1) >= p  # mass before this token already reaches p
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter_(-1, order, sorted_logits)
+    return torch.full_like(logits, float("-inf")).scatter_(-1, order, _nucleus(sorted_logits, p))
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, filter_thres: float = 0.9, p: float | None = None,
            generator: torch.Generator | None = None) -> torch.Tensor:
-    """`(b, vocab)` logits -> `(b, 1)` token ids. `temperature=0` is greedy (argmax)."""
+    """`(b, vocab)` logits -> `(b, 1)` token ids. `temperature=0` is greedy (argmax).
+
+    Draws from the distribution of `top_p(top_k(logits, filter_thres), p)` at `temperature`, but only over
+    the `k` tokens `top_k` keeps (sorted), not the whole vocabulary: a step of a batch of 16 spent a
+    twentieth of its time drawing over 256 tokens mostly at -inf."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = top_k(logits.float(), filter_thres)
+    k = max(1, int((1 - filter_thres) * logits.shape[-1]))
+    kept, indices = torch.topk(logits.float(), k, dim=-1)  # largest first
     if p is not None:
-        logits = top_p(logits, p)
+        kept = _nucleus(kept, p)
     # Shift by the max first: a tiny temperature then sharpens towards greedy instead of overflowing.
-    probs = ((logits - logits.amax(dim=-1, keepdim=True)) / temperature).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)
+    probs = ((kept - kept[:, :1]) / temperature).softmax(dim=-1)
+    return indices.gather(-1, torch.multinomial(probs, 1, generator=generator))

@@ -228,16 +228,18 @@ def test_kv_cache_keeps_at_most_capacity():
     assert keys.shape[-2] == 7 and cache.k.shape[-2] == 6 and cache.length == 11 and key_bias is None
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype, cache_dtype", [(torch.float32, None), (torch.float64, None), (torch.bfloat16, None),
+                                                (torch.float32, torch.bfloat16)])
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
 @pytest.mark.parametrize("d", [8, 72])
 @pytest.mark.parametrize("options", [dict(), dict(shared_qk=True), dict(factors=True), dict(rotary=False),
                                      dict(holes=True), dict(holes=True, shared_qk=True), dict(holes=True, factors=True)])
-def test_fused_decode_step_matches_torch_step(dtype, kv_heads, options, d):
+def test_fused_decode_step_matches_torch_step(dtype, cache_dtype, kv_heads, options, d):
     """The CPU kernel's step (rotate, write the ring, attend) against the torch ops of `attend_step`, on
     rows of different lengths (empty slots masked), grouped-query heads, shared-qk and xpos factors, head
     dims below and above a vector (with a tail); `holes`: a bias that hides random keys, and every key of
-    one query (its output is zeros, or its own value under shared-qk)."""
+    one query (its output is zeros, or its own value under shared-qk); `cache_dtype`: a bfloat16 cache of
+    float32 keys (both steps round the new key and value the same way, and compute in float32)."""
     from windowed_attention.ops import fused_cpu
     from windowed_attention.ops.decode import attend_step, cache_capacity, score_table
     from windowed_attention.ops.spec import WindowSpec
@@ -257,7 +259,8 @@ def test_fused_decode_step_matches_torch_step(dtype, kv_heads, options, d):
     factors = torch.rand(capacity + 1, d, dtype=compute) + 0.5 if options.get("factors") else None
     lengths = torch.tensor([9, 2, 5])
     k, v = torch.randn(b, kv_heads, n, d).to(dtype), torch.randn(b, kv_heads, n, d).to(dtype)
-    caches = [KVCache.from_prefill(k, v, capacity, lengths, compute_dtype=compute) for _ in range(2)]
+    caches = [KVCache.from_prefill(k, v, capacity, lengths, compute_dtype=compute, dtype=cache_dtype) for _ in range(2)]
+    assert caches[0].dtype == (cache_dtype or dtype)
     rotation = None
     if options.get("rotary", True):
         rotation = step_rotation(SinusoidalEmbeddings(d), caches[0].positions, dtype)

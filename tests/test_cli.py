@@ -66,6 +66,34 @@ def test_generate_prompts_file_one_line_per_prompt(trained, tmp_path, capsys):
     assert lines[1] == escaped
 
 
+def test_generate_cache_dtype_reaches_the_engine(trained, tmp_path, capsys, monkeypatch):
+    """`--cache-dtype bfloat16` decodes with a bfloat16 cache, for one prime and for a prompts file."""
+    import torch
+
+    from windowed_attention.generation import engine
+
+    seen = []
+    prefill = engine.prefill
+
+    def watch(model, prompt, lengths=None, cache_dtype=None):
+        logits, caches = prefill(model, prompt, lengths, cache_dtype)
+        seen.append({cache.dtype for cache in caches})
+        return logits, caches
+
+    monkeypatch.setattr(engine, "prefill", watch)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\nx\n", encoding="utf-8")
+    common = ["--checkpoint", str(trained), "--length", "8", "--cache-dtype", "bfloat16"]
+    assert generate_cli.main([*common, "--prime", "ab"]) == 0
+    assert generate_cli.main([*common, "--prompts-file", str(prompts)]) == 0
+    assert capsys.readouterr().out.count("\n") == 3
+    assert seen == [{torch.bfloat16}, {torch.bfloat16}]
+    assert generate_cli.main(["--checkpoint", str(trained), "--length", "8"]) == 0
+    assert seen[-1] == {torch.float32}  # the default: the model's dtype
+    with pytest.raises(ValueError, match="--cache-dtype"):
+        generate_cli._cache_dtype("bfloat16", torch.float64)
+
+
 @pytest.mark.parametrize("content, message", [(b"", "holds no prompt"), (b"a\n\nb\n", "line 2")])
 def test_generate_bad_prompts_file_exits_2(trained, tmp_path, capsys, content, message):
     prompts = tmp_path / "prompts.txt"

@@ -286,3 +286,53 @@ def test_streaming_an_eval_model_never_switches_modes(monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "train", lambda self, mode=True: switches.append(mode) or self)
     tokens = list(stream(model, torch.randint(0, 40, (1, 5)), 20))
     assert len(tokens) == 20 and switches == []
+
+
+@pytest.mark.parametrize("options", [dict(), dict(use_xpos=True, exact_windowsize=False), dict(use_dynamic_pos_bias=True),
+                                     dict(shared_qk=True, kv_heads=1), dict(look_backward=2, qk_rmsnorm=True)], ids=str)
+def test_bfloat16_cache_rounds_keys_and_values_once(options):
+    """`cache_dtype=torch.bfloat16` (a float32 model): the caches hold bfloat16 (half the key and value
+    bytes), decoding is close to the full forward but not equal to it (the keys and values are rounded),
+    the kernel step equals the torch step on the same rounded cache, and ragged rows equal their prompts
+    alone with the same cache dtype."""
+    model = tiny(seed=9, **options)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 40, (n,), generator=g) for n in (3, 17, 30)]
+    tokens, lengths = batch_prompts(prompts)
+    _, exact = prefill(model, tokens, lengths)
+    _, caches = prefill(model, tokens, lengths, cache_dtype=torch.bfloat16)
+    assert all(cache.dtype == torch.bfloat16 for cache in caches)
+    assert [c.buffers[0].nbytes for c in caches] == [c.buffers[0].nbytes // 2 for c in exact]
+    _, reference = prefill(model, tokens, lengths, cache_dtype=torch.bfloat16)
+    steps = torch.randint(0, 40, (3, 20), generator=g)
+    alone = [prefill(model, prompt[None], cache_dtype=torch.bfloat16)[1] for prompt in prompts]
+    worst = 0.0
+    for t in range(steps.shape[1]):
+        logits, caches = decode_step(model, steps[:, t:t + 1], caches)  # the kernel (no autograd)
+        with torch.enable_grad():  # parameters require grad: the torch step
+            torch_logits, reference = model(steps[:, t:t + 1], cache=reference, return_cache=True)
+        torch.testing.assert_close(logits, torch_logits[:, -1].detach(), rtol=1e-5, atol=1e-5)
+        for row, prompt in enumerate(prompts):
+            row_logits, alone[row] = decode_step(model, steps[row:row + 1, t:t + 1], alone[row])
+            torch.testing.assert_close(logits[row], row_logits[0], rtol=1e-5, atol=1e-5)
+            with torch.no_grad():
+                full = model(torch.cat((prompt, steps[row, :t + 1]))[None])[0, -1]
+            worst = max(worst, float((logits[row] - full).abs().max()))
+    assert 0 < worst < 0.01, worst
+
+
+def test_cache_dtype_errors_name_the_argument():
+    model = tiny()
+    prime = torch.randint(0, 40, (1, 5))
+    with pytest.raises(ValueError, match="cache_dtype"):
+        generate(model, prime, 3, cache_dtype=torch.float16)  # could overflow: refused
+    with pytest.raises(ValueError, match="cache_dtype"):
+        model.double().generate(prime, 3, cache_dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="cache_dtype"):
+        generate(model.float(), prime, 3, cache_dtype="bfloat16")
+    with pytest.raises(ValueError, match="cache_dtype"):
+        generate(model, prime, 3, cache_dtype=torch.bfloat16, use_cache=False)
+    with pytest.raises(ValueError, match="cache_dtype"):
+        model(prime, cache_dtype=torch.bfloat16)  # no cache is built
+    assert torch.equal(generate(model, prime, 5, temperature=0, cache_dtype=torch.float32),
+                       generate(model, prime, 5, temperature=0))  # the model's own dtype: the exact cache

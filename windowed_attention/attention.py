@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops import attend, make_spec
-from .kv_cache import KVCache
+from .kv_cache import KVCache, storage_dtype
 from .ops.api import fit_window, pack_leading, unpack_leading
 from .ops.decode import attend_step, cache_capacity, decode_window, score_table
 from .ops.dtypes import accumulation_dtype, result_dtype
@@ -104,14 +104,16 @@ class LocalAttention(nn.Module):
         self._rotation_cache = None  # (key, tables) of the last call: see `_rotation`
 
     def forward(self, q, k, v, mask=None, input_mask=None, attn_bias=None, window_size=None,
-                cache: KVCache | None = None, return_cache: bool = False, group=None):
+                cache: KVCache | None = None, return_cache: bool = False, group=None, cache_dtype=None):
         """`q, k` `(..., n, d)`, `v` `(..., n, d_v)` -> `(..., n, d_v)`; `mask` `(b, n)` bool, True = attend.
 
         Decoding (causal only, `q, k, v` `(b, h, n, d)`): `return_cache=True` also returns a `KVCache` of
         the keys the next query can see; `mask` may then mark right padding (each row's real positions
         first: the rows hold prompts of different lengths). With that `cache`, `q, k, v` `(b, h, 1, d)`
         are the next position of every row and the output is what `forward` gives it over the whole
-        sequence, in O(window) time; the new cache comes back with it.
+        sequence, in O(window) time; the new cache comes back with it. `cache_dtype` (with `return_cache`
+        and no `cache`): what the cache stores keys and values in, see `kv_cache.storage_dtype` (default:
+        the keys' dtype, exact).
 
         With a process `group`, `q, k, v` and `mask` are this rank's shard of the sequence (positions
         `r * n .. (r + 1) * n - 1`: rotary and xpos use them) and the output is this rank's slice
@@ -121,6 +123,8 @@ class LocalAttention(nn.Module):
             raise ValueError("give either mask or input_mask (its alias), not both")
         mask = input_mask if mask is None else mask
         return_cache = check_bool("return_cache", return_cache)
+        if cache_dtype is not None and (cache is not None or not return_cache):
+            raise ValueError("cache_dtype applies when a cache is built (return_cache=True without cache)")
         if cache is not None or return_cache:
             if not self.causal:
                 raise ValueError("cache and return_cache need causal=True (decoding one position at a time)")
@@ -177,7 +181,8 @@ class LocalAttention(nn.Module):
             return out
         # the cache holds keys at their positions: rotated, without xpos (applied by distance when attending)
         k_at = k_at if key_scale is None else self._positions(k, k, spec, xpos=False)[1]
-        return out, self._new_cache(unpack_leading(k_at, kv_lead), unpack_leading(v, kv_lead), mask, attn_bias, packed)
+        return out, self._new_cache(unpack_leading(k_at, kv_lead), unpack_leading(v, kv_lead), mask, attn_bias, packed,
+                                    cache_dtype)
 
     def _signature(self, dtype, device) -> tuple:
         """What a cache built by this layer depends on: another layer with the same one can use it."""
@@ -185,9 +190,10 @@ class LocalAttention(nn.Module):
         rotary = None if rel is None else (rel.dim, rel.theta, rel.use_xpos, rel.scale_base)
         return (self.spec, self.shared_qk, self.scale, rotary, dtype, device)
 
-    def _new_cache(self, k, v, mask, attn_bias, packed: int) -> KVCache:
+    def _new_cache(self, k, v, mask, attn_bias, packed: int, cache_dtype=None) -> KVCache:
         """The cache after a prefill of positioned keys `k` and values `v` `(b, h_kv, n, d)` (`packed`: b times
-        the query heads)."""
+        the query heads), stored in `cache_dtype` (`kv_cache.storage_dtype`)."""
+        dtype = storage_dtype(k.dtype, cache_dtype)
         lengths, length = None, k.shape[-2]
         if mask is not None:
             lengths = mask.sum(dim=-1)
@@ -201,6 +207,7 @@ class LocalAttention(nn.Module):
         return KVCache.from_prefill(
             k, v, cache_capacity(constants.spec), lengths, constants=constants,
             signature=self._signature(k.dtype, k.device), attn_bias=attn_bias, compute_dtype=accumulation_dtype(k.dtype),
+            dtype=dtype,
         )
 
     def _decode_constants(self, n: int, attn_bias, packed: int, dtype, device) -> DecodeConstants:
@@ -262,7 +269,7 @@ class LocalAttention(nn.Module):
         constants.base = cache.column
         constants.residues = positions % constants.spec.window_size
         if self.rel_pos is not None:
-            constants.cos, constants.sin = step_rotation(self.rel_pos, positions, cache.dtype)  # (C, b, d)
+            constants.cos, constants.sin = step_rotation(self.rel_pos, positions, constants.table.dtype)  # (C, b, d)
 
     def _positions(self, q, k, spec, offset: int = 0, xpos: bool = True):
         """Rotary (+ window-relative xpos unless `xpos=False`) on `q, k` `(P, n, d)` at positions

@@ -18,13 +18,13 @@ import torch
 
 
 def _lay_out(columns: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, empty: torch.Tensor, slots: int,
-             bias_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """New ring buffers of `slots` columns `(b, h, 2 * slots, d)` holding `keys` and `values` `(b, h, m, d)`
-    at `columns` `(m,)` (each written twice, see the module docstring), and the key bias `(b, 1, 2 * slots)`:
-    -inf everywhere but where a row holds a key (not `empty` `(b, m)`)."""
+             bias_dtype: torch.dtype, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """New ring buffers of `slots` columns `(b, h, 2 * slots, d)` in `dtype` holding `keys` and `values`
+    `(b, h, m, d)` at `columns` `(m,)` (each written twice, see the module docstring), and the key bias
+    `(b, 1, 2 * slots)`: -inf everywhere but where a row holds a key (not `empty` `(b, m)`)."""
     slot = columns % slots
     buffers = []
-    for source in (keys, values):
+    for source in (keys.to(dtype), values.to(dtype)):
         buffer = source.new_zeros(*source.shape[:-2], 2 * slots, source.shape[-1])
         buffer[..., slot, :] = source
         buffer[..., slot + slots, :] = source
@@ -34,6 +34,23 @@ def _lay_out(columns: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, em
     key_bias[:, 0, slot] = bias
     key_bias[:, 0, slot + slots] = bias
     return buffers[0], buffers[1], key_bias
+
+
+def storage_dtype(dtype: torch.dtype, cache_dtype) -> torch.dtype:
+    """The dtype a cache of keys computed in `dtype` stores them in, by the `cache_dtype` asked for: None or
+    `dtype` itself (exact), or, for float32 keys, `torch.bfloat16`: half the memory and half the bytes a
+    decode step reads, the keys and values rounded to bfloat16 once, on the way in (the range kept;
+    float16 is refused, as it would turn large keys into inf)."""
+    if cache_dtype is None or cache_dtype == dtype:
+        return dtype
+    if not isinstance(cache_dtype, torch.dtype):
+        raise TypeError(f"cache_dtype must be a torch.dtype or None, got {type(cache_dtype).__name__}")
+    if dtype == torch.float32 and cache_dtype == torch.bfloat16:
+        return cache_dtype
+    raise ValueError(
+        f"cache_dtype must be None, the model's dtype ({dtype}) or, for a float32 model, torch.bfloat16; "
+        f"got {cache_dtype}"
+    )
 
 
 class KVCache:
@@ -76,6 +93,7 @@ class KVCache:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype the keys and values are stored in."""
         return self._k.dtype
 
     @property
@@ -99,11 +117,12 @@ class KVCache:
     @classmethod
     def from_prefill(cls, k: torch.Tensor, v: torch.Tensor, capacity: int, lengths: torch.Tensor | None = None,
                      constants=None, signature=None, attn_bias=None,
-                     compute_dtype: torch.dtype | None = None) -> "KVCache":
+                     compute_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None) -> "KVCache":
         """Cache after a forward over `k, v` `(b, h, n, d)`, keeping each row's last `capacity` positions.
 
         `lengths` `(b,)`: how many leading positions of each row are real (right padding; default all
-        `n`). `compute_dtype`: the dtype of `key_bias` (default k's)."""
+        `n`). `compute_dtype`: the dtype of `key_bias` (default k's). `dtype`: the dtype the keys and
+        values are stored in (default k's; a narrower one rounds them once, on the way in)."""
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
             raise ValueError(f"capacity must be an int >= 0, got {capacity!r}")
         b, n, slots = k.shape[0], k.shape[-2], capacity + 1
@@ -116,7 +135,8 @@ class KVCache:
         positions = columns[None, :] - start[:, None]  # (b, m); negative where the row has no key yet
         gather = positions.clamp(min=0)[:, None, :, None]  # empty slots get a real (masked) key
         keys, values = (t.gather(-2, gather.expand(-1, t.shape[1], -1, t.shape[-1])) for t in (k, v))
-        k_buffer, v_buffer, key_bias = _lay_out(columns, keys, values, positions < 0, slots, compute_dtype or k.dtype)
+        k_buffer, v_buffer, key_bias = _lay_out(columns, keys, values, positions < 0, slots, compute_dtype or k.dtype,
+                                                dtype or k.dtype)
         start_range = (int(start.min()), int(start.max())) if b else (0, 0)
         return cls(k_buffer, v_buffer, key_bias, start, n, capacity, start_range, constants, signature, attn_bias)
 
@@ -140,7 +160,7 @@ class KVCache:
         columns = torch.arange(column - self.slots, column, device=self.device)  # what the ring holds
         empty = (columns[None, :] < self._start[:, None]) | (columns[None, :] < self._held_from)
         *buffers, key_bias = _lay_out(columns, self._window(self._k, column), self._window(self._v, column), empty,
-                                      capacity + 1, self._key_bias.dtype)
+                                      capacity + 1, self._key_bias.dtype, self.dtype)
         return KVCache(*buffers, key_bias, self._start, column, capacity, self._start_range, self.constants,
                        self.signature, self.attn_bias, held_from=max(self._held_from, column - self.slots))
 

@@ -93,14 +93,14 @@ class LocalMHA(nn.Module):
         return cache_capacity(self.attn_fn.spec)
 
     def forward(self, x, mask=None, attn_bias=None, cache: KVCache | None = None, return_cache: bool = False,
-                group=None):
+                group=None, cache_dtype=None):
         """`x` `(b, n, dim)` -> `(b, n, dim)` (and the `KVCache` with `return_cache`). With a process `group`,
         `x` and `mask` are this rank's shard of the sequence and the output is this rank's slice.
 
         Prefill and decode are this one forward: with `return_cache` the attention also returns its
         cache (`mask` may then mark right padding: rows of different lengths); with `cache`, `x`
         `(b, 1, dim)` is the next position of every row (no einops here: a decode step is a few dozen
-        small ops, and their overhead is the step's cost).
+        small ops, and their overhead is the step's cost). `cache_dtype`: see `LocalAttention.forward`.
         """
         if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.to_qkv.in_features:
             raise ValueError(
@@ -116,7 +116,7 @@ class LocalMHA(nn.Module):
             k = F.normalize(k, dim=-1) * self.k_scale
 
         out = self.attn_fn(q, k, v, mask=mask, attn_bias=attn_bias, cache=cache, return_cache=return_cache,
-                           group=group)
+                           group=group, cache_dtype=cache_dtype)
         if return_cache:
             out, cache = out
         if self.to_v_gate is not None:

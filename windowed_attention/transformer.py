@@ -173,14 +173,17 @@ class LocalTransformer(nn.Module):
             raise ValueError(f"x must have shape (b, n, dim = {self.dim}) when num_tokens=None, got {tuple(x.shape)}")
 
     def forward(self, x, mask=None, return_loss: bool = False, cache: list[KVCache] | None = None,
-                return_cache: bool = False, group=None):
+                return_cache: bool = False, group=None, cache_dtype=None):
         """`x` `(b, n)` token ids -> logits `(b, n, num_tokens)`, or the mean next-token cross-entropy
         (ignoring `ignore_index`) with `return_loss`. `mask` `(b, n)` bool marks real tokens. With
         `num_tokens=None` (the backbone), `x` `(b, n, dim)` features -> features `(b, n, dim)`.
 
         Decoding: with `return_cache=True` the per-layer caches come back too (`mask` may then mark right
         padding: prompts of different lengths); pass them as `cache` with `x` holding only the next token
-        of every row `(b, 1)` to get its logits in O(window) work. Training, prefill and decode run this
+        of every row `(b, 1)` to get its logits in O(window) work. `cache_dtype` (with `return_cache`):
+        what the caches store keys and values in: None (the model's dtype, exact) or, for a float32 model,
+        `torch.bfloat16` (half the memory and the bytes a step reads; not exact: the keys and values are
+        rounded to bfloat16, see `kv_cache.storage_dtype`). Training, prefill and decode run this
         same block loop. Not with global layers: a general module's output at the new
         position depends on every earlier position (`generate` then recomputes the sequence at each step).
 
@@ -264,7 +267,7 @@ class LocalTransformer(nn.Module):
             if global_layer is not None:
                 h = global_layer(h)
             h = attn(h, mask=mask, attn_bias=attn_bias, cache=None if cache is None else cache[index],
-                     return_cache=return_cache, group=group)
+                     return_cache=return_cache, group=group, cache_dtype=cache_dtype)
             if return_cache:
                 h, layer_cache = h
                 new_caches.append(layer_cache)
@@ -292,13 +295,15 @@ class LocalTransformer(nn.Module):
     @torch.no_grad()
     def generate(self, prime, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9,
                  use_kv_cache: bool = True, top_p: float | None = None, generator: torch.Generator | None = None,
-                 **kwargs):
+                 cache_dtype=None, **kwargs):
         """Sample `seq_len` tokens after `prime`; returns only the new tokens `(b, seq_len)`.
 
         `prime` is a `(b, n)` tensor or a list of 1-D prompts of different lengths (each row generates
         what its prompt alone generates; see `windowed_attention.generation` for sampling with a
         `generator`). `temperature=0` is greedy; `filter_thres` keeps the top `1 - filter_thres` of the
         vocabulary; `top_p` adds nucleus filtering. Cached and uncached generation give the same tokens.
+        `cache_dtype=torch.bfloat16` (float32 models) halves the cache and a step's reads, not exactly
+        (see `forward`).
         """
         if self.token_emb is None:
             raise ValueError("generate needs token ids and logits: the model was built with num_tokens=None (a backbone)")
@@ -317,5 +322,6 @@ class LocalTransformer(nn.Module):
             )
         # global layers: no cache (see forward); every step recomputes the sequence
         out = engine.generate(self, prime, seq_len, temperature=temperature, filter_thres=filter_thres,
-                              top_p=top_p, generator=generator, use_cache=use_kv_cache and not self.has_global_layers)
+                              top_p=top_p, generator=generator, use_cache=use_kv_cache and not self.has_global_layers,
+                              cache_dtype=cache_dtype)
         return out.to(prime.dtype) if isinstance(prime, torch.Tensor) else out

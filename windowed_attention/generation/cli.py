@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--top-p", type=real(0, 1, exclusive_minimum=True), default=None,
         help="nucleus sampling: keep the smallest set with probability P")
     add("--seed", type=integer(0, SEED_MAX), default=None, help="random seed, 0 to 2**32 - 1 (default: unseeded)")
+    add("--cache-dtype", choices=["model", "bfloat16"], default="model",
+        help="what the KV cache stores keys and values in: the model's dtype (exact) or bfloat16 (a float32 "
+             "model: half the cache memory and the bytes a step reads, not exact) (default: %(default)s)")
     add("--device", choices=["cpu", "cuda"], default="cpu", help="device (default: %(default)s)")
     add("--threads", type=threads, default=0,
         help="CPU threads for torch (default: torch's choice); 1 is fastest for one-token steps on a busy machine")
@@ -71,6 +74,7 @@ def run(args) -> int:
         if not prime:
             raise ValueError("--prime must not be empty")
         model, _, _ = load_model(args.checkpoint, device=args.device)
+        cache_dtype = _cache_dtype(args.cache_dtype, next(model.parameters()).dtype)
         generator = None
         if args.seed is not None:
             generator = torch.Generator(device=args.device).manual_seed(args.seed)
@@ -81,10 +85,10 @@ def run(args) -> int:
                     f"--prompts-file: the longest prompt ({longest} bytes) + --length {args.length} - 1 exceeds "
                     f"the model's max_seq_len = {model.max_seq_len}"
                 )
-            return _generate_file(model, prompts, args, generator)
+            return _generate_file(model, prompts, args, generator, cache_dtype)
         prompt = torch.tensor([list(prime)], dtype=torch.long, device=args.device)
         tokens = stream(model, prompt, args.length, temperature=args.temperature, filter_thres=args.filter_thres,
-                        top_p=args.top_p, generator=generator)
+                        top_p=args.top_p, generator=generator, cache_dtype=cache_dtype)
         # sample the first token before printing anything, so that argument errors come before output
         first = next(tokens, None)
     except (CheckpointError, ValueError, TypeError, OSError) as error:
@@ -113,7 +117,18 @@ def run(args) -> int:
     return 0
 
 
-def _generate_file(model, prompts: list[bytes], args, generator) -> int:
+def _cache_dtype(name: str, model_dtype):
+    """`--cache-dtype` -> the `cache_dtype` of `stream`/`generate` for a model in `model_dtype`."""
+    import torch
+
+    if name == "model" or model_dtype == torch.bfloat16:
+        return None
+    if model_dtype != torch.float32:
+        raise ValueError(f"--cache-dtype {name} needs a float32 model, the checkpoint's is {model_dtype}")
+    return torch.bfloat16
+
+
+def _generate_file(model, prompts: list[bytes], args, generator, cache_dtype) -> int:
     """Each batch of `--batch-size` prompts in one generation (prompts of different lengths batch
     together); prints one line per prompt, in the file's order."""
     import torch
@@ -126,7 +141,7 @@ def _generate_file(model, prompts: list[bytes], args, generator) -> int:
             batch = prompts[first:first + args.batch_size]
             rows = [torch.tensor(list(prompt), dtype=torch.long, device=args.device) for prompt in batch]
             tokens = generate(model, rows, args.length, temperature=args.temperature, filter_thres=args.filter_thres,
-                              top_p=args.top_p, generator=generator).tolist()
+                              top_p=args.top_p, generator=generator, cache_dtype=cache_dtype).tolist()
             for prompt, new in zip(batch, tokens):
                 out.write(_one_line(prompt + bytes(new)) + "\n")
             out.flush()

@@ -88,13 +88,16 @@ def _last(logits: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prefill(model, prompt: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, list[KVCache]]:
+def prefill(model, prompt: torch.Tensor, lengths: torch.Tensor | None = None,
+            cache_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, list[KVCache]]:
     """One forward over `prompt` `(b, n)` (right-padded to `lengths` `(b,)` when given): the logits of
-    each row's last position `(b, vocab)` and the per-layer caches."""
+    each row's last position `(b, vocab)` and the per-layer caches (in `cache_dtype`: see the model's
+    `forward`)."""
     mask = None
     if lengths is not None:
         mask = torch.arange(prompt.shape[1], device=prompt.device) < lengths[:, None]
-    logits, caches = model(prompt, mask=mask, return_cache=True)
+    extra = {} if cache_dtype is None else {"cache_dtype": cache_dtype}  # a model without the option still works
+    logits, caches = model(prompt, mask=mask, return_cache=True, **extra)
     return _last(logits, lengths), caches
 
 
@@ -115,7 +118,7 @@ def cache_nbytes(caches: list[KVCache]) -> int:
 def stream(model, prompt, max_new_tokens: int | None, *, temperature: float = 1.0, filter_thres: float = 0.9,
            top_p: float | None = None, generator: torch.Generator | None = None,
            on_caches: Callable[[int, list[KVCache]], None] | None = None,
-           use_cache: bool = True) -> Iterator[torch.Tensor]:
+           use_cache: bool = True, cache_dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
     """Yield new tokens `(b, 1)` one by one after `prompt` (a `(b, n)` tensor or a list of 1-D prompts of
     different lengths); `max_new_tokens=None` never stops (needs a model without absolute positions to
     run past `max_seq_len`).
@@ -123,6 +126,8 @@ def stream(model, prompt, max_new_tokens: int | None, *, temperature: float = 1.
     `temperature=0` is greedy; `filter_thres` keeps the top `1 - filter_thres` of the vocabulary (top-k);
     `top_p` adds nucleus filtering. `on_caches(step, caches)` is called after each decode step.
     `use_cache=False` runs the whole sequence through the model at every step (same tokens, for testing).
+    `cache_dtype=torch.bfloat16` (a float32 model) keeps the caches in bfloat16: half the memory and the
+    bytes a step reads, but not exact (the keys and values are rounded), so not the tokens of `use_cache=False`.
     """
     model = _check_model(model)
     tokens, lengths = batch_prompts(prompt)
@@ -138,10 +143,12 @@ def stream(model, prompt, max_new_tokens: int | None, *, temperature: float = 1.
     if max_new_tokens == 0:
         return
     if not use_cache:
+        if cache_dtype is not None:
+            raise ValueError("cache_dtype needs the KV cache (use_cache=True; a model with global layers decodes without one)")
         yield from _stream_uncached(model, tokens, lengths, max_new_tokens, temperature, filter_thres, top_p, generator)
         return
     with _eval_mode(model):
-        logits, caches = prefill(model, tokens, lengths)
+        logits, caches = prefill(model, tokens, lengths, cache_dtype)
     step = 0
     while True:
         token = sample(logits, temperature, filter_thres, top_p, generator)
@@ -179,11 +186,12 @@ def _stream_uncached(model, tokens, lengths, max_new_tokens, temperature, filter
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens: int, *, temperature: float = 1.0, filter_thres: float = 0.9,
              top_p: float | None = None, generator: torch.Generator | None = None,
-             use_cache: bool = True) -> torch.Tensor:
+             use_cache: bool = True, cache_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Sample `max_new_tokens` tokens after `prompt` (a `(b, n)` tensor or a list of 1-D prompts of
     different lengths) with the rolling KV cache; returns `(b, max_new_tokens)`.
 
-    Gives the same tokens as `use_cache=False` (a full forward per token)."""
+    Gives the same tokens as `use_cache=False` (a full forward per token), except with a reduced
+    `cache_dtype` (see `stream`)."""
     if max_new_tokens is None:
         raise ValueError("max_new_tokens must be an int >= 0 (use stream() to generate without end)")
     _check_count(max_new_tokens)
@@ -191,6 +199,6 @@ def generate(model, prompt, max_new_tokens: int, *, temperature: float = 1.0, fi
     out = torch.empty(tokens.shape[0], max_new_tokens, dtype=torch.long, device=tokens.device)
     for index, token in enumerate(stream(model, prompt, max_new_tokens, temperature=temperature,
                                          filter_thres=filter_thres, top_p=top_p, generator=generator,
-                                         use_cache=use_cache)):
+                                         use_cache=use_cache, cache_dtype=cache_dtype)):
         out[:, index:index + 1] = token
     return out

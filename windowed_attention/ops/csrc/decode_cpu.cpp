@@ -5,18 +5,21 @@
 // `positional.rotate_step` and `KVCache.update` (tests/test_cache.py compares the two).
 //
 //   q (b, h, d), k (b, hk, d), v (b, hk, dv): any strides; h % hk == 0, query head i uses kv head i / (h / hk)
-//   k_buf (b, hk, 2S, d), v_buf (b, hk, 2S, dv): contiguous, the cache's buffers (written here)
+//   k_buf (b, hk, 2S, d), v_buf (b, hk, 2S, dv): contiguous, the cache's buffers (written here), in q's
+//     dtype or, for a float32 q, in bfloat16 (a reduced cache: keys and values rounded on the way in)
 //   cos, sig (b, d): the rotation of each row, `cat(cos, cos)` and `cat(-sin, sin)`, or undefined (no rotary)
 //   row (B, H, S): additive scores by key (window rule and position bias), B in {1, b}, H in {1, h}
 //   key_bias (b, 1, 2S) or undefined: -inf where a ring slot holds no key yet, read from `first`
 //   key_factors (S, d) or undefined: per key and channel factors of the scores (xpos)
-// Tables are in the compute dtype (float64 for float64, else float32); 16-bit keys are rounded once on
-// the way into the cache, as the torch path does. Returns the output (b, h, dv) in q's dtype.
+// Tables are in the compute dtype (float64 for float64, else float32); keys are rounded once on the way
+// into the cache (to 16 bits for a 16-bit cache), as the torch path does, and read back widened to the
+// compute dtype. Returns the output (b, h, dv) in q's dtype.
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/functional_bfloat16.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
@@ -28,24 +31,27 @@ namespace {
 
 constexpr double SELF_ATTN_SCORE = -5e4;
 
-template <typename T>
-T dot(const T* a, const T* b, int64_t n) {
+// One vector of the compute dtype T from cached elements C (T itself, or 16-bit floats widened to float)
+template <typename T, typename C>
+inline at::vec::Vectorized<T> load(const C* at) {
+  if constexpr (std::is_same_v<T, C>) {
+    return at::vec::Vectorized<T>::loadu(at);
+  } else {
+    at::vec::Vectorized<float> out;
+    at::vec::load_to_float<C>(at, out);
+    return out;
+  }
+}
+
+template <typename T, typename C>
+T dot(const T* a, const C* b, int64_t n) {
   using V = at::vec::Vectorized<T>;
   V acc(T(0));
   int64_t c = 0;
-  for (; c + V::size() <= n; c += V::size()) acc = at::vec::fmadd(V::loadu(a + c), V::loadu(b + c), acc);
+  for (; c + V::size() <= n; c += V::size()) acc = at::vec::fmadd(V::loadu(a + c), load<T>(b + c), acc);
   T s = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, acc);
-  for (; c < n; ++c) s += a[c] * b[c];
+  for (; c < n; ++c) s += a[c] * static_cast<T>(b[c]);
   return s;
-}
-
-template <typename T>
-void axpy(T alpha, const T* x, T* y, int64_t n) {  // y += alpha x
-  using V = at::vec::Vectorized<T>;
-  const V a(alpha);
-  int64_t c = 0;
-  for (; c + V::size() <= n; c += V::size()) at::vec::fmadd(a, V::loadu(x + c), V::loadu(y + c)).store(y + c);
-  for (; c < n; ++c) y[c] += alpha * x[c];
 }
 
 // The keys and values of a step come from memory (a large batch's cache is far larger than the caches of
@@ -62,30 +68,30 @@ inline void prefetch(const T* at, int64_t count) {  // the `count` elements from
 
 // out[j] = q . keys[j] for j in [lo, n) (rows of d): four keys at a time, so that the four reductions
 // overlap instead of each waiting on its chain of multiply-adds
-template <typename T>
-void dots(const T* q, const T* keys, int64_t d, int64_t lo, int64_t n, T* out) {
+template <typename T, typename C>
+void dots(const T* q, const C* keys, int64_t d, int64_t lo, int64_t n, T* out) {
   using V = at::vec::Vectorized<T>;
   auto sum = [](V x) { return at::vec::vec_reduce_all<T>([](V a, V b) { return a + b; }, x); };
   int64_t j = lo;
   for (; j + 4 <= n; j += 4) {
-    const T* k0 = keys + j * d;
-    const T *k1 = k0 + d, *k2 = k1 + d, *k3 = k2 + d;
+    const C* k0 = keys + j * d;
+    const C *k1 = k0 + d, *k2 = k1 + d, *k3 = k2 + d;
     prefetch(k0, 4 * d);
     V a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
     int64_t c = 0;
     for (; c + V::size() <= d; c += V::size()) {
       const V x = V::loadu(q + c);
-      a0 = at::vec::fmadd(x, V::loadu(k0 + c), a0);
-      a1 = at::vec::fmadd(x, V::loadu(k1 + c), a1);
-      a2 = at::vec::fmadd(x, V::loadu(k2 + c), a2);
-      a3 = at::vec::fmadd(x, V::loadu(k3 + c), a3);
+      a0 = at::vec::fmadd(x, load<T>(k0 + c), a0);
+      a1 = at::vec::fmadd(x, load<T>(k1 + c), a1);
+      a2 = at::vec::fmadd(x, load<T>(k2 + c), a2);
+      a3 = at::vec::fmadd(x, load<T>(k3 + c), a3);
     }
     T s0 = sum(a0), s1 = sum(a1), s2 = sum(a2), s3 = sum(a3);
     for (; c < d; ++c) {
-      s0 += q[c] * k0[c];
-      s1 += q[c] * k1[c];
-      s2 += q[c] * k2[c];
-      s3 += q[c] * k3[c];
+      s0 += q[c] * static_cast<T>(k0[c]);
+      s1 += q[c] * static_cast<T>(k1[c]);
+      s2 += q[c] * static_cast<T>(k2[c]);
+      s3 += q[c] * static_cast<T>(k3[c]);
     }
     out[j] = s0, out[j + 1] = s1, out[j + 2] = s2, out[j + 3] = s3;
   }
@@ -111,8 +117,8 @@ T exp_shifted(T* x, int64_t n, T shift) {
 
 // out = sum over j in [lo, n) of w[j] * values[j] (rows of dv), the accumulators held in registers across
 // the keys, four vectors of the value dim at a time
-template <typename T>
-void weighted_sum(const T* w, const T* values, int64_t lo, int64_t n, int64_t dv, T* out) {
+template <typename T, typename C>
+void weighted_sum(const T* w, const C* values, int64_t lo, int64_t n, int64_t dv, T* out) {
   using V = at::vec::Vectorized<T>;
   constexpr int64_t L = V::size();
   int64_t c = 0;
@@ -120,42 +126,41 @@ void weighted_sum(const T* w, const T* values, int64_t lo, int64_t n, int64_t dv
     V a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
     for (int64_t j = lo; j < n; ++j) {
       const V e(w[j]);
-      const T* x = values + j * dv + c;
+      const C* x = values + j * dv + c;
       prefetch(x, 4 * L);
-      a0 = at::vec::fmadd(e, V::loadu(x), a0);
-      a1 = at::vec::fmadd(e, V::loadu(x + L), a1);
-      a2 = at::vec::fmadd(e, V::loadu(x + 2 * L), a2);
-      a3 = at::vec::fmadd(e, V::loadu(x + 3 * L), a3);
+      a0 = at::vec::fmadd(e, load<T>(x), a0);
+      a1 = at::vec::fmadd(e, load<T>(x + L), a1);
+      a2 = at::vec::fmadd(e, load<T>(x + 2 * L), a2);
+      a3 = at::vec::fmadd(e, load<T>(x + 3 * L), a3);
     }
     a0.store(out + c), a1.store(out + c + L), a2.store(out + c + 2 * L), a3.store(out + c + 3 * L);
   }
   for (; c + L <= dv; c += L) {
     V a(T(0));
-    for (int64_t j = lo; j < n; ++j) a = at::vec::fmadd(V(w[j]), V::loadu(values + j * dv + c), a);
+    for (int64_t j = lo; j < n; ++j) a = at::vec::fmadd(V(w[j]), load<T>(values + j * dv + c), a);
     a.store(out + c);
   }
   for (; c < dv; ++c) {
     T a = 0;
-    for (int64_t j = lo; j < n; ++j) a += w[j] * values[j * dv + c];
+    for (int64_t j = lo; j < n; ++j) a += w[j] * static_cast<T>(values[j * dv + c]);
     out[c] = a;
   }
 }
 
-template <typename S>
+template <typename S, typename C>  // S: q, k, v; C: the cache's buffers
 void decode_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_buf, at::Tensor& v_buf,
                  const at::Tensor& cos, const at::Tensor& sig, const at::Tensor& row, const at::Tensor& key_bias,
                  const at::Tensor& key_factors, int64_t slot, int64_t first, double scale, bool shared_qk,
                  at::Tensor& out) {
   using T = at::opmath_type<S>;
-  constexpr bool same = std::is_same_v<S, T>;
   const int64_t b = q.size(0), h = q.size(1), d = q.size(2), hk = k.size(1), dv = v.size(2);
   const int64_t S2 = k_buf.size(2), Sn = S2 / 2, group = h / hk, half = d / 2;
   const bool rotary = cos.defined();
   const S* qd = q.data_ptr<S>();
   const S* kd = k.data_ptr<S>();
   const S* vd = v.data_ptr<S>();
-  S* kb = k_buf.data_ptr<S>();
-  S* vb = v_buf.data_ptr<S>();
+  C* kb = k_buf.data_ptr<C>();
+  C* vb = v_buf.data_ptr<C>();
   const T* rowd = row.data_ptr<T>();
   const int64_t row_b = row.size(0) == 1 ? 0 : row.stride(0), row_h = row.size(1) == 1 ? 0 : row.stride(1);
   const T* biasd = key_bias.defined() ? key_bias.data_ptr<T>() : nullptr;
@@ -180,11 +185,11 @@ void decode_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
     for (int64_t p = begin; p < end; ++p) {
       const int64_t r = p / hk, g = p % hk;
       rotate(kd + r * k.stride(0) + g * k.stride(1), k.stride(2), r, y.data());
-      S* k0 = kb + (p * S2 + slot) * d;
-      S* v0 = vb + (p * S2 + slot) * dv;
+      C* k0 = kb + (p * S2 + slot) * d;
+      C* v0 = vb + (p * S2 + slot) * dv;
       const S* vs = vd + r * v.stride(0) + g * v.stride(1);
-      for (int64_t c = 0; c < d; ++c) k0[c] = k0[c + Sn * d] = static_cast<S>(y[c]);
-      for (int64_t c = 0; c < dv; ++c) v0[c] = v0[c + Sn * dv] = vs[c * v.stride(2)];
+      for (int64_t c = 0; c < d; ++c) k0[c] = k0[c + Sn * d] = static_cast<C>(y[c]);
+      for (int64_t c = 0; c < dv; ++c) v0[c] = v0[c + Sn * dv] = static_cast<C>(static_cast<T>(vs[c * v.stride(2)]));
     }
   });
 
@@ -193,41 +198,28 @@ void decode_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   // from memory. A key hidden after the first one seen (by a bias) is scored, then hidden.
   constexpr T hidden = -std::numeric_limits<T>::infinity();
   at::parallel_for(0, b * h, 32, [&](int64_t begin, int64_t end) {
-    std::vector<T> qr(d), score(Sn), acc(dv), row_k(same ? 0 : d), row_v(same ? 0 : dv);
+    std::vector<T> qr(d), score(Sn), acc(dv), row_k(d);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t r = p / h, i = p % h, g = i / group;
       rotate(qd + r * q.stride(0) + i * q.stride(1), q.stride(2), r, qr.data());
-      const S* keys = kb + ((r * hk + g) * S2 + first) * d;
-      const S* values = vb + ((r * hk + g) * S2 + first) * dv;
+      const C* keys = kb + ((r * hk + g) * S2 + first) * d;
+      const C* values = vb + ((r * hk + g) * S2 + first) * dv;
       const T* add = rowd + r * row_b + i * row_h;
       const T* empty = biasd ? biasd + r * S2 + first : nullptr;
       auto seen = [&](int64_t j) { return add[j] != hidden && !(empty && empty[j] == hidden); };
       const bool self_score = shared_qk;  // the query's own key (the last) gets SELF_ATTN_SCORE, whatever hides it
       int64_t lo = 0;
       while (lo < Sn - self_score && !seen(lo)) ++lo;
-      if constexpr (same) {
-        if (!factors) dots(qr.data(), keys, d, lo, Sn, score.data());
-      }
+      if (!factors) dots(qr.data(), keys, d, lo, Sn, score.data());
       T best = hidden;
       for (int64_t j = lo; j < Sn; ++j) {
-        T s;
-        if (same && !factors) {
+        T s = 0;
+        if (!factors) {
           s = score[j];
         } else {
-          const T* kj;
-          if constexpr (same) {
-            kj = keys + j * d;
-          } else {
-            at::vec::convert(keys + j * d, row_k.data(), d);
-            kj = row_k.data();
-          }
-          s = 0;
-          if (factors) {
-            const T* f = factors + j * d;
-            for (int64_t c = 0; c < d; ++c) s += qr[c] * kj[c] * f[c];
-          } else {
-            s = dot(qr.data(), kj, d);
-          }
+          at::vec::convert(keys + j * d, row_k.data(), d);
+          const T* f = factors + j * d;
+          for (int64_t c = 0; c < d; ++c) s += qr[c] * row_k[c] * f[c];
         }
         s = s * static_cast<T>(scale) + add[j] + (empty ? empty[j] : T(0));
         score[j] = self_score && j == Sn - 1 ? static_cast<T>(SELF_ATTN_SCORE) : seen(j) ? s : hidden;
@@ -239,16 +231,7 @@ void decode_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
         continue;
       }
       const T total = exp_shifted(score.data() + lo, Sn - lo, best);  // score[j] = exp(score[j] - best)
-      if constexpr (same) {
-        weighted_sum(score.data(), values, lo, Sn, dv, acc.data());
-      } else {
-        std::fill(acc.begin(), acc.end(), T(0));
-        for (int64_t j = lo; j < Sn; ++j) {
-          if (score[j] == T(0)) continue;
-          at::vec::convert(values + j * dv, row_v.data(), dv);
-          axpy(score[j], row_v.data(), acc.data(), dv);
-        }
-      }
+      weighted_sum(score.data(), values, lo, Sn, dv, acc.data());
       for (int64_t c = 0; c < dv; ++c) o[c] = static_cast<S>(acc[c] / total);
     }
   });
@@ -268,8 +251,10 @@ at::Tensor decode_attend(const at::Tensor& q, const at::Tensor& k, const at::Ten
               && v_buf.size(3) == v.size(2), "k_buf, v_buf do not match k, v");
   TORCH_CHECK(0 <= slot && slot < Sn && 0 <= first && first <= Sn, "slot and first must lie in the ring");
   const auto dtype = q.scalar_type();
-  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype && k_buf.scalar_type() == dtype
-              && v_buf.scalar_type() == dtype, "q, k, v and the buffers must share a dtype");
+  const auto cached = k_buf.scalar_type();
+  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype && v_buf.scalar_type() == cached
+              && (cached == dtype || (dtype == at::kFloat && cached == at::kBFloat16)),
+              "q, k, v must share a dtype, and the buffers theirs or, for float32, bfloat16");
   const auto acc = at::toOpMathType(dtype);
   auto table = [&](const c10::optional<at::Tensor>& t, const char* name) {
     if (!t.has_value() || !t->defined()) return at::Tensor();
@@ -284,9 +269,13 @@ at::Tensor decode_attend(const at::Tensor& q, const at::Tensor& k, const at::Ten
   TORCH_CHECK(!kb.defined() || (kb.size(0) == b && kb.numel() == b * 2 * Sn), "key_bias must be (b, 1, 2S)");
   TORCH_CHECK(!f.defined() || f.sizes() == at::IntArrayRef({Sn, d}), "key_factors must be (S, d)");
   auto out = at::empty({b, h, v.size(2)}, q.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "windowed_attention_decode", [&] {
-    decode_rows<scalar_t>(q, k, v, k_buf, v_buf, c, s, row, kb, f, slot, first, scale, shared_qk, out);
-  });
+  if (cached != dtype) {  // a bfloat16 cache of a float32 model
+    decode_rows<float, at::BFloat16>(q, k, v, k_buf, v_buf, c, s, row, kb, f, slot, first, scale, shared_qk, out);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "windowed_attention_decode", [&] {
+      decode_rows<scalar_t, scalar_t>(q, k, v, k_buf, v_buf, c, s, row, kb, f, slot, first, scale, shared_qk, out);
+    });
+  }
   return out;
 }
 

@@ -358,3 +358,14 @@ def test_hyper_connection_kernel_runs_where_it_should():
     assert not hyper.supports(h, torch.zeros(1, dtype=torch.float64))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not hyper.supports(h)
+
+
+def test_mha_takes_autopad():
+    """`LocalMHA(autopad=...)` reaches its attention: False refuses a length that is not a multiple of the
+    window, True (the default) takes any; a non-bool names the argument."""
+    x = torch.randn(1, 6, 8)
+    assert LocalMHA(dim=8, window_size=4, autopad=True, heads=2, dim_head=4)(x).shape == x.shape
+    with pytest.raises(ValueError, match="window_size"):
+        LocalMHA(dim=8, window_size=4, autopad=False, heads=2, dim_head=4)(x)
+    with pytest.raises(TypeError, match="autopad"):
+        LocalMHA(dim=8, window_size=4, autopad="yes")

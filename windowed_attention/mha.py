@@ -22,7 +22,8 @@ class LocalMHA(nn.Module):
     With `return_cache=True` (causal only) the forward also returns a `KVCache`; passing it back as
     `cache` with the next single token `x` `(b, 1, dim)` gives exactly that token's output of a full
     forward over the whole sequence, in O(window) time and memory. Rows may hold sequences of different
-    lengths: give the prefill a right-padding `mask`.
+    lengths: give the prefill a right-padding `mask`. `autopad` (default True: any length) is passed to
+    `LocalAttention`.
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class LocalMHA(nn.Module):
         exact_windowsize: bool | None = None,
         gate_values_per_head: bool = False,
         kv_heads: int | None = None,
+        autopad: bool = True,
         **kwargs,
     ):
         super().__init__()
@@ -66,7 +68,7 @@ class LocalMHA(nn.Module):
             self.q_scale = nn.Parameter(torch.ones(dim_head))
             self.k_scale = nn.Parameter(torch.ones(dim_head))
         self.attn_fn = LocalAttention(
-            dim=dim_head, window_size=window_size, causal=causal, autopad=True,
+            dim=dim_head, window_size=window_size, causal=causal, autopad=check_bool("autopad", autopad),
             dropout=check_probability("dropout", dropout),
             scale=float(qk_scale) if self.qk_rmsnorm else None,
             exact_windowsize=exact_windowsize, use_xpos=use_xpos, xpos_scale_base=xpos_scale_base, **kwargs,

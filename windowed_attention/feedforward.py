@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
 from .ops.validation import check_int, check_positive_real, check_probability
 
 
@@ -28,8 +29,8 @@ def FeedForward(dim: int, mult: float = 4, dropout: float = 0.0) -> nn.Sequentia
         raise ValueError(f"dim * mult * 2 / 3 must be at least 1, got dim={dim}, mult={mult}")
     return nn.Sequential(
         nn.LayerNorm(dim),
-        nn.Linear(dim, inner * 2, bias=False),
+        Linear(dim, inner * 2, bias=False),
         GEGLU(),
         nn.Dropout(check_probability("dropout", dropout)),
-        nn.Linear(inner, dim, bias=False),
+        Linear(inner, dim, bias=False),
     )

@@ -8,6 +8,7 @@ from torch import nn
 
 from .attention import LocalAttention
 from .kv_cache import KVCache
+from .linear import Linear
 from .ops.decode import cache_capacity
 from .ops.validation import MAX_SCALE, check_bool, check_int, check_positive_real, check_probability
 
@@ -63,7 +64,7 @@ class LocalMHA(nn.Module):
         self.norm = nn.LayerNorm(dim) if prenorm else None
         # one projection for q, k, v ((heads + 2 kv_heads) * dim_head outputs: local-attention's layout when
         # kv_heads == heads)
-        self.to_qkv = nn.Linear(dim, dim_head * (heads + 2 * kv_heads), bias=False)
+        self.to_qkv = Linear(dim, dim_head * (heads + 2 * kv_heads), bias=False)
         if self.qk_rmsnorm:
             self.q_scale = nn.Parameter(torch.ones(dim_head))
             self.k_scale = nn.Parameter(torch.ones(dim_head))
@@ -74,8 +75,8 @@ class LocalMHA(nn.Module):
             exact_windowsize=exact_windowsize, use_xpos=use_xpos, xpos_scale_base=xpos_scale_base, **kwargs,
         )
         self.window_size, self.exact_windowsize = self.attn_fn.window_size, self.attn_fn.exact_windowsize
-        self.to_v_gate = nn.Sequential(nn.Linear(dim, heads)) if gate_values_per_head else None
-        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.to_v_gate = nn.Sequential(Linear(dim, heads)) if gate_values_per_head else None
+        self.to_out = Linear(inner, dim, bias=False)
 
     def _project(self, h):
         """`h` `(b, n, dim)` -> `q` `(b, heads, n, d)`, `k, v` `(b, kv_heads, n, d)`."""

@@ -11,6 +11,7 @@ from torch import nn
 
 from .feedforward import FeedForward
 from .kv_cache import KVCache
+from .linear import Linear
 from .mha import LocalMHA
 from .ops.decode import decode_window
 from .ops.validation import check_bool, check_int, check_positive_real
@@ -129,7 +130,7 @@ class LocalTransformer(nn.Module):
             self.layers.append(nn.ModuleList([wrap(attn, streams, dim, next(blocks)), wrap(ff, streams, dim, next(blocks))]))
         self.has_global_layers = any(layer is not None for layer in self.global_layers)
         self.dynamic_pos_bias = DynamicPositionBias(dim=dim // 2 or 1, heads=heads) if use_dynamic_pos_bias else None
-        self.to_logits = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_tokens, bias=False)) if has_tokens else None
+        self.to_logits = nn.Sequential(nn.LayerNorm(dim), Linear(dim, num_tokens, bias=False)) if has_tokens else None
         self.register_load_state_dict_pre_hook(_upgrade_state_dict)
 
     @property

@@ -50,8 +50,10 @@ from .spec import WindowSpec
 
 CSRC = Path(__file__).parent / "csrc"
 # the attention kernel, the rotary kernel the modules use on CPU (`positional.py`), the decode step
-# (`ops/decode.py`) and the hyper-connection stream mix (`ops/hyper.py`), in one library
-SOURCES = [CSRC / "local_attention_cpu.cpp", CSRC / "rotary_cpu.cpp", CSRC / "decode_cpu.cpp", CSRC / "hyper_cpu.cpp"]
+# (`ops/decode.py`), the hyper-connection stream mix (`ops/hyper.py`) and the few-row projections
+# (`ops/small_linear.py`), in one library
+SOURCES = [CSRC / "local_attention_cpu.cpp", CSRC / "rotary_cpu.cpp", CSRC / "decode_cpu.cpp", CSRC / "hyper_cpu.cpp",
+           CSRC / "small_linear_cpu.cpp"]
 HEADERS = sorted(CSRC.glob("*.h"))  # included by the sources: part of what the build's hash covers
 DISABLE_ENV = "WINDOWED_ATTENTION_NO_FUSED"
 CACHE_ENV = "WINDOWED_ATTENTION_CACHE"

@@ -32,6 +32,8 @@ def _fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
 
 def _takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return False  # training: first, as it is the common case
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.ndim < 1:
         return False
     if weight.ndim != 2 or x.shape[-1] != weight.shape[1] or not weight.is_contiguous():
@@ -39,8 +41,6 @@ def _takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != weight.shape[:1] or not bias.is_contiguous()):
         return False
     if not MIN_ROWS <= math.prod(x.shape[:-1]) <= MAX_ROWS:
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return False
     if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return False

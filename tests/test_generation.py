@@ -165,6 +165,7 @@ def test_sample_draws_from_the_filtered_distribution(filter_thres, top_p, temper
     draws = 40000
     tokens = sample(logits.expand(draws, -1), temperature, filter_thres, top_p, torch.Generator().manual_seed(6))
     assert tokens.shape == (draws, 1)
+    assert sample(logits[0], temperature, filter_thres, top_p).shape == (1,)  # one row (vocab,) -> (1,)
     frequencies = torch.bincount(tokens[:, 0], minlength=40).double() / draws
     sigma = (expected * (1 - expected) / draws).sqrt()
     assert (frequencies[expected == 0] == 0).all()
@@ -334,5 +335,12 @@ def test_cache_dtype_errors_name_the_argument():
         generate(model, prime, 3, cache_dtype=torch.bfloat16, use_cache=False)
     with pytest.raises(ValueError, match="cache_dtype"):
         model(prime, cache_dtype=torch.bfloat16)  # no cache is built
+    with pytest.raises(ValueError, match="use_kv_cache"):
+        model.generate(prime, 3, cache_dtype=torch.bfloat16, use_kv_cache=False)
+    with pytest.raises(TypeError, match="cache_dtype"):
+        generate(model, prime, 0, cache_dtype="bfloat16")  # checked before anything is generated
+    k = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="cache_dtype"):
+        KVCache.from_prefill(k, k, capacity=3, dtype=torch.float16)
     assert torch.equal(generate(model, prime, 5, temperature=0, cache_dtype=torch.float32),
                        generate(model, prime, 5, temperature=0))  # the model's own dtype: the exact cache

@@ -107,3 +107,31 @@ def test_modules_use_it_to_decode(calls):
         with torch.no_grad():
             torch.testing.assert_close(logits, model(tokens[:, :t + 1])[:, -1], rtol=1e-4, atol=1e-4)
     assert len(calls) == 15 * (2 * 5 + 1)  # per step: qkv, gate, out, two feed-forward, per layer; the logits
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:Sparse CSR:UserWarning")
+def test_other_inputs_and_transforms_take_f_linear(calls):
+    """What the kernel cannot see through gets `F.linear`'s result: no input channels, a negative view,
+    a sparse weight, forward-mode AD (under no_grad too) and torch.func; TorchScript, jit.trace and FX of a
+    module that uses `Linear` give its results."""
+    import torch.autograd.forward_ad as fwAD
+
+    from windowed_attention import FeedForward
+
+    x, weight = torch.randn(3, 8), torch.randn(5, 8)
+    with torch.no_grad():
+        assert small_linear.linear(torch.randn(2, 0), torch.randn(3, 0), torch.ones(3)).equal(torch.ones(2, 3))
+        torch.testing.assert_close(small_linear.linear(x, weight._neg_view()), F.linear(x, -weight))
+        torch.testing.assert_close(small_linear.linear(x, weight.to_sparse_csr()), F.linear(x, weight))
+        with fwAD.dual_level():
+            out = small_linear.linear(fwAD.make_dual(x, torch.ones_like(x)), weight)
+            torch.testing.assert_close(fwAD.unpack_dual(out).tangent, F.linear(torch.ones_like(x), weight))
+    _, tangent = torch.func.jvp(lambda t: small_linear.linear(t, weight), (x,), (torch.ones_like(x),))
+    torch.testing.assert_close(tangent, F.linear(torch.ones_like(x), weight))
+    assert not calls
+    ff = FeedForward(8).eval()
+    with torch.no_grad():
+        expected = ff(x)
+        assert calls  # the module itself takes the kernel
+        for traced in (torch.jit.script(ff), torch.jit.trace(ff, x), torch.fx.symbolic_trace(ff)):
+            torch.testing.assert_close(traced(x), expected, rtol=1e-5, atol=1e-5)

@@ -136,7 +136,7 @@ class KVCache:
         gather = positions.clamp(min=0)[:, None, :, None]  # empty slots get a real (masked) key
         keys, values = (t.gather(-2, gather.expand(-1, t.shape[1], -1, t.shape[-1])) for t in (k, v))
         k_buffer, v_buffer, key_bias = _lay_out(columns, keys, values, positions < 0, slots, compute_dtype or k.dtype,
-                                                dtype or k.dtype)
+                                                storage_dtype(k.dtype, dtype))
         start_range = (int(start.min()), int(start.max())) if b else (0, 0)
         return cls(k_buffer, v_buffer, key_bias, start, n, capacity, start_range, constants, signature, attn_bias)
 

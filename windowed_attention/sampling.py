@@ -50,6 +50,8 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, filter_thres: float =
     twentieth of its time drawing over 256 tokens mostly at -inf."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
+    if logits.ndim == 1:  # one row `(vocab,)` -> `(1,)`
+        return sample(logits[None], temperature, filter_thres, p, generator)[0]
     k = max(1, int((1 - filter_thres) * logits.shape[-1]))
     kept, indices = torch.topk(logits.float(), k, dim=-1)  # largest first
     if p is not None:

@@ -315,6 +315,8 @@ class LocalTransformer(nn.Module):
         seq_len = check_int("seq_len", seq_len, 0)
         check_sampling(temperature, filter_thres, top_p)
         use_kv_cache = check_bool("use_kv_cache", use_kv_cache)
+        if cache_dtype is not None and not use_kv_cache:
+            raise ValueError("cache_dtype needs use_kv_cache=True")
         if not self.causal:
             raise ValueError("generate needs a causal model (causal=True)")
         if self.pos_emb is not None and tokens.shape[1] + seq_len - 1 > self.max_seq_len:

@@ -132,6 +132,8 @@ def stream(model, prompt, max_new_tokens: int | None, *, temperature: float = 1.
     model = _check_model(model)
     tokens, lengths = batch_prompts(prompt)
     check_sampling(temperature, filter_thres, top_p)
+    if cache_dtype is not None and not isinstance(cache_dtype, torch.dtype):
+        raise TypeError(f"cache_dtype must be a torch.dtype or None, got {type(cache_dtype).__name__}")
     longest = tokens.shape[1]
     if max_new_tokens is not None:
         _check_count(max_new_tokens)

@@ -8,9 +8,10 @@ a fraction of the memory's rate; our kernel reads each row of the weights once, 
 (dim 256, 2 threads): 16 rows 95 against 209 us with the weights in cache and 179 against 366 us from
 memory; 1 row 24 against 50 us and 177 against 337 us.
 
-The kernel runs where it computes the same function: float32 on CPU, no autograd (nothing to
-differentiate: a decode step runs under `no_grad`), no autocast, not while torch.compile or torch.export
-traces (they see `F.linear`). Each output is a float32 sum in order over the input channels, so it
+The kernel runs where it computes the same function: float32 strided tensors on CPU, no autograd
+(nothing to differentiate: a decode step runs under `no_grad`; nor forward-mode AD or torch.func
+transforms), no autocast, not while torch.compile, torch.export, torch.jit.trace or torch.fx trace (they
+see `F.linear`). Each output is a float32 sum in order over the input channels, so it
 may differ from MKL's in the last bits (as MKL's own results differ between shapes).
 """
 
@@ -31,10 +32,20 @@ def _fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return fused_cpu.kernel().small_linear(x, weight, bias)
 
 
+def _plain(t: torch.Tensor | None) -> bool:
+    """A strided CPU tensor that is its own data: no negative view, no functorch wrapper."""
+    return t is None or (t.layout == torch.strided and t.device.type == "cpu" and not t.is_neg()
+                         and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
 def _takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return False  # training: first, as it is the common case
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.ndim < 1:
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy):
+        return False
+    if not (_plain(x) and _plain(weight) and _plain(bias)) or torch.autograd.forward_ad._current_level >= 0:
+        return False  # other layouts, devices and transforms, forward-mode AD (a tangent to carry): F.linear
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.ndim < 1 or x.shape[-1] < 1:
         return False
     if weight.ndim != 2 or x.shape[-1] != weight.shape[1] or not weight.is_contiguous():
         return False
@@ -42,7 +53,7 @@ def _takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         return False
     if not MIN_ROWS <= math.prod(x.shape[:-1]) <= MAX_ROWS:
         return False
-    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+    if torch.is_autocast_enabled("cpu"):
         return False
     return fused_cpu.available()
 

@@ -97,11 +97,14 @@ void one_row(const float* x, const float* w, int64_t K, int64_t n0, int64_t n1, 
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "x (M, K) and weight (N, K) must match");
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && x.is_contiguous()
-              && weight.is_contiguous(), "x and weight must be contiguous float32");
+              && weight.is_contiguous() && x.is_cpu() && weight.is_cpu() && x.layout() == at::kStrided
+              && weight.layout() == at::kStrided && !x.is_neg() && !weight.is_neg(),
+              "x and weight must be contiguous float32 CPU tensors");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   const bool has_bias = bias.has_value() && bias->defined();
   TORCH_CHECK(!has_bias || (bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == N
-                            && bias->is_contiguous()), "bias must be a contiguous float32 (N,)");
+                            && bias->is_contiguous() && bias->is_cpu() && !bias->is_neg()),
+              "bias must be a contiguous float32 CPU (N,)");
   auto out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
   if (M == 1) {

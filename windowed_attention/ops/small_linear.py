@@ -32,28 +32,32 @@ def _fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return fused_cpu.kernel().small_linear(x, weight, bias)
 
 
-def _plain(t: torch.Tensor | None) -> bool:
-    """A strided CPU tensor that is its own data: no negative view, no functorch wrapper."""
-    return t is None or (t.layout == torch.strided and t.device.type == "cpu" and not t.is_neg()
-                         and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_fx_proxy = torch.fx.Proxy
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """A strided float32 CPU tensor that is its own data: no negative view, no functorch wrapper."""
+    return t.dtype == torch.float32 and t.is_cpu and t.layout == torch.strided and not t.is_neg() and not _wrapped(t)
 
 
 def _takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the kernel computes `F.linear(x, weight, bias)` here (a decode step's projections pass
+    every check; they cost about a microsecond)."""
+    if isinstance(x, _fx_proxy) or not (_plain(x) and _plain(weight) and (bias is None or _plain(bias))):
+        return False  # other dtypes, devices, layouts and transforms: F.linear
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return False  # training: first, as it is the common case
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy):
+        return False  # training
+    k = x.shape[-1] if x.ndim else 0
+    if k < 1 or weight.ndim != 2 or weight.shape[1] != k or not weight.is_contiguous():
         return False
-    if not (_plain(x) and _plain(weight) and _plain(bias)) or torch.autograd.forward_ad._current_level >= 0:
-        return False  # other layouts, devices and transforms, forward-mode AD (a tangent to carry): F.linear
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.ndim < 1 or x.shape[-1] < 1:
+    if bias is not None and (bias.shape != weight.shape[:1] or not bias.is_contiguous()):
         return False
-    if weight.ndim != 2 or x.shape[-1] != weight.shape[1] or not weight.is_contiguous():
+    if not MIN_ROWS <= x.numel() // k <= MAX_ROWS:
         return False
-    if bias is not None and (bias.dtype != torch.float32 or bias.shape != weight.shape[:1] or not bias.is_contiguous()):
-        return False
-    if not MIN_ROWS <= math.prod(x.shape[:-1]) <= MAX_ROWS:
-        return False
-    if torch.is_autocast_enabled("cpu"):
+    if torch.autograd.forward_ad._current_level >= 0 or torch.is_autocast_enabled("cpu"):
+        return False  # forward-mode AD (a tangent to carry), autocast
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
     return fused_cpu.available()
 

@@ -5,7 +5,8 @@
 //
 //   x (M, K), weight (N, K), bias (N) or undefined: contiguous float32. Returns (M, N).
 //
-// One row (batch 1) is a matrix-vector product: four rows of W at a time, each summed over k in vectors.
+// One row (batch 1) is a matrix-vector product: `wa_vec::dots` (vec_dots.h, shared with the decode step),
+// four rows of W at a time, each summed over k in vectors.
 // More rows of x are taken L at a time (L = the vector width), transposed to xT (K, L), so that one vector
 // holds one input channel of L rows; a block of NB output channels then accumulates, for each k,
 // W[n, k] (broadcast) times that vector: NB vectors of L outputs in registers, no horizontal sums. Each
@@ -15,6 +16,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
+
+#include "vec_dots.h"
 
 #include <utility>
 #include <vector>
@@ -55,45 +58,6 @@ void block(const float* xT, const float* w, int64_t K, int64_t N, int64_t n0, in
     for (int64_t i = 0; i < nb; ++i) out[r * N + n0 + i] = lanes[i][r];
 }
 
-inline float hsum(const V& v) {
-  alignas(64) float lanes[L];
-  v.store(lanes);
-  float s = 0.f;
-  for (int64_t l = 0; l < L; ++l) s += lanes[l];
-  return s;
-}
-
-// One row: y[n] = W[n] . x, four rows of W at a time (four independent sums over k), each read once in
-// order; the next four rows are asked for while these are summed.
-void one_row(const float* x, const float* w, int64_t K, int64_t n0, int64_t n1, float* y) {
-  int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) {
-    const float* r0 = w + n * K;
-    const float *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
-    V a0(0.f), a1(0.f), a2(0.f), a3(0.f);
-    int64_t k = 0;
-    for (; k + L <= K; k += L) {
-      __builtin_prefetch(r0 + 4 * K + k);
-      __builtin_prefetch(r1 + 4 * K + k);
-      __builtin_prefetch(r2 + 4 * K + k);
-      __builtin_prefetch(r3 + 4 * K + k);
-      const V xk = V::loadu(x + k);
-      a0 = at::vec::fmadd(V::loadu(r0 + k), xk, a0);
-      a1 = at::vec::fmadd(V::loadu(r1 + k), xk, a1);
-      a2 = at::vec::fmadd(V::loadu(r2 + k), xk, a2);
-      a3 = at::vec::fmadd(V::loadu(r3 + k), xk, a3);
-    }
-    float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
-    for (; k < K; ++k) s0 += r0[k] * x[k], s1 += r1[k] * x[k], s2 += r2[k] * x[k], s3 += r3[k] * x[k];
-    y[n] = s0, y[n + 1] = s1, y[n + 2] = s2, y[n + 3] = s3;
-  }
-  for (; n < n1; ++n) {
-    float s = 0.f;
-    for (int64_t k = 0; k < K; ++k) s += w[n * K + k] * x[k];
-    y[n] = s;
-  }
-}
-
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "x (M, K) and weight (N, K) must match");
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && x.is_contiguous()
@@ -109,7 +73,7 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const c10
   if (M == 0 || N == 0) return out;
   if (M == 1) {
     at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t begin, int64_t end) {
-      one_row(x.data_ptr<float>(), weight.data_ptr<float>(), K, begin * 4, std::min(end * 4, N), out.data_ptr<float>());
+      wa_vec::dots(x.data_ptr<float>(), weight.data_ptr<float>(), K, begin * 4, std::min(end * 4, N), out.data_ptr<float>());
     });
     if (has_bias) out.add_(*bias);
     return out;

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops import attend, make_spec
-from .kv_cache import KVCache, storage_dtype
+from .kv_cache import KVCache
 from .ops.api import fit_window, pack_leading, unpack_leading
 from .ops.decode import attend_step, cache_capacity, decode_window, score_table
 from .ops.dtypes import accumulation_dtype, result_dtype
@@ -193,7 +193,6 @@ class LocalAttention(nn.Module):
     def _new_cache(self, k, v, mask, attn_bias, packed: int, cache_dtype=None) -> KVCache:
         """The cache after a prefill of positioned keys `k` and values `v` `(b, h_kv, n, d)` (`packed`: b times
         the query heads), stored in `cache_dtype` (`kv_cache.storage_dtype`)."""
-        dtype = storage_dtype(k.dtype, cache_dtype)
         lengths, length = None, k.shape[-2]
         if mask is not None:
             lengths = mask.sum(dim=-1)
@@ -207,7 +206,7 @@ class LocalAttention(nn.Module):
         return KVCache.from_prefill(
             k, v, cache_capacity(constants.spec), lengths, constants=constants,
             signature=self._signature(k.dtype, k.device), attn_bias=attn_bias, compute_dtype=accumulation_dtype(k.dtype),
-            dtype=dtype,
+            dtype=cache_dtype,
         )
 
     def _decode_constants(self, n: int, attn_bias, packed: int, dtype, device) -> DecodeConstants:

@@ -17,13 +17,14 @@ def check_sampling(temperature, filter_thres, top_p) -> None:
         raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
 
 
-def top_k(logits: torch.Tensor, thres: float = 0.9) -> torch.Tensor:
-    """Keep the `max(1, int((1 - thres) * vocab))` largest logits of `(b, vocab)`; the rest become -inf.
+def _kept(thres: float, vocab: int) -> int:
+    """How many tokens top-k keeps: local-attention's count, except that at least one is always kept."""
+    return max(1, int((1 - thres) * vocab))
 
-    The count is local-attention's, except that at least one token is always kept.
-    """
-    k = max(1, int((1 - thres) * logits.shape[-1]))
-    values, indices = torch.topk(logits, k, dim=-1)
+
+def top_k(logits: torch.Tensor, thres: float = 0.9) -> torch.Tensor:
+    """Keep the `max(1, int((1 - thres) * vocab))` largest logits of `(b, vocab)`; the rest become -inf."""
+    values, indices = torch.topk(logits, _kept(thres, logits.shape[-1]), dim=-1)
     return torch.full_like(logits, float("-inf")).scatter_(-1, indices, values)
 
 
@@ -52,8 +53,7 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, filter_thres: float =
         return logits.argmax(dim=-1, keepdim=True)
     if logits.ndim == 1:  # one row `(vocab,)` -> `(1,)`
         return sample(logits[None], temperature, filter_thres, p, generator)[0]
-    k = max(1, int((1 - filter_thres) * logits.shape[-1]))
-    kept, indices = torch.topk(logits.float(), k, dim=-1)  # largest first
+    kept, indices = torch.topk(logits.float(), _kept(filter_thres, logits.shape[-1]), dim=-1)  # largest first
     if p is not None:
         kept = _nucleus(kept, p)
     # Shift by the max first: a tiny temperature then sharpens towards greedy instead of overflowing.

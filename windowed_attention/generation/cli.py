@@ -118,14 +118,18 @@ def run(args) -> int:
 
 
 def _cache_dtype(name: str, model_dtype):
-    """`--cache-dtype` -> the `cache_dtype` of `stream`/`generate` for a model in `model_dtype`."""
+    """`--cache-dtype` -> the `cache_dtype` of `stream`/`generate` for a model in `model_dtype` (what
+    `kv_cache.storage_dtype` allows, under the flag's name)."""
     import torch
 
-    if name == "model" or model_dtype == torch.bfloat16:
+    from ..kv_cache import storage_dtype
+
+    if name == "model":
         return None
-    if model_dtype != torch.float32:
-        raise ValueError(f"--cache-dtype {name} needs a float32 model, the checkpoint's is {model_dtype}")
-    return torch.bfloat16
+    try:
+        return storage_dtype(model_dtype, getattr(torch, name))
+    except ValueError:
+        raise ValueError(f"--cache-dtype {name} needs a float32 model, the checkpoint's is {model_dtype}") from None
 
 
 def _generate_file(model, prompts: list[bytes], args, generator, cache_dtype) -> int:

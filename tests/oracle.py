@@ -19,7 +19,7 @@ ROTARY_THETA = 10000.0
 
 def visibility(
     n: int,
-    window_size: int,
+    window_size,
     *,
     causal: bool = False,
     look_backward: int = 1,
@@ -27,12 +27,23 @@ def visibility(
     exact_windowsize: bool = False,
     device=None,
 ) -> torch.Tensor:
-    """`(n, n)` bool: entry `[i, j]` is True when query `i` may see key `j` (ignoring the key mask)."""
+    """`(n, n)` bool: entry `[i, j]` is True when query `i` may see key `j` through its window (ignoring the key
+    mask and sink tokens). A `(left, right)` window: `i - left <= j <= i + right`, -1 unbounded."""
+    i = torch.arange(n, device=device)[:, None]
+    j = torch.arange(n, device=device)[None, :]
+    if isinstance(window_size, tuple):
+        left, right = window_size
+        vis = torch.ones(n, n, dtype=torch.bool, device=device)
+        if left >= 0:
+            vis &= i - j <= left
+        if right >= 0:
+            vis &= j - i <= right
+        if causal:
+            vis &= j <= i
+        return vis
     if look_forward is None:
         look_forward = 0 if causal else 1
     w = window_size
-    i = torch.arange(n, device=device)[:, None]
-    j = torch.arange(n, device=device)[None, :]
     block_i, block_j = i // w, j // w
     vis = (block_j >= block_i - look_backward) & (block_j <= block_i + look_forward)
     if causal:
@@ -161,3 +172,90 @@ def oracle_attention(
     out = weights @ v
     return out.reshape(*lead, n, dv)
 
+
+
+def oracle_modern(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window_size,
+    causal: bool = False,
+    look_backward: int = 1,
+    look_forward: int | None = None,
+    exact_windowsize: bool = False,
+    mask: torch.Tensor | None = None,
+    attn_bias: torch.Tensor | None = None,
+    scale: float | None = None,
+    shared_qk: bool = False,
+    documents: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    sink_tokens: int = 0,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Dense local attention with the modern options, one row and one document at a time, in float64.
+
+    `q (..., n_q, d)` are the last `n_q` of the `n` positions of `k, v (..., h_kv, n, d)` (grouped heads:
+    query head `i` uses kv head `i // (h // h_kv)`). Inside a document positions count from its start: query
+    `i` sees key `j` of its own document when the window shows it, or when `j` is one of the document's
+    first `sink_tokens` (and `j <= i` when causal), and the key mask keeps it. Scores: `scale * q.k`, then
+    `softcap * tanh(. / softcap)`, then `attn_bias` (only for keys the window shows), then the shared-qk
+    self score. `exp(sinks[p % h])` joins the denominator. Rows that see nothing output zeros.
+    """
+    n_q, n, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    lead = q.shape[:-2]
+    offset = n - n_q
+    q64 = q.to(torch.float64).reshape(-1, n_q, d)
+    k64 = k.to(torch.float64).reshape(-1, n, d)
+    v64 = v.to(torch.float64).reshape(-1, n, v.shape[-1])
+    P, P_kv = q64.shape[0], k64.shape[0]
+    if scale is None:
+        scale = d ** -0.5
+    if shared_qk:
+        k64 = k64 / k64.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    if look_forward is None:
+        look_forward = 0 if causal else 1
+    rows = []
+    for p in range(P):
+        kp, vp = k64[p // (P // P_kv)], v64[p // (P // P_kv)]
+        ids = torch.zeros(n, dtype=torch.long) if documents is None else documents[p // (P // documents.shape[0])].cpu()
+        keep = torch.ones(n, dtype=torch.bool) if mask is None else mask[p // (P // mask.shape[0])].cpu()
+        out = torch.zeros(n, v.shape[-1], dtype=torch.float64)
+        for doc in torch.unique(ids).tolist():
+            where = torch.nonzero(ids == doc).flatten()
+            s, m = int(where[0]), len(where)
+            qd = torch.zeros(m, d, dtype=torch.float64)
+            lo = max(offset - s, 0)  # the document's positions that are queries
+            if s + m <= offset:
+                continue
+            qd[lo:] = q64[p, s + lo - offset : s + m - offset]
+            scores = (qd @ kp[s : s + m].T) * scale
+            if softcap is not None:
+                scores = softcap * torch.tanh(scores / softcap)
+            win = visibility(m, window_size, causal=causal, look_backward=look_backward, look_forward=look_forward,
+                             exact_windowsize=exact_windowsize)
+            i = torch.arange(m)[:, None]
+            j = torch.arange(m)[None, :]
+            if attn_bias is not None:
+                w = window_size
+                col = (j - (i // w - look_backward) * w).clamp(0, attn_bias.shape[-1] - 1)
+                bias = attn_bias.to(torch.float64)[p % attn_bias.shape[0]][i % w, col]
+                scores = scores + torch.where(win, bias, torch.zeros_like(bias))
+            if shared_qk:
+                scores = torch.where(i == j, torch.full_like(scores, SELF_SCORE), scores)
+            sink_vis = (j < sink_tokens) & ((j <= i) if causal else torch.ones_like(win))
+            vis = (win | sink_vis) & keep[s : s + m][None, :]
+            masked = torch.where(vis, scores, torch.full_like(scores, float("-inf")))
+            top = masked.amax(dim=-1, keepdim=True)
+            if sinks is not None:
+                top = torch.maximum(top, sinks.to(torch.float64)[p % sinks.shape[0]].detach().expand_as(top))
+            top = torch.where(torch.isfinite(top), top, torch.zeros_like(top)).detach()
+            e = torch.where(vis, torch.exp(torch.where(vis, scores - top, torch.zeros_like(scores))), torch.zeros_like(scores))
+            denom = e.sum(dim=-1, keepdim=True)
+            if sinks is not None:
+                sink_e = torch.exp(sinks.to(torch.float64)[p % sinks.shape[0]] - top)
+                denom = denom + torch.where(vis.any(dim=-1, keepdim=True), sink_e, torch.zeros_like(sink_e))
+            denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+            out = out.index_put((torch.arange(s, s + m),), (e / denom) @ vp[s : s + m])
+        rows.append(out[offset:])
+    return torch.stack(rows).reshape(*lead, n_q, v.shape[-1])

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from windowed_attention import local_attention
 from windowed_attention.ops import backends
+from windowed_attention.ops.call import AttentionCall
 from windowed_attention.ops.flash import flash_attn_backend
 from windowed_attention.ops.flex import flex_attention_backend
 from windowed_attention.ops.fused_cpu import fused_cpu_attention
@@ -79,7 +80,8 @@ def _compare(fn, pb, backward=True):
     results = []
     for f in (reference_attention, fn):
         q, k, v, bias, ks = _inputs(pb, requires_grad=backward)
-        out = f(q, k, v, pb["spec"], scale=0.5, mask=pb["mask"], attn_bias=bias, mask_self=pb["mask_self"], key_scale=ks)
+        out = f(q, k, v, AttentionCall(pb["spec"], scale=0.5, mask=pb["mask"], attn_bias=bias, mask_self=pb["mask_self"],
+                                       key_scale=ks))
         tensors = [out]
         if backward:
             weights = torch.linspace(-1, 1, out.numel()).view_as(out).to(out.dtype)
@@ -117,7 +119,7 @@ def test_sdpa_rows_that_see_nothing_are_zero_with_zero_grads():
     q, k, v = (torch.randn(2, 10, 8, requires_grad=True) for _ in range(3))
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[0] = False
-    out = sdpa_blocks_attention(q, k, v, spec, scale=0.3, mask=mask)
+    out = sdpa_blocks_attention(q, k, v, AttentionCall(spec, scale=0.3, mask=mask))
     assert out[0].eq(0).all()
     out.sum().backward()
     for t in (q, k, v):
@@ -151,7 +153,7 @@ def test_sdpa_refuses_what_it_does_not_support():
     q = torch.randn(2, 8, 4)
     for kwargs in (dict(attn_bias=torch.zeros(1, 4, 8)), dict(mask_self=True), dict(dropout_p=0.1)):
         with pytest.raises(ValueError, match="sdpa"):
-            sdpa_blocks_attention(q, q, q, spec, scale=1.0, **kwargs)
+            sdpa_blocks_attention(q, q, q, AttentionCall(spec, scale=1.0, **kwargs))
 
 
 def test_sdpa_under_cpu_autocast_runs_in_bfloat16_close_to_reference():
@@ -159,7 +161,7 @@ def test_sdpa_under_cpu_autocast_runs_in_bfloat16_close_to_reference():
     q, k, v = (torch.randn(4, 70, 16) for _ in range(3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = local_attention(q, k, v, window_size=16, causal=True, exact_windowsize=True)
-    ref = reference_attention(q.double(), k.double(), v.double(), spec, scale=0.25)
+    ref = reference_attention(q.double(), k.double(), v.double(), AttentionCall(spec, scale=0.25))
     assert out.dtype == torch.bfloat16
     assert (out.double() - ref).abs().max() < 5e-2
 
@@ -168,7 +170,8 @@ def test_bias_and_mask_self_grads_through_auto():
     """attn_bias and shared_qk dispatch to a backend that takes them (fused, or reference without it)."""
     pb = dict(spec=WindowSpec(4, False, 1, 1, False), n=13, P=4, d=8, dv=8, mask=None, key_scale=None,
               attn_bias=torch.randn(2, 4, 12, dtype=torch.float64), mask_self=True, dtype=torch.float64, seed=0)
-    backend = backends.choose(torch.zeros(1, dtype=pb["dtype"]), pb["spec"], attn_bias=pb["attn_bias"], mask_self=True)
+    backend = backends.choose(torch.zeros(1, dtype=pb["dtype"]),
+                              AttentionCall(pb["spec"], 1.0, attn_bias=pb["attn_bias"], mask_self=True))
     _compare(backends.get(backend), pb)
 
 
@@ -216,7 +219,7 @@ def test_fused_takes_the_upstream_gradient_in_any_layout(layout, dtype):
     for f, upstream in ((reference_attention, grad.contiguous().double()), (fused_cpu_attention, grad)):
         leaves = [torch.randn(P, n, dv, generator=torch.Generator().manual_seed(s)).to(upstream.dtype).requires_grad_()
                   for s in range(3)]
-        out = f(*leaves, spec, scale=0.3)
+        out = f(*leaves, AttentionCall(spec, scale=0.3))
         results.append(torch.autograd.grad(out, leaves, upstream))
     tol = 1e-9 if dtype == torch.float64 else 5e-2
     for ref, got in zip(*results):
@@ -228,8 +231,8 @@ def test_fused_under_cpu_autocast_runs_in_the_autocast_dtype_close_to_reference(
     spec = WindowSpec(16, True, 1, 0, True)
     q, k, v = (torch.randn(4, 70, 16, requires_grad=True) for _ in range(3))
     with torch.autocast("cpu", dtype=dtype):
-        out = fused_cpu_attention(q, k, v, spec, scale=0.25)
-    ref = reference_attention(q.double(), k.double(), v.double(), spec, scale=0.25)
+        out = fused_cpu_attention(q, k, v, AttentionCall(spec, scale=0.25))
+    ref = reference_attention(q.double(), k.double(), v.double(), AttentionCall(spec, scale=0.25))
     assert out.dtype == dtype
     assert (out.double() - ref).abs().max() < tol
     out.float().sum().backward()
@@ -241,7 +244,7 @@ def test_fused_rows_that_see_nothing_are_zero_with_zero_grads():
     q, k, v = (torch.randn(2, 10, 8, requires_grad=True) for _ in range(3))
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[0] = False
-    out = fused_cpu_attention(q, k, v, spec, scale=0.3, mask=mask)
+    out = fused_cpu_attention(q, k, v, AttentionCall(spec, scale=0.3, mask=mask))
     assert out[0].eq(0).all()
     out.sum().backward()
     for t in (q, k, v):
@@ -261,7 +264,7 @@ def test_fused_gradients_do_not_depend_on_the_thread_count(dropout_p):
             torch.set_num_threads(count)
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
             torch.manual_seed(0)
-            out = fused_cpu_attention(*leaves, spec, scale=0.25, dropout_p=dropout_p)
+            out = fused_cpu_attention(*leaves, AttentionCall(spec, scale=0.25, dropout_p=dropout_p))
             results.append([out, *torch.autograd.grad(out.square().sum(), leaves)])
     finally:
         torch.set_num_threads(threads)
@@ -281,8 +284,8 @@ def test_fused_dropout_is_the_exact_gradient_of_the_weights_it_drops(dtype, spec
     mask = torch.rand(1, n, generator=g) < 0.8
     eye = torch.eye(n, dtype=torch.float64).expand(P, n, n).contiguous()
     torch.manual_seed(11)
-    revealed = fused_cpu_attention(q.double(), k.double(), eye, spec, scale=0.4, mask=mask, dropout_p=p)
-    weights = reference_attention(q.double(), k.double(), eye, spec, scale=0.4, mask=mask)
+    revealed = fused_cpu_attention(q.double(), k.double(), eye, AttentionCall(spec, scale=0.4, mask=mask, dropout_p=p))
+    weights = reference_attention(q.double(), k.double(), eye, AttentionCall(spec, scale=0.4, mask=mask))
     kept = revealed != 0
     assert 0.2 < 1 - kept[weights > 0].double().mean() < 0.4  # about p of the weights are dropped
     torch.testing.assert_close(revealed[kept], weights[kept] / (1 - p))
@@ -292,9 +295,9 @@ def test_fused_dropout_is_the_exact_gradient_of_the_weights_it_drops(dtype, spec
         leaves = [t.clone().requires_grad_() if run == "fused" else t.double().requires_grad_() for t in (q, k, v)]
         if run == "fused":
             torch.manual_seed(11)
-            out = fused_cpu_attention(*leaves, spec, scale=0.4, mask=mask, dropout_p=p)
+            out = fused_cpu_attention(*leaves, AttentionCall(spec, scale=0.4, mask=mask, dropout_p=p))
         else:
-            dropped = reference_attention(leaves[0], leaves[1], eye, spec, scale=0.4, mask=mask) * kept / (1 - p)
+            dropped = reference_attention(leaves[0], leaves[1], eye, AttentionCall(spec, scale=0.4, mask=mask)) * kept / (1 - p)
             out = dropped @ leaves[2]
         weights_out = torch.linspace(-1, 1, out.numel()).view_as(out).to(out.dtype)
         results.append([out, *torch.autograd.grad((out * weights_out).sum(), leaves)])
@@ -308,7 +311,7 @@ def test_fused_refuses_what_it_does_not_support():
     spec = WindowSpec(4, True, 1, 0, False)
     q = torch.randn(2, 8, 4)
     with pytest.raises(ValueError, match="fused"):
-        fused_cpu_attention(*(q.to(torch.complex64),) * 3, spec, scale=1.0)
+        fused_cpu_attention(*(q.to(torch.complex64),) * 3, AttentionCall(spec, scale=1.0))
 
 
 @settings(max_examples=6)
@@ -321,7 +324,7 @@ def test_flex_forward_matches_reference(pb):
         _compare(flex_attention_backend, pb, backward=False)
 
 
-def _dense_sliding_window(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1)):
+def _dense_sliding_window(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0):
     """Stand-in for flash_attn_func: `(b, n, h, d)`, keys in `[i - left, i + right]` (and `j <= i` if causal)."""
     n = q.shape[1]
     i, j = torch.arange(n)[:, None], torch.arange(n)[None]
@@ -330,6 +333,8 @@ def _dense_sliding_window(q, k, v, dropout_p=0.0, softmax_scale=None, causal=Fal
     if causal:
         keep &= j <= i
     scores = torch.einsum("bihd,bjhd->bhij", q, k) * softmax_scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     return torch.einsum("bhij,bjhd->bihd", scores.masked_fill(~keep, float("-inf")).softmax(-1), v)
 
 
@@ -355,7 +360,7 @@ def test_fused_outputs_reuse_pooled_memory_exactly():
 
     def run(f, seed):
         leaves = [torch.randn(P, n, d, generator=torch.Generator().manual_seed(seed + s)).requires_grad_() for s in range(3)]
-        out = f(*leaves, spec, scale=0.125, mask=mask)
+        out = f(*leaves, AttentionCall(spec, scale=0.125, mask=mask))
         weights = torch.linspace(-1, 1, out.numel()).view_as(out)
         return [out.detach(), *torch.autograd.grad((out * weights).sum(), leaves)]
 
@@ -381,7 +386,8 @@ def test_fused_pool_can_be_turned_off():
         "from windowed_attention.ops import fused_cpu\n"
         "from windowed_attention.ops.spec import WindowSpec\n"
         "q = torch.randn(1, 2**17 + 1, 64)\n"
-        "out = fused_cpu.fused_cpu_attention(q, q, q, WindowSpec(8, True, 1, 0, False), scale=1.0)\n"
+        "from windowed_attention.ops.call import AttentionCall\n"
+        "out = fused_cpu.fused_cpu_attention(q, q, q, AttentionCall(WindowSpec(8, True, 1, 0, False), scale=1.0))\n"
         "del out\n"
         "print(fused_cpu.idle_bytes())\n"
     )
@@ -442,7 +448,7 @@ def test_fused_saturated_rows_pass_exactly_zero_query_gradient(dtype):
     grads = []
     for f in (reference_attention, fused_cpu_attention):
         leaf = q.clone().requires_grad_()
-        grads.append(torch.autograd.grad(f(leaf, k, v, spec, scale=1.0), leaf, upstream)[0])
+        grads.append(torch.autograd.grad(f(leaf, k, v, AttentionCall(spec, scale=1.0)), leaf, upstream)[0])
     saturated = grads[0].eq(0).all(dim=-1)
     assert saturated.float().mean() > 0.5
     assert grads[1][saturated].eq(0).all()

@@ -9,6 +9,7 @@ import torch
 
 from windowed_attention import local_attention
 from windowed_attention.ops import backends
+from windowed_attention.ops.call import AttentionCall
 from windowed_attention.ops.spec import WindowSpec
 
 ALL = {"fused": True, "sdpa": True, "flex": True, "flash": True}
@@ -17,8 +18,18 @@ PLAIN = WindowSpec(256, True, 1, 0, False)
 EXACT = WindowSpec(256, True, 1, 0, True)
 
 
-def decide(device, dtype, spec=PLAIN, available=ALL, **options):
-    return backends.decide(device, dtype, spec, available=available, **options)
+_FEATURE = {"mask": "mask", "attn_bias": "attn_bias", "mask_self": "shared_qk", "key_scale": "xpos", "dropout": "dropout"}
+
+
+def decide(device, dtype, spec=PLAIN, available=ALL, head_dim=64, value_dim=None, **options):
+    """`backends.decide` for a call with this rule and these options (booleans by the old keyword names)."""
+    call = AttentionCall(spec, 1.0)
+    used = call.features() | {_FEATURE[name] for name, on in options.items() if on}
+    return backends.decide(device, dtype, frozenset(used), head_dim=head_dim, value_dim=value_dim, available=available)
+
+
+def call(spec=PLAIN, **options):
+    return AttentionCall(spec, 1.0, **options)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
@@ -89,8 +100,8 @@ def test_choose_passes_the_value_head_dim(monkeypatch):
     """`choose` reads the head dims from the tensors (a stand-in for a CUDA tensor: no GPU here)."""
     monkeypatch.setattr(backends, "availability", lambda: ALL)
     q = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, shape=(2, 16, 64))
-    assert backends.choose(q, EXACT) == "flash"
-    assert backends.choose(q, EXACT, value_dim=32) == "flex"
+    assert backends.choose(q, call(EXACT)) == "flash"
+    assert backends.choose(q, call(EXACT), value_dim=32) == "flex"
 
 
 def test_cuda_without_flash_attn_installed_uses_flex():
@@ -111,24 +122,24 @@ def test_other_devices_use_reference(device):
 def test_choose_reads_device_dtype_and_options_from_the_call():
     q = torch.zeros(2, 8, 4)
     cpu = "fused" if backends.availability()["fused"] else "sdpa" if backends.availability()["sdpa"] else "reference"
-    assert backends.choose(q, PLAIN) == cpu
+    assert backends.choose(q, call(PLAIN)) == cpu
     fused = backends.availability()["fused"]
-    assert backends.choose(q, PLAIN, key_scale=torch.ones(2, 4)) == cpu
-    assert backends.choose(q, PLAIN, dropout_p=0.1) == ("fused" if fused else "reference")
-    assert backends.choose(q.half(), PLAIN, attn_bias=torch.zeros(1, 256, 512)) == cpu
-    assert backends.choose(q.half(), PLAIN, mask_self=True, key_scale=torch.ones(2, 4)) == ("fused" if fused else "reference")
-    assert backends.choose(torch.zeros(2, 8, 4, device="meta"), PLAIN) == "reference"
+    assert backends.choose(q, call(PLAIN, key_scale=torch.ones(2, 4))) == cpu
+    assert backends.choose(q, call(PLAIN, dropout_p=0.1)) == ("fused" if fused else "reference")
+    assert backends.choose(q.half(), call(PLAIN, attn_bias=torch.zeros(1, 256, 512))) == cpu
+    assert backends.choose(q.half(), call(PLAIN, mask_self=True, key_scale=torch.ones(2, 4))) == ("fused" if fused else "reference")
+    assert backends.choose(torch.zeros(2, 8, 4, device="meta"), call(PLAIN)) == "reference"
 
 
 def test_choose_under_cpu_autocast_decides_by_the_autocast_dtype():
     q = torch.zeros(2, 8, 4)
     fused, sdpa = backends.availability()["fused"], backends.availability()["sdpa"]
     with torch.autocast("cpu", dtype=torch.float16):
-        assert backends.choose(q, PLAIN) == ("fused" if fused else "sdpa" if sdpa else "reference")
+        assert backends.choose(q, call(PLAIN)) == ("fused" if fused else "sdpa" if sdpa else "reference")
         # the fused kernel takes xpos and shared_qk in float16; without it, sdpa takes xpos alone
-        assert backends.choose(q, PLAIN, key_scale=torch.ones(2, 4)) == ("fused" if fused else "sdpa" if sdpa else "reference")
-        assert backends.choose(q, PLAIN, key_scale=torch.ones(2, 4), mask_self=True) == ("fused" if fused else "reference")
-        assert backends.choose(q.double(), PLAIN, attn_bias=torch.zeros(1, 256, 512)) == ("fused" if fused else "reference")
+        assert backends.choose(q, call(PLAIN, key_scale=torch.ones(2, 4))) == ("fused" if fused else "sdpa" if sdpa else "reference")
+        assert backends.choose(q, call(PLAIN, key_scale=torch.ones(2, 4), mask_self=True)) == ("fused" if fused else "reference")
+        assert backends.choose(q.double(), call(PLAIN, attn_bias=torch.zeros(1, 256, 512))) == ("fused" if fused else "reference")
 
 
 def test_the_fused_kernel_builds_here():
@@ -158,7 +169,7 @@ def test_a_failed_build_falls_back_with_the_compiler_error(monkeypatch, tmp_path
     q = torch.randn(1, 8, 4)
     with pytest.raises(ValueError, match="backend 'fused' is not available.*no-such-compiler"):
         local_attention(q, q, q, window_size=4, backend="fused")
-    assert backends.choose(q, PLAIN) == "sdpa"
+    assert backends.choose(q, call(PLAIN)) == "sdpa"
     assert list((tmp_path / "cache").iterdir()) == []  # no partial library left behind
 
 

@@ -516,7 +516,7 @@ BAD_CALLS = [
     ("attn_bias", dict(attn_bias="bias")),
     ("k", dict(k=torch.randn(2, 3, N, D), v=torch.randn(2, 3, N, D))),  # 3 kv heads do not divide 2
     ("k", dict(k=torch.randn(1, 1, N, D), v=torch.randn(1, 1, N, D))),  # only the head dim may differ
-    ("k", dict(k=torch.randn(2, 1, N + 1, D), v=torch.randn(2, 1, N + 1, D))),
+    ("q", dict(k=torch.randn(2, 1, N - 1, D), v=torch.randn(2, 1, N - 1, D))),  # q may be shorter than k, not longer
     ("v", dict(k=torch.randn(2, 1, N, D), v=torch.randn(2, 2, N, D))),  # v must have k's heads
 ]
 

@@ -16,6 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from windowed_attention.ops.call import AttentionCall
 from windowed_attention import LocalAttention, LocalMHA, LocalTransformer, local_attention
 from windowed_attention.ops import backends, fused_cpu
 from windowed_attention.ops.flex import flex_attention_backend
@@ -144,10 +145,10 @@ def test_flex_forward_takes_every_layout(pb):
     P, n, d = pb["b"] * pb["h"], pb["n"], pb["d"]
     tensors = [laid_out(layout, (P, n, d), torch.float32, g) for layout in pb["layouts"][:3]]
     views = [make(leaf.detach()) for leaf, make in tensors]
-    ref = reference_attention(*(t.double().contiguous() for t in views), spec, scale=0.7)
+    ref = reference_attention(*(t.double().contiguous() for t in views), AttentionCall(spec, scale=0.7))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        got = flex_attention_backend(*views, spec, scale=0.7)
+        got = flex_attention_backend(*views, AttentionCall(spec, scale=0.7))
     _close(got.double(), ref, torch.float32, "flex output")
 
 
@@ -188,8 +189,8 @@ def test_flash_hands_flash_attn_rows_it_can_read(monkeypatch, layout):
     g = torch.Generator().manual_seed(4)
     spec = WindowSpec(4, True, 1, 0, True)
     views = [make(leaf.detach()) for leaf, make in (laid_out(layout, (3, 19, 8), torch.float64, g) for _ in range(3))]
-    got = flash_attn_backend(*views, spec, scale=0.5)
-    ref = reference_attention(*(t.contiguous() for t in views), spec, scale=0.5)
+    got = flash_attn_backend(*views, AttentionCall(spec, scale=0.5))
+    ref = reference_attention(*(t.contiguous() for t in views), AttentionCall(spec, scale=0.5))
     assert torch.allclose(got, ref)
 
 
@@ -230,8 +231,8 @@ def test_flex_forward_gives_zeros_for_a_bias_row_of_minus_inf():
     spec = WindowSpec(4, True, 1, 0, False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = flex_attention_backend(q, k, v, spec, scale=0.3, attn_bias=bias)
-    ref = reference_attention(q, k, v, spec, scale=0.3, attn_bias=bias)
+        out = flex_attention_backend(q, k, v, AttentionCall(spec, scale=0.3, attn_bias=bias))
+    ref = reference_attention(q, k, v, AttentionCall(spec, scale=0.3, attn_bias=bias))
     assert out[0, 1::4].eq(0).all() and torch.allclose(out, ref, atol=1e-5)
 
 

@@ -11,7 +11,8 @@ from torch import nn
 
 from .ops import attend, make_spec
 from .kv_cache import KVCache
-from .ops.api import fit_window, pack_leading, unpack_leading
+from .ops.api import fit_bias, pack_leading, unpack_leading
+from .ops.call import AttentionCall
 from .ops.decode import attend_step, cache_capacity, decode_window, score_table
 from .ops.dtypes import accumulation_dtype, result_dtype
 from .ops.spec import WindowSpec
@@ -166,16 +167,15 @@ class LocalAttention(nn.Module):
 
         # The attention runs the window cut to the whole sequence (all ranks' shards; xpos tables too):
         # its cost follows min(window, length). A cache keeps the layer's own window and bias.
-        window, window_bias, _ = fit_window(spec, n * world, attn_bias)
+        window, window_bias, _ = fit_bias(spec, n * world, attn_bias)
         if self.shared_qk:
             k = F.normalize(k, dim=-1)
         q, k_at, key_scale = self._positions(q, k, window, offset=rank * n)
-        out = attend(
-            q, k_at, v, window,
-            scale=d**-0.5 if self.scale is None else self.scale,
-            mask=mask, attn_bias=window_bias, mask_self=self.shared_qk, key_scale=key_scale,
-            dropout_p=self.dropout.p if self.training else 0.0, group=group,
+        call = AttentionCall(
+            window, d**-0.5 if self.scale is None else self.scale, mask=mask, attn_bias=window_bias,
+            mask_self=self.shared_qk, key_scale=key_scale, dropout_p=self.dropout.p if self.training else 0.0,
         )
+        out = attend(q, k_at, v, call, group=group)
         out = unpack_leading(out, lead)
         if not return_cache:
             return out
@@ -215,7 +215,7 @@ class LocalAttention(nn.Module):
         spec, limit = decode_window(self.spec, n)
         if attn_bias is not None:
             check_attn_bias(attn_bias, packed, self.spec, None if limit == sys.maxsize else limit, device)
-            attn_bias = fit_window(self.spec, limit, attn_bias)[1]
+            attn_bias = fit_bias(self.spec, limit, attn_bias)[1]
         compute = accumulation_dtype(dtype)
         key_factors = None
         if self.use_xpos:

@@ -9,16 +9,21 @@ from ..parallel.attention import attend_shard, check_shards
 from ..parallel.comm import group_info
 from . import backends
 from .dtypes import autocast_inputs, result_dtype, without_autocast
+from .call import AttentionCall
 from .spec import WindowSpec
 from .validation import (
     check_attn_bias,
     check_bool,
+    check_documents,
     check_int,
     check_look,
     check_mask,
+    check_positive_real,
     check_probability,
     check_qkv,
     check_scale,
+    check_sinks,
+    check_token_window,
 )
 
 
@@ -33,70 +38,69 @@ def unpack_leading(out: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
     return out.reshape(*lead, *out.shape[-2:])
 
 
-def make_spec(window_size, causal, look_backward, look_forward, exact_windowsize) -> WindowSpec:
-    """Validated `WindowSpec` from the public keywords (`look_forward=None` resolved)."""
-    window_size = check_int("window_size", window_size, 1)
+def make_spec(window_size, causal, look_backward, look_forward, exact_windowsize, sink_tokens=0,
+              softcap=None) -> WindowSpec:
+    """Validated `WindowSpec` from the public keywords (`look_forward=None` resolved; `window_size` an int
+    for window blocks or a `(left, right)` token window)."""
     causal = check_bool("causal", causal)
     exact_windowsize = check_bool("exact_windowsize", exact_windowsize)
+    sink_tokens = check_int("sink_tokens", sink_tokens, 0)
+    softcap = None if softcap is None else check_positive_real("softcap", softcap)
+    if isinstance(window_size, (tuple, list)):
+        left, right = check_token_window(window_size, causal)
+        if look_backward != 1 or look_forward is not None or exact_windowsize:
+            raise ValueError("window_size: a (left, right) token window takes look_backward, look_forward and "
+                             "exact_windowsize at their defaults (1, None, False); the tuple says it all")
+        return WindowSpec.token_window(left, right, causal, sink_tokens, softcap)
+    window_size = check_int("window_size", window_size, 1)
     look_backward, look_forward = check_look(causal, look_backward, look_forward)
-    return WindowSpec(window_size, causal, look_backward, look_forward, exact_windowsize)
+    return WindowSpec(window_size, causal, look_backward, look_forward, exact_windowsize, None, sink_tokens, softcap)
 
 
-def attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    spec: WindowSpec,
-    *,
-    scale: float,
-    mask: torch.Tensor | None = None,
-    attn_bias: torch.Tensor | None = None,
-    mask_self: bool = False,
-    key_scale: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    backend: str = "auto",
-    group=None,
-) -> torch.Tensor:
-    """Trusted internal entry: `q, k, v` are `(P, n, d)`, everything already validated.
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall, *, backend: str = "auto",
+           group=None) -> torch.Tensor:
+    """Trusted internal entry: `q (P, n_q, d)`, `k, v (P_kv, n, d)` and the `call` (`ops.call`), everything
+    already validated.
 
-    `mask_self` replaces each query's score with itself by -5e4 (the shared-qk rule); `key_scale`
-    `(span, d)` scales the keys of each neighbour window (xpos uses it to stay window-relative).
-    With a process `group`, `q, k, v` and `mask` are this rank's shard of the sequence and the result is
-    this rank's slice (`windowed_attention.parallel`); the ranks' agreement is checked here, collectively.
+    With a process `group`, `q, k, v`, `mask` and `documents` are this rank's shard of the sequence and the
+    result is this rank's slice (`windowed_attention.parallel`); the ranks' agreement is checked here,
+    collectively.
     """
     if group is not None:
         rank, world = group_info(group)
-        options = dict(scale=scale, mask=mask, attn_bias=attn_bias, mask_self=mask_self, key_scale=key_scale,
-                       dropout_p=dropout_p)
-        check_shards(q, k, v, spec, group, **options)  # collective: every rank raises alike, none hangs
+        check_shards(q, k, v, call, group)  # collective: every rank raises alike, none hangs
         if q.shape[1] == 0:
             raise ValueError("q: with group, every rank's shard must hold n_s >= 1 positions, got 0")
         if world > 1:
             # the window is cut to the whole sequence's length (all shards), never to one shard's
-            spec, options["attn_bias"], options["key_scale"] = fit_window(spec, q.shape[1] * world, attn_bias, key_scale)
-            return attend_shard(q, k, v, spec, group=group, rank=rank, world=world, attend=attend,
-                                backend=backend, **options)
-    n = q.shape[1]
-    if n == 0:
+            call = fit_window(call, q.shape[1] * world)
+            return attend_shard(q, k, v, call, group=group, rank=rank, world=world, attend=attend, backend=backend)
+    n = k.shape[1]
+    if q.shape[1] == 0:
         return q.new_zeros(*q.shape[:-1], v.shape[-1], dtype=result_dtype(q.dtype, q.device.type))
-    spec, attn_bias, key_scale = fit_window(spec, n, attn_bias, key_scale)
+    call = fit_window(call, n)
     # Under autocast every backend computes float32 inputs in the autocast dtype and returns it, so the
     # result's dtype never depends on the backend.
     device_type = q.device.type
     q, k, v = autocast_inputs(q, k, v)
     with without_autocast(device_type):
-        name = backends.choose(q, spec, value_dim=v.shape[-1], mask=mask, attn_bias=attn_bias, mask_self=mask_self,
-                               key_scale=key_scale, dropout_p=dropout_p) if backend == "auto" else backend
-        return backends.get(name)(
-            q, k, v, spec, scale=scale, mask=mask, attn_bias=attn_bias, mask_self=mask_self,
-            key_scale=key_scale, dropout_p=dropout_p,
-        )
+        name = backends.choose(q, call, value_dim=v.shape[-1]) if backend == "auto" else backends.check_call(backend, call)
+        return backends.get(name)(q, k, v, call)
 
 
-def fit_window(spec: WindowSpec, n: int, attn_bias: torch.Tensor | None, key_scale: torch.Tensor | None = None):
-    """`(spec, attn_bias, key_scale)` for `spec.for_length(n)` (window `min(window_size, n)`, look-around at most the
-    sequence's windows): the same result on a sequence of `n` positions, at a cost that follows the
-    sequence, not the window. (With a process group, `n` is the whole sequence's length.)
+def fit_window(call: AttentionCall, n: int) -> AttentionCall:
+    """The call with the rule `call.spec.for_length(n)` (window `min(window_size, n)`, look-around at most the
+    sequence's windows): the same result on a sequence of `n` positions (or documents no longer), at a
+    cost that follows the sequence, not the window. (With a process group, `n` is the whole sequence's
+    length.) Its `attn_bias` and `key_scale` are cut alike (`fit_bias`)."""
+    spec, attn_bias, key_scale = fit_bias(call.spec, n, call.attn_bias, call.key_scale)
+    if spec is call.spec:
+        return call
+    return call.with_(spec=spec, attn_bias=attn_bias, key_scale=key_scale)
+
+
+def fit_bias(spec: WindowSpec, n: int, attn_bias: torch.Tensor | None, key_scale: torch.Tensor | None = None):
+    """`(spec, attn_bias, key_scale)` for `spec.for_length(n)`.
 
     `attn_bias` may come for `spec` or for any `spec.for_length(m)` with `m >= n` (`check_attn_bias`) and is
     cut to the smaller one. Its column of key `j` for a query in window `b` is `j - (b - look_backward) *
@@ -128,7 +132,7 @@ def local_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    window_size: int,
+    window_size: int | tuple[int, int],
     causal: bool = False,
     look_backward: int = 1,
     look_forward: int | None = None,
@@ -140,16 +144,27 @@ def local_attention(
     shared_qk: bool = False,
     backend: str = "auto",
     group=None,
+    documents: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    sink_tokens: int = 0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Local windowed attention. `q, k`: `(..., n, d)`, `v`: `(..., n, d_v)` -> `(..., n, d_v)`.
+    """Local windowed attention. `q`: `(..., n_q, d)`, `k`: `(..., n, d)`, `v`: `(..., n, d_v)` -> `(..., n_q, d_v)`.
 
     Positions are cut into windows of `window_size`; query `i` sees keys of windows
     `i // w - look_backward ... i // w + look_forward` (and `j <= i` when causal; within
     `w * look_backward` back and `w * look_forward` ahead with `exact_windowsize`), where `mask`
-    `(b, n)` is True. `attn_bias` `(heads, w, (look_backward + look_forward + 1) * w)` is added to the
-    scores (when `w > n` it may also be given for the window `n`: cost follows `min(w, n)`). `shared_qk`
-    l2-normalises keys and lets a query see itself only when nothing else is visible. A query that sees no
-    key (or only keys whose bias is -inf) outputs zeros. Any `n` works (no padding needed).
+    `(b, n)` is True. `window_size=(left, right)` is a token window instead: `i - left <= j <= i + right`
+    (-1 unbounded; flash-attn's convention). `attn_bias` `(heads, w, (look_backward + look_forward + 1) * w)`
+    is added to the scores (when `w > n` it may also be given for the window `n`: cost follows `min(w, n)`).
+    `shared_qk` l2-normalises keys and lets a query see itself only when nothing else is visible. A query
+    that sees no key (or only keys whose bias is -inf) outputs zeros. Any `n` works (no padding needed).
+
+    Modern options (docs/semantics.md): `documents` `(b, n)` non-decreasing integer ids of packed documents,
+    each computed as if alone; `sinks` `(h,)` learned sink logits, one per query head, joining each softmax
+    denominator; `sink_tokens` the first positions (of each document) visible to every query; `softcap`
+    scores become `softcap * tanh(score / softcap)`. `q` may hold fewer positions than `k, v`: the last
+    `n_q` (bottom-right aligned).
 
     `group` (a `torch.distributed` process group): the sequence is split over its ranks; `q, k, v` and
     `mask` are this rank's contiguous shard (rank `r` holds positions `[r * n_s, (r + 1) * n_s)`, the same
@@ -158,26 +173,35 @@ def local_attention(
     travel between ranks, point to point.
     """
     check_qkv(q, k, v)
-    spec = make_spec(window_size, causal, look_backward, look_forward, exact_windowsize)
+    spec = make_spec(window_size, causal, look_backward, look_forward, exact_windowsize, sink_tokens, softcap)
     shared_qk = check_bool("shared_qk", shared_qk)
     dropout_p = check_probability("dropout_p", dropout_p)
     scale = check_scale(scale)
     backend = backends.check_name(backend, q.device)
 
-    if q.shape[-2] == 0 and group is None:  # nothing to attend (and no packed batch size can be inferred)
+    n_q, n = q.shape[-2], k.shape[-2]
+    if n_q == 0 and group is None:  # nothing to attend (and no packed batch size can be inferred)
         return q.new_zeros(*q.shape[:-1], v.shape[-1], dtype=result_dtype(q.dtype, q.device.type))
     lead, (q, k, v) = pack_leading(q, k, v)
-    packed, n = q.shape[0], q.shape[1]
+    packed = q.shape[0]
     if mask is not None:
         check_mask(mask, packed, n, q.device)
     if attn_bias is not None:  # for the window of the whole sequence (all shards with a group)
+        if spec.tokens is not None:
+            raise ValueError("attn_bias: a (left, right) token window takes no attn_bias (its layout is the window "
+                             "blocks'); use an int window_size with look_backward/look_forward")
         check_attn_bias(attn_bias, packed, spec, n if group is None else n * group_info(group)[1], q.device)
+    if documents is not None:
+        check_documents(documents, packed, n, q.device)
+    if sinks is not None:
+        check_sinks(sinks, packed, q)
 
     if shared_qk:
         k = F.normalize(k, dim=-1)
-    out = attend(
-        q, k, v, spec,
-        scale=q.shape[-1] ** -0.5 if scale is None else scale,
-        mask=mask, attn_bias=attn_bias, mask_self=shared_qk, dropout_p=dropout_p, backend=backend, group=group,
+    call = AttentionCall(
+        spec, q.shape[-1] ** -0.5 if scale is None else scale, mask=mask, attn_bias=attn_bias, mask_self=shared_qk,
+        dropout_p=dropout_p, documents=None if documents is None else documents.long(), sinks=sinks,
+        query_offset=n - n_q,
     )
+    out = attend(q, k, v, call, backend=backend, group=group)
     return unpack_leading(out, lead)

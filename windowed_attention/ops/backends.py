@@ -1,20 +1,14 @@
 """The backend registry and the `auto` dispatch rule.
 
-Every backend takes the same trusted arguments as `reference.reference_attention` and returns the same
-result (tested against the reference on random configurations, forward and backward).
-
-| backend     | device | dtypes            | does not support                              |
-|-------------|--------|-------------------|-----------------------------------------------|
-| `fused`     | CPU    | all float         | (takes every option); needs a C++ build       |
-| `sdpa`      | CPU    | all float         | attn_bias, shared_qk, dropout                 |
-| `flex`      | CUDA   | fp32, bf16, fp16  | xpos (key_scale), dropout                     |
-| `flash`     | CUDA   | bf16, fp16        | anything but exact windows without mask/bias  |
-| `reference` | any    | all float         | (everything; materialises window scores)      |
-
-`auto` (`choose`) takes the first that supports the call: CUDA `flash` > `flex` > `reference`;
-CPU `fused` > `sdpa` > `reference` (in traced code, torch.compile's, `fused` > `reference`). Under autocast the dtype that counts is the autocast dtype (a float32
-input then computes in bfloat16). The decision is `decide`, a pure function of
-device type, dtype, window spec, options and availability flags, so it is tested without a GPU.
+Every backend is `fn(q, k, v, call)` (`ops.call.AttentionCall`) and returns the reference's result (tested
+against the reference on random configurations, forward and backward). Each backend's module declares
+what it computes (`DTYPES`, `FEATURES`, `takes_head_dims`); an explicit backend that lacks an option of the
+call is refused by name (`check_call`), and `auto` (`choose`) takes the first backend of the device's
+order that declares everything the call uses: CUDA `flash` > `flex` > `reference`; CPU `fused` > `sdpa` >
+`reference` (in traced code, torch.compile's, `fused` > `reference`). Under autocast the dtype that
+counts is the autocast dtype (a float32 input then computes in bfloat16). The decision is `decide`, a
+pure function of device type, dtype, the call's features, head dims and availability flags, so it is
+tested without a GPU.
 """
 
 from __future__ import annotations
@@ -23,14 +17,14 @@ from typing import Callable, Mapping
 
 import torch
 
-from . import flash, flex, fused_cpu, sdpa_blocks
+from . import flash, flex, fused_cpu, reference, sdpa_blocks
+from .call import AttentionCall
 from .dtypes import autocast_dtype
 from .flash import flash_attn_backend
 from .flex import flex_attention_backend
 from .fused_cpu import fused_cpu_attention
 from .reference import reference_attention
 from .sdpa_blocks import sdpa_blocks_attention
-from .spec import WindowSpec
 
 _BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "reference": reference_attention,
@@ -42,6 +36,11 @@ _BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
 
 # Which device types a backend can run on at all (explicit choices are checked against this).
 _DEVICES = {"reference": None, "fused": ("cpu",), "sdpa": ("cpu",), "flex": ("cuda",), "flash": ("cuda",)}
+# Each backend's module declares what it takes: DTYPES, FEATURES (names of `call.ALL_FEATURES`) and
+# takes_head_dims(d, d_v); `auto` reads these declarations, and so do the tests' matrices.
+_MODULES = {"reference": reference, "fused": fused_cpu, "sdpa": sdpa_blocks, "flex": flex, "flash": flash}
+# The order `auto` tries them in, by device type (the reference takes whatever none of them does).
+_ORDER = {"cuda": ("flash", "flex"), "cpu": ("fused", "sdpa")}
 
 
 def names() -> list[str]:
@@ -86,57 +85,50 @@ def check_name(backend, device: torch.device) -> str:
     return backend
 
 
+def features(name: str) -> frozenset[str]:
+    """The options backend `name` computes (its module's `FEATURES`)."""
+    return _MODULES[name].FEATURES
+
+
+def check_call(name: str, call: AttentionCall) -> str:
+    """An explicitly chosen backend must compute every option of the call: ValueError naming the backend and
+    what it lacks otherwise."""
+    call.require(name, features(name))
+    return name
+
+
 def decide(
     device_type: str,
     dtype: torch.dtype,
-    spec: WindowSpec,
+    used: frozenset[str] = frozenset(),
     *,
-    mask: bool = False,
-    attn_bias: bool = False,
-    mask_self: bool = False,
-    key_scale: bool = False,
-    dropout: bool = False,
     head_dim: int = 64,
     value_dim: int | None = None,
     available: Mapping[str, bool],
 ) -> str:
-    """The dispatch rule: the fastest backend that supports this call (pure; booleans for options,
-    `value_dim` None meaning `head_dim`)."""
-    if device_type == "cuda":
-        if available.get("flash") and flash.supports(
-            device_type, dtype, spec, mask=mask, attn_bias=attn_bias, mask_self=mask_self, key_scale=key_scale,
-            head_dim=head_dim, value_dim=head_dim if value_dim is None else value_dim,
+    """The dispatch rule: the first backend in this device's order (CUDA `flash` > `flex`; CPU `fused` >
+    `sdpa`; then `reference`) that is available, takes the dtype and declares every option in `used`
+    (pure; `value_dim` None meaning `head_dim`)."""
+    value_dim = head_dim if value_dim is None else value_dim
+    for name in _ORDER.get(device_type, ()):
+        module = _MODULES[name]
+        if (
+            available.get(name)
+            and dtype in module.DTYPES
+            and used <= module.FEATURES
+            and module.takes_head_dims(head_dim, value_dim)
         ):
-            return "flash"
-        if available.get("flex") and flex.supports(device_type, dtype, key_scale=key_scale, dropout=dropout):
-            return "flex"
-    if device_type == "cpu" and available.get("fused") and fused_cpu.supports(device_type, dtype):
-        return "fused"
-    if device_type == "cpu" and available.get("sdpa") and sdpa_blocks.supports(
-        device_type, dtype, attn_bias=attn_bias, mask_self=mask_self, dropout=dropout
-    ):
-        return "sdpa"
+            return name
     return "reference"
 
 
-def choose(q: torch.Tensor, spec: WindowSpec, *, value_dim: int | None = None, **options) -> str:
-    """The fastest backend that supports this device, dtype, head dims and these options (see `decide`)."""
+def choose(q: torch.Tensor, call: AttentionCall, *, value_dim: int | None = None) -> str:
+    """The fastest backend that supports this device, dtype, head dims and the call's options (see `decide`)."""
     device_type, dtype = q.device.type, q.dtype
     if dtype == torch.float32:
         dtype = autocast_dtype(device_type) or dtype
     available = availability()
     if torch.compiler.is_compiling():  # sdpa's autograd.Function takes strided views dynamo cannot trace:
         available["sdpa"] = False      # traced code without the fused kernel takes the reference (no break)
-    return decide(
-        device_type,
-        dtype,
-        spec,
-        mask=options.get("mask") is not None,
-        attn_bias=options.get("attn_bias") is not None,
-        mask_self=bool(options.get("mask_self", False)),
-        key_scale=options.get("key_scale") is not None,
-        dropout=float(options.get("dropout_p", 0.0)) > 0.0,
-        head_dim=q.shape[-1],
-        value_dim=value_dim,
-        available=available,
-    )
+    return decide(device_type, dtype, call.features(), head_dim=q.shape[-1], value_dim=value_dim,
+                  available=available)

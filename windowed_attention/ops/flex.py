@@ -1,17 +1,22 @@
 """Local attention on FlexAttention (backend "flex", CUDA): a block mask skips every empty tile.
 
-The window rule becomes a `mask_mod` (block mask cached per shape when no key padding mask is given),
-`attn_bias` and the shared-qk rule become a `score_mod`. Compiled once per process on CUDA; eager
-(slow, for tests only) elsewhere. No `key_scale` (xpos) and no dropout.
+The window rule becomes a `mask_mod` (block mask cached per shape when no key padding mask is given;
+documents, sink tokens and shorter queries build theirs with `create_block_mask`), softcap, `attn_bias`
+and the shared-qk rule become a `score_mod`, learned sinks renormalise the output by the log-sum-exp.
+Compiled once per process on CUDA; eager (slow, for tests only) elsewhere. No `key_scale` (xpos) and no
+dropout.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import math
 
 import torch
 
+from .call import AttentionCall, document_bounds
+from .reference import repeat_kv
 from .spec import SELF_ATTN_SCORE, WindowSpec
 
 
@@ -23,28 +28,96 @@ def available() -> bool:
     return True
 
 
-def supports(device_type: str, dtype: torch.dtype, *, key_scale: bool, dropout: bool) -> bool:
-    """Whether this backend computes these options on this device (a pure function of its inputs)."""
-    return device_type == "cuda" and dtype in (torch.float32, torch.bfloat16, torch.float16) and not (key_scale or dropout)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# What it computes (`ops.call.ALL_FEATURES`): everything but xpos and dropout. Learned sinks renormalise
+# the output with the log-sum-exp.
+FEATURES = frozenset({
+    "mask", "attn_bias", "shared_qk", "block_window", "token_window", "documents", "sinks", "sink_tokens",
+    "softcap", "short_queries",
+})
+
+
+def takes_head_dims(head_dim: int, value_dim: int) -> bool:
+    return True
 
 
 def _window_mod(spec: WindowSpec, n: int, key_ok: torch.Tensor | None, per_row: int):
-    w, lb, lf = spec.window_size, spec.look_backward, spec.look_forward
+    """The rule as a `mask_mod` over rows `h` of one batch: `spec.visible`, and the key mask."""
 
     def mask_mod(b, h, i, j):
-        bi, bj = i // w, j // w
-        ok = (bj >= bi - lb) & (bj <= bi + lf) & (j < n) & (i < n)
-        if spec.causal:
-            ok = ok & (j <= i)
-            if spec.exact_windowsize:
-                ok = ok & (i - j <= w * lb)
-        elif spec.exact_windowsize:
-            ok = ok & (j >= i - w * lb) & (j <= i + w * lf)
+        ok = spec.visible(i, j, n) & (i < n)
         if key_ok is not None:
             ok = ok & key_ok[h // per_row, j]
         return ok
 
     return mask_mod
+
+
+class _Layout:
+    """A call whose rule varies by row (documents) or is not the plain window (sink tokens, shorter queries):
+    the packed rows as `(B', P / B')` with `B'` the rows of `mask` and `documents` (their least common
+    multiple), so that `mask_mod(b, h, i, j)` reads row `b` of each, and query `i` is position
+    `i + query_offset`. Positions inside a document count from its start."""
+
+    def __init__(self, call: AttentionCall, P: int, n: int, device):
+        rows = [t.shape[0] for t in (call.mask, call.documents) if t is not None]
+        self.B = math.lcm(*rows) if rows else 1
+        self.spec, self.n, self.offset, self.call = call.spec, n, call.query_offset, call
+        self.key_ok = None if call.mask is None else call.mask.repeat_interleave(self.B // call.mask.shape[0], 0)
+        self.starts = self.ends = None
+        if call.documents is not None:
+            starts, ends = document_bounds(call.documents)
+            per = self.B // call.documents.shape[0]
+            self.starts, self.ends = starts.repeat_interleave(per, 0), ends.repeat_interleave(per, 0)
+
+    def relative(self, b, i, j):
+        """`(i', j', length, same document)`: positions inside query `i`'s document and its length."""
+        pos = i + self.offset
+        if self.starts is None:
+            return pos, j, self.n, pos < self.n
+        start = self.starts[b, pos]
+        return pos - start, j - start, self.ends[b, pos] - start, self.starts[b, j] == start
+
+    def mask_mod(self):
+        """The rule per row of the batch, as FlexAttention's `mask_mod` (a plain function)."""
+
+        def mask_mod(b, h, i, j):
+            i_rel, j_rel, length, same = self.relative(b, i, j)
+            ok = same & self.spec.visible(i_rel, j_rel, length)
+            if self.key_ok is not None:
+                ok = ok & self.key_ok[b, j]
+            return ok
+
+        return mask_mod
+
+
+def _score_mod(spec: WindowSpec, call: AttentionCall, layout: "_Layout | None", heads_per_row: int):
+    """Softcap, then `attn_bias` (for keys the window shows), then the shared-qk rule, as a `score_mod`."""
+    attn_bias, w, lb = call.attn_bias, spec.window_size, spec.look_backward
+    if attn_bias is None and not call.mask_self and spec.softcap is None:
+        return None
+    span_w = spec.span * w
+    heads = 1 if attn_bias is None else attn_bias.shape[0]
+
+    def score_mod(score, b, h, i, j):
+        score = spec.softcapped(score)
+        if layout is None:
+            i_rel, j_rel, length, pos = i, j, None, i
+        else:
+            i_rel, j_rel, length, _ = layout.relative(b, i, j)
+            pos = i + layout.offset
+        if attn_bias is not None:
+            # masked-out (i, j) are evaluated too: clamp so the gather stays in bounds
+            rel = (j_rel - (i_rel // w - lb) * w).clamp(0, span_w - 1)
+            bias = attn_bias[(b * heads_per_row + h) % heads, i_rel % w, rel].to(score.dtype)
+            if spec.sink_tokens:  # a key seen only as a sink token takes no bias (sink tokens come with a layout)
+                bias = torch.where(spec.window_visible(i_rel, j_rel, length), bias, 0.0)
+            score = score + bias
+        if call.mask_self:
+            score = torch.where(pos == j, SELF_ATTN_SCORE, score)
+        return score
+
+    return score_mod
 
 
 BLOCK = 128  # FlexAttention's default tile, in query rows and in keys
@@ -105,49 +178,41 @@ def _compiled_flex():
     return torch.compile(flex_attention)
 
 
-def flex_attention_backend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    spec: WindowSpec,
-    *,
-    scale: float,
-    mask: torch.Tensor | None = None,
-    attn_bias: torch.Tensor | None = None,
-    mask_self: bool = False,
-    key_scale: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
-    """Same contract as `reference_attention`: `q, k (P, n, d)`, `v (P, n, d_v)` -> `(P, n, d_v)`."""
-    from torch.nn.attention.flex_attention import flex_attention
+def flex_attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+    """Same contract as `reference_attention`: `q (P, n_q, d)`, `k, v (P_kv, n, d)` -> `(P, n_q, d_v)`."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    if key_scale is not None or dropout_p > 0.0:
-        raise ValueError("backend 'flex' supports neither xpos (key_scale) nor dropout; use backend='auto'")
-    P, n, _ = q.shape
-    w, lb = spec.window_size, spec.look_backward
-    if mask is None:
-        block_mask = _cached_block_mask(spec, n, str(q.device))
-    else:
-        block_mask = _block_mask(spec, n, _window_mod(spec, n, mask, P // mask.shape[0]), False, q.device)
-
-    score_mod = None
-    if attn_bias is not None or mask_self:
-        heads = 1 if attn_bias is None else attn_bias.shape[0]
-        span_w = spec.span * w
-
-        def score_mod(score, b, h, i, j):
-            if attn_bias is not None:
-                # Masked-out (i, j) are evaluated too: clamp so the gather stays in bounds.
-                rel = (j - (i // w - lb) * w).clamp(0, span_w - 1)
-                score = score + attn_bias[h % heads, i % w, rel].to(score.dtype)
-            if mask_self:
-                score = torch.where(i == j, SELF_ATTN_SCORE, score)
-            return score
+    call.require("flex", FEATURES)
+    spec, scale = call.spec, call.scale
+    P, n_q, _ = q.shape
+    n = k.shape[1]
+    plain = call.documents is None and not spec.sink_tokens and call.query_offset == 0
+    if plain:  # one row of FlexAttention's batch, the packed rows as its heads
+        layout, B = None, 1
+        if call.mask is None:
+            block_mask = _cached_block_mask(spec, n, str(q.device))
+        else:
+            block_mask = _block_mask(spec, n, _window_mod(spec, n, call.mask, P // call.mask.shape[0]), False, q.device)
+    else:  # the rows of the masks and documents as FlexAttention's batch (attention-gym's document mask)
+        layout = _Layout(call, P, n, q.device)
+        B = layout.B
+        block_mask = create_block_mask(layout.mask_mod(), B, None, n_q, n, device=q.device)
+    score_mod = _score_mod(spec, call, layout, P // B)
 
     attend = _compiled_flex() if q.is_cuda else flex_attention
     # the kernels read rows as contiguous vectors: other layouts are copied
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    # grouped-query attention (fewer kv rows): flex maps query head h to kv head h // (P // P_kv)
-    out = attend(q[None], k[None], v[None], score_mod=score_mod, block_mask=block_mask, scale=scale,
-                 enable_gqa=k.shape[0] != P)
-    return out[0]
+    if k.shape[0] % B:  # kv rows that do not split by the batch rows: one per query row
+        k, v = repeat_kv(k, P), repeat_kv(v, P)
+    q4, k4, v4 = (t.reshape(B, t.shape[0] // B, *t.shape[1:]) for t in (q, k, v))
+    # grouped-query attention (fewer kv rows): flex maps query head h to kv head h // (H / H_kv)
+    result = attend(q4, k4, v4, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                    enable_gqa=k4.shape[1] != q4.shape[1], return_lse=call.sinks is not None)
+    if call.sinks is None:
+        return result.reshape(P, n_q, -1)
+    out, lse = result
+    # the sink's exp(s) joins each denominator: weights shrink by exp(lse) / (exp(lse) + exp(s)); a row that sees
+    # no key (lse = -inf, out = 0) stays zero
+    sinks = call.sinks.to(lse.dtype).repeat(P // call.sinks.shape[0]).reshape(B, P // B, 1)
+    factor = torch.exp(lse - torch.logaddexp(lse, sinks))
+    return (out * factor[..., None].to(out.dtype)).reshape(P, n_q, -1)

@@ -45,8 +45,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .call import AttentionCall
 from .dtypes import accumulation_dtype, autocast_inputs
-from .spec import WindowSpec
 
 CSRC = Path(__file__).parent / "csrc"
 # the attention kernel, the rotary kernel the modules use on CPU (`positional.py`), the decode step
@@ -221,9 +221,12 @@ def idle_bytes() -> int:
     return int(_state["ops"].idle_bytes()) if "ops" in _state else 0
 
 
-def supports(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether this backend computes on this device and dtype (it takes every option)."""
-    return device_type == "cpu" and dtype in DTYPES
+# What the kernel computes (`ops.call.ALL_FEATURES`); `ops.backends` dispatches by it.
+FEATURES = frozenset({"mask", "attn_bias", "shared_qk", "xpos", "dropout", "block_window"})
+
+
+def takes_head_dims(head_dim: int, value_dim: int) -> bool:
+    return True
 
 
 # ---- the custom ops: what torch.compile and torch.export see -------------------------------------------
@@ -331,40 +334,30 @@ def rotate(x: Tensor, c: Tensor, s: Tensor) -> Tensor:
     return rotate_op(x, c, s, False)
 
 
-def fused_cpu_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    spec: WindowSpec,
-    *,
-    scale: float,
-    mask: torch.Tensor | None = None,
-    attn_bias: torch.Tensor | None = None,
-    mask_self: bool = False,
-    key_scale: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
+def fused_cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
     """Same contract as `reference_attention`: `q, k (P, n, d)`, `v (P, n, d_v)` -> `(P, n, d_v)`.
 
     Under CPU autocast, float32 inputs compute in the autocast dtype (as every matmul does there).
     """
     device_type = q.device.type
     q, k, v = autocast_inputs(q, k, v, takes=DTYPES) if device_type == "cpu" else (q, k, v)
-    if not supports(device_type, q.dtype):
+    if device_type != "cpu" or q.dtype not in DTYPES:
         raise ValueError(
             "backend 'fused' supports float32/float64/bfloat16/float16 CPU tensors; use backend='auto' or 'reference'"
         )
+    call.require("fused", FEATURES)
+    spec = call.spec
     # the seed comes from torch's default generator, so torch.manual_seed makes dropout reproducible; a
     # tensor, so that traced code draws it at run time
-    seed = torch.randint(0, 2**62, (), device=q.device) if dropout_p > 0.0 else None
+    seed = torch.randint(0, 2**62, (), device=q.device) if call.dropout_p > 0.0 else None
     acc = accumulation_dtype(q.dtype)
     with torch.autocast(device_type, enabled=False):
         q, k, v = (t.to(q.dtype).contiguous() for t in (q, k, v))
-        keep = None if mask is None else mask.to(acc).contiguous()
-        bias = None if attn_bias is None else attn_bias.to(acc).contiguous()
-        key_scale = None if key_scale is None else key_scale.detach().to(acc).contiguous()
+        keep = None if call.mask is None else call.mask.to(acc).contiguous()
+        bias = None if call.attn_bias is None else call.attn_bias.to(acc).contiguous()
+        key_scale = None if call.key_scale is None else call.key_scale.detach().to(acc).contiguous()
         out, _ = attention_forward(
             q, k, v, bias, keep, key_scale, seed, spec.window_size, spec.look_backward, spec.look_forward,
-            spec.causal, spec.exact_windowsize, float(scale), bool(mask_self), float(dropout_p),
+            spec.causal, spec.exact_windowsize, float(call.scale), bool(call.mask_self), float(call.dropout_p),
         )
         return out

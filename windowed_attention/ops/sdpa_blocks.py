@@ -11,8 +11,9 @@ A custom `autograd.Function` saves only the output and the log-sum-exp, and the 
 backward kernel per chunk, folding the overlapping key-block gradients back onto the keys; memory stays
 O(n d), never O(n w).
 
-Supports key padding masks, any `n`, exact windows, `key_scale` (treated as a constant) and
-float64/float32/bfloat16/float16. Not `attn_bias`, `mask_self` or dropout (other backends do those).
+Supports key padding masks, any `n`, exact and token windows, `key_scale` (treated as a constant) and
+float64/float32/bfloat16/float16. Not `attn_bias`, `mask_self`, dropout, documents, sinks, sink tokens,
+softcap or shorter queries (`FEATURES`; other backends do those).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .dtypes import accumulation_dtype, autocast_inputs
+from .call import AttentionCall
 from .reference import repeat_kv
 from .spec import WindowSpec
 
@@ -39,13 +41,13 @@ def available() -> bool:
     return hasattr(_aten, _FLASH_FWD) and hasattr(_aten, _FLASH_BWD)
 
 
-def supports(device_type: str, dtype: torch.dtype, *, attn_bias: bool, mask_self: bool, dropout: bool) -> bool:
-    """Whether this backend computes these options on this device (a pure function of its inputs)."""
-    return (
-        device_type == "cpu"
-        and dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-        and not (attn_bias or mask_self or dropout)
-    )
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+# What it computes (`ops.call.ALL_FEATURES`): the window (blocks or token bounds), key masks and xpos.
+FEATURES = frozenset({"mask", "xpos", "block_window", "token_window"})
+
+
+def takes_head_dims(head_dim: int, value_dim: int) -> bool:
+    return True
 
 
 def block_visibility(spec: WindowSpec, first: int, last: int, n: int, device) -> torch.Tensor:
@@ -57,7 +59,7 @@ def block_visibility(spec: WindowSpec, first: int, last: int, n: int, device) ->
     windows = torch.arange(first, last, device=device)[:, None, None]
     q_pos = windows * w + torch.arange(w, device=device)[None, :, None]
     k_pos = (windows - spec.look_backward) * w + torch.arange(spec.span * w, device=device)[None, None, :]
-    return spec.visible(q_pos, k_pos, n)
+    return spec.window_visible(q_pos, k_pos, n)
 
 
 class _Plan:
@@ -177,26 +179,12 @@ class _FlashSpans(torch.autograd.Function):
         return dq, dk.to(k.dtype), dv.to(v.dtype), None
 
 
-def sdpa_blocks_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    spec: WindowSpec,
-    *,
-    scale: float,
-    mask: torch.Tensor | None = None,
-    attn_bias: torch.Tensor | None = None,
-    mask_self: bool = False,
-    key_scale: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
+def sdpa_blocks_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
     """Same contract as `reference_attention`: `q, k (P, n, d)`, `v (P, n, d_v)` -> `(P, n, d_v)`."""
-    if not supports(q.device.type, q.dtype, attn_bias=attn_bias is not None, mask_self=mask_self,
-                    dropout=dropout_p > 0.0):
-        raise ValueError(
-            "backend 'sdpa' supports CPU tensors without attn_bias, shared_qk or dropout; "
-            "use backend='auto' or 'reference'"
-        )
+    if q.device.type != "cpu":
+        raise ValueError("backend 'sdpa' supports CPU tensors; use backend='auto' or 'reference'")
+    call.require("sdpa", FEATURES)
+    spec, scale, mask, key_scale = call.spec, call.scale, call.mask, call.key_scale
     device_type = q.device.type
     q, k, v = autocast_inputs(q, k, v)
     P, n, d = q.shape

@@ -1,7 +1,10 @@
-"""The window pattern: which key each query may see, as a value every backend shares.
+"""The window rule: which key each query may see, as a value every backend, kernel, cache and sharded path
+reads (docs/semantics.md).
 
-`WindowSpec` holds the positional part of the contract (API.md, "The op"): window blocks, causality and
-exact windows. Key padding masks, biases and `shared_qk` are per-call inputs and live with the op.
+`WindowSpec` holds the positional part of a call: window blocks, causality, token bounds (exact windows and
+flash-attn's `(left, right)`), the sink-token prefix and the score softcap. Per query it is one interval of
+keys (`key_range`: the window blocks cut by the token bounds) joined with the prefix `[0, sink_tokens)`.
+Per-call tensors (key masks, documents, biases, learned sinks) live with the call (`ops.call.AttentionCall`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,11 @@ import torch
 
 # Score that replaces a query's score with itself under shared_qk (as in local-attention).
 SELF_ATTN_SCORE = -5e4
+# Look-around standing for "every window" (a token window unbounded on that side); `for_length` cuts it to
+# the windows a sequence holds before anything sizes a buffer by it.
+UNBOUNDED = 1 << 31
+# Widest window block of the layout a token-exact window is computed in (the kernel's query block).
+TOKEN_BLOCK = 64
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,35 @@ class WindowSpec:
     look_backward: int
     look_forward: int
     exact_windowsize: bool
+    # flash-attn's (left, right), -1 unbounded; the block fields are then only the layout (`token_window`)
+    tokens: tuple[int, int] | None = None
+    sink_tokens: int = 0  # the first positions (of each document), visible to every query besides its window
+    softcap: float | None = None  # scores become softcap * tanh(score / softcap)
+
+    @staticmethod
+    def token_window(left: int, right: int, causal: bool, sink_tokens: int = 0, softcap: float | None = None):
+        """The rule of flash-attn's `window_size=(left, right)` (-1 unbounded; `right` 0 when causal): query `i`
+        sees `i - left <= j <= i + right`. Its layout is window blocks of `w = min(TOKEN_BLOCK, widest
+        bounded side + 1)` looking `ceil(side / w)` blocks each way, which hold every key the bounds allow,
+        so the block condition adds nothing and the kernel's block of rows computes exactly its range."""
+        right = 0 if causal else right
+        sides = [s for s in (left, right) if s >= 0]
+        w = min(TOKEN_BLOCK, max(sides, default=TOKEN_BLOCK - 1) + 1) if len(sides) == 2 else TOKEN_BLOCK
+        around = [UNBOUNDED if s < 0 else -(-s // w) for s in (left, right)]
+        return WindowSpec(w, causal, around[0], around[1], False, (left, right), sink_tokens, softcap)
+
+    @property
+    def bounds(self) -> tuple[int | None, int | None]:
+        """`(left, right)`: query `i` sees no key before `i - left` nor after `i + right` (None: no such bound
+        beyond the blocks). Causality is `right == 0`; exact windows bound by `w * look_backward` back and
+        `w * look_forward` ahead; a token window by its own pair."""
+        if self.tokens is not None:
+            left, right = (None if t < 0 else t for t in self.tokens)
+        elif self.exact_windowsize:
+            left, right = self.window_size * self.look_backward, self.window_size * self.look_forward
+        else:
+            left = right = None
+        return left, 0 if self.causal else right
 
     @property
     def span(self) -> int:
@@ -82,29 +119,44 @@ class WindowSpec:
         return other.for_length(n) == self.for_length(n)
 
     def visible(self, i: torch.Tensor, j: torch.Tensor, n: int) -> torch.Tensor:
-        """Boolean visibility of key positions `j` from query positions `i` (broadcasting)."""
-        w = self.window_size
-        bi, bj = torch.div(i, w, rounding_mode="floor"), torch.div(j, w, rounding_mode="floor")
-        ok = (bj >= bi - self.look_backward) & (bj <= bi + self.look_forward) & (j >= 0) & (j < n)
-        if self.causal:
-            ok &= j <= i
-            if self.exact_windowsize:
-                ok &= i - j <= w * self.look_backward
-        elif self.exact_windowsize:
-            ok &= (j >= i - w * self.look_backward) & (j <= i + w * self.look_forward)
+        """Boolean visibility of key positions `j` from query positions `i` (broadcasting) in a sequence (or
+        document) of `n` positions: the window interval `key_range` or the sink-token prefix."""
+        lo, hi = self.key_range(i, n)
+        ok = (j >= lo) & (j <= hi)
+        if self.sink_tokens:
+            sink = (j >= 0) & (j < self.sink_tokens) & (j < n)
+            ok = ok | (sink & (j <= i) if self.causal else sink)
         return ok
 
+    def window_visible(self, i: torch.Tensor, j: torch.Tensor, n: int) -> torch.Tensor:
+        """Visibility through the window alone (no sink tokens): `lo <= j <= hi` of `key_range`."""
+        lo, hi = self.key_range(i, n)
+        return (j >= lo) & (j <= hi)
+
     def key_range(self, i: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """First and last key query positions `i` see, ignoring key masks: `visible(i, j, n)` is exactly
-        `lo <= j <= hi` (both non-decreasing in `i`; `lo > hi` where a query sees nothing)."""
+        """First and last key query positions `i` see through the window (without sink tokens and key masks):
+        blocks `i // w - look_backward .. i // w + look_forward` cut by `bounds` and the sequence (both ends
+        non-decreasing in `i`; `lo > hi` where a query sees nothing)."""
         w = self.window_size
         block = torch.div(i, w, rounding_mode="floor")
         lo = ((block - self.look_backward) * w).clamp(min=0)
-        hi = ((block + self.look_forward + 1) * w - 1).clamp(max=n - 1)
-        if self.exact_windowsize:
-            lo = torch.maximum(lo, i - w * self.look_backward)
-        if self.causal:
-            hi = torch.minimum(hi, i)
-        elif self.exact_windowsize:
-            hi = torch.minimum(hi, i + w * self.look_forward)
+        hi = torch.clamp((block + self.look_forward + 1) * w - 1, max=n - 1)  # n: an int or a tensor (documents)
+        left, right = self.bounds
+        if left is not None:
+            lo = torch.maximum(lo, i - left)
+        if right is not None:
+            hi = torch.minimum(hi, i + right)
         return lo, hi
+
+    def sink_count(self, n: int) -> int:
+        """How many sink tokens a sequence (or document) of `n` positions holds."""
+        return min(self.sink_tokens, max(n, 0))
+
+    def has_block_condition(self) -> bool:
+        """Whether the window blocks cut anything the token bounds allow (a plain block window: not exact, not
+        a token window). Backends that know only `(left, right)` windows (flash-attn) cannot compute it."""
+        return self.tokens is None and not self.exact_windowsize
+
+    def softcapped(self, scores: torch.Tensor) -> torch.Tensor:
+        """`softcap * tanh(scores / softcap)` (scores unchanged without a softcap)."""
+        return scores if self.softcap is None else self.softcap * torch.tanh(scores / self.softcap)

@@ -83,11 +83,14 @@ def check_qkv(q, k, v) -> None:
         raise TypeError(f"dtype of q, k, v must match, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.shape != k.shape and not is_grouped(q, k):
+    if q.shape[:-2] + q.shape[-1:] != k.shape[:-2] + k.shape[-1:] and not is_grouped(q, k):
         raise ValueError(
             f"k must have the shape of q (..., n, d), or (..., h_kv, n, d) for q (..., h, n, d) with h_kv dividing h "
             f"(grouped-query attention), got q {tuple(q.shape)} and k {tuple(k.shape)}"
         )
+    if q.shape[-2] > k.shape[-2]:
+        raise ValueError(f"q must hold at most as many positions as k (the last n_q of them), got q {tuple(q.shape)} "
+                         f"and k {tuple(k.shape)}")
     if v.shape[:-1] != k.shape[:-1]:
         raise ValueError(f"v must have shape (..., n, d_v) matching k's (..., n), got k {tuple(k.shape)} and v {tuple(v.shape)}")
 
@@ -97,7 +100,7 @@ def is_grouped(q, k) -> bool:
     leading dims equal (the dim just before `n` is the head dim). Query head `i` uses kv head
     `i // (h // h_kv)`, so once the leading dims are packed, query row `p` uses kv row `p // (P // P_kv)`."""
     return (
-        q.ndim >= 3 and k.ndim == q.ndim and k.shape[-2:] == q.shape[-2:] and k.shape[:-3] == q.shape[:-3]
+        q.ndim >= 3 and k.ndim == q.ndim and k.shape[-1] == q.shape[-1] and k.shape[:-3] == q.shape[:-3]
         and k.shape[-3] >= 1 and q.shape[-3] % k.shape[-3] == 0
     )
 
@@ -136,3 +139,44 @@ def check_attn_bias(attn_bias, packed: int, spec, n: int | None, device) -> None
         )
     if attn_bias.device != device:
         raise ValueError(f"attn_bias must be on the device of q ({device}), got {attn_bias.device}")
+
+
+def check_token_window(window, causal: bool) -> tuple[int, int]:
+    """A `(left, right)` token window: two ints >= -1 (-1 unbounded); `right` 0 or -1 when causal."""
+    if len(window) != 2 or any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in window):
+        raise TypeError(f"window_size must be an int >= 1 or a (left, right) pair of ints >= -1, got {window!r}")
+    left, right = (int(t) for t in window)
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size (left, right) takes ints >= -1 (-1: unbounded on that side), got {window!r}")
+    if causal and right not in (0, -1):
+        raise ValueError(f"window_size: causal=True takes a (left, right) window with right 0 or -1 (a causal query "
+                         f"cannot see ahead), got {window!r}")
+    return left, right
+
+
+def check_documents(documents, packed: int, n: int, device) -> None:
+    """Document ids `(b, n)` integer, non-decreasing along each row, `b` dividing the packed batch."""
+    if not isinstance(documents, torch.Tensor):
+        raise TypeError(f"documents must be an integer tensor of shape (b, n), got {type(documents).__name__}")
+    if documents.dtype.is_floating_point or documents.dtype.is_complex or documents.dtype == torch.bool:
+        raise TypeError(f"documents must be an integer tensor of shape (b, n), got dtype {documents.dtype}")
+    if documents.ndim != 2 or documents.shape[1] != n or documents.shape[0] == 0 or packed % documents.shape[0]:
+        raise ValueError(f"documents must have shape (b, n) with n = {n} and b dividing the packed batch {packed}, "
+                         f"got {tuple(documents.shape)}")
+    if documents.device != device:
+        raise ValueError(f"documents must be on the device of q ({device}), got {documents.device}")
+    if n > 1 and bool((documents[:, 1:] < documents[:, :-1]).any()):
+        raise ValueError("documents must be non-decreasing along each row (every document one contiguous run)")
+
+
+def check_sinks(sinks, packed: int, q) -> None:
+    """Learned sink logits `(h,)`, float, `h` dividing the packed batch, on q's device."""
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks must be a float tensor of shape (heads,), got {type(sinks).__name__}")
+    if sinks.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"sinks must be a float tensor of shape (heads,), got dtype {sinks.dtype}")
+    if sinks.ndim != 1 or sinks.shape[0] == 0 or packed % sinks.shape[0]:
+        raise ValueError(f"sinks must have shape (heads,) with heads dividing the packed batch {packed}, "
+                         f"got {tuple(sinks.shape)}")
+    if sinks.device != q.device:
+        raise ValueError(f"sinks must be on the device of q ({q.device}), got {sinks.device}")

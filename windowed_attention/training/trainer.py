@@ -25,6 +25,7 @@ from .. import parallel
 from ..attention import LocalAttention
 from ..generation import generate
 from ..ops import backends
+from ..ops.call import AttentionCall
 from . import distributed
 from .checkpoint import load_trainer_state, load_weights, save_checkpoint
 from .config import ModelConfig, TrainConfig
@@ -113,11 +114,11 @@ def sample_text(model, prime: torch.Tensor, length: int, seed: int, device: torc
 def attention_backend(model: torch.nn.Module, device: torch.device, precision: str) -> str:
     """The backend `auto` picks for the model's attention on this device and precision."""
     attention = next(m for m in model.modules() if isinstance(m, LocalAttention))
-    return backends.decide(
-        device.type, torch.bfloat16 if precision == "bf16" else torch.float32, attention.spec,
-        attn_bias=getattr(model, "dynamic_pos_bias", None) is not None, mask_self=attention.shared_qk,
-        key_scale=attention.use_xpos, dropout=attention.dropout.p > 0, available=backends.availability(),
-    )
+    used = AttentionCall(attention.spec, 1.0, mask_self=attention.shared_qk).features() | {
+        name for name, on in (("attn_bias", getattr(model, "dynamic_pos_bias", None) is not None),
+                              ("xpos", attention.use_xpos), ("dropout", attention.dropout.p > 0)) if on}
+    return backends.decide(device.type, torch.bfloat16 if precision == "bf16" else torch.float32, frozenset(used),
+                           available=backends.availability())
 
 
 def _bytes(count: int) -> str:

@@ -14,8 +14,9 @@ from .kv_cache import KVCache
 from .linear import Linear
 from .mha import LocalMHA
 from .ops.decode import decode_window
-from .ops.validation import check_bool, check_int, check_positive_real
-from .parallel import agree, cross_entropy, group_info, next_tokens
+from .ops.call import document_bounds
+from .ops.validation import check_bool, check_documents, check_int, check_positive_real
+from .parallel import agree, cross_entropy, gather, group_info, next_tokens
 from .position_bias import DynamicPositionBias
 from .generation import engine
 from .residual import HYPER_CONNECTION_PARAMETERS, expand_streams, reduce_streams, wrap
@@ -174,7 +175,7 @@ class LocalTransformer(nn.Module):
             raise ValueError(f"x must have shape (b, n, dim = {self.dim}) when num_tokens=None, got {tuple(x.shape)}")
 
     def forward(self, x, mask=None, return_loss: bool = False, cache: list[KVCache] | None = None,
-                return_cache: bool = False, group=None, cache_dtype=None):
+                return_cache: bool = False, group=None, cache_dtype=None, documents=None):
         """`x` `(b, n)` token ids -> logits `(b, n, num_tokens)`, or the mean next-token cross-entropy
         (ignoring `ignore_index`) with `return_loss`. `mask` `(b, n)` bool marks real tokens. With
         `num_tokens=None` (the backbone), `x` `(b, n, dim)` features -> features `(b, n, dim)`.
@@ -187,6 +188,13 @@ class LocalTransformer(nn.Module):
         rounded to bfloat16, see `kv_cache.storage_dtype`). Training, prefill and decode run this
         same block loop. Not with global layers: a general module's output at the new
         position depends on every earlier position (`generate` then recomputes the sequence at each step).
+
+        Packed documents: `documents` `(b, n)` non-decreasing integer ids (each document one contiguous run of
+        a row) computes every document as if it were alone: attention never crosses a document, positions
+        (rotary, absolute, the dynamic bias) restart at each document's start, and with `return_loss` no
+        target crosses a document boundary (the last token of a document predicts nothing), so the loss is
+        the documents' losses weighted by their target counts. Not with a cache (decoding is one document
+        per row).
 
         Context parallelism: with a process `group`, `x` (and `mask`) is this rank's shard of the tokens
         (rank `r` holds positions `r * n .. (r + 1) * n - 1`, which the position embeddings see); the logits
@@ -205,6 +213,10 @@ class LocalTransformer(nn.Module):
                 "cache and return_cache cannot be used with global_attn_layer: a general module's output at a new "
                 "position depends on all earlier ones (generate recomputes the sequence instead)"
             )
+        if documents is not None:
+            if cache is not None or return_cache:
+                raise ValueError("documents cannot be combined with cache or return_cache (decoding is one document per row)")
+            check_documents(documents, x.shape[0], x.shape[1], x.device)
         rank, world = (0, 1) if group is None else group_info(group)
         if group is not None:
             if self.has_global_layers:
@@ -213,7 +225,8 @@ class LocalTransformer(nn.Module):
                 raise ValueError("group cannot be combined with cache or return_cache (decoding runs in one process)")
             agree(group, {"the shard length n_s (x.shape[1])": ("x", x.shape[1]), "the batch size": ("x", x.shape[0]),
                           "return_loss": ("return_loss", int(bool(return_loss))),
-                          "whether a mask is given": ("mask", int(mask is not None))}, x.device)
+                          "whether a mask is given": ("mask", int(mask is not None)),
+                          "whether documents are given": ("documents", int(documents is not None))}, x.device)
         if return_loss:
             if cache is not None or return_cache:
                 raise ValueError("return_loss cannot be combined with cache or return_cache")
@@ -223,8 +236,16 @@ class LocalTransformer(nn.Module):
                 x, labels = x[:, :-1], x[:, 1:]
                 if mask is not None:
                     mask = mask[:, :-1]
+                if documents is not None:  # a document's last token predicts nothing
+                    labels = labels.masked_fill(documents[:, 1:] != documents[:, :-1], self.ignore_index)
+                    documents = documents[:, :-1]
             else:
                 labels, mask = self._shard_targets(x, mask, group, rank, world)
+                if documents is not None:
+                    everyone = gather(documents, group)
+                    n_s = x.shape[1]
+                    after = F.pad(everyone[:, 1:], (0, 1), value=-1)[:, rank * n_s : (rank + 1) * n_s]
+                    labels = labels.masked_fill(after != documents, self.ignore_index)
 
         n = x.shape[1]
         if cache is not None:
@@ -250,7 +271,11 @@ class LocalTransformer(nn.Module):
 
         h = x if self.token_emb is None else self.token_emb(x)
         if self.pos_emb is not None:
-            if cache is None:
+            if documents is not None:  # positions restart at each document's start
+                whole = documents if group is None else gather(documents, group)
+                positions = torch.arange(whole.shape[1], device=x.device) - document_bounds(whole)[0]
+                h = h + self.pos_emb(positions[:, start : start + n].clamp_max(self.max_seq_len - 1))
+            elif cache is None:
                 # clamped for that last token alone: its output is dropped (and it is masked as a key)
                 h = h + self.pos_emb(torch.arange(start, start + n, device=x.device).clamp_max(self.max_seq_len - 1))
             else:  # each row at its own position
@@ -267,8 +292,9 @@ class LocalTransformer(nn.Module):
         for index, ((attn, ff), global_layer) in enumerate(zip(self.layers, self.global_layers)):
             if global_layer is not None:
                 h = global_layer(h)
+            extra = {} if documents is None else {"documents": documents}
             h = attn(h, mask=mask, attn_bias=attn_bias, cache=None if cache is None else cache[index],
-                     return_cache=return_cache, group=group, cache_dtype=cache_dtype)
+                     return_cache=return_cache, group=group, cache_dtype=cache_dtype, **extra)
             if return_cache:
                 h, layer_cache = h
                 new_caches.append(layer_cache)

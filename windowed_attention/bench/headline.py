@@ -67,6 +67,79 @@ def _grouped_query(reps: int, kv_heads: int = impls.HEADS // 4) -> dict:
                 speedup=times["full"] / times["grouped"])
 
 
+def document_lengths(n: int, low: int = 64, high: int = 2048, seed: int = 0) -> list[int]:
+    """Random document lengths in `[low, high]` that fill `n` positions (the last one cut to fit)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = []
+    while sum(lengths) < n:
+        lengths.append(min(int(torch.randint(low, high + 1, (), generator=g)), n - sum(lengths)))
+    return lengths
+
+
+def document_ids(n: int, **kwargs) -> torch.Tensor:
+    """`(1, n)` non-decreasing ids of `document_lengths(n)`."""
+    lengths = document_lengths(n, **kwargs)
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+
+
+def _modern(reps: int) -> dict:
+    """The modern options' cost, fwd+bwd at N against the same call without the option (op, `auto`):
+    documents (random lengths 64-2048), learned sinks, sink_tokens=4, softcap=30, and the token window (W, 0)
+    against its block equivalent (window W, exact); and the forward with documents and the token window
+    against compiled FlexAttention with the same document + sliding-window mask (attention-gym's recipe)."""
+    from windowed_attention import local_attention
+
+    inputs = measure.make_inputs(N, torch.float32, True)
+    documents = document_ids(N)
+    sinks = torch.zeros(impls.HEADS, requires_grad=True)
+    base = dict(window_size=W, causal=True)
+    calls = {
+        "plain": base,
+        "documents": dict(base, documents=documents),
+        "sinks": dict(base, sinks=sinks),
+        "sink_tokens": dict(base, sink_tokens=4),
+        "softcap": dict(base, softcap=30.0),
+        "block_exact": dict(base, exact_windowsize=True),
+        "token_window": dict(window_size=(W, 0), causal=True),
+    }
+    steps = {name: measure.step(lambda q, k, v, kw=kw: local_attention(q, k, v, **kw), inputs, True)
+             for name, kw in calls.items()}
+    times = measure.interleaved(steps, reps)
+    result = {name: dict(ms=times[name] * 1e3, ratio=times[name] / times["plain"]) for name in calls}
+    result["token_window"]["ratio"] = times["token_window"] / times["block_exact"]  # against its block equivalent
+    result["documents"]["count"] = int(documents.max()) + 1
+    try:
+        result["fwd_documents_vs_compiled_flex"] = _documents_vs_flex(documents, reps)
+    except Exception as error:  # compile may fail on some setups
+        result["fwd_documents_vs_compiled_flex"] = dict(error=f"{type(error).__name__}: {error}"[:300])
+    return result
+
+
+def _documents_vs_flex(documents: torch.Tensor, reps: int) -> dict:
+    """Forward with documents and the token window (W, 0): ours against compiled FlexAttention whose mask is
+    `same document & j <= i & i - j <= W`."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from windowed_attention import local_attention
+
+    ids = documents[0]
+
+    def mask_mod(b, h, i, j):
+        return (ids[i] == ids[j]) & (j <= i) & (i - j <= W)
+
+    block_mask = create_block_mask(mask_mod, None, None, N, N, device="cpu")
+    torch._dynamo.reset()
+    flex = torch.compile(flex_attention, dynamic=False)
+    inputs = measure.make_inputs(N, torch.float32, False)
+    fns = {
+        "ours": measure.step(lambda q, k, v: local_attention(q, k, v, window_size=(W, 0), causal=True,
+                                                            documents=documents), inputs, False),
+        "flex": measure.step(lambda q, k, v: flex(q, k, v, block_mask=block_mask), inputs, False),
+    }
+    times = measure.interleaved(fns, reps)
+    return dict(ours_ms=times["ours"] * 1e3, flex_ms=times["flex"] * 1e3, speedup=times["flex"] / times["ours"])
+
+
 def _training(reps: int, streams: int = 1) -> dict | None:
     """A LocalTransformer training step, ours against local-attention's, both with `streams` residual streams."""
     try:
@@ -144,6 +217,7 @@ def run(train: bool = True, reps: int = 7) -> dict:
         pass
 
     result["fwd_bwd_grouped_query_n8192"] = _grouped_query(reps)
+    result["fwd_bwd_modern_options_n8192"] = _modern(reps)
 
     fp32_in = measure.make_inputs(N, torch.float32, True)
     bf16_in = measure.make_inputs(N, torch.bfloat16, True)
@@ -180,6 +254,10 @@ def report(result: dict) -> None:
     show("fwd_bwd_dropout_n8192", "fwd+bwd N=8192 dropout 0.1 vs local-attention")
     show("fwd_bwd_xpos_n8192", "fwd+bwd N=8192 xpos vs local-attention")
     show("fwd_bwd_grouped_query_n8192", "fwd+bwd N=8192, kv heads H/4 vs H")
+    for option, value in (result.get("fwd_bwd_modern_options_n8192") or {}).items():
+        against = {"plain": "", "token_window": " vs window 256 exact"}.get(option, " vs plain")
+        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
+        print(f"{'fwd+bwd N=8192 ' + option + against:48} {shown}")
     show("bf16_fwd_bwd_n8192", "bf16 vs fp32 fwd+bwd N=8192")
     show("train_step_local_transformer", "LocalTransformer train step tokens/s")
     show("train_step_local_transformer_4_streams", "LocalTransformer train step, 4 streams, tokens/s")

@@ -258,3 +258,23 @@ def _copy_instead_of_compiling(monkeypatch, built):
 
     monkeypatch.setattr(fused_cpu.subprocess, "Popen", Compile)
     monkeypatch.setattr(fused_cpu.subprocess, "run", link)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_auto_never_picks_a_backend_lacking_an_option(device, dtype):
+    """For every subset of the modern options (and a few older ones), `decide` names a backend that declares
+    them all and takes the dtype (the reference takes everything); and the first such one of the device."""
+    from itertools import combinations
+
+    from windowed_attention.ops.call import ALL_FEATURES
+
+    names = sorted(ALL_FEATURES - {"block_window"})
+    order = {"cpu": ["fused", "sdpa"], "cuda": ["flash", "flex"]}[device]
+    for size in range(3):
+        for used in combinations(names, size):
+            used = frozenset(used)
+            name = backends.decide(device, dtype, used, available=ALL)
+            assert used <= backends.features(name), (used, name)
+            able = [b for b in order if used <= backends.features(b) and dtype in backends._MODULES[b].DTYPES]
+            assert name == (able[0] if able else "reference"), (used, name)

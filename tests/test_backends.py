@@ -328,8 +328,8 @@ def _dense_sliding_window(q, k, v, dropout_p=0.0, softmax_scale=None, causal=Fal
     """Stand-in for flash_attn_func: `(b, n, h, d)`, keys in `[i - left, i + right]` (and `j <= i` if causal)."""
     n = q.shape[1]
     i, j = torch.arange(n)[:, None], torch.arange(n)[None]
-    left, right = window_size
-    keep = (j >= i - left) & (j <= i + right)
+    left, right = window_size  # -1: unbounded on that side
+    keep = ((j >= i - left) | (left < 0)) & ((j <= i + right) | (right < 0))
     if causal:
         keep &= j <= i
     scores = torch.einsum("bihd,bjhd->bhij", q, k) * softmax_scale
@@ -344,6 +344,26 @@ def test_flash_maps_exact_windows_to_window_size(monkeypatch, causal, look_backw
     pb = dict(spec=WindowSpec(4, causal, look_backward, look_forward, True), n=19, P=3, d=8, dv=8, mask=None,
               key_scale=None, attn_bias=None, mask_self=False, dtype=torch.float64, seed=0)
     _compare(flash_attn_backend, pb)
+
+
+@pytest.mark.parametrize("window,causal,softcap", [((5, 0), True, None), ((3, 4), False, 2.0), ((-1, 0), True, 30.0),
+                                                   ((0, -1), False, None)])
+def test_flash_maps_token_windows_and_softcap(monkeypatch, window, causal, softcap):
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=_dense_sliding_window))
+    spec = WindowSpec.token_window(*window, causal, softcap=softcap).for_length(19)
+    pb = dict(spec=spec, n=19, P=3, d=8, dv=8, mask=None, key_scale=None, attn_bias=None, mask_self=False,
+              dtype=torch.float64, seed=0)
+    _compare(flash_attn_backend, pb)
+
+
+def test_flash_refuses_what_flash_attn_lacks_by_name(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=_dense_sliding_window))
+    q = torch.randn(2, 8, 4)
+    for spec, options, lacking in ((WindowSpec(4, True, 1, 0, False), {}, "block_window"),
+                                   (WindowSpec(4, True, 1, 0, True, sink_tokens=2), {}, "sink_tokens"),
+                                   (WindowSpec(4, True, 1, 0, True), dict(sinks=torch.zeros(2)), "sinks")):
+        with pytest.raises(ValueError, match=f"backend 'flash' does not compute {lacking}"):
+            flash_attn_backend(q, q, q, AttentionCall(spec, 1.0, **options))
 
 
 def test_fused_outputs_reuse_pooled_memory_exactly():

@@ -329,6 +329,7 @@ class LocalTransformer(nn.Module):
         what its prompt alone generates; see `windowed_attention.generation` for sampling with a
         `generator`). `temperature=0` is greedy; `filter_thres` keeps the top `1 - filter_thres` of the
         vocabulary; `top_p` adds nucleus filtering. Cached and uncached generation give the same tokens.
+        The tokens come back as `torch.long`, whatever the prompt's integer dtype.
         `cache_dtype=torch.bfloat16` (float32 models) halves the cache and a step's reads, not exactly
         (see `forward`).
         """
@@ -353,4 +354,4 @@ class LocalTransformer(nn.Module):
         out = engine.generate(self, prime, seq_len, temperature=temperature, filter_thres=filter_thres,
                               top_p=top_p, generator=generator, use_cache=use_kv_cache and not self.has_global_layers,
                               cache_dtype=cache_dtype)
-        return out.to(prime.dtype) if isinstance(prime, torch.Tensor) else out
+        return out  # torch.long: a narrow prompt dtype (int8, uint8, int16) would wrap the ids

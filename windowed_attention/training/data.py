@@ -44,8 +44,12 @@ def read_bytes(path: str | Path) -> bytes:
     """All bytes of `path`, gunzipped if it ends in `.gz`. A missing, empty or damaged file is a
     ValueError naming it (an unreadable one an OSError)."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise ValueError(f"data file {path} is a directory; --data takes a file (raw bytes, or .gz)")
+    if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"data file {path} is not a regular file")
     if path.suffix == ".gz":
         try:
             with gzip.open(path, "rb") as f:

@@ -30,3 +30,26 @@ def test_data_path_that_is_a_directory_says_so(tmp_path):
         read_bytes(tmp_path)
     with pytest.raises(FileNotFoundError, match="not found"):
         read_bytes(tmp_path / "missing.txt")
+
+
+EMPTY = [(0, 2, 50, 16), (2, 0, 50, 16), (0, 50, 16), (2, 2, 0, 16)]
+
+
+@pytest.mark.parametrize("shape", EMPTY, ids=["batch 0", "heads 0", "packed 0", "n 0"])
+@pytest.mark.parametrize("backend", ["auto", "reference", "sdpa", "fused"])
+def test_empty_inputs_give_empty_results_and_gradients(shape, backend):
+    from windowed_attention import local_attention
+    from windowed_attention.ops import backends
+
+    if backend != "auto" and backend != "reference" and not backends.availability()[backend]:
+        pytest.skip(f"{backend} is not available here")
+    q, k, v = (torch.randn(*shape, requires_grad=True) for _ in range(3))
+    sinks = torch.zeros(2, requires_grad=True) if len(shape) == 4 and shape[1] == 2 else None
+    extra = {} if sinks is None or backend == "sdpa" else {"sinks": sinks}
+    out = local_attention(q, k, v, window_size=16, causal=True, backend=backend, **extra)
+    assert out.shape == shape
+    out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad is not None and t.grad.shape == t.shape
+    if extra:
+        assert sinks.grad is not None and sinks.grad.eq(0).all()

@@ -77,7 +77,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCal
             return attend_shard(q, k, v, call, group=group, rank=rank, world=world, attend=attend, backend=backend)
     n = k.shape[1]
     if q.numel() == 0 or k.numel() == 0:
-        return empty_result(q, k, v, call)
+        return empty_result(q, k, v, call.sinks)
     call = fit_window(call, n)
     # Under autocast every backend computes float32 inputs in the autocast dtype and returns it, so the
     # result's dtype never depends on the backend.
@@ -88,12 +88,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCal
         return backends.get(name)(q, k, v, call)
 
 
-def empty_result(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall | None = None) -> torch.Tensor:
+def empty_result(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """The result of a call with nothing to compute (no rows, no queries or no keys): zeros `(..., n_q, d_v)`,
-    differentiable (zero gradients of the inputs' shapes), plus `exp(sinks) * 0` terms so sinks get a zero
-    gradient too. Every query sees no key, so every output row is zero."""
+    differentiable (zero gradients of the inputs' shapes, learned `sinks` too). Every query sees no key, so every output row is zero."""
     out = q.new_zeros(*q.shape[:-1], v.shape[-1], dtype=result_dtype(q.dtype, q.device.type))
-    inputs = [t for t in (q, k, v, None if call is None else call.sinks) if t is not None and t.requires_grad]
+    inputs = [t for t in (q, k, v, sinks) if t is not None and t.requires_grad]
     if inputs and torch.is_grad_enabled():  # connect the (zero) result to the inputs, for their gradients
         out = out + sum(t.sum() for t in inputs).to(out.dtype) * 0
     return out
@@ -192,7 +191,9 @@ def local_attention(
 
     n_q, n = q.shape[-2], k.shape[-2]
     if group is None and (q.numel() == 0 or k.numel() == 0):  # nothing to attend (no batch size can be inferred)
-        return empty_result(q, k, v)
+        if sinks is not None:
+            check_sinks(sinks, 0, q)
+        return empty_result(q, k, v, sinks)
     lead, (q, k, v) = pack_leading(q, k, v)
     packed = q.shape[0]
     if mask is not None:

@@ -53,6 +53,11 @@ def check_shards(q, k, v, call: AttentionCall, group) -> None:
     spec = call.spec
     requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     left, right = (-1 if t is None else t for t in spec.bounds)
+    tokens = spec.tokens is not None  # the block fields then derive from the (left, right) window_size
+
+    def named(argument: str) -> str:
+        return "window_size" if tokens else argument
+
     fields = {
         "the shard length n_s (q.shape[-2])": ("q", q.shape[1]),
         "the key shard length (k.shape[-2])": ("k", k.shape[1]),
@@ -63,10 +68,11 @@ def check_shards(q, k, v, call: AttentionCall, group) -> None:
         "the dtype of q, k, v": ("dtype", _DTYPES[q.dtype]),
         "whether q, k, v require gradients": ("q", int(requires_grad)),
         "window_size": ("window_size", spec.window_size),
+        "whether window_size is a (left, right) token window": ("window_size", int(tokens)),
         "causal": ("causal", int(spec.causal)),
-        "look_backward": ("look_backward", spec.look_backward),
-        "look_forward": ("look_forward", spec.look_forward),
-        "exact_windowsize": ("exact_windowsize", int(spec.exact_windowsize)),
+        "look_backward": (named("look_backward"), spec.look_backward),
+        "look_forward": (named("look_forward"), spec.look_forward),
+        "exact_windowsize": (named("exact_windowsize"), int(spec.exact_windowsize)),
         "the window's left bound": ("window_size", left),
         "the window's right bound": ("window_size", right),
         "sink_tokens": ("sink_tokens", spec.sink_tokens),

@@ -370,4 +370,22 @@ def modern_refusals(rank: int, world: int, init_file: str) -> None:
     out = local_attention(q, q, q, window_size=2, documents=ids + rank, sink_tokens=1, group=group)
     if out.shape != q.shape:
         raise AssertionError(out.shape)
+
+    # only halos and sink tokens travel: with one document over the whole sequence, the bytes sent do not
+    # depend on the shard length
+    sent = []
+    for n_s in (16, 64):
+        x = torch.randn(1, 2, n_s, 4, requires_grad=True)
+        traffic.reset()
+        local_attention(x, x, x, window_size=4, look_backward=2, causal=True, sink_tokens=2,
+                        documents=torch.zeros(1, n_s, dtype=torch.long), group=group).sum().backward()
+        sent.append((traffic.forward_bytes, traffic.backward_bytes))
+    # rank 0 sends forward the 11 keys a document's windows may reach ((look_backward + 1) * w - 1), 2 sink
+    # tokens (2 heads x (d + d_v) floats x 4 bytes each) and 11 ids and document starts (int64); rank 1
+    # sends the keys' and sink tokens' gradients back
+    halo, sink_tokens, ids = 11 * 2 * 8 * 4, 2 * 2 * 8 * 4, 11 * 2 * 8
+    expected = [(halo + sink_tokens + ids, 0), (0, halo + sink_tokens)][rank]
+    if sent[0] != sent[1] or sent[0] != expected:
+        raise AssertionError(f"rank {rank}: bytes sent (forward, backward) by shard length: {sent}, "
+                             f"expected {expected}")
     close(rank)

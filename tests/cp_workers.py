@@ -267,6 +267,10 @@ def modern_fixed_cases(world: int) -> list:
          torch.zeros(1, 5 * world, dtype=torch.long)),
         (dict(window_size=3, look_backward=1, look_forward=1, sink_tokens=2), 5,
          torch.cat([torch.zeros(1, 1), torch.ones(1, 5 * world - 1)], dim=1).long()),
+        # token windows unbounded on one side: the whole prefix (or suffix) travels, computed exactly
+        (dict(window_size=(-1, 0), causal=True), 3, None),
+        (dict(window_size=(-1, 1), sink_tokens=1, softcap=2.0), 3, ids[:, :3 * world]),
+        (dict(window_size=(1, -1), sink_tokens=2), 3, None),
     ]
 
 
@@ -326,12 +330,12 @@ def modern_cases(rank: int, world: int, init_file: str, seed: int, count: int) -
             close_enough(f"grad {name}", part.grad, shard(leaf.grad, group, dim=2), dtype, described)
         for name, part in part_extras.items():
             close_enough(f"grad {name} (summed)", summed(part.grad), named[name].grad, dtype, described)
-        if documents is not None and config["sink_tokens"]:
+        if documents is not None and config.get("sink_tokens", 0):
             kinds.add("documents with sink tokens")
         kinds.update(name for name, on in (("token window", isinstance(config["window_size"], tuple)),
                                            ("softcap", "softcap" in config), ("sinks", sinks is not None),
                                            ("documents", documents is not None),
-                                           ("sink tokens", config["sink_tokens"] > 0)) if on)
+                                           ("sink tokens", config.get("sink_tokens", 0) > 0)) if on)
     wanted = {"documents with sink tokens", "token window", "softcap", "sinks", "documents", "sink tokens"}
     if count >= 20 and kinds != wanted:
         raise AssertionError(f"the draw missed {wanted - kinds}")

@@ -337,7 +337,7 @@ def modern_cases(rank: int, world: int, init_file: str, seed: int, count: int) -
                                            ("documents", documents is not None),
                                            ("sink tokens", config.get("sink_tokens", 0) > 0)) if on)
     wanted = {"documents with sink tokens", "token window", "softcap", "sinks", "documents", "sink tokens"}
-    if count >= 20 and kinds != wanted:
+    if count >= 24 and kinds != wanted:
         raise AssertionError(f"the draw missed {wanted - kinds}")
     close(rank)
 

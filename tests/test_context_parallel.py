@@ -77,7 +77,7 @@ def test_group_without_a_process_group_is_a_value_error():
 def test_sharded_modern_options_match_single_process(tmp_path, world, seed):
     """Documents crossing shards, sink tokens (with and without documents), learned sinks, softcap, token
     windows, grouped-query heads: forward and backward against one process."""
-    spawn(cp_workers.modern_cases, world, tmp_path, seed, 40 if world < 4 else 20)
+    spawn(cp_workers.modern_cases, world, tmp_path, seed, 24 if world < 4 else 12)
 
 
 def test_ranks_that_disagree_on_modern_options_raise_value_error(tmp_path):

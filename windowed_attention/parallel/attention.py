@@ -146,28 +146,27 @@ def attend_shard(q, k, v, call: AttentionCall, *, group, rank: int, world: int, 
     slot = torch.arange(L)[None, :] - (L - carried - gap)[:, None]  # (R, L): the sink token a place holds
     valid = (slot >= 0) & (slot < carried[:, None])
 
-    def prefixed(x: torch.Tensor, sinks: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
-        """`[prefix, rest]` of rows `x.shape[0]` (a multiple of R) from `sinks (rows, C, c)`."""
+    def prefixed(sinks: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+        """`[prefix, rest]`: `sinks (rows, C, c)` the fetched sink tokens (rows a multiple of R), `rest (rows,
+        f.length, c)` the frame -> `(rows, L + f.length, c)`, zeros at the filler and the gap."""
         per = sinks.shape[0] // R
         index = torch.where(valid, slot, sinks.shape[1]).repeat_interleave(per, dim=0).to(sinks.device)
         source = torch.cat([sinks, sinks.new_zeros(sinks.shape[0], 1, sinks.shape[2])], dim=1)
         prefix = source.gather(1, index[..., None].expand(-1, -1, sinks.shape[2]))
         return torch.cat([prefix, rest], dim=1)
 
-    k_local, v_local = prefixed(k, k_sinks, k_frame), prefixed(v, v_sinks, v_frame)
+    k_local, v_local = prefixed(k_sinks, k_frame), prefixed(v_sinks, v_frame)
     before = L + f.start - f.need_lo
     q_local = F.pad(q, (0, 0, before, f.end - f.stop))
     if mask is not None:
         mask_frame = exchange((mask[..., None].to(torch.uint8),), spec, group, rank, world, packed_documents)[0]
-        mask_local = prefixed(mask, mask_sinks[..., None].to(torch.uint8), mask_frame)[..., 0].bool()
-        mask_local[:, :L] &= valid.repeat_interleave(mask.shape[0] // R, dim=0).to(mask.device)
-        call = call.with_(mask=mask_local)
+        call = call.with_(mask=prefixed(mask_sinks[..., None].to(torch.uint8), mask_frame)[..., 0].bool())
     if packed_documents:
         # local ids: the filler, then a new document wherever the ids change (the frame's first document
         # starts where its carried sink tokens do)
         new = torch.zeros(R, L + f.length, dtype=torch.bool, device=ids.device)
         new[:, 0] = True
-        new[torch.arange(R), (L - carried - gap).to(ids.device)] = True
+        new[torch.arange(R, device=ids.device), (L - carried - gap).to(ids.device)] = True
         new[:, L + 1:] = ids[:, 1:] != ids[:, :-1]
         call = call.with_(documents=new.long().cumsum(dim=1))
     if call.dropout_p > 0.0:

@@ -229,3 +229,167 @@ def disagreement_cases(rank: int, world: int, init_file: str) -> None:
     if out.shape != q.shape:
         raise AssertionError(out.shape)
     close(rank)
+
+
+def draw_modern_config(gen: random.Random) -> dict:
+    """A random call with the modern options: token or block windows, sink tokens, learned sinks, softcap,
+    documents (which cross shard boundaries), masks, biases."""
+    causal = gen.random() < 0.5
+    if gen.random() < 0.4:
+        left, right = gen.choice([-1, 0, 1, 2, 3, 5, 9]), gen.choice([-1, 0, 1, 2, 4])
+        config = dict(window_size=(left, right), causal=causal)
+        if causal:
+            config["window_size"] = (left, 0)
+    else:
+        config = dict(window_size=gen.randint(1, 4), causal=causal, look_backward=gen.randint(0, 2),
+                      look_forward=0 if causal else gen.randint(0, 2), exact_windowsize=gen.random() < 0.4)
+    config.update(sink_tokens=gen.choice([0, 0, 1, 2, 3, 6]), shared_qk=gen.random() < 0.15)
+    if gen.random() < 0.4:
+        config["softcap"] = gen.uniform(0.5, 4.0)
+    return config
+
+
+def modern_fixed_cases(world: int) -> list:
+    """Layouts the random draw meets rarely: `(config, n_s, documents (1, n) or None)`."""
+    n_s = 4
+    n = n_s * world
+    ids = torch.zeros(1, n, dtype=torch.long)
+    ids[:, n_s - 1:] = 1  # a document starts at the last position of rank 0's shard and runs to the end
+    ids[:, n - 2:] = 2
+    return [
+        # not causal with a reach of 0 ahead: its sink tokens lie after the shard, beyond the window's halo
+        (dict(window_size=(2, 0), causal=False, sink_tokens=3), n_s, ids),
+        (dict(window_size=1, look_backward=0, look_forward=0, sink_tokens=3), n_s, ids),
+        # without documents: the sequence's sink tokens beyond the shards of the first ranks
+        (dict(window_size=1, look_backward=0, look_forward=0, sink_tokens=2 * n_s + 1), n_s, None),
+        # one document over every shard: its sink tokens and window blocks (a gap of 1) from rank 0
+        (dict(window_size=2, look_backward=1, look_forward=0, causal=True, sink_tokens=2), 5,
+         torch.zeros(1, 5 * world, dtype=torch.long)),
+        (dict(window_size=3, look_backward=1, look_forward=1, sink_tokens=2), 5,
+         torch.cat([torch.zeros(1, 1), torch.ones(1, 5 * world - 1)], dim=1).long()),
+        # token windows unbounded on one side: the whole prefix (or suffix) travels, computed exactly
+        (dict(window_size=(-1, 0), causal=True), 3, None),
+        (dict(window_size=(-1, 1), sink_tokens=1, softcap=2.0), 3, ids[:, :3 * world]),
+        (dict(window_size=(1, -1), sink_tokens=2), 3, None),
+    ]
+
+
+def modern_cases(rank: int, world: int, init_file: str, seed: int, count: int) -> None:
+    """Documents crossing shards, sink tokens, learned sinks, softcap, token windows, grouped-query heads:
+    every rank's output and q, k, v gradients are its slice of the single-process ones (the reference
+    backend), the sinks and attn_bias gradients summed over the ranks are the single-process ones."""
+    init(rank, world, init_file)
+    group = dist.group.WORLD
+    gen = random.Random(seed)
+    kinds = set()
+    fixed = modern_fixed_cases(world)
+    for case in range(len(fixed) + count):
+        config = draw_modern_config(gen)
+        n_s = gen.choice([1, 2, gen.randint(1, 6), gen.randint(4, 10)])
+        dtype = gen.choice([torch.float64, torch.float64, torch.float32])
+        b, h = 2, 2
+        h_kv = gen.choice([1, h])
+        rows, rate, offset = gen.choice([1, b, b * h]), gen.choice([0.05, 0.2, 0.5]), gen.randint(-3, 3)
+        with_documents, with_mask, with_sinks = gen.random() < 0.7, gen.random() < 0.3, gen.random() < 0.5
+        with_bias, mask_rows = gen.random() < 0.3, gen.choice([1, b])
+        documents = None
+        if case < len(fixed):  # the targeted layouts first
+            config, n_s, documents = fixed[case]
+            dtype, with_documents, with_bias = torch.float64, False, False
+        n = n_s * world
+        torch.manual_seed(seed * 1000 + case)
+        q = torch.randn(b, h, n, 4, dtype=dtype)
+        k = torch.randn(b, h_kv, n, 4, dtype=dtype)
+        v = torch.randn(b, h_kv, n, 3, dtype=dtype)
+        grad = torch.randn(b, h, n, 3, dtype=dtype)
+        if with_documents:
+            documents = (torch.rand(rows, n) < rate).long().cumsum(dim=1) + offset
+        mask = torch.rand(mask_rows, n) < 0.75 if with_mask else None
+        sinks = torch.randn(h, dtype=dtype) if with_sinks else None
+        bias = None
+        if not isinstance(config["window_size"], tuple) and with_bias:
+            w, span = config["window_size"], config.get("look_backward", 1) + config.get("look_forward", 0) + 1
+            bias = torch.randn(h, w, span * w, dtype=dtype)
+        extras = [t for t in (sinks, bias) if t is not None]
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, *extras)]
+        named = dict(zip([name for name, t in (("sinks", sinks), ("attn_bias", bias)) if t is not None], leaves[3:]))
+        out = local_attention(*leaves[:3], mask=mask, documents=documents, backend="reference", **named, **config)
+        out.backward(grad)
+
+        parts = [shard(t, group, dim=2).detach().clone().requires_grad_() for t in (q, k, v)]
+        part_extras = {name: t.detach().clone().requires_grad_() for name, t in named.items()}
+        part_out = local_attention(*parts, mask=None if mask is None else shard(mask, group, dim=1),
+                                   documents=None if documents is None else shard(documents, group, dim=1),
+                                   group=group, **part_extras, **config)
+        part_out.backward(shard(grad, group, dim=2))
+        described = dict(config, n_s=n_s, world=world, dtype=str(dtype), case=case, kv_heads=h_kv,
+                         documents=None if documents is None else documents.tolist(),
+                         mask=mask is not None, sinks=sinks is not None, bias=bias is not None)
+        close_enough("output", part_out, shard(out, group, dim=2), dtype, described)
+        for name, leaf, part in zip("qkv", leaves, parts):
+            close_enough(f"grad {name}", part.grad, shard(leaf.grad, group, dim=2), dtype, described)
+        for name, part in part_extras.items():
+            close_enough(f"grad {name} (summed)", summed(part.grad), named[name].grad, dtype, described)
+        if documents is not None and config.get("sink_tokens", 0):
+            kinds.add("documents with sink tokens")
+        kinds.update(name for name, on in (("token window", isinstance(config["window_size"], tuple)),
+                                           ("softcap", "softcap" in config), ("sinks", sinks is not None),
+                                           ("documents", documents is not None),
+                                           ("sink tokens", config.get("sink_tokens", 0) > 0)) if on)
+    wanted = {"documents with sink tokens", "token window", "softcap", "sinks", "documents", "sink tokens"}
+    if count >= 24 and kinds != wanted:
+        raise AssertionError(f"the draw missed {wanted - kinds}")
+    close(rank)
+
+
+def modern_refusals(rank: int, world: int, init_file: str) -> None:
+    """Ranks that disagree on the modern options raise the same ValueError naming the argument on every
+    rank; ids that decrease across a shard boundary and shorter queries are refused on every rank."""
+    init(rank, world, init_file)
+    group = dist.group.WORLD
+    q = torch.randn(2, 6, 4)
+
+    def expect(argument: str, **call):
+        try:
+            local_attention(**{"q": q, "k": q, "v": q, "window_size": 2, **call}, group=group)
+        except ValueError as error:
+            if not str(error).startswith(argument):
+                raise AssertionError(f"the error should name {argument}: {error}") from None
+        else:
+            raise AssertionError(f"no ValueError naming {argument}")
+
+    ids = torch.zeros(1, 6, dtype=torch.long)
+    expect("sink_tokens", sink_tokens=rank)
+    expect("documents", documents=ids if rank else None)
+    expect("documents", documents=ids.expand(2, 6) if rank else ids)
+    expect("sinks", sinks=torch.zeros(2) if rank == 0 else None)
+    expect("softcap", softcap=1.0 + rank)
+    expect("softcap", softcap=None if rank else 2.0)
+    expect("window_size", window_size=(2, rank))
+    expect("window_size", window_size=(rank - 1, 1))
+    # non-decreasing within each shard, decreasing across the boundary: every rank refuses
+    expect("documents", documents=ids + (world - rank))
+    # shorter queries stay refused with a group, on every rank
+    expect("q", q=q[:, 2:], k=q, v=q)
+    out = local_attention(q, q, q, window_size=2, documents=ids + rank, sink_tokens=1, group=group)
+    if out.shape != q.shape:
+        raise AssertionError(out.shape)
+
+    # only halos and sink tokens travel: with one document over the whole sequence, the bytes sent do not
+    # depend on the shard length
+    sent = []
+    for n_s in (16, 64):
+        x = torch.randn(1, 2, n_s, 4, requires_grad=True)
+        traffic.reset()
+        local_attention(x, x, x, window_size=4, look_backward=2, causal=True, sink_tokens=2,
+                        documents=torch.zeros(1, n_s, dtype=torch.long), group=group).sum().backward()
+        sent.append((traffic.forward_bytes, traffic.backward_bytes))
+    # rank 0 sends forward the 11 keys a document's windows may reach ((look_backward + 1) * w - 1), 2 sink
+    # tokens (2 heads x (d + d_v) floats x 4 bytes each) and 11 ids and document starts (int64); rank 1
+    # sends the keys' and sink tokens' gradients back
+    halo, sink_tokens, ids = 11 * 2 * 8 * 4, 2 * 2 * 8 * 4, 11 * 2 * 8
+    expected = [(halo + sink_tokens + ids, 0), (0, halo + sink_tokens)][rank]
+    if sent[0] != sent[1] or sent[0] != expected:
+        raise AssertionError(f"rank {rank}: bytes sent (forward, backward) by shard length: {sent}, "
+                             f"expected {expected}")
+    close(rank)

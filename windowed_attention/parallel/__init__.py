@@ -2,8 +2,8 @@
 
 Rank `r` of a group of `R` holds the contiguous shard `[r * n_s, (r + 1) * n_s)` of the positions. The op,
 the modules and the transformer take `group=` and then compute exactly this rank's slice of the
-single-process result; between ranks only window halos travel, point to point (`plan`, `comm`,
-`attention`); the transformer's loss is the global mean (`loss`). `shard` and `gather` move whole
+single-process result; between ranks only window halos (and the sink tokens of documents that start
+before a rank's halo) travel, point to point (`plan`, `comm`, `attention`); the transformer's loss is the global mean (`loss`). `shard` and `gather` move whole
 tensors between the two views.
 """
 

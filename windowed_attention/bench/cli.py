@@ -356,7 +356,7 @@ def run(args) -> int:
 def main(argv=None) -> int:
     parser = Parser(prog="python -m windowed_attention.bench", description=__doc__)
     add_arguments(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, command="bench")
     return parser.run(argv)
 
 

@@ -225,9 +225,7 @@ def train(model_config: ModelConfig, config: TrainConfig, out: str | Path, *, re
     lock = RunLock(out)
     with StopSignal(announce=info.is_main) as stop:
         try:
-            _lock_run(lock, info, config.device)
-            if info.is_main and resume_step is None:
-                _claim_folder(out, overwrite)
+            _lock_run(lock, info, config.device, claim=None if resume_step is not None else overwrite)
             return _train(model_config, config, out, resume_step, progress and info.is_main, info, started, stop)
         except Interrupted as interrupted:
             if interrupted.message in ("SIGINT", "SIGTERM"):  # an abort in the loop: name the last checkpoint
@@ -279,14 +277,18 @@ def _remove_if_unsaved(out: Path) -> None:
             shutil.rmtree(out, ignore_errors=True)
 
 
-def _lock_run(lock: RunLock, info, device_type: str) -> None:
-    """Rank 0 takes the run folder's lock before anything is written there; when it cannot (another run
-    holds it, the folder cannot be written), every rank stops with that error."""
+def _lock_run(lock: RunLock, info, device_type: str, claim: bool | None = None) -> None:
+    """Rank 0 takes the run folder's lock before anything is written there and, for a new run (`claim`
+    not None: whether to overwrite), makes sure the folder holds no other run (`_claim_folder`); when it
+    cannot (another run holds it, the folder cannot be written, it holds a checkpoint), every rank stops
+    with that error."""
     error = None
     if info.is_main:
         try:
             lock.acquire()
-        except (RunFolderBusy, OSError) as caught:
+            if claim is not None:
+                _claim_folder(lock.folder, claim)
+        except (RunFolderBusy, RunFolderTaken, OSError) as caught:
             error = caught
     if distributed.any_rank(error is not None, info, distributed.device_for(device_type, info)):
         raise error if error is not None else RunFolderBusy(f"rank 0 could not lock the run folder {lock.folder}")

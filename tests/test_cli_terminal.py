@@ -346,6 +346,11 @@ def test_bench_never_replaces_earlier_results_and_removes_stale_plots(tmp_path, 
     assert json.loads((out / "results.json").read_text())["rows"]
     assert (out / "time_vs_n.png").is_file() and not (out / "memory_vs_n.png").exists()  # --no-memory: no plot
     assert "removed" in capsys.readouterr().err
+    if bench_cli.impls.installed("local-attention"):  # --headline checks that first
+        (out / "headline.json").write_text("{}\n")
+        assert cli.main(["bench", "--headline", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "headline.json" in err and "--overwrite" in err, err
 
 
 def test_bench_with_a_closed_stdout_saves_everything(tmp_path):

@@ -264,7 +264,7 @@ def _last_checkpoint(out: Path) -> str:
     try:
         return f"the last checkpoint is step {load_config(out)[2]} in {out} (continue with --resume)"
     except CheckpointError:
-        return f"no checkpoint was saved in {out}"
+        return "no checkpoint was saved"
 
 
 def _remove_if_unsaved(out: Path) -> None:

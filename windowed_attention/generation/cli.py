@@ -1,5 +1,7 @@
 """`windowed-attention generate`: load a checkpoint and stream sampled text to stdout, token by token;
-with `--prompts-file`, one line of output per line of the file, generated in batches."""
+with `--prompts-file`, one line of output per line of the file, generated in batches, escaped so that
+each line's bytes can be recovered (`unescape`). Output never shows raw control characters and never
+fails on a console that is not UTF-8 (see `Escaper`)."""
 
 from __future__ import annotations
 
@@ -113,7 +115,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--checkpoint", default="runs/latest", help="run folder written by `train` (default: %(default)s)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prime", default=None,
-                        help="text to continue (default: a newline); streams the text, then the continuation")
+                        help="text to continue (default: a newline); streams the text, then the continuation, with "
+                             "bytes that are not UTF-8, control characters other than newline, tab and carriage "
+                             "return, and characters stdout cannot show written as \\xNN (one per byte)")
     source.add_argument("--prompts-file", default=None, metavar="FILE",
                         help="continue every line of FILE (bytes; UTF-8 text usually) instead of --prime; prints "
                              "one line per prompt: the prompt, then its continuation, with a backslash written "

@@ -2,7 +2,9 @@
 
 Flags left out take the quickstart defaults (`config.py`). With `--resume` the run's configuration comes
 from the checkpoint in `--out`; flags given on the command line may change how the run is driven
-(`--steps`, `--eval-every`, ...) but not what it trains (model, data, optimizer): those must match.
+(`--steps`, `--eval-every`, `--compile`/`--no-compile`, ...) but not what it trains (model, data,
+optimizer): those must match. A new run refuses an `--out` that holds a checkpoint unless `--overwrite`.
+Ctrl-C: see `trainer.StopSignal`.
 """
 
 from __future__ import annotations

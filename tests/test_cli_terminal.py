@@ -149,12 +149,14 @@ def test_signals_during_start_up_are_one_line_and_leave_no_new_folder(tmp_path, 
     assert not {p.name for p in existing.iterdir()} - {"notes.txt", ".run.lock"}
 
 
-def test_first_ctrl_c_says_so_and_saves_a_second_aborts_after_the_save(tmp_path, corpus):
+@pytest.mark.parametrize("during", ["save_checkpoint", "plot_metrics"])
+def test_first_ctrl_c_says_so_and_saves_a_second_aborts_after_the_save(tmp_path, corpus, during):
     """The first Ctrl-C says at once that it saves, and saves without evaluating; a second one during
-    that save lets the save finish, then ends with one line naming the checkpoint, exit 130."""
+    that save lets the save finish (or, during the loss plot, stops it), then ends with one line naming
+    the checkpoint, exit 130."""
     out = tmp_path / "run"
     marker = tmp_path / "saving"
-    proc = blocked_process(marker, "windowed_attention.training.trainer", "save_checkpoint",
+    proc = blocked_process(marker, "windowed_attention.training.trainer", during,
                            "train", "--out", str(out), "--data", str(corpus), *TINY, "--steps", "100000",
                            "--log-every", "1", "--eval-every", "1", "--save-every", "100000")
     deadline = time.monotonic() + 180
@@ -163,7 +165,7 @@ def test_first_ctrl_c_says_so_and_saves_a_second_aborts_after_the_save(tmp_path,
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     wait_for(marker, proc)
-    proc.send_signal(signal.SIGINT)  # during the save
+    proc.send_signal(signal.SIGINT)  # during the save (or the plot)
     time.sleep(0.5)
     Path(str(marker) + ".go").touch()
     _, err = proc.communicate(timeout=120)

@@ -60,10 +60,10 @@ def test_generate_prompts_file_one_line_per_prompt(trained, tmp_path, capsys):
     assert lines[-1] == "" and len(lines) == 5
     for line, prompt in zip(lines, ["hello", "windowed attention", "x", "a\\\\b"]):
         assert line.startswith(prompt)
-    assert generate_cli.main([*common, "--prime", "windowed attention"]) == 0
-    alone = capsys.readouterr().out[:-1]
-    escaped = alone.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
-    assert lines[1] == escaped
+    single = tmp_path / "single.txt"
+    single.write_text("windowed attention\n", encoding="utf-8")
+    assert generate_cli.main([*common, "--prompts-file", str(single)]) == 0
+    assert lines[1] + "\n" == capsys.readouterr().out
 
 
 def test_generate_cache_dtype_reaches_the_engine(trained, tmp_path, capsys, monkeypatch):

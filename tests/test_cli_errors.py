@@ -121,7 +121,7 @@ def test_bad_data_files_are_one_line_exit_2(tmp_path, capsys):
     truncated = tmp_path / "truncated.gz"
     truncated.write_bytes(gzip.compress(b"some text to train on " * 500)[:60])
     cases = [(empty, "empty"), (corrupt, "gzip"), (truncated, "gzip"), (tmp_path / "missing.txt", "not found"),
-             (tmp_path, "not found")]
+             (tmp_path, "is a directory")]
     for path, word in cases:
         code, err = run_main(capsys, "train", "--out", str(tmp_path / "run"), "--data", str(path), *TINY)
         assert code == 2, path

@@ -27,7 +27,18 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return build_parser().run(argv)
+    from .cli_types import guarded
+
+    # the subcommands' imports (torch) take seconds: a Ctrl-C then is one line too
+    try:
+        parser = build_parser()
+    except KeyboardInterrupt:
+        return guarded("", _raise_interrupt)
+    return parser.run(argv)
+
+
+def _raise_interrupt():
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

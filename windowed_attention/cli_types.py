@@ -8,6 +8,7 @@ finite (no `inf`, no `nan`) and within the flag's range.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import sys
@@ -25,12 +26,90 @@ class Parser(argparse.ArgumentParser):
 
     def run(self, argv: list[str] | None = None) -> int:
         """Parse `argv` and run the chosen command (`args.run`); the exit code, also for a bad flag (2)
-        or `--help` (0), so that in-process callers get a code instead of `SystemExit`."""
+        or `--help` (0), so that in-process callers get a code instead of `SystemExit`. Ctrl-C anywhere in
+        a command is one line and 130; a closed stdout ends quietly."""
+        tolerant_console()
         try:
             args = self.parse_args(argv)
         except SystemExit as exit:
             return exit.code if isinstance(exit.code, int) else 2
-        return args.run(args) or 0
+        return guarded(args.command if getattr(args, "command", None) else self.prog.split()[-1],
+                       lambda: args.run(args))
+
+
+def guarded(command: str, body) -> int:
+    """`body()`'s exit code; Ctrl-C (or SIGTERM's `Interrupted`) is one line and 130 (143), a closed
+    stdout ends the command quietly (what was written stays written)."""
+    try:
+        return body() or 0
+    except Interrupted as stop:
+        say(sys.stderr, f"{_name(command)}: {stop.message or 'interrupted'}\n")
+        return stop.code
+    except KeyboardInterrupt:
+        say(sys.stderr, f"{_name(command)}: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        silence(sys.stdout)
+        return 0
+
+
+def _name(command: str) -> str:
+    return f"windowed-attention {command}" if command else "windowed-attention"
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run ended by a signal before it could finish: `message` (one line) and the exit `code`
+    (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str = "", code: int = 130):
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
+def tolerant_console() -> None:
+    """stdout and stderr write what their encoding cannot show as backslash escapes instead of raising
+    (an ASCII or Latin-1 console never ends a command)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if getattr(stream, "errors", "strict") == "strict":
+                stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):
+            pass
+
+
+def silence(stream) -> None:
+    """Point `stream`'s descriptor at the null device: a closed pipe (the reader quit) swallows the rest of
+    the output, including what is still buffered and Python's flush at exit."""
+    try:
+        fd = stream.fileno()
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
+    except (AttributeError, ValueError, OSError):
+        pass
+
+
+def say(stream, text: str) -> bool:
+    """Write `text` to `stream` and flush, whatever happens: characters its encoding cannot show become
+    backslash escapes, and a closed pipe silences the stream for good (False) instead of raising."""
+    try:
+        try:
+            stream.write(text)
+        except UnicodeEncodeError:
+            encoding = getattr(stream, "encoding", None) or "ascii"
+            stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
+        stream.flush()
+        return True
+    except BrokenPipeError:
+        silence(stream)
+        return False
+    except OSError as error:
+        if error.errno in (errno.EPIPE, errno.EINVAL):
+            silence(stream)
+            return False
+        raise
+    except ValueError:  # a closed file object
+        return False
 
 
 def integer(minimum: int = 0, maximum: int = INT64_MAX):

@@ -4,8 +4,10 @@ Sweep (default): N in 1k..64k, W in {64, 256, 1024}, forward and fwd+bwd, for ou
 CPU kernel), ours-sdpa (our `sdpa` backend), local-attention,
 dense SDPA with a band mask (skipped when N > --dense-max) and compiled FlexAttention (forward only
 on CPU; skipped when compiling fails). Writes `results.json` and PNG plots to `--out` (default
-`runs/bench`; `--out benchmarks` replaces the committed figures). Every implementation or point left out
-is named with the reason, on stderr and in `results.json`.
+`runs/bench`), then prints the table. A folder that already holds results or plots is refused unless
+`--overwrite` (which also removes plots this run does not draw; `--out benchmarks --overwrite` replaces
+the committed figures). Every implementation or point left out is named with the reason, on stderr and in
+`results.json`.
 `--quick`: about a minute on an idle 2-core CPU (N = 2k and 8k, W = 256, memory at 8k only, dense SDPA
 at 2k only, no compiled Flex).
 `--headline`: the README's figures (interleaved medians, side by side) into `headline.json`.
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..cli_types import Parser, say
 from . import headline, impls, measure
 
 SIZES = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
@@ -68,8 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.error = _one_line_error(parser.prog)
     pos, nonneg = _int_at_least(1), _int_at_least(0)
     parser.add_argument("--out", default="runs/bench",
-                        help="folder for results.json, headline.json and the plots (default: %(default)s; "
-                             "--out benchmarks replaces the committed figures)")
+                        help="folder for results.json, headline.json and the plots (default: %(default)s); a folder "
+                             "that already holds them is refused unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results and plots already in --out, and remove plots this run does not "
+                             "draw (--out benchmarks --overwrite replaces the committed figures)")
     parser.add_argument("--quick", action="store_true",
                         help="about a minute: N = 2k and 8k, W = 256, memory at the largest N only, dense SDPA at 2k only, "
                              "no compiled Flex")
@@ -107,6 +113,18 @@ def check_args(args) -> None:
         raise ValueError(f"--out {out}: cannot create the folder ({error.strerror})") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out} is not writable")
+    existing = [name for name in _outputs(args) if (out / name).exists()]
+    if existing and not args.overwrite:
+        raise ValueError(f"--out {out} already holds {', '.join(existing)} of an earlier run; choose another --out, "
+                         "or pass --overwrite to replace them")
+
+
+PLOTS = ("time_vs_n.png", "memory_vs_n.png")
+
+
+def _outputs(args) -> list[str]:
+    """The files this mode writes into --out (an earlier run's are refused without --overwrite)."""
+    return ["headline.json"] if args.headline else ["results.json", *PLOTS]
 
 
 def busy_warning() -> str | None:
@@ -202,14 +220,19 @@ def print_table(rows) -> None:
               f"{'-' if mem is None else f'{mem:.0f}':>8}")
 
 
+def _size_label(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
 def plot(rows, out: Path) -> list[str]:
     """`time_vs_n.png` and `memory_vs_n.png`: one panel per W, one colour per implementation (solid fwd+bwd,
-    dashed fwd), the legend in one row below the panels, off the data."""
+    dashed fwd), every measured N labelled on the x axis, the legend below the panels in as many rows as
+    the figure's width needs. Each file is drawn aside and moved into place."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401
+    from matplotlib import ticker
     from matplotlib.lines import Line2D
 
     written = []
@@ -219,25 +242,49 @@ def plot(rows, out: Path) -> list[str]:
         windows = sorted({r["w"] for r in rows if r.get(key) is not None})
         if not windows:
             continue
-        fig, axes = plt.subplots(1, len(windows), figsize=(5 * len(windows), 4.2), squeeze=False)
+        shown = [impl for impl in names if any(r["impl"] == impl and r.get(key) is not None for r in rows)]
+        handles = [Line2D([], [], color=colours[impl], marker="o", label=impl) for impl in shown]
+        handles += [Line2D([], [], color="grey", linestyle="-", marker="o", label="fwd+bwd"),
+                    Line2D([], [], color="grey", linestyle="--", marker="o", markerfacecolor="white", label="fwd")]
+        width = max(5.0 * len(windows), 6.0)
+        # a legend entry at 8 pt: the handle, a gap, about 0.075 in per character
+        entry = 0.6 + 0.065 * max(len(h.get_label()) for h in handles)
+        ncol = max(1, min(len(handles), int((width - 0.4) // entry)))
+        legend_rows = -(-len(handles) // ncol)
+        legend_height = 0.2 + 0.2 * legend_rows
+        height = 4.0 + legend_height
+        fig, axes = plt.subplots(1, len(windows), figsize=(width, height), squeeze=False)
         for ax, w in zip(axes[0], windows):
+            sizes = set()
             for impl in names:
                 for backward, style in ((False, "--"), (True, "-")):
                     pts = [(r["n"], r[key]) for r in rows if r["impl"] == impl and r["w"] == w
                            and r["backward"] == backward and r.get(key) is not None]
-                    if pts:
-                        ax.plot(*zip(*pts), style, marker="o", color=colours[impl])
+                    if pts:  # fwd hollow, fwd+bwd filled: told apart also where a line is one point
+                        ax.plot(*zip(*pts), style, marker="o", color=colours[impl],
+                                markerfacecolor=colours[impl] if backward else "white")
+                        sizes.update(n for n, _ in pts)
             ax.set(xscale="log", yscale="log", xlabel="sequence length N", ylabel=label, title=f"W = {w}")
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        shown = [impl for impl in names if any(r["impl"] == impl and r.get(key) is not None for r in rows)]
-        handles = [Line2D([], [], color=colours[impl], marker="o", label=impl) for impl in shown]
-        handles += [Line2D([], [], color="grey", linestyle="-", label="fwd+bwd"),
-                    Line2D([], [], color="grey", linestyle="--", label="fwd")]
-        fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-        fig.tight_layout(rect=(0, 0.07, 1, 1))
+            # the measured lengths are the ticks: labelled whatever their span (one decade has no major tick)
+            ax.xaxis.set_major_locator(ticker.FixedLocator(sorted(sizes)))
+            ax.xaxis.set_major_formatter(ticker.FixedFormatter([_size_label(n) for n in sorted(sizes)]))
+            ax.xaxis.set_minor_locator(ticker.NullLocator())
+            if sizes and max(sizes) == min(sizes):
+                ax.set_xlim(min(sizes) / 1.5, max(sizes) * 1.5)
+            # plain numbers (600, not 6x10^2); within a decade or two the minor ticks are labelled too
+            ax.yaxis.set_major_formatter(ticker.LogFormatter())
+            ax.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+            ax.grid(alpha=0.3, which="both")
+        fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, legend_height / height, 1, 1))
         path = out / f"{name}_vs_n.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        partial = out / f".{name}_vs_n.partial.png"
+        try:
+            fig.savefig(partial, dpi=110)
+            os.replace(partial, path)
+        finally:
+            plt.close(fig)
+            partial.unlink(missing_ok=True)
         written.append(str(path))
     return written
 
@@ -272,38 +319,45 @@ def run(args) -> int:
     out = Path(args.out)
     busy = busy_warning()
     if busy:
-        print(busy, file=sys.stderr)
+        say(sys.stderr, busy + "\n")
     if args.headline:
         result = headline.run(train=not args.no_train)
         result["environment"] = environment()
-        (out / "headline.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "headline.json").write_text(json.dumps(result, indent=2) + "\n")  # saved before anything is printed
+        say(sys.stderr, f"wrote {out / 'headline.json'}\n")
         headline.report(result)
-        print("wrote", out / "headline.json")
         return 0
     _, skipped = _points(args)
     for reason in skipped:  # known before measuring: said at once
-        print(f"skipped {reason}", file=sys.stderr)
+        say(sys.stderr, f"skipped {reason}\n")
     known = len(skipped)
     rows, peak = sweep(args, skipped)
     for reason in skipped[known:]:
-        print(f"skipped {reason}", file=sys.stderr)
-    print_table(rows)
+        say(sys.stderr, f"skipped {reason}\n")
     environment_info = environment()
     environment_info["busy_warning"] = busy or busy_warning()
+    # results and plots are saved before the table is printed: a closed stdout cannot lose them
     (out / "results.json").write_text(json.dumps(
         dict(environment=environment_info, matmul_peak_gflops=peak,
              shapes="B=1 H=8 D=64 causal look_backward=1 fp32", memory_method=measure.__doc__.strip(),
              skipped=skipped, rows=rows), indent=2) + "\n")
-    print("wrote", out / "results.json")
-    for path in plot(rows, out):
-        print("wrote", path)
+    written = [str(out / "results.json"), *plot(rows, out)]
+    for name in PLOTS:  # a plot this run does not draw (no memory measured) must not pass for one of its own
+        if str(out / name) not in written and (out / name).exists():
+            (out / name).unlink()
+            say(sys.stderr, f"removed {out / name} of an earlier run (this run does not draw it)\n")
+    for path in written:
+        say(sys.stderr, f"wrote {path}\n")
+    print_table(rows)
+    sys.stdout.flush()
     return 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m windowed_attention.bench", description=__doc__)
+    parser = Parser(prog="python -m windowed_attention.bench", description=__doc__)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    parser.set_defaults(run=run, command="bench")
+    return parser.run(argv)
 
 
 if __name__ == "__main__":

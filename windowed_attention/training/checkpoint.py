@@ -69,7 +69,8 @@ def _sha256(data: bytes) -> str:
 
 
 def save_checkpoint(out: str | Path, *, model: torch.nn.Module, model_config: ModelConfig,
-                    train_config: TrainConfig | None, step: int, trainer_state: dict | None) -> None:
+                    train_config: TrainConfig | None, step: int, trainer_state: dict | None,
+                    run_id: str | None = None) -> None:
     """Write the checkpoint of `step` into `out` atomically (see the module docstring). Without a
     `trainer_state` (a model saved from Python: `runs.save_run`) there is no `trainer_state.pt`, and the run
     cannot be resumed."""
@@ -81,6 +82,8 @@ def save_checkpoint(out: str | Path, *, model: torch.nn.Module, model_config: Mo
 
     config = {"format_version": FORMAT_VERSION, "step": step, "model": to_dict(model_config),
               "train": None if train_config is None else to_dict(train_config)}
+    if run_id is not None:  # the run that saved it (metrics.jsonl's records carry the same id)
+        config["run_id"] = run_id
     weights = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     contents = {WEIGHTS: save_safetensors_bytes(weights, metadata={"step": str(step)})}
     if trainer_state is not None:
@@ -230,6 +233,25 @@ def load_config(folder: str | Path) -> tuple[ModelConfig, TrainConfig | None, in
     saved from Python, not trained by `train`)."""
     with reading(folder) as snapshot:
         return _parse_config(snapshot)
+
+
+def load_run_id(folder: str | Path) -> str | None:
+    """The id of the run that saved the checkpoint in `folder` (None for one saved before run ids, or from
+    Python)."""
+    with reading(folder) as snapshot:
+        _parse_config(snapshot)
+        run_id = json.loads(snapshot.read(CONFIG).decode()).get("run_id")
+    return run_id if isinstance(run_id, str) else None
+
+
+def remove_checkpoint(folder: str | Path) -> None:
+    """Delete the checkpoint in `folder` (config.json first: what is left is no longer a checkpoint)."""
+    folder = Path(folder)
+    with locks.publishing(folder):
+        shutil.rmtree(folder / STAGING, ignore_errors=True)
+        for name in (CONFIG, SUMS, WEIGHTS, STATE):
+            (folder / name).unlink(missing_ok=True)
+        _fsync_dir(folder)
 
 
 def load_weights(folder: str | Path, model: torch.nn.Module, step: int) -> None:

@@ -2,7 +2,9 @@
 
 Flags left out take the quickstart defaults (`config.py`). With `--resume` the run's configuration comes
 from the checkpoint in `--out`; flags given on the command line may change how the run is driven
-(`--steps`, `--eval-every`, ...) but not what it trains (model, data, optimizer): those must match.
+(`--steps`, `--eval-every`, `--compile`/`--no-compile`, ...) but not what it trains (model, data,
+optimizer): those must match. A new run refuses an `--out` that holds a checkpoint unless `--overwrite`.
+Ctrl-C: see `trainer.StopSignal`.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import argparse
 import sys
 from dataclasses import fields, replace
 
-from ..cli_types import SEED_MAX, Parser, fail, integer, is_out_of_memory, real
+from ..cli_types import SEED_MAX, Parser, fail, integer, is_out_of_memory, real, say
 from .checkpoint import CheckpointError, has_checkpoint, load_config
 from .config import RUN_CONTROL, ModelConfig, TrainConfig, resolve_path
-from .locks import RunFolderBusy, in_use
+from .locks import RunFolderBusy
+from .metrics import MetricsMismatch
 
 # flag -> (config, field)
 MODEL_FLAGS = {"dim": "dim", "depth": "depth", "heads": "heads", "dim_head": "dim_head",
@@ -61,10 +64,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--sample-length", type=nonneg, help=f"bytes sampled at each evaluation (default: {d_train.sample_length})")
     add("--precision", choices=["fp32", "bf16"], help="fp32, or bf16 autocast (default: fp32)")
     add("--device", choices=["cpu", "cuda"], help="cpu or cuda (default: cpu)")
-    add("--compile", action="store_true", default=None, help="torch.compile the model")
+    add("--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="torch.compile the model (default: no; a resumed run keeps its setting unless given)")
     add("--context-parallel", type=pos, help="under torchrun: ranks that split each sequence (it divides the "
                                              "number of processes; the rest are data-parallel; default: 1)")
-    add("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start a new run in an --out that holds another run's checkpoint, deleting that run "
+                            "(its checkpoint, metrics.jsonl and loss.png); without it such a folder is refused")
     add("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -103,7 +111,7 @@ def configs_from_args(args) -> tuple[ModelConfig, TrainConfig, int | None]:
 
 
 def run(args) -> int:
-    from .trainer import train  # torch-heavy imports only when the command runs
+    from .trainer import RunFolderTaken, train  # torch-heavy imports only when the command runs
 
     try:
         model_config, train_config, resume_step = configs_from_args(args)
@@ -112,11 +120,9 @@ def run(args) -> int:
 
             if not torch.cuda.is_available():
                 raise ValueError("--device cuda: CUDA is not available on this machine")
-        if resume_step is None and has_checkpoint(args.out) and not in_use(args.out):
-            print(f"note: {args.out} holds a checkpoint; starting a new run over it (use --resume to continue it)",
-                  file=sys.stderr)
-        result = train(model_config, train_config, args.out, resume_step=resume_step, progress=not args.no_progress)
-    except (CheckpointError, RunFolderBusy, ValueError, TypeError, OSError) as error:
+        result = train(model_config, train_config, args.out, resume_step=resume_step, progress=not args.no_progress,
+                       overwrite=args.overwrite)
+    except (CheckpointError, RunFolderBusy, RunFolderTaken, MetricsMismatch, ValueError, TypeError, OSError) as error:
         return fail("train", error)
     except (MemoryError, RuntimeError) as error:
         if not is_out_of_memory(error):
@@ -125,13 +131,13 @@ def run(args) -> int:
     if not result.main:  # under torchrun rank 0 reports the run
         return 130 if result.stopped_by == "SIGINT" else 143 if result.stopped_by else 0
     if result.stopped_by is not None:
-        print(f"stopped by {result.stopped_by} at step {result.step}; checkpoint saved in {args.out} "
-              "(continue with --resume)", file=sys.stderr)
+        say(sys.stderr, f"stopped by {result.stopped_by} at step {result.step}; checkpoint saved in {args.out} "
+                        "(continue with --resume)\n")
         return 130 if result.stopped_by == "SIGINT" else 143
     summary = f"done: step {result.step} in {result.seconds:.0f} s"
     if result.val_bpc is not None:
         summary += f", validation {result.val_bpc:.3f} bits/byte"
-    print(f"{summary}; checkpoint in {args.out}", file=sys.stderr)
+    say(sys.stderr, f"{summary}; checkpoint in {args.out}\n")
     return 0
 
 

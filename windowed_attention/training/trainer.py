@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
+import shutil
 import signal
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +30,13 @@ from ..generation import generate
 from ..ops import backends
 from ..ops.call import AttentionCall
 from . import distributed
-from .checkpoint import load_trainer_state, load_weights, save_checkpoint
+from ..cli_types import Interrupted, say
+from .checkpoint import (CheckpointError, has_checkpoint, load_config, load_run_id, load_trainer_state, load_weights,
+                         remove_checkpoint, save_checkpoint)
 from .config import ModelConfig, TrainConfig
 from .data import BatchSampler, decode_bytes, eval_batches, load_corpus
 from .locks import RunFolderBusy, RunLock
-from .metrics import MetricsLog, bits_per_byte, plot_metrics
+from .metrics import METRICS, PLOT, MetricsLog, bits_per_byte, plot_metrics
 
 
 @dataclass
@@ -144,17 +149,51 @@ def opening_line(model: torch.nn.Module, corpus, config: TrainConfig, device: to
 
 
 class StopSignal:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (the step finishes, the run
-    saves and stops); a second signal of the same kind raises KeyboardInterrupt at once."""
+    """SIGINT/SIGTERM during a run. Before the loop starts (`armed` False) a signal stops at once
+    (`Interrupted`). In the loop the first one sets a flag the loop checks after each step (the step
+    finishes, the run saves, skips its evaluation and sample, and stops) and says so at once on stderr;
+    a second one aborts (`Interrupted`), except while a checkpoint is being saved: then the save finishes
+    first."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.received: str | None = None
+        self.armed = False
+        self.next_step = 0  # the step a first signal now would save
+        self._announce = announce
+        self._saving = 0
+        self._abort_after_save: str | None = None
         self._previous = {}
 
+    @staticmethod
+    def _code(name: str) -> int:
+        return 130 if name == "SIGINT" else 143
+
     def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if not self.armed:
+            raise Interrupted(f"{name} during start-up: stopped, nothing saved", self._code(name))
         if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
+            if self._saving:
+                self._abort_after_save = name
+                return
+            raise Interrupted(name, self._code(name))
+        self.received = name
+        if self._announce:
+            again = "Ctrl-C again to abort" if name == "SIGINT" else "a second signal aborts"
+            with contextlib.suppress(OSError):  # os.write: safe inside a handler, even mid-print
+                os.write(2, f"\nstopping ({name}): saving a checkpoint at step {self.next_step}; {again}\n".encode())
+
+    @contextlib.contextmanager
+    def saving(self):
+        """A checkpoint save: a second signal waits until it is complete."""
+        self._saving += 1
+        try:
+            yield
+        finally:
+            self._saving -= 1
+        if not self._saving and self._abort_after_save is not None:
+            name, self._abort_after_save = self._abort_after_save, None
+            raise Interrupted(name, self._code(name))
 
     def __enter__(self):
         with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
@@ -168,37 +207,94 @@ class StopSignal:
 
 
 def train(model_config: ModelConfig, config: TrainConfig, out: str | Path, *, resume_step: int | None = None,
-          progress: bool = True) -> TrainResult:
-    """Train (or, with `resume_step`, continue from the checkpoint in `out`) until `config.steps`."""
+          progress: bool = True, overwrite: bool = False) -> TrainResult:
+    """Train (or, with `resume_step`, continue from the checkpoint in `out`) until `config.steps`.
+
+    A new run refuses a folder that holds a checkpoint (`RunFolderTaken`) unless `overwrite`, which
+    removes the old run's checkpoint, metrics and plot first. A folder this call created and never saved
+    a checkpoint into (an error or a signal before the first save) is removed again. A signal raises
+    `Interrupted` (see `StopSignal`) unless the run saved and stopped (`TrainResult.stopped_by`)."""
     started = time.perf_counter()
     if config.seq_len % config.context_parallel:
         raise ValueError(f"--seq-len {config.seq_len} must divide by --context-parallel {config.context_parallel}")
     if config.compile and config.context_parallel > 1:
         raise ValueError("--compile cannot be combined with --context-parallel (the halo exchange is not compiled)")
+    out = Path(out)
+    created = not out.exists()
     info = distributed.setup(config.device, config.context_parallel)
     lock = RunLock(out)
+    with StopSignal(announce=info.is_main) as stop:
+        try:
+            _lock_run(lock, info, config.device, claim=None if resume_step is not None else overwrite)
+            return _train(model_config, config, out, resume_step, progress and info.is_main, info, started, stop)
+        except Interrupted as interrupted:
+            if interrupted.message in ("SIGINT", "SIGTERM"):  # an abort in the loop: name the last checkpoint
+                raise Interrupted(f"aborted by a second {interrupted.message}; {_last_checkpoint(out)}",
+                                  interrupted.code) from None
+            raise
+        finally:
+            lock.release()
+            if created and info.is_main:
+                _remove_if_unsaved(out)
+            distributed.teardown(info)
+
+
+class RunFolderTaken(Exception):
+    """A new run was started in a folder that holds another run's checkpoint."""
+
+
+def _claim_folder(out: Path, overwrite: bool) -> None:
+    """Make `out` (locked) hold no other run: refuse a folder with a checkpoint, or with `overwrite`
+    remove that run's checkpoint first, then its metrics and plot."""
+    if not has_checkpoint(out):
+        return
+    if not overwrite:
+        try:
+            what = f"the checkpoint of step {load_config(out)[2]}"
+        except CheckpointError:
+            what = "a checkpoint"
+        raise RunFolderTaken(f"{out} holds {what} of another run; continue it with --resume, replace it with "
+                             "--overwrite, or choose another --out")
+    remove_checkpoint(out)
+    for name in (METRICS, PLOT):
+        (out / name).unlink(missing_ok=True)
+
+
+def _last_checkpoint(out: Path) -> str:
     try:
-        _lock_run(lock, info, config.device)
-        return _train(model_config, config, Path(out), resume_step, progress and info.is_main, info, started)
-    finally:
-        lock.release()
-        distributed.teardown(info)
+        return f"the last checkpoint is step {load_config(out)[2]} in {out} (continue with --resume)"
+    except CheckpointError:
+        return "no checkpoint was saved"
 
 
-def _lock_run(lock: RunLock, info, device_type: str) -> None:
-    """Rank 0 takes the run folder's lock before anything is written there; when it cannot (another run
-    holds it, the folder cannot be written), every rank stops with that error."""
+def _remove_if_unsaved(out: Path) -> None:
+    """Remove the run folder `out` (created by this run) if it holds no checkpoint, only what a run
+    writes before its first save."""
+    with contextlib.suppress(OSError):
+        if has_checkpoint(out):
+            return
+        if {p.name for p in out.iterdir()} <= {".run.lock", ".checkpoint.lock", ".staging", METRICS, PLOT}:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def _lock_run(lock: RunLock, info, device_type: str, claim: bool | None = None) -> None:
+    """Rank 0 takes the run folder's lock before anything is written there and, for a new run (`claim`
+    not None: whether to overwrite), makes sure the folder holds no other run (`_claim_folder`); when it
+    cannot (another run holds it, the folder cannot be written, it holds a checkpoint), every rank stops
+    with that error."""
     error = None
     if info.is_main:
         try:
             lock.acquire()
-        except (RunFolderBusy, OSError) as caught:
+            if claim is not None:
+                _claim_folder(lock.folder, claim)
+        except (RunFolderBusy, RunFolderTaken, OSError) as caught:
             error = caught
     if distributed.any_rank(error is not None, info, distributed.device_for(device_type, info)):
         raise error if error is not None else RunFolderBusy(f"rank 0 could not lock the run folder {lock.folder}")
 
 
-def _train(model_config, config, out, resume_step, progress, info, started) -> TrainResult:
+def _train(model_config, config, out, resume_step, progress, info, started, stop: StopSignal) -> TrainResult:
     device = distributed.device_for(config.device, info)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -214,7 +310,9 @@ def _train(model_config, config, out, resume_step, progress, info, started) -> T
     model = model_config.build().to(device)
     optimizer = make_optimizer(model, config)
     step = 0
+    run_id = uuid.uuid4().hex[:16]  # ties metrics.jsonl to its checkpoint
     if resume_step is not None:
+        run_id = load_run_id(out) or run_id
         load_weights(out, model, resume_step)
         state = load_trainer_state(out, resume_step)
         optimizer.load_state_dict(state["optimizer"])
@@ -229,71 +327,78 @@ def _train(model_config, config, out, resume_step, progress, info, started) -> T
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
+    metrics = MetricsLog(out, resume_step, run_id) if info.is_main else None
     if info.is_main:
-        print(opening_line(model, corpus, config, device, info), file=sys.stderr, flush=True)
-    metrics = MetricsLog(out, resume_step) if info.is_main else None
+        say(sys.stderr, opening_line(model, corpus, config, device, info) + "\n")
     tokens_per_step = config.batch_size * config.grad_accum * info.dp_size * config.seq_len
 
     def checkpoint():
         if info.is_main:
             state = {"optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(), "rng": rng_state()}
-            save_checkpoint(out, model=model, model_config=model_config, train_config=config, step=step,
-                            trainer_state=state)
+            with stop.saving():
+                save_checkpoint(out, model=model, model_config=model_config, train_config=config, step=step,
+                                trainer_state=state, run_id=run_id)
         distributed.barrier(info)
+
+    def show(text: str) -> None:  # stdout, around the progress bar; a closed stdout never ends the run
+        with tqdm.external_write_mode(file=sys.stdout):
+            say(sys.stdout, text + "\n")
 
     bar = tqdm(total=config.steps, initial=step, disable=not progress, dynamic_ncols=True, unit="step")
     result = TrainResult(step, None, None, None, 0.0, main=info.is_main)
-    with StopSignal() as stop:
-        while step < config.steps:
-            tick = time.perf_counter()
-            lr = learning_rate(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+    stop.next_step, stop.armed = step + 1, True
+    while step < config.steps:
+        tick = time.perf_counter()
+        lr = learning_rate(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
 
-            # one optimizer step over grad_accum micro-batches; gradients sync on the last one only
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(config.grad_accum):
-                batch = sampler.next().to(device)
-                sync = micro == config.grad_accum - 1 or not info.enabled
-                with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
-                    loss = batch_loss(train_model, batch, info, model.ignore_index)
-                # each rank's gradient is its share of its sequences'; DDP averages over all ranks, so the
-                # context_parallel factor makes that the mean over data-parallel rows of the sums over shards
-                (loss * info.context_parallel / config.grad_accum).backward()
-                loss_sum += loss.detach().float()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+        # one optimizer step over grad_accum micro-batches; gradients sync on the last one only
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(config.grad_accum):
+            batch = sampler.next().to(device)
+            sync = micro == config.grad_accum - 1 or not info.enabled
+            with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
+                loss = batch_loss(train_model, batch, info, model.ignore_index)
+            # each rank's gradient is its share of its sequences'; DDP averages over all ranks, so the
+            # context_parallel factor makes that the mean over data-parallel rows of the sums over shards
+            (loss * info.context_parallel / config.grad_accum).backward()
+            loss_sum += loss.detach().float()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
 
-            train_loss = distributed.mean(loss_sum / config.grad_accum, info).item()
-            result.step, result.train_loss = step, train_loss
-            elapsed = time.perf_counter() - tick
-            bar.update(1)
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
+        train_loss = distributed.mean(loss_sum / config.grad_accum, info).item()
+        result.step, result.train_loss = step, train_loss
+        elapsed = time.perf_counter() - tick
+        bar.update(1)
+        bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
 
-            stopped = distributed.any_rank(stop.received is not None, info, device)
-            last = step == config.steps or stopped
-            record = {"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
-                      "tokens": step * tokens_per_step}
-            if info.dp_rank == 0 and (step % config.eval_every == 0 or last):  # the first mesh row evaluates
-                val_loss = evaluate(model, val_batches, device, autocast, info)
-            if info.is_main and (step % config.eval_every == 0 or last):
-                record.update(val_loss=val_loss, val_bpc=bits_per_byte(val_loss))
-                result.val_loss, result.val_bpc = val_loss, record["val_bpc"]
-                bar.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
-                          f"val {record['val_bpc']:.3f} bits/byte")
-                if config.sample_length > 0:
-                    text = sample_text(model, prime, config.sample_length, config.seed + step, device)
-                    bar.write(f"--- sample after {decode_bytes(prime.tolist())!r} ---\n{text}\n---")
-            if info.is_main and (step % config.log_every == 0 or "val_loss" in record or last):
-                record["elapsed_s"] = round(time.perf_counter() - started, 3)
-                metrics.log(record)
-            if step % config.save_every == 0 or last:
-                checkpoint()
-            if stopped:
-                result.stopped_by = stop.received or "signal"
-                break
+        stopped = distributed.any_rank(stop.received is not None, info, device)
+        stop.next_step = step if stopped else step + 1  # a signal from now on: after the next step
+        last = step == config.steps
+        record = {"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
+                  "tokens": step * tokens_per_step}
+        evaluating = (step % config.eval_every == 0 or last) and not stopped  # a stop saves first, at once
+        if info.dp_rank == 0 and evaluating:  # the first mesh row evaluates
+            val_loss = evaluate(model, val_batches, device, autocast, info)
+        if info.is_main and evaluating:
+            record.update(val_loss=val_loss, val_bpc=bits_per_byte(val_loss))
+            result.val_loss, result.val_bpc = val_loss, record["val_bpc"]
+            show(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+                 f"val {record['val_bpc']:.3f} bits/byte")
+            if config.sample_length > 0 and stop.received is None:
+                text = sample_text(model, prime, config.sample_length, config.seed + step, device)
+                show(f"--- sample after {decode_bytes(prime.tolist())!r} ---\n{text}\n---")
+        if info.is_main and (step % config.log_every == 0 or "val_loss" in record or last or stopped):
+            record["elapsed_s"] = round(time.perf_counter() - started, 3)
+            metrics.log(record)
+        if step % config.save_every == 0 or last or stopped:
+            checkpoint()
+        if stopped:
+            result.stopped_by = stop.received or "signal"
+            break
     bar.close()
     if info.is_main:
         plot_metrics(out)

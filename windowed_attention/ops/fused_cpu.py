@@ -224,7 +224,8 @@ def idle_bytes() -> int:
 
 # What the kernel computes (`ops.call.ALL_FEATURES`); `ops.backends` dispatches by it.
 FEATURES = frozenset({"mask", "attn_bias", "shared_qk", "xpos", "dropout", "block_window", "token_window",
-                      "short_queries", "softcap", "sinks"})
+                      "short_queries", "softcap", "sinks",
+                      "documents"})
 
 
 def takes_head_dims(head_dim: int, value_dim: int) -> bool:

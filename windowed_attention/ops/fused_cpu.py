@@ -225,7 +225,7 @@ def idle_bytes() -> int:
 # What the kernel computes (`ops.call.ALL_FEATURES`); `ops.backends` dispatches by it.
 FEATURES = frozenset({"mask", "attn_bias", "shared_qk", "xpos", "dropout", "block_window", "token_window",
                       "short_queries", "softcap", "sinks",
-                      "documents"})
+                      "documents", "sink_tokens"})
 
 
 def takes_head_dims(head_dim: int, value_dim: int) -> bool:

@@ -54,7 +54,7 @@ def test_opcheck_attention(options):
     key_scale = torch.rand(span, d, generator=g, dtype=torch.float64) + 0.5 if options["key_scale"] else None
     seed = torch.tensor(123) if options["dropout"] else None
     left, right = (w if options["exact"] else -1), (0 if options["causal"] else w * look_forward if options["exact"] else -1)
-    args = (q, k, v, bias, keep, key_scale, seed, None, None, w, 1, look_forward, left, right, 0, 0.0, 0.3, False,
+    args = (q, k, v, bias, keep, key_scale, seed, None, None, w, 1, look_forward, left, right, options["causal"], 0, 0.0, 0.3, False,
             options["dropout"])
     torch.library.opcheck(fused_cpu.attention_forward, args)
 

@@ -237,20 +237,21 @@ def takes_head_dims(head_dim: int, value_dim: int) -> bool:
 # `q (P, n_q, d)`, `k (P_kv, n, d)`, `v (P_kv, n, d_v)` contiguous (the queries are the last n_q positions);
 # `bias (H, w, span * w)`, `keep (B, n)` 1/0, `key_scale (span, d)` and `sinks (h,)` in the accumulation
 # dtype (float64 for float64 inputs, else float32) or None; `documents (B, n)` int64 ids or None; `seed` an
-# int64 scalar tensor (dropout) or None. The window (`spec.bounds` as `left, right`, -1 for none) and
-# options are plain ints, floats, bools (`softcap` 0.0: none).
+# int64 scalar tensor (dropout) or None. The window (`spec.bounds` as `left, right`, -1 for none; `causal`
+# only for sink tokens, which a causal query sees up to itself) and options are plain ints, floats, bools
+# (`softcap` 0.0: none).
 
 
 @torch.library.custom_op("windowed_attention::attention_forward", mutates_args=(), device_types="cpu")
 def attention_forward(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tensor | None, key_scale: Tensor | None,
     seed: Tensor | None, documents: Tensor | None, sinks: Tensor | None, window_size: int, look_backward: int,
-    look_forward: int, left: int, right: int, sink_tokens: int, softcap: float, scale: float, mask_self: bool,
-    dropout_p: float,
+    look_forward: int, left: int, right: int, causal: bool, sink_tokens: int, softcap: float, scale: float,
+    mask_self: bool, dropout_p: float,
 ) -> tuple[Tensor, Tensor]:
     """`(out (P, n_q, d_v) in q's dtype, lse (P, n_q) in the accumulation dtype)`."""
     return kernel().forward(q, k, v, bias, keep, key_scale, documents, sinks, window_size, look_backward,
-                            look_forward, left, right, sink_tokens, softcap, scale, mask_self, dropout_p,
+                            look_forward, left, right, causal, sink_tokens, softcap, scale, mask_self, dropout_p,
                             0 if seed is None else int(seed))
 
 
@@ -264,14 +265,14 @@ def _(q, k, v, bias, keep, key_scale, seed, documents, sinks, *options):
 def attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, bias: Tensor | None, keep: Tensor | None,
     key_scale: Tensor | None, seed: Tensor | None, documents: Tensor | None, sinks: Tensor | None, window_size: int,
-    look_backward: int, look_forward: int, left: int, right: int, sink_tokens: int, softcap: float, scale: float,
-    mask_self: bool, dropout_p: float,
+    look_backward: int, look_forward: int, left: int, right: int, causal: bool, sink_tokens: int, softcap: float,
+    scale: float, mask_self: bool, dropout_p: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """`(dq in q's dtype, dk, dv, dbias, dsinks in the accumulation dtype)`; `dbias`, `dsinks` are empty `(0,)`
     without bias, sinks."""
     return kernel().backward(grad_out, q, k, v, lse, bias, keep, key_scale, documents, sinks, window_size,
-                             look_backward, look_forward, left, right, sink_tokens, softcap, scale, mask_self,
-                             dropout_p, 0 if seed is None else int(seed))
+                             look_backward, look_forward, left, right, causal, sink_tokens, softcap, scale,
+                             mask_self, dropout_p, 0 if seed is None else int(seed))
 
 
 @attention_backward.register_fake
@@ -379,7 +380,7 @@ def fused_cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call:
         sinks = None if call.sinks is None else call.sinks.to(acc).contiguous()
         out, _ = attention_forward(
             q, k, v, bias, keep, key_scale, seed, documents, sinks, spec.window_size, spec.look_backward,
-            spec.look_forward, left, right, spec.sink_tokens, float(spec.softcap or 0.0), float(call.scale),
+            spec.look_forward, left, right, spec.causal, spec.sink_tokens, float(spec.softcap or 0.0), float(call.scale),
             bool(call.mask_self), float(call.dropout_p),
         )
         return out

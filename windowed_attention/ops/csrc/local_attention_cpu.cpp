@@ -253,6 +253,7 @@ inline void softcap_grad(T* g, const T* t, int64_t n) {
 
 struct Geometry {
   int64_t n, n_q, off, w, lb, lf, left, right;  // off = n - n_q: query row r is position r + off; -1: no bound
+  bool causal;  // only for sink tokens (the window's causality is right == 0): not causal, a query sees all
 
   // Keys [lo, hi) that query i of the document [s, e) sees through its window (spec.key_range): the window
   // blocks counted from the document's start, cut by the token bounds and the document.
@@ -351,6 +352,30 @@ inline std::pair<int64_t, int64_t> locate(const std::vector<int64_t>& start, int
   return {p_kv, t - start[p_kv]};
 }
 
+// A row's visible columns: up to three ascending, disjoint ranges [x0, x1): sink tokens before its window,
+// sink tokens after it (not causal: a sink prefix longer than the window's reach), and window keys.
+struct Cols {
+  int64_t r[3][2];
+
+  template <typename F>
+  void each(F&& f) const {
+    for (const auto& x : r)
+      if (x[1] > x[0]) f(x[0], x[1] - x[0]);
+  }
+
+  // x = 0 outside the ranges (a row of C columns).
+  template <typename T>
+  void zero_rest(T* x, int64_t C) const {
+    int64_t at = 0;
+    for (const auto& y : r)
+      if (y[1] > y[0]) {
+        std::fill(x + at, x + y[0], T(0));
+        at = y[1];
+      }
+    std::fill(x + at, x + C, T(0));
+  }
+};
+
 template <typename S>
 struct Inputs {
   using T = Acc<S>;
@@ -380,19 +405,27 @@ struct Inputs {
     for (uint32_t c = 0; c < m; ++c) f[c] = mix32(start + c * 0x9e3779b9U) >= drop_below ? kept : T(0);
   }
 
-  // Sink tokens query i sees only as sinks: the first min(sink_tokens, length) of its document before its
-  // window's first key lo (causality holds: lo <= i).
-  int64_t sink_only(const Block& b, int64_t lo) const {
-    return std::clamp<int64_t>(std::min(sink_tokens, lo - b.s), 0, b.nsb);
+  // Sink tokens query i (window keys [lo, hi)) sees only as sinks, as sink columns: those of the first
+  // min(sink_tokens, length) of its document before lo, and (not causal) after hi. Causal rows need no
+  // check beyond: lo <= i, and causal windows end at i.
+  void sink_only(const Block& b, int64_t lo, int64_t hi, Cols& cols) const {
+    const int64_t count = std::min(sink_tokens, b.e - b.s);
+    cols.r[0][0] = 0;
+    cols.r[0][1] = std::clamp<int64_t>(std::min(count, lo - b.s), 0, b.nsb);
+    cols.r[1][0] = std::clamp<int64_t>(hi - b.s, cols.r[0][1], b.nsb);
+    cols.r[1][1] = g.causal ? cols.r[1][0] : std::max(cols.r[1][0], std::min(count, b.nsb));
   }
 
   Block block(int64_t p, const Span& sp) const {
     Block b{p, sp.s, sp.e, sp.win, sp.r0, sp.r1, 0, 0, 0};
-    int64_t lo, hi;
+    int64_t lo, hi, hi_last;
     g.interval(b.r0, b.s, b.e, b.klo, hi);
-    g.interval(b.r1 - 1, b.s, b.e, lo, b.khi);
+    g.interval(b.r1 - 1, b.s, b.e, lo, hi_last);
+    b.khi = hi_last;
     b.khi = std::max(b.khi, b.klo);
-    b.nsb = std::clamp<int64_t>(std::min(sink_tokens, lo - b.s), 0, b.e - b.s);  // lo grows with the row
+    // lo grows with the row; hi too, so the first row reaches least far (not causal: sinks after it)
+    const int64_t count = std::min(sink_tokens, b.e - b.s);
+    b.nsb = !g.causal && hi - b.s < count ? count : std::clamp<int64_t>(std::min(count, lo - b.s), 0, count);
     return b;
   }
 
@@ -458,14 +491,15 @@ struct Inputs {
 
   // Row i of the block (s: its scores over the block's columns): zero the columns it cannot see and turn the
   // rest into the logits the softmax sees (scale or softcap, bias, key padding, the self score). Its visible
-  // columns are the sink columns [0, ns) and the window columns [nsb + a, nsb + e). t: tanh of the softcap
-  // (same layout), or null.
-  void logits(const Block& b, int64_t i, T* s, const T* pen, T* t, int64_t& ns, int64_t& a, int64_t& e) const {
+  // columns `cols`: sink columns, then the window columns [nsb + a, nsb + e). t: tanh of the softcap (same
+  // layout), or null.
+  void logits(const Block& b, int64_t i, T* s, const T* pen, T* t, Cols& cols) const {
     int64_t lo, hi;
     g.interval(i, b.s, b.e, lo, hi);
-    a = lo - b.klo;
-    e = std::max(hi - b.klo, a);
-    ns = sink_only(b, lo);
+    const int64_t a = lo - b.klo, e = std::max(hi - b.klo, a);
+    sink_only(b, lo, hi, cols);
+    cols.r[2][0] = b.nsb + a;
+    cols.r[2][1] = b.nsb + e;
     T* sw = s + b.nsb;
     const T* brow = nullptr;
     if (bias != nullptr)  // columns count from the document's start
@@ -478,22 +512,15 @@ struct Inputs {
     }
     if (mask_self && i >= lo && i < hi) sw[i - b.klo] = static_cast<T>(SELF_SCORE);
     if (pen != nullptr) scale_add(sw + a, e - a, T(1), pen + b.nsb + a, static_cast<const T*>(nullptr));
-    if (b.nsb > 0) {
-      transform(s, ns, t);
-      if (pen != nullptr) scale_add(s, ns, T(1), pen, static_cast<const T*>(nullptr));
-      std::fill(s + ns, s + b.nsb, T(0));
+    for (int x = 0; x < 2; ++x) {
+      const int64_t c = cols.r[x][0], len = cols.r[x][1] - c;
+      transform(s + c, len, t ? t + c : nullptr);
+      if (pen != nullptr) scale_add(s + c, len, T(1), pen + c, static_cast<const T*>(nullptr));
     }
-    std::fill(sw, sw + a, T(0));
-    std::fill(sw + e, sw + b.keys(), T(0));
+    cols.zero_rest(s, b.cols());
   }
 };
 
-// Runs f(x, n) on a row's two visible column ranges (sink columns [0, ns), window columns [c0, c1)).
-template <typename F>
-inline void both(int64_t ns, int64_t c0, int64_t c1, F&& f) {
-  if (ns > 0) f(int64_t(0), ns);
-  if (c1 > c0) f(c0, c1 - c0);
-}
 
 template <typename S>
 void forward_impl(const Inputs<S>& in, const Plan& plan, S* out, Acc<S>* lse) {
@@ -525,20 +552,20 @@ void forward_impl(const Inputs<S>& in, const Plan& plan, S* out, Acc<S>* lse) {
       const T* pen = in.penalty(b, keep, pbuf.data());
       for (int64_t i = b.r0; i < b.r1; ++i) {
         T* s = scores + (i - b.r0) * C;
-        int64_t ns, a, e;
-        in.logits(b, i, s, pen, nullptr, ns, a, e);
-        T mx = row_max(s + nsb + a, e - a);
-        if (ns > 0) mx = std::max(mx, row_max(s, ns));
+        Cols cols;
+        in.logits(b, i, s, pen, nullptr, cols);
+        T mx = -std::numeric_limits<T>::max();
+        cols.each([&](int64_t c, int64_t len) { mx = std::max(mx, row_max(s + c, len)); });
         // a learned sink joins the denominator (and the shift, so that a large one cannot overflow)
         const T shift = in.sinks != nullptr ? std::max(mx, in.sink(p)) : mx;
         T sum = T(0);
-        both(ns, nsb + a, nsb + e, [&](int64_t c, int64_t len) { sum += exp_sum(s + c, len, shift, keep ? keep + c : nullptr); });
+        cols.each([&](int64_t c, int64_t len) { sum += exp_sum(s + c, len, shift, keep ? keep + c : nullptr); });
         if (sum > T(0)) {
           const T total = sum + (in.sinks != nullptr ? std::exp(in.sink(p) - shift) : T(0));
-          both(ns, nsb + a, nsb + e, [&](int64_t c, int64_t len) { scale_row(s + c, len, T(1) / total); });
+          cols.each([&](int64_t c, int64_t len) { scale_row(s + c, len, T(1) / total); });
           lse[in.qrow(p, i)] = shift + std::log(total);
           if (in.dropout) {
-            both(ns, nsb + a, nsb + e, [&](int64_t c, int64_t len) {
+            cols.each([&](int64_t c, int64_t len) {
               in.dropout_factors(p, i, c < nsb ? b.s + c : b.klo + c - nsb, len, fbuf.data());
               mul_row(s + c, fbuf.data(), len);
             });
@@ -635,20 +662,25 @@ void sink_token_grads(const Inputs<S>& in, const Plan& plan, const Strided<S>& g
               T* g = Gr + (i - b.r0) * nsb;
               int64_t lo, hi;
               in.g.interval(i, b.s, b.e, lo, hi);
-              const int64_t ns = in.sink_only(b, lo);
+              Cols cols;
+              in.sink_only(b, lo, hi, cols);
+              cols.r[2][0] = cols.r[2][1] = nsb;
               T* th = in.softcap > T(0) ? tanh_buf.data() : nullptr;
-              in.transform(s, ns, th);
-              if (pen != nullptr) scale_add(s, ns, T(1), pen, static_cast<const T*>(nullptr));
-              exp_sum(s, ns, lse[in.qrow(p, i)], keep);
-              if (in.dropout) {
-                in.dropout_factors(p, i, s0, ns, fbuf.data());
-                mul_row(g, fbuf.data(), ns);
-              }
-              logit_grad(s, g, ns, deltas[in.qrow(p, i)]);
-              if (in.dropout) mul_row(s, fbuf.data(), ns);
-              if (th != nullptr) softcap_grad(g, th, ns);
-              std::fill(s + ns, s + nsb, T(0));
-              std::fill(g + ns, g + nsb, T(0));
+              const T l = lse[in.qrow(p, i)], delta = deltas[in.qrow(p, i)];
+              cols.each([&](int64_t c, int64_t len) {
+                in.transform(s + c, len, th ? th + c : nullptr);
+                if (pen != nullptr) scale_add(s + c, len, T(1), pen + c, static_cast<const T*>(nullptr));
+                exp_sum(s + c, len, l, keep ? keep + c : nullptr);
+                if (in.dropout) {
+                  in.dropout_factors(p, i, s0 + c, len, fbuf.data() + c);
+                  mul_row(g + c, fbuf.data() + c, len);
+                }
+                logit_grad(s + c, g + c, len, delta);
+                if (in.dropout) mul_row(s + c, fbuf.data() + c, len);
+                if (th != nullptr) softcap_grad(g + c, th + c, len);
+              });
+              cols.zero_rest(s, nsb);
+              cols.zero_rest(g, nsb);
             }
             const S* weights = operand<S>(scores, wbuf.data(), m * nsb);
             const S* dlogits = operand<S>(Gr, dsbuf.data(), m * nsb);
@@ -729,25 +761,24 @@ void backward_impl(const Inputs<S>& in, const Plan& plan, const Strided<S>& grad
                 T* s = scores + (i - b.r0) * C;  // scores -> weights P
                 T* g = Gr + (i - b.r0) * C;      // grad of weights -> grad of logits dS
                 T* th = in.softcap > T(0) ? tanh_buf.data() + (i - b.r0) * C : nullptr;
-                int64_t ns, a, e;
-                in.logits(b, i, s, pen, th, ns, a, e);
-                const int64_t c0 = nsb + a, c1 = nsb + e;
+                Cols cols;
+                in.logits(b, i, s, pen, th, cols);
+                const int64_t a = cols.r[2][0] - nsb, e = cols.r[2][1] - nsb;
                 const T l = lse[in.qrow(p, i)];
-                both(ns, c0, c1, [&](int64_t c, int64_t len) { exp_sum(s + c, len, l, keep ? keep + c : nullptr); });
+                cols.each([&](int64_t c, int64_t len) { exp_sum(s + c, len, l, keep ? keep + c : nullptr); });
                 T delta = T(0);
-                both(ns, c0, c1, [&](int64_t c, int64_t len) {
+                cols.each([&](int64_t c, int64_t len) {
                   if (in.dropout) {  // g: the gradient of the dropped weights -> of the softmax weights
                     in.dropout_factors(p, i, c < nsb ? b.s + c : b.klo + c - nsb, len, fbuf.data() + c);
                     mul_row(g + c, fbuf.data() + c, len);
                   }
                   delta += dot(s + c, g + c, len);
                 });
-                both(ns, c0, c1, [&](int64_t c, int64_t len) {
+                cols.each([&](int64_t c, int64_t len) {
                   logit_grad(s + c, g + c, len, delta);
                   if (in.dropout) mul_row(s + c, fbuf.data() + c, len);  // s: the dropped weights, for dV
                 });
-                std::fill(g + ns, g + c0, T(0));
-                std::fill(g + c1, g + C, T(0));
+                cols.zero_rest(g, C);
                 if (in.mask_self && i >= b.klo + a && i < b.klo + e) g[nsb + i - b.klo] = 0;  // a constant score
                 if (db != nullptr) {
                   T* brow = db + ((p % in.heads) * w + (i - b.s - win * w)) * span_keys + (b.klo - b.s - (win - in.g.lb) * w);
@@ -755,7 +786,7 @@ void backward_impl(const Inputs<S>& in, const Plan& plan, const Strided<S>& grad
                 }
                 if (keep_delta) deltas[in.qrow(p, i)] = delta;
                 // the bias gradient is dS; q and k get it through the softcap's 1 - tanh^2
-                if (th != nullptr) both(ns, c0, c1, [&](int64_t c, int64_t len) { softcap_grad(g + c, th + c, len); });
+                if (th != nullptr) cols.each([&](int64_t c, int64_t len) { softcap_grad(g + c, th + c, len); });
               }
               // dV += P^T dO (P with dropout applied), dQ = scale dS K, dK += scale dS^T Q over the window
               // keys; the sink columns add to dQ here, and to their keys' dK, dV in a pass of their own
@@ -815,8 +846,8 @@ template <typename S>
 Inputs<S> make_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& keep,
                       const std::optional<at::Tensor>& key_scale, const std::optional<at::Tensor>& sinks, int64_t w,
-                      int64_t lb, int64_t lf, int64_t left, int64_t right, int64_t sink_tokens, double softcap,
-                      double scale, bool mask_self, double dropout_p, int64_t seed) {
+                      int64_t lb, int64_t lf, int64_t left, int64_t right, bool causal, int64_t sink_tokens,
+                      double softcap, double scale, bool mask_self, double dropout_p, int64_t seed) {
   using T = Acc<S>;
   Inputs<S> in{};
   in.P = q.size(0);
@@ -837,7 +868,7 @@ Inputs<S> make_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   in.per_keep = keep.has_value() ? in.P / keep->size(0) : 1;
   in.scale = static_cast<T>(scale);
   in.mask_self = mask_self;
-  in.g = Geometry{k.size(1), q.size(1), k.size(1) - q.size(1), w, lb, lf, left, right};
+  in.g = Geometry{k.size(1), q.size(1), k.size(1) - q.size(1), w, lb, lf, left, right, causal};
   in.dropout = dropout_p > 0.0;
   in.drop_below = static_cast<uint32_t>(std::min(std::ldexp(dropout_p, 32), 4294967295.0));
   in.seed_lo = static_cast<uint32_t>(static_cast<uint64_t>(seed));
@@ -1004,8 +1035,8 @@ void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const 
 }
 
 Plan plan_of(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& documents, int64_t w,
-             int64_t lb, int64_t lf, int64_t left, int64_t right) {
-  const Geometry g{k.size(1), q.size(1), k.size(1) - q.size(1), w, lb, lf, left, right};
+             int64_t lb, int64_t lf, int64_t left, int64_t right, bool causal) {
+  const Geometry g{k.size(1), q.size(1), k.size(1) - q.size(1), w, lb, lf, left, right, causal};
   return documents.has_value() ? make_plan(g, q.size(0), documents->data_ptr<int64_t>(), documents->size(0))
                                : make_plan(g, q.size(0), nullptr, 1);
 }
@@ -1018,16 +1049,17 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
                                            const std::optional<at::Tensor>& key_scale,
                                            const std::optional<at::Tensor>& documents,
                                            const std::optional<at::Tensor>& sinks, int64_t w, int64_t lb, int64_t lf,
-                                           int64_t left, int64_t right, int64_t sink_tokens, double softcap,
-                                           double scale, bool mask_self, double dropout_p, int64_t seed) {
+                                           int64_t left, int64_t right, bool causal, int64_t sink_tokens,
+                                           double softcap, double scale, bool mask_self, double dropout_p,
+                                           int64_t seed) {
   check(q, k, v, bias, keep, key_scale, documents, sinks, w, lb, lf, left, right, sink_tokens, softcap);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1)");
   auto& pool = OutputPool::instance();
   auto out = pool.empty({q.size(0), q.size(1), v.size(2)}, q.scalar_type());
   auto lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(acc_type(q)));
-  const Plan plan = plan_of(q, k, documents, w, lb, lf, left, right);
+  const Plan plan = plan_of(q, k, documents, w, lb, lf, left, right, causal);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "windowed_attention_forward", [&] {
-    auto in = make_inputs<scalar_t>(q, k, v, bias, keep, key_scale, sinks, w, lb, lf, left, right, sink_tokens, softcap,
+    auto in = make_inputs<scalar_t>(q, k, v, bias, keep, key_scale, sinks, w, lb, lf, left, right, causal, sink_tokens, softcap,
                                     scale, mask_self, dropout_p, seed);
     forward_impl(in, plan, out.data_ptr<scalar_t>(), lse.data_ptr<Acc<scalar_t>>());
   });
@@ -1041,7 +1073,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& lse, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& keep,
     const std::optional<at::Tensor>& key_scale, const std::optional<at::Tensor>& documents,
     const std::optional<at::Tensor>& sinks, int64_t w, int64_t lb, int64_t lf, int64_t left, int64_t right,
-    int64_t sink_tokens, double softcap, double scale, bool mask_self, double dropout_p, int64_t seed) {
+    bool causal, int64_t sink_tokens, double softcap, double scale, bool mask_self, double dropout_p, int64_t seed) {
   check(q, k, v, bias, keep, key_scale, documents, sinks, w, lb, lf, left, right, sink_tokens, softcap);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1)");
   TORCH_CHECK(lse.is_contiguous() && lse.sizes() == at::IntArrayRef({q.size(0), q.size(1)}), "lse must be (P, n_q), contiguous");
@@ -1055,10 +1087,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   auto dv = pool.empty(v.sizes(), acc_type(q));
   auto dbias = bias.has_value() ? at::empty_like(*bias) : at::empty({0}, acc);
   auto dsinks = sinks.has_value() ? at::empty_like(*sinks) : at::empty({0}, acc);
-  const Plan plan = plan_of(q, k, documents, w, lb, lf, left, right);
+  const Plan plan = plan_of(q, k, documents, w, lb, lf, left, right, causal);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "windowed_attention_backward", [&] {
     using T = Acc<scalar_t>;
-    auto in = make_inputs<scalar_t>(q, k, v, bias, keep, key_scale, sinks, w, lb, lf, left, right, sink_tokens, softcap,
+    auto in = make_inputs<scalar_t>(q, k, v, bias, keep, key_scale, sinks, w, lb, lf, left, right, causal, sink_tokens, softcap,
                                     scale, mask_self, dropout_p, seed);
     const Strided<scalar_t> go{grad_out.data_ptr<scalar_t>(), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2)};
     backward_impl(in, plan, go, lse.data_ptr<T>(), dq.data_ptr<scalar_t>(), dk.data_ptr<T>(), dv.data_ptr<T>(),

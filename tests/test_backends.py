@@ -538,6 +538,21 @@ def test_fused_documents_split_key_rows_shared_across_documents_rows():
                          documents=[[60, 60], [20, 100], [120], [1, 119]], sinks=True))
 
 
+
+def test_fused_learned_sink_that_takes_all_weight_passes_no_gradient():
+    """A sink so large that every weight of a head underflows in float32: that head outputs zeros and its
+    q, k, v get zero gradients (as the reference's float32 softmax gives), not those of unnormalised weights."""
+    spec = WindowSpec(32, True, 1, 0, False)
+    results = []
+    for f in (reference_attention, fused_cpu_attention):
+        leaves = [torch.randn(2, 100, 8, generator=torch.Generator().manual_seed(s)).requires_grad_() for s in range(3)]
+        sinks = torch.tensor([200.0, 0.0], requires_grad=True)
+        out = f(*leaves, AttentionCall(spec, scale=0.5, sinks=sinks))
+        results.append([out, *torch.autograd.grad(out.square().sum(), [*leaves, sinks])])
+    for ref, got in zip(*results):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    assert results[1][0][0].eq(0).all() and results[1][1][0].eq(0).all()
+
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_fused_modern_gradients_do_not_depend_on_the_thread_count(dropout_p):
     """Sink tokens' dK, dV (their own pass) and the learned sinks' gradient (a fixed-order sum): the same

@@ -571,7 +571,9 @@ void forward_impl(const Inputs<S>& in, const Plan& plan, S* out, Acc<S>* lse) {
             });
           }
         } else {
-          lse[in.qrow(p, i)] = 0;  // sees no key: all weights are zero
+          // sees no key, or a learned sink so large that every weight underflows: all weights are zero, and
+          // the backward's exp(score - lse) must be too (a huge lse; finite, as masked logits are)
+          lse[in.qrow(p, i)] = in.sinks != nullptr ? T(1e30) : T(0);
         }
       }
       const S* weights = operand<S>(scores, wbuf.data(), b.rows() * C);

@@ -5,10 +5,12 @@ PyTorch's fused CPU attention kernels cost a whole `(w, span * w)` block per win
 FlexAttention has no CPU backward. The kernel in `csrc/local_attention_cpu.cpp` works on blocks of 64
 query rows and computes, per block, only the contiguous range of keys those rows can see, so causal and
 exact windows skip their masked work; it keeps O(n d) memory (the log-sum-exp is saved, the weights are
-recomputed in the backward) and takes key padding masks, `attn_bias` (with its gradient), `shared_qk`,
-xpos (`key_scale`, a constant) and dropout (which weights drop is a hash of a seed drawn from torch's
-generator and the (head, query, key) position, so the backward recomputes them instead of storing a
-mask). bfloat16 matmuls go to MKL, or to our own AVX512-BF16 GEMM (`csrc/bf16_gemm.h`) on CPUs that have
+recomputed in the backward) and computes every option of a call (`ops.call.ALL_FEATURES`): key padding
+masks, `attn_bias` (with its gradient), `shared_qk`, xpos (`key_scale`, a constant), dropout (which weights
+drop is a hash of a seed drawn from torch's generator and the (head, query, key) position, so the backward
+recomputes them instead of storing a mask), block and token windows (the rule's `spec.bounds`), shorter
+queries, softcap, learned sinks (with their gradient), packed documents (each as if alone, no work across
+them) and sink tokens. bfloat16 matmuls go to MKL, or to our own AVX512-BF16 GEMM (`csrc/bf16_gemm.h`) on CPUs that have
 those instructions but no AMX.
 
 Outputs of 32 MB and more (the output and the q, k, v gradients) come from a pool inside the kernel that
@@ -222,7 +224,7 @@ def idle_bytes() -> int:
     return int(_state["ops"].idle_bytes()) if "ops" in _state else 0
 
 
-# What the kernel computes (`ops.call.ALL_FEATURES`); `ops.backends` dispatches by it.
+# What the kernel computes (all of `ops.call.ALL_FEATURES`); `ops.backends` dispatches by it.
 FEATURES = frozenset({"mask", "attn_bias", "shared_qk", "xpos", "dropout", "block_window", "token_window",
                       "short_queries", "softcap", "sinks",
                       "documents", "sink_tokens"})

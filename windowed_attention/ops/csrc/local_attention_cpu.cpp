@@ -17,6 +17,17 @@
 // one phase never touch the same keys and need no locks. Bias gradients go to one buffer per thread,
 // summed at the end.
 //
+// The window rule is spec.py's, as numbers: window blocks (w, look-around) counted from each document's start,
+// cut by the token bounds (left, right; -1 none) and the document. Packed documents (runs of equal ids per
+// row of `documents`) get blocks and backward groups of their own, so no block spans two of them and none
+// computes keys across them. Queries may be the last n_q of the n key positions (row r is position
+// r + n - n_q). Sink tokens (the first ones of each document) are extra columns before a block's window
+// keys, for the rows that see them only as sinks; every block may see them, so their dK, dV come from a pass
+// of their own per (key row, document), recomputed from the saved softmax row sums (delta), race-free.
+// Softcap scores are softcap * tanh(scale q.k / softcap) before bias and masks; learned sinks (one per
+// query row p % h) join each softmax denominator, their gradient -sum_i p_sink_i delta_i summed in a
+// fixed order.
+//
 // Semantics are those of `reference.py`: a row that sees no key outputs zeros with zero gradients;
 // `mask_self` replaces a query's score with itself by -5e4; `bias` is (H, w, span*w), head = p % H;
 // `keep` is the (B, n) key padding mask, batch = p / (P / B); `key_scale` (span, d) multiplies the keys of

@@ -23,6 +23,7 @@ from windowed_attention.ops import backends
 from windowed_attention.ops.call import AttentionCall
 from windowed_attention.ops.flash import flash_attn_backend
 from windowed_attention.ops.flex import flex_attention_backend
+from windowed_attention.ops import fused_cpu
 from windowed_attention.ops.fused_cpu import fused_cpu_attention
 from windowed_attention.ops.reference import reference_attention
 from windowed_attention.ops.sdpa_blocks import _Plan, sdpa_blocks_attention
@@ -472,6 +473,154 @@ def test_fused_saturated_rows_pass_exactly_zero_query_gradient(dtype):
     saturated = grads[0].eq(0).all(dim=-1)
     assert saturated.float().mean() > 0.5
     assert grads[1][saturated].eq(0).all()
+
+
+def _modern(seed, P=4, P_kv=2, n=300, n_q=None, d=16, dv=8, dtype=torch.float64, mask=False, bias_spec=None,
+            key_scale=False, documents=None, sinks=False, **call):
+    """Inputs and an `AttentionCall` with the modern options: `(leaves, call)`; leaves are q, k, v and the
+    differentiable bias and sinks (present ones only)."""
+    g = torch.Generator().manual_seed(seed)
+    n_q = n if n_q is None else n_q
+    q = torch.randn(P, n_q, d, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(P_kv, n, d, generator=g).to(dtype).requires_grad_()
+    v = torch.randn(P_kv, n, dv, generator=g).to(dtype).requires_grad_()
+    spec = call.pop("spec")
+    extra = {}
+    if mask:
+        extra["mask"] = torch.rand(2, n, generator=g) < 0.85
+    if bias_spec is not None:
+        extra["attn_bias"] = torch.randn(2, spec.window_size, spec.span * spec.window_size, generator=g,
+                                         dtype=torch.float64).to(dtype).requires_grad_()
+    if key_scale:
+        extra["key_scale"] = (0.5 + torch.rand(spec.span, d, generator=g, dtype=torch.float64)).to(dtype)
+    if documents is not None:  # (rows, lengths): the documents of each row, by length
+        extra["documents"] = torch.stack([torch.repeat_interleave(torch.arange(len(row)), torch.tensor(row))
+                                          for row in documents])
+    if sinks:
+        extra["sinks"] = torch.randn(2, generator=g, dtype=torch.float64).requires_grad_()
+    leaves = [q, k, v] + [extra[name] for name in ("attn_bias", "sinks") if name in extra]
+    return leaves, AttentionCall(spec, scale=0.4, query_offset=n - n_q, **extra, **call)
+
+
+def _compare_modern(setup, dtype=torch.float64, tol=None):
+    """Fused against the reference on `_modern(**setup)`: the output and every gradient."""
+    results = []
+    for f in (reference_attention, fused_cpu_attention):
+        leaves, call = _modern(**setup, dtype=dtype)
+        out = f(*leaves[:3], call)
+        weights = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out).to(out.dtype)
+        results.append([out, *torch.autograd.grad((out * weights).sum(), leaves)])
+    fwd_tol, grad_tol = tol or TOL[dtype]
+    for index, (ref, got) in enumerate(zip(*results)):
+        assert got.dtype == ref.dtype and got.shape == ref.shape, index
+        assert torch.isfinite(got).all(), index
+        ref, got = ref.double(), got.double()
+        bound = (fwd_tol if index == 0 else grad_tol) * max(1.0, ref.abs().max().item())
+        assert (got - ref).abs().max().item() <= bound, f"tensor {index} (0 = out, then q, k, v, bias, sinks)"
+
+
+# documents of each of 2 rows: lengths that hold several windows (both backward phases), a window's
+# fraction, and single positions
+DOCS = [[130, 1, 97, 72], [250, 50]]
+MODERN_CASES = {
+    "block window, documents, sink tokens": dict(spec=WindowSpec(100, True, 1, 0, False, sink_tokens=3),
+                                                 documents=DOCS, mask=True, bias_spec=True, key_scale=True),
+    "exact window, every option": dict(spec=WindowSpec(70, False, 2, 1, True, sink_tokens=5, softcap=2.0),
+                                       documents=DOCS, mask=True, bias_spec=True, sinks=True, mask_self=True),
+    "token window, documents, short queries": dict(spec=WindowSpec.token_window(150, 0, True, 4, 3.0), documents=DOCS,
+                                                   sinks=True, n_q=177),
+    "token window both ways, many sink tokens": dict(spec=WindowSpec.token_window(90, 40, False, 200), mask=True,
+                                                     sinks=True, n_q=250),
+    "not causal, no look-ahead, sink tokens after the window": dict(spec=WindowSpec(30, False, 2, 0, True, sink_tokens=100),
+                                                                    documents=DOCS, n_q=290),
+    "unbounded token window, GQA 4": dict(spec=WindowSpec.token_window(-1, 0, True, 2, 5.0).for_length(300), P_kv=1,
+                                          documents=DOCS, sinks=True),
+}
+
+
+@pytest.mark.parametrize("case", MODERN_CASES)
+def test_fused_modern_options_over_several_blocks_and_both_phases(case):
+    """Windows of several 64-row blocks, documents spanning several windows (both backward phases per
+    document), sink tokens seen by every block, learned sinks, softcap, shorter queries, with masks, bias,
+    xpos and GQA: float64 against the reference."""
+    _compare_modern(dict(seed=7, **MODERN_CASES[case]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["exact window, every option", "token window, documents, short queries"])
+def test_fused_modern_options_in_lower_precision(case, dtype):
+    _compare_modern(dict(seed=8, **MODERN_CASES[case]), dtype=dtype)
+
+
+def test_fused_documents_split_key_rows_shared_across_documents_rows():
+    """Query rows sharing a key row (GQA) but in different rows of documents: the key rows are repeated."""
+    _compare_modern(dict(seed=9, spec=WindowSpec(40, True, 1, 0, False, sink_tokens=2), P=4, P_kv=1, n=120,
+                         documents=[[60, 60], [20, 100], [120], [1, 119]], sinks=True))
+
+
+
+def test_fused_learned_sink_that_takes_all_weight_passes_no_gradient():
+    """A sink so large that every weight of a head underflows in float32: that head outputs zeros and its
+    q, k, v get zero gradients (as the reference's float32 softmax gives), not those of unnormalised weights."""
+    spec = WindowSpec(32, True, 1, 0, False)
+    results = []
+    for f in (reference_attention, fused_cpu_attention):
+        leaves = [torch.randn(2, 100, 8, generator=torch.Generator().manual_seed(s)).requires_grad_() for s in range(3)]
+        sinks = torch.tensor([200.0, 0.0], requires_grad=True)
+        out = f(*leaves, AttentionCall(spec, scale=0.5, sinks=sinks))
+        results.append([out, *torch.autograd.grad(out.square().sum(), [*leaves, sinks])])
+    for ref, got in zip(*results):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    assert results[1][0][0].eq(0).all() and results[1][1][0].eq(0).all()
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_fused_modern_gradients_do_not_depend_on_the_thread_count(dropout_p):
+    """Sink tokens' dK, dV (their own pass) and the learned sinks' gradient (a fixed-order sum): the same
+    bits with 1 or 2 threads."""
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            leaves, call = _modern(3, P=4, P_kv=4, n=700, spec=WindowSpec(64, True, 1, 0, False, sink_tokens=4,
+                                                                          softcap=5.0),
+                                   documents=[[300, 400], [700]], sinks=True, dropout_p=dropout_p)
+            torch.manual_seed(0)
+            out = fused_cpu_attention(*leaves[:3], call)
+            results.append([out, *torch.autograd.grad(out.square().sum(), leaves)])
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+def test_the_kernel_op_refuses_bad_shapes_of_the_modern_tensors():
+    """A direct call of the op with documents, sinks or q of a shape the kernel cannot index raises."""
+    ops = fused_cpu.kernel()
+    q, k, v = (torch.randn(4, 16, 8) for _ in range(3))
+    options = (4, 1, 0, -1, 0, True, 2, 3.0, 0.3, False, 0.0, 0)  # w, lb, lf, left, right, causal, sink_tokens, ...
+    documents, sinks = torch.zeros(2, 16, dtype=torch.long), torch.zeros(2)
+    ops.forward(q, k, v, None, None, None, documents, sinks, *options)  # the right shapes
+    ops.forward(q[:, 5:].contiguous(), k, v, None, None, None, documents, sinks, *options)  # shorter queries
+    for bad in (torch.zeros(2, 15, dtype=torch.long), torch.zeros(3, 16, dtype=torch.long), torch.zeros(2, 16),
+                torch.zeros(16, dtype=torch.long), torch.zeros(2, 32, dtype=torch.long)[:, ::2]):
+        with pytest.raises(RuntimeError, match="documents"):
+            ops.forward(q, k, v, None, None, None, bad, None, *options)
+    with pytest.raises(RuntimeError, match="documents"):  # query rows of key row 0 in two rows of documents
+        ops.forward(q, k[:1], v[:1], None, None, None, torch.zeros(4, 16, dtype=torch.long), None, *options)
+    for bad in (torch.zeros(3), torch.zeros(2, 1), torch.zeros(2, dtype=torch.float64), torch.zeros(4)[::2]):
+        with pytest.raises(RuntimeError, match="sinks"):
+            ops.forward(q, k, v, None, None, None, None, bad, *options)
+    with pytest.raises(RuntimeError, match="n_q <= n"):
+        ops.forward(torch.randn(4, 17, 8), k, v, None, None, None, None, None, *options)
+    for index, value, name in ((3, -2, "token bounds"), (6, -1, "sink_tokens"), (7, -1.0, "softcap")):
+        bad = list(options)
+        bad[index] = value
+        with pytest.raises(RuntimeError, match=name):
+            ops.forward(q, k, v, None, None, None, None, None, *bad)
+    out, lse = ops.forward(q, k, v, None, None, None, None, sinks, *options)
+    with pytest.raises(RuntimeError, match="grad_out"):
+        ops.backward(out[:, 1:], q, k, v, lse, None, None, None, None, sinks, *options)
 
 
 def _tiles(num_blocks, indices) -> set:

@@ -41,6 +41,8 @@ def _tokens(b=4, n=65):
     dict(bias=True, keep=True, key_scale=True, dropout=0.0, causal=True, exact=True),
     dict(bias=True, keep=True, key_scale=False, dropout=0.2, causal=False, exact=False),
     dict(bias=True, keep=False, key_scale=True, dropout=0.0, causal=True, exact=False, kv_rows=1),  # GQA
+    # documents, learned sinks (and their gradient), sink tokens, softcap, shorter queries
+    dict(bias=True, keep=True, key_scale=False, dropout=0.0, causal=False, exact=True, kv_rows=2, modern=True),
 ])
 def test_opcheck_attention(options):
     g = torch.Generator().manual_seed(0)
@@ -48,13 +50,18 @@ def test_opcheck_attention(options):
     look_forward = 0 if options["causal"] else 1
     span = 2 + look_forward
     kv_rows = options.get("kv_rows", P)
-    q, k, v = (torch.randn(rows, n, d, generator=g, dtype=torch.float64, requires_grad=True) for rows in (P, kv_rows, kv_rows))
+    modern = options.get("modern", False)
+    q, k, v = (torch.randn(rows, length, d, generator=g, dtype=torch.float64, requires_grad=True)
+               for rows, length in ((P, n - 5 * modern), (kv_rows, n), (kv_rows, n)))
     bias = torch.randn(2, w, span * w, generator=g, dtype=torch.float64, requires_grad=True) if options["bias"] else None
     keep = (torch.rand(2, n, generator=g) > 0.2).double() if options["keep"] else None
     key_scale = torch.rand(span, d, generator=g, dtype=torch.float64) + 0.5 if options["key_scale"] else None
     seed = torch.tensor(123) if options["dropout"] else None
-    args = (q, k, v, bias, keep, key_scale, seed, w, 1, look_forward, options["causal"], options["exact"], 0.3,
-            False, options["dropout"])
+    left, right = (w if options["exact"] else -1), (0 if options["causal"] else w * look_forward if options["exact"] else -1)
+    documents = torch.tensor([[0] * 15 + [1] * 20 + [2] * 5, [0] * 40]) if modern else None
+    sinks = torch.randn(2, generator=g, dtype=torch.float64, requires_grad=True) if modern else None
+    args = (q, k, v, bias, keep, key_scale, seed, documents, sinks, w, 1, look_forward, left, right, options["causal"],
+            3 * modern, 2.5 * modern, 0.3, False, options["dropout"])
     torch.library.opcheck(fused_cpu.attention_forward, args)
 
 

@@ -460,12 +460,13 @@ def test_the_kernel_op_refuses_a_bias_or_mask_of_another_shape():
     if not fused_cpu.available():
         pytest.skip("the fused CPU kernel is not built here")
     q, k, v = (torch.randn(4, 16, 8) for _ in range(3))
-    window = (4, 1, 0, True, False, 0.3, False, 0.0, 0)  # w, lb, lf, causal, exact, scale, mask_self, dropout_p, seed
+    # w, lb, lf, left, right, causal, sink_tokens, softcap, scale, mask_self, dropout_p, seed
+    window = (4, 1, 0, -1, 0, True, 0, 0.0, 0.3, False, 0.0, 0)
     ops = fused_cpu.kernel()
-    ops.forward(q, k, v, torch.zeros(2, 4, 8), torch.ones(2, 16), None, *window)  # the right shapes
+    ops.forward(q, k, v, torch.zeros(2, 4, 8), torch.ones(2, 16), None, None, None, *window)  # the right shapes
     for bias, keep in ((torch.zeros(2, 4, 4), None), (torch.zeros(3, 4, 8), None), (torch.zeros(2, 8, 8), None),
                        (torch.zeros(4, 8), None), (None, torch.ones(2, 8)), (None, torch.ones(3, 16)), (None, torch.ones(16))):
         with pytest.raises(RuntimeError, match="bias|keep"):
-            ops.forward(q, k, v, bias, keep, None, *window)
+            ops.forward(q, k, v, bias, keep, None, None, None, *window)
     with pytest.raises(RuntimeError, match="window_size"):  # a look-around whose index arithmetic overflows
-        ops.forward(q, k, v, torch.zeros(2, 4, 4), None, None, 4, 2**62, 0, *window[3:])
+        ops.forward(q, k, v, torch.zeros(2, 4, 4), None, None, None, None, 4, 2**62, 0, *window[3:])

@@ -5,10 +5,12 @@ PyTorch's fused CPU attention kernels cost a whole `(w, span * w)` block per win
 FlexAttention has no CPU backward. The kernel in `csrc/local_attention_cpu.cpp` works on blocks of 64
 query rows and computes, per block, only the contiguous range of keys those rows can see, so causal and
 exact windows skip their masked work; it keeps O(n d) memory (the log-sum-exp is saved, the weights are
-recomputed in the backward) and takes key padding masks, `attn_bias` (with its gradient), `shared_qk`,
-xpos (`key_scale`, a constant) and dropout (which weights drop is a hash of a seed drawn from torch's
-generator and the (head, query, key) position, so the backward recomputes them instead of storing a
-mask). bfloat16 matmuls go to MKL, or to our own AVX512-BF16 GEMM (`csrc/bf16_gemm.h`) on CPUs that have
+recomputed in the backward) and computes every option of a call (`ops.call.ALL_FEATURES`): key padding
+masks, `attn_bias` (with its gradient), `shared_qk`, xpos (`key_scale`, a constant), dropout (which weights
+drop is a hash of a seed drawn from torch's generator and the (head, query, key) position, so the backward
+recomputes them instead of storing a mask), block and token windows (the rule's `spec.bounds`), shorter
+queries, softcap, learned sinks (with their gradient), packed documents (each as if alone, no work across
+them) and sink tokens. bfloat16 matmuls go to MKL, or to our own AVX512-BF16 GEMM (`csrc/bf16_gemm.h`) on CPUs that have
 those instructions but no AMX.
 
 Outputs of 32 MB and more (the output and the q, k, v gradients) come from a pool inside the kernel that
@@ -47,6 +49,7 @@ from torch import Tensor
 
 from .call import AttentionCall
 from .dtypes import accumulation_dtype, autocast_inputs
+from .reference import repeat_kv
 
 CSRC = Path(__file__).parent / "csrc"
 # the attention kernel, the rotary kernel the modules use on CPU (`positional.py`), the decode step
@@ -221,8 +224,10 @@ def idle_bytes() -> int:
     return int(_state["ops"].idle_bytes()) if "ops" in _state else 0
 
 
-# What the kernel computes (`ops.call.ALL_FEATURES`); `ops.backends` dispatches by it.
-FEATURES = frozenset({"mask", "attn_bias", "shared_qk", "xpos", "dropout", "block_window"})
+# What the kernel computes (all of `ops.call.ALL_FEATURES`); `ops.backends` dispatches by it.
+FEATURES = frozenset({"mask", "attn_bias", "shared_qk", "xpos", "dropout", "block_window", "token_window",
+                      "short_queries", "softcap", "sinks",
+                      "documents", "sink_tokens"})
 
 
 def takes_head_dims(head_dim: int, value_dim: int) -> bool:
@@ -231,25 +236,29 @@ def takes_head_dims(head_dim: int, value_dim: int) -> bool:
 
 # ---- the custom ops: what torch.compile and torch.export see -------------------------------------------
 #
-# `q, k (P, n, d)`, `v (P, n, d_v)` contiguous; `bias (H, w, span * w)`, `keep (B, n)` 1/0 and
-# `key_scale (span, d)` in the accumulation dtype (float64 for float64 inputs, else float32) or None;
-# `seed` an int64 scalar tensor (dropout) or None. The window and options are plain ints, floats, bools.
+# `q (P, n_q, d)`, `k (P_kv, n, d)`, `v (P_kv, n, d_v)` contiguous (the queries are the last n_q positions);
+# `bias (H, w, span * w)`, `keep (B, n)` 1/0, `key_scale (span, d)` and `sinks (h,)` in the accumulation
+# dtype (float64 for float64 inputs, else float32) or None; `documents (B, n)` int64 ids or None; `seed` an
+# int64 scalar tensor (dropout) or None. The window (`spec.bounds` as `left, right`, -1 for none; `causal`
+# only for sink tokens, which a causal query sees up to itself) and options are plain ints, floats, bools
+# (`softcap` 0.0: none).
 
 
 @torch.library.custom_op("windowed_attention::attention_forward", mutates_args=(), device_types="cpu")
 def attention_forward(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tensor | None, key_scale: Tensor | None,
-    seed: Tensor | None, window_size: int, look_backward: int, look_forward: int, causal: bool,
-    exact_windowsize: bool, scale: float, mask_self: bool, dropout_p: float,
+    seed: Tensor | None, documents: Tensor | None, sinks: Tensor | None, window_size: int, look_backward: int,
+    look_forward: int, left: int, right: int, causal: bool, sink_tokens: int, softcap: float, scale: float,
+    mask_self: bool, dropout_p: float,
 ) -> tuple[Tensor, Tensor]:
-    """`(out (P, n, d_v) in q's dtype, lse (P, n) in the accumulation dtype)`."""
-    return kernel().forward(q, k, v, bias, keep, key_scale, window_size, look_backward, look_forward, causal,
-                            exact_windowsize, scale, mask_self, dropout_p, 0 if seed is None else int(seed))
+    """`(out (P, n_q, d_v) in q's dtype, lse (P, n_q) in the accumulation dtype)`."""
+    return kernel().forward(q, k, v, bias, keep, key_scale, documents, sinks, window_size, look_backward,
+                            look_forward, left, right, causal, sink_tokens, softcap, scale, mask_self, dropout_p,
+                            0 if seed is None else int(seed))
 
 
 @attention_forward.register_fake
-def _(q, k, v, bias, keep, key_scale, seed, window_size, look_backward, look_forward, causal, exact_windowsize,
-      scale, mask_self, dropout_p):
+def _(q, k, v, bias, keep, key_scale, seed, documents, sinks, *options):
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
     return out, q.new_empty(q.shape[0], q.shape[1], dtype=accumulation_dtype(q.dtype))
 
@@ -257,34 +266,40 @@ def _(q, k, v, bias, keep, key_scale, seed, window_size, look_backward, look_for
 @torch.library.custom_op("windowed_attention::attention_backward", mutates_args=(), device_types="cpu")
 def attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, bias: Tensor | None, keep: Tensor | None,
-    key_scale: Tensor | None, seed: Tensor | None, window_size: int, look_backward: int, look_forward: int,
-    causal: bool, exact_windowsize: bool, scale: float, mask_self: bool, dropout_p: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`(dq in q's dtype, dk, dv, dbias in the accumulation dtype)`; `dbias` is empty `(0,)` without bias."""
-    return kernel().backward(grad_out, q, k, v, lse, bias, keep, key_scale, window_size, look_backward,
-                             look_forward, causal, exact_windowsize, scale, mask_self, dropout_p,
-                             0 if seed is None else int(seed))
+    key_scale: Tensor | None, seed: Tensor | None, documents: Tensor | None, sinks: Tensor | None, window_size: int,
+    look_backward: int, look_forward: int, left: int, right: int, causal: bool, sink_tokens: int, softcap: float,
+    scale: float, mask_self: bool, dropout_p: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`(dq in q's dtype, dk, dv, dbias, dsinks in the accumulation dtype)`; `dbias`, `dsinks` are empty `(0,)`
+    without bias, sinks."""
+    return kernel().backward(grad_out, q, k, v, lse, bias, keep, key_scale, documents, sinks, window_size,
+                             look_backward, look_forward, left, right, causal, sink_tokens, softcap, scale,
+                             mask_self, dropout_p, 0 if seed is None else int(seed))
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, lse, bias, keep, key_scale, seed, *options):
+def _(grad_out, q, k, v, lse, bias, keep, key_scale, seed, documents, sinks, *options):
     acc = accumulation_dtype(q.dtype)
     dbias = q.new_empty(0, dtype=acc) if bias is None else torch.empty_like(bias, memory_format=torch.contiguous_format)
-    return torch.empty_like(q), k.new_empty(k.shape, dtype=acc), v.new_empty(v.shape, dtype=acc), dbias
+    dsinks = q.new_empty(0, dtype=acc) if sinks is None else torch.empty_like(sinks, memory_format=torch.contiguous_format)
+    return torch.empty_like(q), k.new_empty(k.shape, dtype=acc), v.new_empty(v.shape, dtype=acc), dbias, dsinks
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, bias, keep, key_scale, seed, *options = inputs
-    ctx.save_for_backward(q, k, v, output[1], bias, keep, key_scale, seed)  # not out: the backward needs no output
+    q, k, v, bias, keep, key_scale, seed, documents, sinks, *options = inputs
+    # not out: the backward needs no output
+    ctx.save_for_backward(q, k, v, output[1], bias, keep, key_scale, seed, documents, sinks)
     ctx.options = options
     ctx.mark_non_differentiable(output[1])
 
 
 def _attention_grad(ctx, grad_out, _grad_lse):
-    q, k, v, lse, bias, keep, key_scale, seed = ctx.saved_tensors
-    dq, dk, dv, dbias = attention_backward(grad_out, q, k, v, lse, bias, keep, key_scale, seed, *ctx.options)
+    q, k, v, lse, bias, keep, key_scale, seed, documents, sinks = ctx.saved_tensors
+    dq, dk, dv, dbias, dsinks = attention_backward(grad_out, q, k, v, lse, bias, keep, key_scale, seed, documents,
+                                                   sinks, *ctx.options)
     dbias = dbias if ctx.needs_input_grad[3] else None
-    return dq, dk.to(k.dtype), dv.to(v.dtype), dbias, None, None, None, *(None,) * len(ctx.options)
+    dsinks = dsinks if ctx.needs_input_grad[8] else None
+    return dq, dk.to(k.dtype), dv.to(v.dtype), dbias, None, None, None, None, dsinks, *(None,) * len(ctx.options)
 
 
 def no_double_backward(kernel: str, instead: str):
@@ -335,7 +350,8 @@ def rotate(x: Tensor, c: Tensor, s: Tensor) -> Tensor:
 
 
 def fused_cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-    """Same contract as `reference_attention`: `q, k (P, n, d)`, `v (P, n, d_v)` -> `(P, n, d_v)`.
+    """Same contract as `reference_attention`: `q (P, n_q, d)`, `k (P_kv, n, d)`, `v (P_kv, n, d_v)` ->
+    `(P, n_q, d_v)`.
 
     Under CPU autocast, float32 inputs compute in the autocast dtype (as every matmul does there).
     """
@@ -347,17 +363,26 @@ def fused_cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call:
         )
     call.require("fused", FEATURES)
     spec = call.spec
+    left, right = (-1 if bound is None else bound for bound in spec.bounds)
     # the seed comes from torch's default generator, so torch.manual_seed makes dropout reproducible; a
     # tensor, so that traced code draws it at run time
     seed = torch.randint(0, 2**62, (), device=q.device) if call.dropout_p > 0.0 else None
     acc = accumulation_dtype(q.dtype)
     with torch.autocast(device_type, enabled=False):
+        documents = call.documents
+        if documents is not None and (q.shape[0] // documents.shape[0]) % (q.shape[0] // k.shape[0]):
+            # query rows sharing a key row lie in different rows of documents: give each its own key row
+            # (the kernel's backward owns a key row per task)
+            k, v = repeat_kv(k, q.shape[0]), repeat_kv(v, q.shape[0])
         q, k, v = (t.to(q.dtype).contiguous() for t in (q, k, v))
         keep = None if call.mask is None else call.mask.to(acc).contiguous()
         bias = None if call.attn_bias is None else call.attn_bias.to(acc).contiguous()
         key_scale = None if call.key_scale is None else call.key_scale.detach().to(acc).contiguous()
+        documents = None if documents is None else documents.to(torch.int64).contiguous()
+        sinks = None if call.sinks is None else call.sinks.to(acc).contiguous()
         out, _ = attention_forward(
-            q, k, v, bias, keep, key_scale, seed, spec.window_size, spec.look_backward, spec.look_forward,
-            spec.causal, spec.exact_windowsize, float(call.scale), bool(call.mask_self), float(call.dropout_p),
+            q, k, v, bias, keep, key_scale, seed, documents, sinks, spec.window_size, spec.look_backward,
+            spec.look_forward, left, right, spec.causal, spec.sink_tokens, float(spec.softcap or 0.0), float(call.scale),
+            bool(call.mask_self), float(call.dropout_p),
         )
         return out

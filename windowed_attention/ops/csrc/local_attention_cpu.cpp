@@ -17,6 +17,17 @@
 // one phase never touch the same keys and need no locks. Bias gradients go to one buffer per thread,
 // summed at the end.
 //
+// The window rule is spec.py's, as numbers: window blocks (w, look-around) counted from each document's start,
+// cut by the token bounds (left, right; -1 none) and the document. Packed documents (runs of equal ids per
+// row of `documents`) get blocks and backward groups of their own, so no block spans two of them and none
+// computes keys across them. Queries may be the last n_q of the n key positions (row r is position
+// r + n - n_q). Sink tokens (the first ones of each document) are extra columns before a block's window
+// keys, for the rows that see them only as sinks; every block may see them, so their dK, dV come from a pass
+// of their own per (key row, document), recomputed from the saved softmax row sums (delta), race-free.
+// Softcap scores are softcap * tanh(scale q.k / softcap) before bias and masks; learned sinks (one per
+// query row p % h) join each softmax denominator, their gradient -sum_i p_sink_i delta_i summed in a
+// fixed order.
+//
 // Semantics are those of `reference.py`: a row that sees no key outputs zeros with zero gradients;
 // `mask_self` replaces a query's score with itself by -5e4; `bias` is (H, w, span*w), head = p % H;
 // `keep` is the (B, n) key padding mask, batch = p / (P / B); `key_scale` (span, d) multiplies the keys of
@@ -222,44 +233,199 @@ inline T dot(const T* a, const T* b, int64_t n) {
   return sum;
 }
 
-struct Geometry {
-  int64_t n, w, lb, lf;
-  bool causal, exact;
+// tanh in float32 as Eigen's fast tanh computes it: a 13/6-degree rational function on [-7.9, 7.9] (outside
+// it tanh is +-1 in float32), within a few ulp, at a fraction of Sleef's cost (softcap takes one per score,
+// and the backward another). float64 keeps Sleef's.
+inline Vec<float> fast_tanh(Vec<float> a) {
+  const Vec<float> x = at::vec::clamp(a, Vec<float>(-7.90531110763549805f), Vec<float>(7.90531110763549805f));
+  const Vec<float> x2 = x * x;
+  Vec<float> p = at::vec::fmadd(x2, Vec<float>(-2.76076847742355e-16f), Vec<float>(2.00018790482477e-13f));
+  p = at::vec::fmadd(p, x2, Vec<float>(-8.60467152213735e-11f));
+  p = at::vec::fmadd(p, x2, Vec<float>(5.12229709037114e-08f));
+  p = at::vec::fmadd(p, x2, Vec<float>(1.48572235717979e-05f));
+  p = at::vec::fmadd(p, x2, Vec<float>(6.37261928875436e-04f));
+  p = at::vec::fmadd(p, x2, Vec<float>(4.89352455891786e-03f));
+  p = p * x;
+  Vec<float> q = at::vec::fmadd(x2, Vec<float>(1.19825839466702e-06f), Vec<float>(1.18534705686654e-04f));
+  q = at::vec::fmadd(q, x2, Vec<float>(2.26843463243900e-03f));
+  q = at::vec::fmadd(q, x2, Vec<float>(4.89352518554385e-03f));
+  return p / q;
+}
 
-  // Keys [lo, hi) that query i may see by position (the window rule of spec.py).
-  void interval(int64_t i, int64_t& lo, int64_t& hi) const {
-    const int64_t b = i / w;
-    lo = std::max<int64_t>((b - lb) * w, 0);
-    hi = std::min<int64_t>((b + lf + 1) * w, n);
-    if (causal) {
-      hi = std::min(hi, i + 1);
-      if (exact) lo = std::max(lo, i - w * lb);
-    } else if (exact) {
-      lo = std::max(lo, i - w * lb);
-      hi = std::min(hi, i + w * lf + 1);
-    }
+inline Vec<double> fast_tanh(Vec<double> a) { return a.tanh(); }
+
+// x = softcap * tanh(x * scale / softcap), keeping tanh in t (for the backward's 1 - tanh^2) when t is set.
+template <typename T>
+inline void softcap_row(T* x, int64_t n, T scale, T cap, T* t) {
+  const Vec<T> vin(scale / cap), vcap(cap);
+  int64_t c = 0;
+  for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) {
+    const Vec<T> th = fast_tanh(Vec<T>::loadu(x + c) * vin);
+    if (t != nullptr) th.store(t + c);
+    (th * vcap).store(x + c);
+  }
+  if (c < n) {  // the ragged end: one partial vector, so every score takes the same tanh
+    const Vec<T> th = fast_tanh(Vec<T>::loadu(x + c, n - c) * vin);
+    if (t != nullptr) th.store(t + c, n - c);
+    (th * vcap).store(x + c, n - c);
+  }
+}
+
+// g = g * (1 - t^2): the softcap's derivative.
+template <typename T>
+inline void softcap_grad(T* g, const T* t, int64_t n) {
+  const Vec<T> one(T(1));
+  int64_t c = 0;
+  for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) {
+    const Vec<T> th = Vec<T>::loadu(t + c);
+    (Vec<T>::loadu(g + c) * (one - th * th)).store(g + c);
+  }
+  for (; c < n; ++c) g[c] *= T(1) - t[c] * t[c];
+}
+
+struct Geometry {
+  int64_t n, n_q, off, w, lb, lf, left, right;  // off = n - n_q: query row r is position r + off; -1: no bound
+  bool causal;  // only for sink tokens (the window's causality is right == 0): not causal, a query sees all
+
+  // Keys [lo, hi) that query i of the document [s, e) sees through its window (spec.key_range): the window
+  // blocks counted from the document's start, cut by the token bounds and the document.
+  void interval(int64_t i, int64_t s, int64_t e, int64_t& lo, int64_t& hi) const {
+    const int64_t b = (i - s) / w;
+    lo = s + std::max<int64_t>((b - lb) * w, 0);
+    hi = s + std::min<int64_t>((b + lf + 1) * w, e - s);
+    if (left >= 0) lo = std::max(lo, i - left);
+    if (right >= 0) hi = std::min(hi, i + right + 1);
   }
 };
 
-// One block of query rows [r0, r1) of head p and the key range all of them may see.
+// Query rows [r0, r1) (positions) of window `win` (counted from its document's start s) of document [s, e).
+struct Span {
+  int64_t s, e, win, r0, r1;
+};
+
+// Span of block j of window win of document [s, e), cut to the query positions (>= off); false if empty.
+inline bool make_span(int64_t s, int64_t e, int64_t win, int64_t j, int64_t w, int64_t off, Span& sp) {
+  sp = Span{s, e, win, s + win * w + j * BLOCK_Q, 0};
+  sp.r1 = std::min({sp.r0 + BLOCK_Q, s + (win + 1) * w, e});
+  sp.r0 = std::max(sp.r0, off);
+  return sp.r0 < sp.r1;
+}
+
+// One block of query rows [r0, r1) of head p, the window keys [klo, khi) all of them may see, and the first
+// nsb sink tokens of the document some of them see only as sinks (the columns before the window's).
 struct Block {
-  int64_t p, win, r0, r1, klo, khi;
+  int64_t p, s, e, win, r0, r1, klo, khi, nsb;
   int64_t rows() const { return r1 - r0; }
   int64_t keys() const { return khi - klo; }
+  int64_t cols() const { return nsb + keys(); }
+};
+
+// The work of one call: per row of `documents` (one row holding one document without them), its documents,
+// the forward's blocks, and the backward's units (groups of windows of one document) per phase.
+struct Plan {
+  struct Unit {
+    int64_t s, e, w0, w1, z0, z1;  // windows [w0, w1) of document [s, e); phase 0 zeroes dK, dV of [z0, z1)
+  };
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> docs;
+  std::vector<std::vector<Span>> spans;
+  std::vector<std::vector<Unit>> units[2];
+  int64_t per = 1;  // query rows per documents row
+};
+
+// Key windows whose dK, dV rows a phase-0 task of group `gi` zeroes before it accumulates into them: from
+// the first key window it touches up to the first of the next phase-0 group (the last group: to the end).
+// These ranges tile [0, nw), and no other phase-0 task touches them (phase-0 groups never share keys),
+// so the gradients need no separate zeroing pass and their pages are first touched by the task using them.
+void zeroed_windows(int64_t gi, int64_t group, int64_t groups, int64_t lb, int64_t nw, int64_t& from, int64_t& to) {
+  from = gi == 0 ? 0 : std::max<int64_t>(gi * group - lb, 0);
+  to = gi + 2 >= groups ? nw : std::min<int64_t>((gi + 2) * group - lb, nw);
+}
+
+Plan make_plan(const Geometry& g, int64_t P, const int64_t* documents, int64_t rows) {
+  Plan plan;
+  plan.per = P / rows;
+  const int64_t w = g.w, bpw = (w + BLOCK_Q - 1) / BLOCK_Q, group = std::max<int64_t>(std::min(g.lb + g.lf, g.n), 1);
+  plan.docs.resize(rows);
+  plan.spans.resize(rows);
+  plan.units[0].resize(rows);
+  plan.units[1].resize(rows);
+  for (int64_t b = 0; b < rows; ++b) {
+    auto& docs = plan.docs[b];
+    if (documents == nullptr) {
+      docs.emplace_back(0, g.n);
+    } else {  // runs of equal ids
+      const int64_t* ids = documents + b * g.n;
+      for (int64_t i = 0, s = 0; i < g.n; ++i)
+        if (i + 1 == g.n || ids[i + 1] != ids[i]) {
+          docs.emplace_back(s, i + 1);
+          s = i + 1;
+        }
+    }
+    for (const auto& [s, e] : docs) {
+      const int64_t nw = (e - s + w - 1) / w, groups = (nw + group - 1) / group;
+      Span sp;
+      for (int64_t win = std::max<int64_t>((std::max(g.off, s) - s) / w, 0); win < nw; ++win)
+        for (int64_t j = 0; j < bpw; ++j)
+          if (make_span(s, e, win, j, w, g.off, sp)) plan.spans[b].push_back(sp);
+      for (int64_t gi = 0; gi < groups; ++gi) {
+        int64_t from, to;
+        zeroed_windows(gi, group, groups, g.lb, nw, from, to);
+        plan.units[gi % 2][b].push_back(
+            {s, e, gi * group, std::min((gi + 1) * group, nw), s + from * w, std::min(s + to * w, e)});
+      }
+    }
+  }
+  return plan;
+}
+
+// Task t of a list whose key row p_kv holds start[p_kv + 1] - start[p_kv] tasks: (p_kv, index in its row).
+inline std::pair<int64_t, int64_t> locate(const std::vector<int64_t>& start, int64_t t) {
+  const int64_t p_kv = std::upper_bound(start.begin(), start.end(), t) - start.begin() - 1;
+  return {p_kv, t - start[p_kv]};
+}
+
+// A row's visible columns: up to three ascending, disjoint ranges [x0, x1): sink tokens before its window,
+// sink tokens after it (not causal: a sink prefix longer than the window's reach), and window keys.
+struct Cols {
+  int64_t r[3][2];
+
+  template <typename F>
+  void each(F&& f) const {
+    for (const auto& x : r)
+      if (x[1] > x[0]) f(x[0], x[1] - x[0]);
+  }
+
+  // x = 0 outside the ranges (a row of C columns).
+  template <typename T>
+  void zero_rest(T* x, int64_t C) const {
+    int64_t at = 0;
+    for (const auto& y : r)
+      if (y[1] > y[0]) {
+        std::fill(x + at, x + y[0], T(0));
+        at = y[1];
+      }
+    std::fill(x + at, x + C, T(0));
+  }
 };
 
 template <typename S>
 struct Inputs {
   using T = Acc<S>;
   const S *q, *k, *v;
-  const T *bias, *keep, *key_scale;
-  int64_t P, d, dv, heads, per_keep, groups;  // groups: query rows per key/value row (GQA), 1 otherwise
-  T scale;
+  const T *bias, *keep, *key_scale, *sinks;
+  int64_t P, d, dv, heads, per_keep, groups, sink_heads;  // groups: query rows per key/value row (GQA)
+  int64_t sink_tokens;
+  T scale, softcap;  // softcap 0: none
   bool mask_self;
   Geometry g;
   bool dropout;
   uint32_t drop_below, seed_lo, seed_hi;  // a weight drops when its hash is below drop_below
   T kept_scale;                           // 1 / (1 - dropout_p)
+
+  int64_t span_keys() const { return (g.lb + g.lf + 1) * g.w; }
+  // Columns a block's rows hold at most (sink tokens, then window keys; never more than the sequence).
+  int64_t max_cols() const { return std::min(span_keys(), g.n) + std::min(sink_tokens, g.n); }
+  T sink(int64_t p) const { return sinks[p % sink_heads]; }
 
   // The dropout factors of query i of head p on keys [j0, j0 + count): 0 (dropped) or 1 / (1 - p).
   void dropout_factors(int64_t p, int64_t i, int64_t j0, int64_t count, T* f) const {
@@ -271,33 +437,55 @@ struct Inputs {
     for (uint32_t c = 0; c < m; ++c) f[c] = mix32(start + c * 0x9e3779b9U) >= drop_below ? kept : T(0);
   }
 
-  Block block(int64_t p, int64_t win, int64_t j) const {
-    Block b{p, win, win * g.w + j * BLOCK_Q, 0, 0, 0};
-    b.r1 = std::min({b.r0 + BLOCK_Q, (win + 1) * g.w, g.n});
-    int64_t lo, hi;
-    g.interval(b.r0, b.klo, hi);
-    g.interval(b.r1 - 1, lo, b.khi);
+  // Sink tokens query i (window keys [lo, hi)) sees only as sinks, as sink columns: those of the first
+  // min(sink_tokens, length) of its document before lo, and (not causal) after hi. Causal rows need no
+  // check beyond: lo <= i, and causal windows end at i.
+  void sink_only(const Block& b, int64_t lo, int64_t hi, Cols& cols) const {
+    const int64_t count = std::min(sink_tokens, b.e - b.s);
+    cols.r[0][0] = 0;
+    cols.r[0][1] = std::clamp<int64_t>(std::min(count, lo - b.s), 0, b.nsb);
+    cols.r[1][0] = std::clamp<int64_t>(hi - b.s, cols.r[0][1], b.nsb);
+    cols.r[1][1] = g.causal ? cols.r[1][0] : std::max(cols.r[1][0], std::min(count, b.nsb));
+  }
+
+  Block block(int64_t p, const Span& sp) const {
+    Block b{p, sp.s, sp.e, sp.win, sp.r0, sp.r1, 0, 0, 0};
+    int64_t lo, hi, hi_last;
+    g.interval(b.r0, b.s, b.e, b.klo, hi);
+    g.interval(b.r1 - 1, b.s, b.e, lo, hi_last);
+    b.khi = hi_last;
+    b.khi = std::max(b.khi, b.klo);
+    // lo grows with the row; hi too, so the first row reaches least far (not causal: sinks after it)
+    const int64_t count = std::min(sink_tokens, b.e - b.s);
+    b.nsb = !g.causal && hi - b.s < count ? count : std::clamp<int64_t>(std::min(count, lo - b.s), 0, count);
     return b;
   }
+
+  const S* q_rows(const Block& b) const { return q + (b.p * g.n_q + b.r0 - g.off) * d; }
+  int64_t qrow(int64_t p, int64_t i) const { return p * g.n_q + i - g.off; }
 
   // f(slot, lo, hi) for the keys [lo, hi) of the block that lie in each neighbour-window slot.
   template <typename F>
   void for_each_slot(const Block& b, F&& f) const {
     for (int64_t lo = b.klo; lo < b.khi;) {
-      const int64_t hi = std::min(b.khi, (lo / g.w + 1) * g.w);
-      f(lo / g.w - (b.win - g.lb), lo, hi);
+      const int64_t hi = std::min(b.khi, b.s + ((lo - b.s) / g.w + 1) * g.w);
+      f((lo - b.s) / g.w - (b.win - g.lb), lo, hi);
       lo = hi;
     }
   }
 
-  // The block's scores Q K^T (rows x keys, leading dimension keys). With key_scale, the queries are
-  // scaled per slot into qs (slot s at qs + s * BLOCK_Q * d), which the backward reuses for dK.
+  // The block's scores Q K^T (rows x cols, leading dimension cols): the sink columns, then the window's.
+  // With key_scale, the queries are scaled per slot into qs (slot s at qs + s * BLOCK_Q * d), which the
+  // backward reuses for dK (sink tokens take no key scale, as in the reference).
   void scores(const Block& b, T* out, S* qs) const {
-    const S* qb = q + (b.p * g.n + b.r0) * d;
+    const S* qb = q_rows(b);
     const S* kb = k + (b.p / groups * g.n + b.klo) * d;
-    const int64_t m = b.rows(), L = b.keys();
+    const int64_t m = b.rows(), L = b.keys(), C = b.cols();
+    if (b.nsb > 0) gemm(false, true, m, b.nsb, d, T(1), qb, d, k + (b.p / groups * g.n + b.s) * d, d, T(0), out, C);
+    out += b.nsb;
+    if (L <= 0) return;
     if (key_scale == nullptr) {
-      gemm(false, true, m, L, d, T(1), qb, d, kb, d, T(0), out, L);
+      gemm(false, true, m, L, d, T(1), qb, d, kb, d, T(0), out, C);
       return;
     }
     for_each_slot(b, [&](int64_t slot, int64_t lo, int64_t hi) {
@@ -305,101 +493,130 @@ struct Inputs {
       const T* f = key_scale + slot * d;
       for (int64_t r = 0; r < m; ++r)
         for (int64_t c = 0; c < d; ++c) qsb[r * d + c] = static_cast<S>(static_cast<T>(qb[r * d + c]) * f[c]);
-      gemm(false, true, m, hi - lo, d, T(1), qsb, d, kb + (lo - b.klo) * d, d, T(0), out + (lo - b.klo), L);
+      gemm(false, true, m, hi - lo, d, T(1), qsb, d, kb + (lo - b.klo) * d, d, T(0), out + (lo - b.klo), C);
     });
   }
 
-  // The key padding mask over the block's keys (1 = kept), or null.
-  const T* keep_row(const Block& b) const { return keep == nullptr ? nullptr : keep + (b.p / per_keep) * g.n + b.klo; }
-
-  // For masked keys: a large negative logit so they never win the row max (then weight 0 via keep_row).
-  // Written into `buf` (the block's keys long); null when there is no key padding mask.
-  const T* penalty(const Block& b, T* buf) const {
-    const T* kr = keep_row(b);
-    if (kr == nullptr) return nullptr;
-    for (int64_t c = 0; c < b.keys(); ++c) buf[c] = kr[c] > T(0) ? T(0) : T(-1e30);
+  // The key padding mask over the block's columns (1 = kept) in `buf` (or in place), or null.
+  const T* keep_cols(const Block& b, T* buf) const {
+    if (keep == nullptr) return nullptr;
+    const T* row = keep + (b.p / per_keep) * g.n;
+    if (b.nsb == 0) return row + b.klo;
+    std::copy(row + b.s, row + b.s + b.nsb, buf);
+    std::copy(row + b.klo, row + b.khi, buf + b.nsb);
     return buf;
   }
 
-  // Row i of the block (s: its scores over keys klo..khi): zero the keys it cannot see and turn the rest
-  // into the logits the softmax sees (scale, bias, key padding, the self score). Returns the visible
-  // range [a, e) relative to klo.
-  void logits(const Block& b, int64_t i, T* s, const T* pen, int64_t& a, int64_t& e) const {
+  // For masked keys: a large negative logit so they never win the row max (then weight 0 via keep_cols).
+  // Written into `buf` (the block's columns long); null when there is no key padding mask.
+  const T* penalty(const Block& b, const T* kc, T* buf) const {
+    if (kc == nullptr) return nullptr;
+    for (int64_t c = 0; c < b.cols(); ++c) buf[c] = kc[c] > T(0) ? T(0) : T(-1e30);
+    return buf;
+  }
+
+  // Scores -> logits (softcap or scale) on n entries, keeping tanh in t (backward) when t is set.
+  void transform(T* x, int64_t n, T* t) const {
+    if (softcap > T(0)) softcap_row(x, n, scale, softcap, t);
+    else scale_row(x, n, scale);
+  }
+
+  // Row i of the block (s: its scores over the block's columns): zero the columns it cannot see and turn the
+  // rest into the logits the softmax sees (scale or softcap, bias, key padding, the self score). Its visible
+  // columns `cols`: sink columns, then the window columns [nsb + a, nsb + e). t: tanh of the softcap (same
+  // layout), or null.
+  void logits(const Block& b, int64_t i, T* s, const T* pen, T* t, Cols& cols) const {
     int64_t lo, hi;
-    g.interval(i, lo, hi);
-    a = lo - b.klo;
-    e = std::max(hi - b.klo, a);
+    g.interval(i, b.s, b.e, lo, hi);
+    const int64_t a = lo - b.klo, e = std::max(hi - b.klo, a);
+    sink_only(b, lo, hi, cols);
+    cols.r[2][0] = b.nsb + a;
+    cols.r[2][1] = b.nsb + e;
+    T* sw = s + b.nsb;
     const T* brow = nullptr;
-    if (bias != nullptr)
-      brow = bias + ((b.p % heads) * g.w + (i - b.win * g.w)) * ((g.lb + g.lf + 1) * g.w) + (b.klo - (b.win - g.lb) * g.w);
-    scale_add(s + a, e - a, scale, brow ? brow + a : nullptr, static_cast<const T*>(nullptr));
-    if (mask_self && i >= lo && i < hi) s[i - b.klo] = static_cast<T>(SELF_SCORE);
-    if (pen != nullptr) scale_add(s + a, e - a, T(1), pen + a, static_cast<const T*>(nullptr));
-    std::fill(s, s + a, T(0));
-    std::fill(s + e, s + b.keys(), T(0));
+    if (bias != nullptr)  // columns count from the document's start
+      brow = bias + ((b.p % heads) * g.w + (i - b.s - b.win * g.w)) * span_keys() + (b.klo - b.s - (b.win - g.lb) * g.w);
+    if (softcap > T(0)) {
+      softcap_row(sw + a, e - a, scale, softcap, t ? t + b.nsb + a : nullptr);
+      if (brow) scale_add(sw + a, e - a, T(1), brow + a, static_cast<const T*>(nullptr));
+    } else {
+      scale_add(sw + a, e - a, scale, brow ? brow + a : nullptr, static_cast<const T*>(nullptr));
+    }
+    if (mask_self && i >= lo && i < hi) sw[i - b.klo] = static_cast<T>(SELF_SCORE);
+    if (pen != nullptr) scale_add(sw + a, e - a, T(1), pen + b.nsb + a, static_cast<const T*>(nullptr));
+    for (int x = 0; x < 2; ++x) {
+      const int64_t c = cols.r[x][0], len = cols.r[x][1] - c;
+      transform(s + c, len, t ? t + c : nullptr);
+      if (pen != nullptr) scale_add(s + c, len, T(1), pen + c, static_cast<const T*>(nullptr));
+    }
+    cols.zero_rest(s, b.cols());
   }
 };
 
-template <typename S>
-int64_t windows_of(const Inputs<S>& in) {
-  return (in.g.n + in.g.w - 1) / in.g.w;
-}
-
-int64_t blocks_per_window(int64_t w) { return (w + BLOCK_Q - 1) / BLOCK_Q; }
 
 template <typename S>
-void forward_impl(const Inputs<S>& in, S* out, Acc<S>* lse) {
+void forward_impl(const Inputs<S>& in, const Plan& plan, S* out, Acc<S>* lse) {
   using T = Acc<S>;
   constexpr bool same = std::is_same_v<S, T>;
-  const int64_t nw = windows_of(in), bpw = blocks_per_window(in.g.w), n = in.g.n;
-  const int64_t span_keys = (in.g.lb + in.g.lf + 1) * in.g.w;
-  const int64_t G = in.groups;
-  at::parallel_for(0, in.P * nw * bpw, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(BLOCK_Q * span_keys), pbuf(span_keys), fbuf(in.dropout ? span_keys : 0);
+  const int64_t n = in.g.n, cap = in.max_cols(), G = in.groups, P_kv = in.P / G;
+  // task = (p_kv, block, r): the G query rows sharing a key row are neighbours (their keys stay in cache)
+  std::vector<int64_t> start(P_kv + 1, 0);
+  for (int64_t p_kv = 0; p_kv < P_kv; ++p_kv) start[p_kv + 1] = start[p_kv] + plan.spans[p_kv * G / plan.per].size() * G;
+  at::parallel_for(0, start[P_kv], 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(BLOCK_Q * cap), pbuf(cap), kbuf(cap), fbuf(in.dropout ? cap : 0);
     std::vector<T> obuf(same ? 0 : BLOCK_Q * in.dv);
-    std::vector<S> wbuf(same ? 0 : BLOCK_Q * span_keys);
-    std::vector<S> qsbuf(in.key_scale ? span_keys / in.g.w * BLOCK_Q * in.d : 0);
+    std::vector<S> wbuf(same ? 0 : BLOCK_Q * cap);
+    std::vector<S> qsbuf(in.key_scale ? (in.g.lb + in.g.lf + 1) * BLOCK_Q * in.d : 0);
     for (int64_t t = begin; t < end; ++t) {
-      // task t = ((p_kv * nw + win) * bpw + j) * G + r: query rows sharing a key row are neighbours
-      const int64_t p = t / (nw * bpw * G) * G + t % G, win = (t / (bpw * G)) % nw, j = (t / G) % bpw;
-      if (win * in.g.w + j * BLOCK_Q >= n) continue;
-      const Block b = in.block(p, win, j);
-      S* o = out + (p * n + b.r0) * in.dv;
-      const int64_t L = b.keys();
-      if (L <= 0) {
+      const auto [p_kv, local] = locate(start, t);
+      const int64_t p = p_kv * G + local % G;
+      const Block b = in.block(p, plan.spans[p / plan.per][local / G]);
+      S* o = out + in.qrow(p, b.r0) * in.dv;
+      const int64_t C = b.cols(), nsb = b.nsb;
+      if (C <= 0) {
         std::fill(o, o + b.rows() * in.dv, S(0));
-        std::fill(lse + p * n + b.r0, lse + p * n + b.r1, T(0));
+        std::fill(lse + in.qrow(p, b.r0), lse + in.qrow(p, b.r1), T(0));
         continue;
       }
       T* scores = buf.data();
       in.scores(b, scores, qsbuf.data());
-      const T* keep = in.keep_row(b);
-      const T* pen = in.penalty(b, pbuf.data());
+      const T* keep = in.keep_cols(b, kbuf.data());
+      const T* pen = in.penalty(b, keep, pbuf.data());
       for (int64_t i = b.r0; i < b.r1; ++i) {
-        T* s = scores + (i - b.r0) * L;
-        int64_t a, e;
-        in.logits(b, i, s, pen, a, e);
-        const T mx = row_max(s + a, e - a);
-        const T sum = exp_sum(s + a, e - a, mx, keep ? keep + a : nullptr);
+        T* s = scores + (i - b.r0) * C;
+        Cols cols;
+        in.logits(b, i, s, pen, nullptr, cols);
+        T mx = -std::numeric_limits<T>::max();
+        cols.each([&](int64_t c, int64_t len) { mx = std::max(mx, row_max(s + c, len)); });
+        // a learned sink joins the denominator (and the shift, so that a large one cannot overflow)
+        const T shift = in.sinks != nullptr ? std::max(mx, in.sink(p)) : mx;
+        T sum = T(0);
+        cols.each([&](int64_t c, int64_t len) { sum += exp_sum(s + c, len, shift, keep ? keep + c : nullptr); });
         if (sum > T(0)) {
-          scale_row(s + a, e - a, T(1) / sum);
-          lse[p * n + i] = mx + std::log(sum);
+          const T total = sum + (in.sinks != nullptr ? std::exp(in.sink(p) - shift) : T(0));
+          cols.each([&](int64_t c, int64_t len) { scale_row(s + c, len, T(1) / total); });
+          lse[in.qrow(p, i)] = shift + std::log(total);
           if (in.dropout) {
-            in.dropout_factors(p, i, b.klo + a, e - a, fbuf.data());
-            mul_row(s + a, fbuf.data(), e - a);
+            cols.each([&](int64_t c, int64_t len) {
+              in.dropout_factors(p, i, c < nsb ? b.s + c : b.klo + c - nsb, len, fbuf.data());
+              mul_row(s + c, fbuf.data(), len);
+            });
           }
         } else {
-          lse[p * n + i] = 0;  // sees no key: all weights are zero
+          // sees no key, or a learned sink so large that every weight underflows: all weights are zero, and
+          // the backward's exp(score - lse) must be too (a huge lse; finite, as masked logits are)
+          lse[in.qrow(p, i)] = in.sinks != nullptr ? T(1e30) : T(0);
         }
       }
-      const S* weights = operand<S>(scores, wbuf.data(), b.rows() * L);
+      const S* weights = operand<S>(scores, wbuf.data(), b.rows() * C);
       const S* vb = in.v + (p / G * n + b.klo) * in.dv;
-      if constexpr (same) {
-        gemm(false, false, b.rows(), in.dv, L, T(1), weights, L, vb, in.dv, T(0), o, in.dv);
-      } else {
-        gemm(false, false, b.rows(), in.dv, L, T(1), weights, L, vb, in.dv, T(0), obuf.data(), in.dv);
-        at::vec::convert(obuf.data(), o, b.rows() * in.dv);
-      }
+      const S* vs = in.v + (p / G * n + b.s) * in.dv;
+      T* ob = nullptr;
+      if constexpr (same) ob = o;
+      else ob = obuf.data();
+      if (b.keys() > 0) gemm(false, false, b.rows(), in.dv, b.keys(), T(1), weights + nsb, C, vb, in.dv, T(0), ob, in.dv);
+      if (nsb > 0) gemm(false, false, b.rows(), in.dv, nsb, T(1), weights, C, vs, in.dv, T(b.keys() > 0), ob, in.dv);
+      if constexpr (!same) at::vec::convert(obuf.data(), o, b.rows() * in.dv);
     }
   });
 }
@@ -427,38 +644,114 @@ struct Strided {
   }
 };
 
-// Key windows whose dK, dV rows a phase-0 task of group `gi` zeroes before it accumulates into them: from
-// the first key window it touches up to the first of the next phase-0 group (the last group: to the end).
-// These ranges tile [0, nw), and no other phase-0 task touches them (phase-0 groups never share keys),
-// so the gradients need no separate zeroing pass and their pages are first touched by the task using them.
-void zeroed_windows(int64_t gi, int64_t group, int64_t groups, int64_t lb, int64_t nw, int64_t& from, int64_t& to) {
-  from = gi == 0 ? 0 : std::max<int64_t>(gi * group - lb, 0);
-  to = gi + 2 >= groups ? nw : std::min<int64_t>((gi + 2) * group - lb, nw);
+// Per key row, the start of each task list (units of one phase, or documents) over the rows of documents.
+template <typename L>
+std::vector<int64_t> starts_of(int64_t P_kv, int64_t G, int64_t per, const L& lists) {
+  std::vector<int64_t> start(P_kv + 1, 0);
+  for (int64_t p_kv = 0; p_kv < P_kv; ++p_kv) start[p_kv + 1] = start[p_kv] + lists[p_kv * G / per].size();
+  return start;
+}
+
+// The sink tokens' dK, dV. Every block of a document may see them, outside the key ranges the backward's
+// phases give one owner each, so a task per (key row, document) walks the document's blocks and recomputes
+// the sink columns alone (delta_i saved by the main pass), in a fixed order: no races, and the same bits
+// for any thread count.
+template <typename S>
+void sink_token_grads(const Inputs<S>& in, const Plan& plan, const Strided<S>& grad_out, const Acc<S>* lse,
+                      const Acc<S>* deltas, Acc<S>* dk, Acc<S>* dv) {
+  using T = Acc<S>;
+  constexpr bool same = std::is_same_v<S, T>;
+  const int64_t n = in.g.n, w = in.g.w, G = in.groups, P_kv = in.P / G, cap = std::min(in.sink_tokens, n);
+  const auto start = starts_of(P_kv, G, plan.per, plan.docs);
+  at::parallel_for(0, start[P_kv], 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> sbuf(BLOCK_Q * cap), gbuf(BLOCK_Q * cap), pbuf(cap), fbuf(in.dropout ? cap : 0);
+    std::vector<T> tanh_buf(in.softcap > T(0) ? cap : 0);
+    std::vector<S> wbuf(same ? 0 : BLOCK_Q * cap), dsbuf(same ? 0 : BLOCK_Q * cap);
+    std::vector<S> gobuf(grad_out.in_place(in.dv) ? 0 : BLOCK_Q * in.dv);
+    for (int64_t t = begin; t < end; ++t) {
+      const auto [p_kv, index] = locate(start, t);
+      const auto [s0, e0] = plan.docs[p_kv * G / plan.per][index];
+      const S* ks = in.k + (p_kv * n + s0) * in.d;
+      const S* vs = in.v + (p_kv * n + s0) * in.dv;
+      const int64_t nw = (e0 - s0 + w - 1) / w;
+      for (int64_t win = 0; win < nw; ++win)
+        for (int64_t j = 0; s0 + win * w + j * BLOCK_Q < std::min(e0, s0 + (win + 1) * w); ++j) {
+          Span sp;
+          if (!make_span(s0, e0, win, j, w, in.g.off, sp)) continue;
+          for (int64_t p = p_kv * G; p < (p_kv + 1) * G; ++p) {
+            const Block b = in.block(p, sp);
+            const int64_t m = b.rows(), nsb = b.nsb;
+            if (nsb == 0) continue;
+            const S* qb = in.q_rows(b);
+            int64_t ldg;
+            const S* gob = grad_out.rows(p, b.r0 - in.g.off, m, in.dv, gobuf.data(), ldg);
+            T* scores = sbuf.data();
+            T* Gr = gbuf.data();
+            gemm(false, true, m, nsb, in.d, T(1), qb, in.d, ks, in.d, T(0), scores, nsb);
+            gemm(false, true, m, nsb, in.dv, T(1), gob, ldg, vs, in.dv, T(0), Gr, nsb);
+            const T* keep = in.keep == nullptr ? nullptr : in.keep + (p / in.per_keep) * n + s0;
+            const T* pen = in.penalty(Block{p, s0, e0, 0, 0, 0, s0, s0, nsb}, keep, pbuf.data());
+            for (int64_t i = b.r0; i < b.r1; ++i) {
+              T* s = scores + (i - b.r0) * nsb;
+              T* g = Gr + (i - b.r0) * nsb;
+              int64_t lo, hi;
+              in.g.interval(i, b.s, b.e, lo, hi);
+              Cols cols;
+              in.sink_only(b, lo, hi, cols);
+              cols.r[2][0] = cols.r[2][1] = nsb;
+              T* th = in.softcap > T(0) ? tanh_buf.data() : nullptr;
+              const T l = lse[in.qrow(p, i)], delta = deltas[in.qrow(p, i)];
+              cols.each([&](int64_t c, int64_t len) {
+                in.transform(s + c, len, th ? th + c : nullptr);
+                if (pen != nullptr) scale_add(s + c, len, T(1), pen + c, static_cast<const T*>(nullptr));
+                exp_sum(s + c, len, l, keep ? keep + c : nullptr);
+                if (in.dropout) {
+                  in.dropout_factors(p, i, s0 + c, len, fbuf.data() + c);
+                  mul_row(g + c, fbuf.data() + c, len);
+                }
+                logit_grad(s + c, g + c, len, delta);
+                if (in.dropout) mul_row(s + c, fbuf.data() + c, len);
+                if (th != nullptr) softcap_grad(g + c, th + c, len);
+              });
+              cols.zero_rest(s, nsb);
+              cols.zero_rest(g, nsb);
+            }
+            const S* weights = operand<S>(scores, wbuf.data(), m * nsb);
+            const S* dlogits = operand<S>(Gr, dsbuf.data(), m * nsb);
+            gemm(true, false, nsb, in.dv, m, T(1), weights, nsb, gob, ldg, T(1), dv + (p_kv * n + s0) * in.dv, in.dv);
+            gemm(true, false, nsb, in.d, m, in.scale, dlogits, nsb, qb, in.d, T(1), dk + (p_kv * n + s0) * in.d, in.d);
+          }
+        }
+    }
+  });
 }
 
 template <typename S>
-void backward_impl(const Inputs<S>& in, const Strided<S>& grad_out, const Acc<S>* lse, S* dq,
-                   Acc<S>* dk, Acc<S>* dv, Acc<S>* dbias) {
+void backward_impl(const Inputs<S>& in, const Plan& plan, const Strided<S>& grad_out, const Acc<S>* lse, S* dq,
+                   Acc<S>* dk, Acc<S>* dv, Acc<S>* dbias, Acc<S>* dsinks) {
   using T = Acc<S>;
   constexpr bool same = std::is_same_v<S, T>;
-  const int64_t nw = windows_of(in), bpw = blocks_per_window(in.g.w), n = in.g.n, w = in.g.w;
+  const int64_t n = in.g.n, w = in.g.w, cap = in.max_cols();
   const int64_t G = in.groups, P_kv = in.P / G;  // a task owns key row p_kv and its G query rows
-  const int64_t span_keys = (in.g.lb + in.g.lf + 1) * w;
+  const int64_t span_keys = in.span_keys();
   const int64_t bias_numel = in.bias == nullptr ? 0 : in.heads * w * span_keys;
+  // delta_i per query row: for the learned sinks' gradient and the sink tokens' dK, dV (a pass of its own)
+  const bool keep_delta = in.sinks != nullptr || in.sink_tokens > 0;
+  std::vector<T> deltas(keep_delta ? in.P * in.g.n_q : 0, T(0));
 
   std::vector<std::vector<T>> dbias_parts(bias_numel ? at::get_num_threads() : 0);
-  const int64_t group = std::max<int64_t>(in.g.lb + in.g.lf, 1);
-  const int64_t groups = (nw + group - 1) / group;
   for (int64_t phase = 0; phase < 2; ++phase) {
-    const int64_t mine = (groups - phase + 1) / 2;  // groups phase, phase + 2, ...
-    at::parallel_for(0, P_kv * mine, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> sbuf(BLOCK_Q * span_keys), gbuf(BLOCK_Q * span_keys), pbuf(span_keys);
-      std::vector<T> fbuf(in.dropout ? span_keys : 0);
-      std::vector<S> wbuf(same ? 0 : BLOCK_Q * span_keys), dsbuf(same ? 0 : BLOCK_Q * span_keys);
+    const auto& units = plan.units[phase];
+    const auto start = starts_of(P_kv, G, plan.per, units);
+    at::parallel_for(0, start[P_kv], 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> sbuf(BLOCK_Q * cap), gbuf(BLOCK_Q * cap), pbuf(cap), kbuf(cap);
+      std::vector<T> tanh_buf(in.softcap > T(0) ? BLOCK_Q * cap : 0);
+      std::vector<T> fbuf(in.dropout ? cap : 0);
+      std::vector<S> wbuf(same ? 0 : BLOCK_Q * cap), dsbuf(same ? 0 : BLOCK_Q * cap);
       std::vector<S> gobuf(grad_out.in_place(in.dv) ? 0 : BLOCK_Q * in.dv);
       std::vector<T> qbuf(same && !in.key_scale ? 0 : BLOCK_Q * in.d);
       std::vector<T> tbuf(in.key_scale ? BLOCK_Q * in.d : 0);
-      std::vector<S> qsbuf(in.key_scale ? span_keys / w * BLOCK_Q * in.d : 0);
+      std::vector<S> qsbuf(in.key_scale ? (in.g.lb + in.g.lf + 1) * BLOCK_Q * in.d : 0);
       T* db = nullptr;
       if (bias_numel) {
         auto& part = dbias_parts[at::get_thread_num()];
@@ -466,102 +759,129 @@ void backward_impl(const Inputs<S>& in, const Strided<S>& grad_out, const Acc<S>
         db = part.data();
       }
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t p_kv = t / mine, gi = phase + 2 * (t % mine);
+        const auto [p_kv, index] = locate(start, t);
+        const auto& unit = units[p_kv * G / plan.per][index];
         if (phase == 0) {
-          int64_t from, to;
-          zeroed_windows(gi, group, groups, in.g.lb, nw, from, to);
-          const int64_t r0 = p_kv * n + from * w, r1 = p_kv * n + std::min(to * w, n);
-          std::fill(dk + r0 * in.d, dk + r1 * in.d, T(0));
-          std::fill(dv + r0 * in.dv, dv + r1 * in.dv, T(0));
+          std::fill(dk + (p_kv * n + unit.z0) * in.d, dk + (p_kv * n + unit.z1) * in.d, T(0));
+          std::fill(dv + (p_kv * n + unit.z0) * in.dv, dv + (p_kv * n + unit.z1) * in.dv, T(0));
         }
-        for (int64_t win = gi * group; win < std::min((gi + 1) * group, nw); ++win) {
-          for (int64_t j = 0; j < bpw && win * w + j * BLOCK_Q < n; ++j)
-          for (int64_t p = p_kv * G; p < (p_kv + 1) * G; ++p) {  // the query rows sharing key row p_kv
-            const Block b = in.block(p, win, j);
-            S* dqb = dq + (p * n + b.r0) * in.d;
-            const int64_t L = b.keys(), m = b.rows();
-            if (L <= 0) {
-              std::fill(dqb, dqb + m * in.d, S(0));
-              continue;
-            }
-            const S* qb = in.q + (p * n + b.r0) * in.d;
-            const S* kb = in.k + (p_kv * n + b.klo) * in.d;
-            const S* vb = in.v + (p_kv * n + b.klo) * in.dv;
-            int64_t ldg;
-            const S* gob = grad_out.rows(p, b.r0, m, in.dv, gobuf.data(), ldg);
-            T* scores = sbuf.data();
-            T* G = gbuf.data();
-            in.scores(b, scores, qsbuf.data());
-            gemm(false, true, m, L, in.dv, T(1), gob, ldg, vb, in.dv, T(0), G, L);
-            const T* keep = in.keep_row(b);
-            const T* pen = in.penalty(b, pbuf.data());
-            for (int64_t i = b.r0; i < b.r1; ++i) {
-              T* s = scores + (i - b.r0) * L;  // scores -> weights P
-              T* g = G + (i - b.r0) * L;       // grad of weights -> grad of logits dS
-              int64_t a, e;
-              in.logits(b, i, s, pen, a, e);
-              exp_sum(s + a, e - a, lse[p * n + i], keep ? keep + a : nullptr);
-              if (in.dropout) {  // g: the gradient of the dropped weights -> of the softmax weights
-                in.dropout_factors(p, i, b.klo + a, e - a, fbuf.data());
-                mul_row(g + a, fbuf.data(), e - a);
+        for (int64_t win = unit.w0; win < unit.w1; ++win)
+          for (int64_t j = 0; unit.s + win * w + j * BLOCK_Q < std::min(unit.e, unit.s + (win + 1) * w); ++j) {
+            Span sp;
+            if (!make_span(unit.s, unit.e, win, j, w, in.g.off, sp)) continue;
+            for (int64_t p = p_kv * G; p < (p_kv + 1) * G; ++p) {  // the query rows sharing key row p_kv
+              const Block b = in.block(p, sp);
+              S* dqb = dq + in.qrow(p, b.r0) * in.d;
+              const int64_t L = b.keys(), m = b.rows(), C = b.cols(), nsb = b.nsb;
+              if (C <= 0) {
+                std::fill(dqb, dqb + m * in.d, S(0));
+                continue;
               }
-              logit_grad(s + a, g + a, e - a, dot(s + a, g + a, e - a));
-              if (in.dropout) mul_row(s + a, fbuf.data(), e - a);  // s: the dropped weights, for dV
-              std::fill(g, g + a, T(0));
-              std::fill(g + e, g + L, T(0));
-              if (in.mask_self && i >= b.klo + a && i < b.klo + e) g[i - b.klo] = 0;  // a constant score
-              if (db != nullptr) {
-                T* brow = db + ((p % in.heads) * w + (i - win * w)) * span_keys + (b.klo - (win - in.g.lb) * w);
-                for (int64_t c = a; c < e; ++c) brow[c] += g[c];
+              const S* qb = in.q_rows(b);
+              const S* kb = in.k + (p_kv * n + b.klo) * in.d;
+              const S* vb = in.v + (p_kv * n + b.klo) * in.dv;
+              const S* ks = in.k + (p_kv * n + b.s) * in.d;
+              int64_t ldg;
+              const S* gob = grad_out.rows(p, b.r0 - in.g.off, m, in.dv, gobuf.data(), ldg);
+              T* scores = sbuf.data();
+              T* Gr = gbuf.data();
+              in.scores(b, scores, qsbuf.data());
+              if (L > 0) gemm(false, true, m, L, in.dv, T(1), gob, ldg, vb, in.dv, T(0), Gr + nsb, C);
+              if (nsb > 0)
+                gemm(false, true, m, nsb, in.dv, T(1), gob, ldg, in.v + (p_kv * n + b.s) * in.dv, in.dv, T(0), Gr, C);
+              const T* keep = in.keep_cols(b, kbuf.data());
+              const T* pen = in.penalty(b, keep, pbuf.data());
+              for (int64_t i = b.r0; i < b.r1; ++i) {
+                T* s = scores + (i - b.r0) * C;  // scores -> weights P
+                T* g = Gr + (i - b.r0) * C;      // grad of weights -> grad of logits dS
+                T* th = in.softcap > T(0) ? tanh_buf.data() + (i - b.r0) * C : nullptr;
+                Cols cols;
+                in.logits(b, i, s, pen, th, cols);
+                const int64_t a = cols.r[2][0] - nsb, e = cols.r[2][1] - nsb;
+                const T l = lse[in.qrow(p, i)];
+                cols.each([&](int64_t c, int64_t len) { exp_sum(s + c, len, l, keep ? keep + c : nullptr); });
+                T delta = T(0);
+                cols.each([&](int64_t c, int64_t len) {
+                  if (in.dropout) {  // g: the gradient of the dropped weights -> of the softmax weights
+                    in.dropout_factors(p, i, c < nsb ? b.s + c : b.klo + c - nsb, len, fbuf.data() + c);
+                    mul_row(g + c, fbuf.data() + c, len);
+                  }
+                  delta += dot(s + c, g + c, len);
+                });
+                cols.each([&](int64_t c, int64_t len) {
+                  logit_grad(s + c, g + c, len, delta);
+                  if (in.dropout) mul_row(s + c, fbuf.data() + c, len);  // s: the dropped weights, for dV
+                });
+                cols.zero_rest(g, C);
+                if (in.mask_self && i >= b.klo + a && i < b.klo + e) g[nsb + i - b.klo] = 0;  // a constant score
+                if (db != nullptr) {
+                  T* brow = db + ((p % in.heads) * w + (i - b.s - win * w)) * span_keys + (b.klo - b.s - (win - in.g.lb) * w);
+                  for (int64_t c = a; c < e; ++c) brow[c] += g[nsb + c];
+                }
+                if (keep_delta) deltas[in.qrow(p, i)] = delta;
+                // the bias gradient is dS; q and k get it through the softcap's 1 - tanh^2
+                if (th != nullptr) cols.each([&](int64_t c, int64_t len) { softcap_grad(g + c, th + c, len); });
               }
-            }
-            // dV += P^T dO (P with dropout applied), dQ = scale dS K, dK += scale dS^T Q
-            const S* weights = operand<S>(scores, wbuf.data(), m * L);
-            const S* dlogits = operand<S>(G, dsbuf.data(), m * L);
-            gemm(true, false, L, in.dv, m, T(1), weights, L, gob, ldg, T(1), dv + (p_kv * n + b.klo) * in.dv, in.dv);
-            if (in.key_scale != nullptr) {  // per slot: dQ += scale (dS K) * f, dK += scale dS^T (Q * f)
-              T* acc = qbuf.data();
-              std::fill(acc, acc + m * in.d, T(0));
-              in.for_each_slot(b, [&](int64_t slot, int64_t lo, int64_t hi) {
-                const S* ds = dlogits + (lo - b.klo);
-                gemm(false, false, m, in.d, hi - lo, in.scale, ds, L, kb + (lo - b.klo) * in.d, in.d, T(0), tbuf.data(),
-                     in.d);
-                const T* f = in.key_scale + slot * in.d;
-                for (int64_t r = 0; r < m; ++r)
-                  for (int64_t c = 0; c < in.d; ++c) acc[r * in.d + c] += tbuf[r * in.d + c] * f[c];
-                gemm(true, false, hi - lo, in.d, m, in.scale, ds, L, qsbuf.data() + slot * BLOCK_Q * in.d, in.d, T(1),
-                     dk + (p_kv * n + lo) * in.d, in.d);
-              });
-              if constexpr (same) std::copy(acc, acc + m * in.d, dqb);
-              else at::vec::convert(acc, dqb, m * in.d);
-            } else {
-              if constexpr (same) {
-                gemm(false, false, m, in.d, L, in.scale, dlogits, L, kb, in.d, T(0), dqb, in.d);
+              // dV += P^T dO (P with dropout applied), dQ = scale dS K, dK += scale dS^T Q over the window
+              // keys; the sink columns add to dQ here, and to their keys' dK, dV in a pass of their own
+              const S* weights = operand<S>(scores, wbuf.data(), m * C);
+              const S* dlogits = operand<S>(Gr, dsbuf.data(), m * C);
+              if (L > 0)
+                gemm(true, false, L, in.dv, m, T(1), weights + nsb, C, gob, ldg, T(1), dv + (p_kv * n + b.klo) * in.dv, in.dv);
+              if (in.key_scale != nullptr) {  // per slot: dQ += scale (dS K) * f, dK += scale dS^T (Q * f)
+                T* acc = qbuf.data();
+                std::fill(acc, acc + m * in.d, T(0));
+                in.for_each_slot(b, [&](int64_t slot, int64_t lo, int64_t hi) {
+                  const S* ds = dlogits + nsb + (lo - b.klo);
+                  gemm(false, false, m, in.d, hi - lo, in.scale, ds, C, kb + (lo - b.klo) * in.d, in.d, T(0), tbuf.data(),
+                       in.d);
+                  const T* f = in.key_scale + slot * in.d;
+                  for (int64_t r = 0; r < m; ++r)
+                    for (int64_t c = 0; c < in.d; ++c) acc[r * in.d + c] += tbuf[r * in.d + c] * f[c];
+                  gemm(true, false, hi - lo, in.d, m, in.scale, ds, C, qsbuf.data() + slot * BLOCK_Q * in.d, in.d, T(1),
+                       dk + (p_kv * n + lo) * in.d, in.d);
+                });
+                if (nsb > 0) gemm(false, false, m, in.d, nsb, in.scale, dlogits, C, ks, in.d, T(1), acc, in.d);
+                if constexpr (same) std::copy(acc, acc + m * in.d, dqb);
+                else at::vec::convert(acc, dqb, m * in.d);
               } else {
-                gemm(false, false, m, in.d, L, in.scale, dlogits, L, kb, in.d, T(0), qbuf.data(), in.d);
-                at::vec::convert(qbuf.data(), dqb, m * in.d);
+                T* acc = nullptr;
+                if constexpr (same) acc = dqb;
+                else acc = qbuf.data();
+                if (L > 0) gemm(false, false, m, in.d, L, in.scale, dlogits + nsb, C, kb, in.d, T(0), acc, in.d);
+                if (nsb > 0) gemm(false, false, m, in.d, nsb, in.scale, dlogits, C, ks, in.d, T(L > 0), acc, in.d);
+                if constexpr (!same) at::vec::convert(qbuf.data(), dqb, m * in.d);
+                if (L > 0)
+                  gemm(true, false, L, in.d, m, in.scale, dlogits + nsb, C, qb, in.d, T(1), dk + (p_kv * n + b.klo) * in.d, in.d);
               }
-              gemm(true, false, L, in.d, m, in.scale, dlogits, L, qb, in.d, T(1), dk + (p_kv * n + b.klo) * in.d, in.d);
             }
           }
-        }
       }
     });
   }
+  if (in.sink_tokens > 0) sink_token_grads(in, plan, grad_out, lse, deltas.data(), dk, dv);
   if (bias_numel) {
     std::fill(dbias, dbias + bias_numel, T(0));
     for (const auto& part : dbias_parts)
       if (!part.empty())
         for (int64_t x = 0; x < bias_numel; ++x) dbias[x] += part[x];
   }
+  if (in.sinks != nullptr) {  // d sink = -sum_i p_sink_i delta_i, in a fixed order (any thread count)
+    std::fill(dsinks, dsinks + in.sink_heads, T(0));
+    for (int64_t p = 0; p < in.P; ++p)
+      for (int64_t r = 0; r < in.g.n_q; ++r) {
+        const T delta = deltas[p * in.g.n_q + r];
+        if (delta != T(0)) dsinks[p % in.sink_heads] -= std::exp(in.sink(p) - lse[p * in.g.n_q + r]) * delta;
+      }
+  }
 }
 
 template <typename S>
 Inputs<S> make_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& keep,
-                      const std::optional<at::Tensor>& key_scale, int64_t w, int64_t lb, int64_t lf, bool causal,
-                      bool exact, double scale, bool mask_self,
-                      double dropout_p, int64_t seed) {
+                      const std::optional<at::Tensor>& key_scale, const std::optional<at::Tensor>& sinks, int64_t w,
+                      int64_t lb, int64_t lf, int64_t left, int64_t right, bool causal, int64_t sink_tokens,
+                      double softcap, double scale, bool mask_self, double dropout_p, int64_t seed) {
   using T = Acc<S>;
   Inputs<S> in{};
   in.P = q.size(0);
@@ -575,10 +895,14 @@ Inputs<S> make_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   in.heads = bias.has_value() ? bias->size(0) : 1;
   in.keep = keep.has_value() ? keep->data_ptr<T>() : nullptr;
   in.key_scale = key_scale.has_value() ? key_scale->data_ptr<T>() : nullptr;
+  in.sinks = sinks.has_value() ? sinks->data_ptr<T>() : nullptr;
+  in.sink_heads = sinks.has_value() ? sinks->size(0) : 1;
+  in.sink_tokens = sink_tokens;
+  in.softcap = static_cast<T>(softcap);
   in.per_keep = keep.has_value() ? in.P / keep->size(0) : 1;
   in.scale = static_cast<T>(scale);
   in.mask_self = mask_self;
-  in.g = Geometry{q.size(1), w, lb, lf, causal, exact};
+  in.g = Geometry{k.size(1), q.size(1), k.size(1) - q.size(1), w, lb, lf, left, right, causal};
   in.dropout = dropout_p > 0.0;
   in.drop_below = static_cast<uint32_t>(std::min(std::ldexp(dropout_p, 32), 4294967295.0));
   in.seed_lo = static_cast<uint32_t>(static_cast<uint64_t>(seed));
@@ -695,21 +1019,28 @@ class OutputPool final : public c10::Allocator {
 
 at::ScalarType acc_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The new per-call tensors and scalars: documents (B, n) int64 ids whose query rows sharing a key row share a
+// row (B | P / groups), sinks (h,) in the accumulation type with h | P, the token bounds, sink tokens, softcap.
 void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
-           const std::optional<at::Tensor>& keep, const std::optional<at::Tensor>& key_scale, int64_t w, int64_t lb,
-           int64_t lf) {
+           const std::optional<at::Tensor>& keep, const std::optional<at::Tensor>& key_scale,
+           const std::optional<at::Tensor>& documents, const std::optional<at::Tensor>& sinks, int64_t w, int64_t lb,
+           int64_t lf, int64_t left, int64_t right, int64_t sink_tokens, double softcap) {
   int64_t span = 0, columns = 0, rows = 0;  // the kernel's index arithmetic must not overflow
   TORCH_CHECK(w >= 1 && lb >= 0 && lf >= 0 && !__builtin_add_overflow(lb, lf + 1, &span)
               && !__builtin_mul_overflow(span, w, &columns) && !__builtin_mul_overflow(span + 1, w, &rows),
               "window_size must be >= 1 and the look-around >= 0, with (look_backward + look_forward + 2) * "
               "window_size within int64");
+  TORCH_CHECK(left >= -1 && right >= -1, "left and right (token bounds) must be >= 0, or -1 for none");
+  TORCH_CHECK(sink_tokens >= 0, "sink_tokens must be >= 0");
+  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), "softcap must be finite and > 0 (0: none)");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k, v must be contiguous");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "q, k, v dtypes differ");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k, v must be (P, n, d)");
   TORCH_CHECK(k.size(0) >= 1 && q.size(0) % k.size(0) == 0 && v.size(0) == k.size(0),
               "k and v must have P_kv rows dividing the P rows of q (grouped-query attention)");
-  TORCH_CHECK(k.size(1) == q.size(1) && v.size(1) == q.size(1) && k.size(2) == q.size(2),
-              "k must be (P_kv, n, d) and v (P_kv, n, dv) for q (P, n, d)");
+  TORCH_CHECK(q.size(1) <= k.size(1) && v.size(1) == k.size(1) && k.size(2) == q.size(2),
+              "k must be (P_kv, n, d) and v (P_kv, n, dv) for q (P, n_q, d) with n_q <= n");
+  const int64_t n = k.size(1);
   TORCH_CHECK(!bias.has_value() || (bias->is_contiguous() && bias->scalar_type() == acc_type(q)),
               "bias must be contiguous, float64 for float64 inputs and float32 otherwise");
   // the kernel indexes the bias and the mask by these shapes: a direct call of the op with others must not
@@ -720,42 +1051,66 @@ void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const 
   TORCH_CHECK(!keep.has_value() || (keep->is_contiguous() && keep->scalar_type() == acc_type(q)),
               "keep must be contiguous (1 = kept, 0 = masked), float64 for float64 inputs and float32 otherwise");
   TORCH_CHECK(!keep.has_value() || (keep->dim() == 2 && keep->size(0) >= 1 && q.size(0) % keep->size(0) == 0
-                                    && keep->size(1) == q.size(1)),
+                                    && keep->size(1) == n),
               "keep must be (B, n) with B dividing the P rows of q");
   TORCH_CHECK(!key_scale.has_value() || (key_scale->is_contiguous() && key_scale->scalar_type() == acc_type(q) &&
                                          key_scale->sizes() == at::IntArrayRef({lb + lf + 1, q.size(2)})),
               "key_scale must be contiguous (span, d), float64 for float64 inputs and float32 otherwise");
+  TORCH_CHECK(!documents.has_value() || (documents->is_contiguous() && documents->scalar_type() == at::kLong &&
+                                         documents->dim() == 2 && documents->size(0) >= 1 && documents->size(1) == n &&
+                                         q.size(0) % documents->size(0) == 0 &&
+                                         (q.size(0) / documents->size(0)) % (q.size(0) / k.size(0)) == 0),
+              "documents must be contiguous int64 (B, n), with B dividing the P rows of q and the query rows "
+              "sharing a key row in one row of documents");
+  TORCH_CHECK(!sinks.has_value() || (sinks->is_contiguous() && sinks->scalar_type() == acc_type(q) &&
+                                     sinks->dim() == 1 && sinks->size(0) >= 1 && q.size(0) % sinks->size(0) == 0),
+              "sinks must be contiguous (h,) with h dividing the P rows of q, float64 for float64 inputs and "
+              "float32 otherwise");
 }
 
-// q, k (P, n, d), v (P, n, dv) -> out (P, n, dv) in q's dtype, lse (P, n) in the accumulation type.
+Plan plan_of(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& documents, int64_t w,
+             int64_t lb, int64_t lf, int64_t left, int64_t right, bool causal) {
+  const Geometry g{k.size(1), q.size(1), k.size(1) - q.size(1), w, lb, lf, left, right, causal};
+  return documents.has_value() ? make_plan(g, q.size(0), documents->data_ptr<int64_t>(), documents->size(0))
+                               : make_plan(g, q.size(0), nullptr, 1);
+}
+
+// q (P, n_q, d), k (P_kv, n, d), v (P_kv, n, dv) -> out (P, n_q, dv) in q's dtype, lse (P, n_q) in the
+// accumulation type. The queries are the last n_q positions.
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const std::optional<at::Tensor>& bias,
                                            const std::optional<at::Tensor>& keep,
-                                           const std::optional<at::Tensor>& key_scale, int64_t w, int64_t lb,
-                                           int64_t lf, bool causal, bool exact, double scale, bool mask_self,
-                                           double dropout_p, int64_t seed) {
-  check(q, k, v, bias, keep, key_scale, w, lb, lf);
+                                           const std::optional<at::Tensor>& key_scale,
+                                           const std::optional<at::Tensor>& documents,
+                                           const std::optional<at::Tensor>& sinks, int64_t w, int64_t lb, int64_t lf,
+                                           int64_t left, int64_t right, bool causal, int64_t sink_tokens,
+                                           double softcap, double scale, bool mask_self, double dropout_p,
+                                           int64_t seed) {
+  check(q, k, v, bias, keep, key_scale, documents, sinks, w, lb, lf, left, right, sink_tokens, softcap);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1)");
   auto& pool = OutputPool::instance();
   auto out = pool.empty({q.size(0), q.size(1), v.size(2)}, q.scalar_type());
   auto lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(acc_type(q)));
+  const Plan plan = plan_of(q, k, documents, w, lb, lf, left, right, causal);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "windowed_attention_forward", [&] {
-    auto in = make_inputs<scalar_t>(q, k, v, bias, keep, key_scale, w, lb, lf, causal, exact, scale, mask_self, dropout_p, seed);
-    forward_impl(in, out.data_ptr<scalar_t>(), lse.data_ptr<Acc<scalar_t>>());
+    auto in = make_inputs<scalar_t>(q, k, v, bias, keep, key_scale, sinks, w, lb, lf, left, right, causal, sink_tokens, softcap,
+                                    scale, mask_self, dropout_p, seed);
+    forward_impl(in, plan, out.data_ptr<scalar_t>(), lse.data_ptr<Acc<scalar_t>>());
   });
   return {out, lse};
 }
 
-// Gradients of q (q's dtype), of k and v and of bias (the accumulation type).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+// Gradients of q (q's dtype), of k and v, bias and sinks (the accumulation type; bias's and sinks' empty
+// (0,) without them).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& lse, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& keep, const std::optional<at::Tensor>& key_scale, int64_t w, int64_t lb,
-    int64_t lf, bool causal, bool exact,
-    double scale, bool mask_self, double dropout_p, int64_t seed) {
-  check(q, k, v, bias, keep, key_scale, w, lb, lf);
+    const at::Tensor& lse, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& keep,
+    const std::optional<at::Tensor>& key_scale, const std::optional<at::Tensor>& documents,
+    const std::optional<at::Tensor>& sinks, int64_t w, int64_t lb, int64_t lf, int64_t left, int64_t right,
+    bool causal, int64_t sink_tokens, double softcap, double scale, bool mask_self, double dropout_p, int64_t seed) {
+  check(q, k, v, bias, keep, key_scale, documents, sinks, w, lb, lf, left, right, sink_tokens, softcap);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1)");
-  TORCH_CHECK(lse.is_contiguous() && lse.sizes() == at::IntArrayRef({q.size(0), q.size(1)}), "lse must be (P, n), contiguous");
+  TORCH_CHECK(lse.is_contiguous() && lse.sizes() == at::IntArrayRef({q.size(0), q.size(1)}), "lse must be (P, n_q), contiguous");
   TORCH_CHECK(grad_out.dim() == 3 && grad_out.sizes() == at::IntArrayRef({q.size(0), q.size(1), v.size(2)}),
               "grad_out must have the output's shape");
   TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && lse.scalar_type() == acc_type(q), "saved tensor dtypes");
@@ -765,15 +1120,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   auto dk = pool.empty(k.sizes(), acc_type(q));  // zeroed by the backward's first phase
   auto dv = pool.empty(v.sizes(), acc_type(q));
   auto dbias = bias.has_value() ? at::empty_like(*bias) : at::empty({0}, acc);
+  auto dsinks = sinks.has_value() ? at::empty_like(*sinks) : at::empty({0}, acc);
+  const Plan plan = plan_of(q, k, documents, w, lb, lf, left, right, causal);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "windowed_attention_backward", [&] {
     using T = Acc<scalar_t>;
-    auto in = make_inputs<scalar_t>(q, k, v, bias, keep, key_scale, w, lb, lf, causal, exact, scale, mask_self, dropout_p, seed);
+    auto in = make_inputs<scalar_t>(q, k, v, bias, keep, key_scale, sinks, w, lb, lf, left, right, causal, sink_tokens, softcap,
+                                    scale, mask_self, dropout_p, seed);
     const Strided<scalar_t> go{grad_out.data_ptr<scalar_t>(), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2)};
-    backward_impl(in, go, lse.data_ptr<T>(),
-                  dq.data_ptr<scalar_t>(), dk.data_ptr<T>(), dv.data_ptr<T>(),
-                  bias.has_value() ? dbias.data_ptr<T>() : nullptr);
+    backward_impl(in, plan, go, lse.data_ptr<T>(), dq.data_ptr<scalar_t>(), dk.data_ptr<T>(), dv.data_ptr<T>(),
+                  bias.has_value() ? dbias.data_ptr<T>() : nullptr, sinks.has_value() ? dsinks.data_ptr<T>() : nullptr);
   });
-  return {dq, dk, dv, dbias};
+  return {dq, dk, dv, dbias, dsinks};
 }
 
 }  // namespace

@@ -1,0 +1,110 @@
+"""What each modern option costs the fused CPU kernel: forward + backward of `local_attention` (backend
+`fused`) with the option against the same call without it, side by side in one process.
+
+fp32, B=1 H=8 N=8192 D=64, causal, window 256 (defaults). Each round times every variant once, in turn
+(so load changes hit all alike); the medians of the rounds are compared with the plain call's:
+documents (random lengths 64-2048) vs none, learned sinks, sink_tokens=4, softcap=30, and the token window
+(256, 0) against its block twin (window_size=256, exact_windowsize=True). Prints the CPU beside the figures;
+writes nothing.
+
+Run: python examples/modern_options_speed.py [--rounds 7] [--seq-len 8192] [--heads 8] [--dim-head 64]
+     [--window 256] [--threads T] [--cpu-time]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import time
+
+import torch
+
+from windowed_attention import local_attention
+
+
+def cpu_name() -> str:
+    """lscpu's model name and which of avx2 / avx512f / avx512_bf16 / amx_bf16 the CPU has."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown CPU"
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("Flags")), [])
+    have = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
+    return f"{model} ({', '.join(have) or 'no avx2'})"
+
+
+def random_documents(n: int, generator: torch.Generator) -> torch.Tensor:
+    """`(1, n)` ids of documents with lengths drawn uniformly from 64-2048 (the last one cut to fit)."""
+    lengths, total = [], 0
+    while total < n:
+        length = min(int(torch.randint(64, 2049, (), generator=generator)), n - total)
+        lengths.append(length)
+        total += length
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--seq-len", type=int, default=8192)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--dim-head", type=int, default=64)
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time the process's CPU time instead of the wall clock (steadier on a shared machine)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    g = torch.Generator().manual_seed(0)
+    H, n, d, w = args.heads, args.seq_len, args.dim_head, args.window
+    q, k, v = (torch.randn(1, H, n, d, generator=g).requires_grad_() for _ in range(3))
+    documents = random_documents(n, g)
+    sinks = torch.randn(H, generator=g).requires_grad_()
+    grad = torch.randn(1, H, n, d, generator=g)
+    plain = dict(window_size=w, causal=True)
+    variants = {
+        "plain": plain,
+        "documents": dict(plain, documents=documents),
+        "sinks": dict(plain, sinks=sinks),
+        "sink_tokens=4": dict(plain, sink_tokens=4),
+        "softcap=30": dict(plain, softcap=30.0),
+        "exact window": dict(plain, exact_windowsize=True),
+        f"token window ({w}, 0)": dict(window_size=(w, 0), causal=True),
+    }
+
+    clock = time.process_time if args.cpu_time else time.perf_counter
+
+    def step(options) -> float:
+        start = clock()
+        out = local_attention(q, k, v, backend="fused", **options)
+        out.backward(grad)
+        elapsed = clock() - start
+        for t in (q, k, v, sinks):
+            t.grad = None
+        return elapsed
+
+    for options in variants.values():  # warm up (and build the kernel)
+        step(options)
+    times = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, options in variants.items():
+            times[name].append(step(options))
+    median = {name: statistics.median(values) for name, values in times.items()}
+
+    print(f"CPU: {cpu_name()}; torch threads {torch.get_num_threads()}; fp32 B=1 H={H} N={n} D={d}, causal, "
+          f"window {w}, forward + backward, medians of {args.rounds} rounds ({'CPU time' if args.cpu_time else 'wall clock'}); "
+          f"{documents.max().item() + 1} documents")
+    print(f"plain call: {median['plain'] * 1e3:.1f} ms")
+    for name in variants:
+        if name == "plain":
+            continue
+        base = "exact window" if name.startswith("token window") else "plain"
+        print(f"{name:>24}: {median[name] * 1e3:8.1f} ms  {median[name] / median[base]:.3f}x of {base}")
+
+
+if __name__ == "__main__":
+    main()

@@ -71,6 +71,8 @@ class LocalAttention(nn.Module):
     scores with distance). `softcap`: scores become `softcap * tanh(score / softcap)` before any bias.
     `forward(..., documents=None, sinks=None)`: packed documents (rotary and xpos positions restart at
     each document's start, so a packed row equals each document alone) and learned sink logits `(h,)`.
+    `autopad` never materialises padding (the op takes any length and computes no position past `n`), so
+    documents need no padding id.
     """
 
     def __init__(

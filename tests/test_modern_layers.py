@@ -159,7 +159,7 @@ CACHE_OPTIONS = [
 ]
 
 
-def _compare_decoding(mha, n, lengths, grad, dtype=torch.float64, cache_dtype=None, tol=1e-9):
+def _compare_decoding(mha, n, lengths, grad, dtype=torch.float64, cache_dtype=None, tol=1e-9, attn_bias=None):
     """Prefill rows of the prompt `lengths` (right padding), then decode one token at a time to `n`
     positions: every output equals the uncached forward of its row alone. Returns the last cache."""
     b, prefix = len(lengths), max(lengths)
@@ -167,14 +167,14 @@ def _compare_decoding(mha, n, lengths, grad, dtype=torch.float64, cache_dtype=No
     lengths_t = torch.tensor(lengths)
     # row r's sequence: its prompt x[r, :length], then x[r, prefix:]
     rows = [torch.cat((x[r, :lengths[r]], x[r, prefix:])) for r in range(b)]
-    fulls = [mha(row[None])[0] for row in rows]
+    fulls = [mha(row[None], attn_bias=attn_bias)[0] for row in rows]
     mask = torch.arange(prefix) < lengths_t[:, None]
     with torch.set_grad_enabled(grad):
-        out, cache = mha(x[:, :prefix], mask=mask, return_cache=True, cache_dtype=cache_dtype)
+        out, cache = mha(x[:, :prefix], mask=mask, attn_bias=attn_bias, return_cache=True, cache_dtype=cache_dtype)
         for r in range(b):
             torch.testing.assert_close(out[r, :lengths[r]], fulls[r][:lengths[r]], rtol=tol, atol=tol)
         for t in range(prefix, n):
-            step, cache = mha(x[:, t:t + 1], cache=cache, return_cache=True)
+            step, cache = mha(x[:, t:t + 1], attn_bias=attn_bias, cache=cache, return_cache=True)
             for r in range(b):
                 torch.testing.assert_close(step[r, 0], fulls[r][t - prefix + lengths[r]], rtol=tol, atol=tol)
     return cache
@@ -199,6 +199,26 @@ def test_cached_decoding_equals_the_full_forward(options, path):
     if left is not None:
         assert cache.capacity == left  # a ring as long as the window, not the text
     assert cache.sink_tokens == mha.attn_fn.sink_tokens
+
+
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("path", ["torch", "kernel"])
+def test_cached_decoding_with_a_position_bias_and_sink_tokens(exact, path):
+    """With a position bias (block windows), a sink key seen only as a sink gets no bias and one inside the
+    window gets its bias once: decoding equals the full forward, with learned sinks and softcap too."""
+    from windowed_attention import DynamicPositionBias
+
+    if path == "kernel" and not KERNEL:
+        pytest.skip("the fused CPU kernel is not built here")
+    torch.manual_seed(3)
+    w, look_backward, heads = 3, 1, 4
+    mha = LocalMHA(dim=12, dim_head=8, heads=heads, causal=True, window_size=w, look_backward=look_backward,
+                   exact_windowsize=exact, attn_sinks=True, softcap=2.5, sink_tokens=2,
+                   use_rotary_pos_emb=False).double().eval()
+    torch.nn.init.normal_(mha.sinks)
+    span = look_backward + 1
+    attn_bias = DynamicPositionBias(dim=4, heads=heads).double()(w, span * w, offset=look_backward * w).detach()
+    _compare_decoding(mha, 20, [7, 1], grad=path == "torch", attn_bias=attn_bias)
 
 
 @pytest.mark.parametrize("path", ["torch", "kernel"])

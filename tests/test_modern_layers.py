@@ -186,7 +186,7 @@ def test_cached_decoding_equals_the_full_forward(options, path):
     """Prefill (rows of different prompt lengths, one shorter than the sink tokens) and decode steps equal the
     uncached forward for token windows (unbounded on the left: the cache grows with the text), sink tokens,
     learned sinks, softcap and grouped kv heads; `torch`: with autograd (the torch step), `kernel`: without
-    (the C++ step, where the options allow)."""
+    (the C++ step, sink tokens included)."""
     if path == "kernel" and not KERNEL:
         pytest.skip("the fused CPU kernel is not built here")
     torch.manual_seed(1)
@@ -282,20 +282,25 @@ def test_kernel_step_with_softcap_and_sinks_matches_the_torch_step(dtype, kv_hea
         assert not torch.allclose(plain, outs[0], **tol)
 
 
-def test_sink_tokens_stay_in_the_cache_beside_the_ring():
+@pytest.mark.parametrize("path", ["torch", "kernel"])
+def test_sink_tokens_stay_in_the_cache_beside_the_ring(path):
     """The cache keeps each row's first S positions however far decoding goes (its ring holds only the
-    window), also for a row whose prompt is shorter than S (written by its decode steps)."""
+    window), also for a row whose prompt is shorter than S (written by its decode steps: the torch step's
+    update, or after the kernel's step)."""
+    if path == "kernel" and not KERNEL:
+        pytest.skip("the fused CPU kernel is not built here")
     torch.manual_seed(0)
     mha = LocalMHA(dim=12, dim_head=8, heads=2, window_size=(2, 0), causal=True, sink_tokens=3,
                    use_rotary_pos_emb=False).double().eval()
     x = torch.randn(2, 30, 12, dtype=torch.float64)
     mask = torch.tensor([[True] * 5, [True] + [False] * 4])
-    with torch.no_grad():
+    with torch.set_grad_enabled(path == "torch"):
         _, cache = mha(x[:, :5], mask=mask, return_cache=True)
         for t in range(5, 30):
             _, cache = mha(x[:, t:t + 1], cache=cache, return_cache=True)
-    keys = mha._project(x)[1]
+    keys = mha._project(x)[1].detach()
     sink_k = cache.sink_buffers[0]
+    sink_k = sink_k.detach()
     torch.testing.assert_close(sink_k[0], keys[0, :, :3])
     # row 1: its prompt is x[1, :1], then x[1, 5:], so its positions 1, 2 are x[1, 5], x[1, 6]
     torch.testing.assert_close(sink_k[1], torch.cat((keys[1, :, :1], keys[1, :, 5:7]), dim=1))

@@ -221,10 +221,11 @@ class KVCache:
         `(b, h, slots, d)` and `key_bias` `(b, 1, 1, slots)` (or None when every slot holds a real key) of
         the last `slots` columns, ending with the new one, oldest first. A row whose new position is one
         of the first `sink_tokens` also keeps it in `sink_buffers`."""
-        sinks_kept = self._sinks_due()
-        if sinks_kept:
-            self._keep_sinks(k, v)
-        cache, slot, first, key_bias = self.advance(sinks_kept=sinks_kept)
+        sinks_due = self.sinks_due
+        if sinks_due:
+            self._claim()
+            self.write_sinks(self.positions, k[:, :, 0], v[:, :, 0])
+        cache, slot, first, key_bias = self.advance(writes_sinks=sinks_due)
         slots = self.slots
         self._k[..., slot, :] = k[..., 0, :]
         self._k[..., slot + slots, :] = k[..., 0, :]
@@ -234,29 +235,30 @@ class KVCache:
         bias_view = None if key_bias is None else key_bias[window][:, :, None]
         return cache, self._k[window], self._v[window], bias_view
 
-    def _sinks_due(self) -> bool:
-        """Whether some row's new position is one of the first `sink_tokens` (its key joins the sink buffers)."""
+    @property
+    def sinks_due(self) -> bool:
+        """Whether some row's next position is one of the first `sink_tokens` (the step that writes it must also
+        `write_sinks`; `update` does)."""
         return self._sinks is not None and self.column - self._start_range[1] < self.sink_tokens
 
-    def _keep_sinks(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write `k, v` `(b, h, 1, d)` into the sink buffers of the rows whose new position is below S."""
-        self._claim()
-        positions = self.positions
+    def write_sinks(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep the keys and values `(b, h, d)` of the rows whose `positions` `(b,)` (those the step wrote) are
+        below `sink_tokens` in the sink buffers (for a fused step after `advance(writes_sinks=True)`)."""
         rows = torch.arange(self.batch, device=self.device)
         index = positions.clamp(max=self.sink_tokens - 1)
         keep = (positions < self.sink_tokens)[:, None, None]
         for buffer, new in zip(self._sinks, (k, v)):
-            buffer[rows, :, index] = torch.where(keep, new[:, :, 0].to(buffer.dtype), buffer[rows, :, index])
+            buffer[rows, :, index] = torch.where(keep, new.to(buffer.dtype), buffer[rows, :, index])
 
-    def advance(self, *, sinks_kept: bool = False):
+    def advance(self, *, writes_sinks: bool = False):
         """`update` for a fused step that writes the keys and values itself (into `buffers`, at ring index
         `slot` and `slot + slots`): returns the new cache, `slot`, the ring index `first` of the window of
         `slots` columns that ends with the new one, and the `key_bias` buffer `(b, 1, 2 * slots)` (None
-        when the window holds only real keys). It does not write the sink-token buffers: a cache that keeps
-        sink tokens is updated with `update` (`ops.decode.attend_step` does so) while a row's new position
-        is one of them: `advance` then raises (`sinks_kept`: `update` wrote them)."""
+        when the window holds only real keys). It does not write the sink-token buffers: while a row's new
+        position is one of them (`sinks_due`), the caller says it writes them (`writes_sinks=True`, then
+        `write_sinks`), or `advance` raises."""
         self._claim()
-        if not sinks_kept and self._sinks_due():
+        if not writes_sinks and self.sinks_due:
             raise ValueError("sink_tokens: a row's new position is a sink token; write it with update(k, v)")
         slot, slots = self.column % self.slots, self.slots
         key_bias = None

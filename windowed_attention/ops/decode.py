@@ -148,33 +148,40 @@ def attend_step(q, k, v, cache, rotation, row, *, scale: float, shared_qk: bool,
     (`cache.sink_tokens > 0`), `sink_spec` is the window rule that says which of them a query sees only as
     sinks (`sink_row`); they join its keys (before the ring, so that its own key stays last).
 
-    On CPU without autograd and without sink tokens it is one call of our kernel (`csrc/decode_cpu.cpp`);
-    elsewhere the torch ops below (the reference it is tested against).
+    On CPU without autograd it is one call of our kernel (`csrc/decode_cpu.cpp`; it reads the sink tokens,
+    and the new key joins them after it); elsewhere the torch ops below (the reference it is tested against).
     """
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks))
-    if (q.device.type == "cpu" and q.dtype in fused_cpu.DTYPES and not needs_grad and not cache.sink_tokens
-            and fused_cpu.available()):
-        cache, slot, first, key_bias = cache.advance()
+    if cache.sink_tokens and sink_spec is None:
+        raise ValueError("sink_spec: a cache that keeps sink tokens needs the window rule that shows them")
+    if cache.sink_tokens and key_factors is not None:
+        raise ValueError("key_factors (xpos) cannot be combined with a cache that keeps sink tokens")
+    positions = cache.positions
+    if q.device.type == "cpu" and q.dtype in fused_cpu.DTYPES and not needs_grad and fused_cpu.available():
+        sink_k = sink_v = seen_sinks = None
+        if cache.sink_tokens:
+            sink_k, sink_v = cache.sink_buffers
+            seen_sinks = sink_row(sink_spec, positions, cache.sink_tokens, row.dtype)[:, 0].contiguous()  # (b, S)
+        writes_sinks = cache.sinks_due
+        cache, slot, first, key_bias = cache.advance(writes_sinks=writes_sinks)
         k_buf, v_buf = cache.buffers
         cos, sin = (None, None) if rotation is None else rotation
         if sinks is not None:
             sinks = sinks.detach().to(row.dtype).contiguous()
         out = fused_cpu.kernel().decode_attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], k_buf, v_buf, cos, sin, row,
                                                key_bias, key_factors, slot, first, scale, shared_qk,
-                                               0.0 if softcap is None else float(softcap), sinks)
+                                               0.0 if softcap is None else float(softcap), sinks, sink_k, sink_v,
+                                               seen_sinks)
+        if writes_sinks:  # the new keys (rotated, as the kernel wrote them into the ring) of rows below S
+            cache.write_sinks(positions, k_buf[:, :, slot], v_buf[:, :, slot])
         return out[:, :, None], cache
     dtype = q.dtype
     if rotation is not None:
         cos, sin = rotation[0][:, None, None], rotation[1][:, None, None]
         q, k = _rotate_step(q, cos, sin), _rotate_step(k, cos, sin).to(k.dtype)
-    positions = cache.positions
     cache, keys, values, key_bias = cache.update(k, v)
     row = row[:, :, None] if key_bias is None else row[:, :, None] + key_bias
     if cache.sink_tokens:
-        if key_factors is not None:
-            raise ValueError("key_factors (xpos) cannot be combined with a cache that keeps sink tokens")
-        if sink_spec is None:
-            raise ValueError("sink_spec: a cache that keeps sink tokens needs the window rule that shows them")
         sink_k, sink_v = cache.sink_buffers
         extra = sink_row(sink_spec, positions, cache.sink_tokens, row.dtype)[:, :, None]  # (b, 1, 1, S)
         keys, values = torch.cat((sink_k, keys), dim=-2), torch.cat((sink_v, values), dim=-2)

@@ -331,3 +331,31 @@ def test_validation_names_the_argument(make, call, name):
     with pytest.raises((ValueError, TypeError), match=name):
         layer = make()
         call(layer, q)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    window=st.sampled_from([(0, 0), (1, 0), (4, 0), (9, 0), (-1, 0), 2, 3]),
+    exact=st.booleans(),
+    sink_tokens=st.sampled_from([0, 1, 3, 7]),
+    attn_sinks=st.booleans(),
+    softcap=st.sampled_from([None, 0.5, 4.0]),
+    shared_qk=st.booleans(),
+    kv_heads=st.sampled_from([1, 2, 4]),
+    lengths=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    grad=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_cached_decoding_on_random_options(window, exact, sink_tokens, attn_sinks, softcap, shared_qk, kv_heads,
+                                           lengths, grad, seed):
+    """Random combinations of the modern options, prompt lengths and grouped heads: prefill + decode steps
+    equal the full forward of each row (with autograd: the torch step; without: the kernel's where built)."""
+    torch.manual_seed(seed)
+    block = dict(exact_windowsize=exact) if isinstance(window, int) else {}
+    mha = LocalMHA(dim=12, dim_head=8, heads=4, kv_heads=kv_heads, causal=True, window_size=window,
+                   sink_tokens=sink_tokens, attn_sinks=attn_sinks, softcap=softcap, shared_qk=shared_qk,
+                   **block).double().eval()
+    if attn_sinks:
+        torch.nn.init.normal_(mha.sinks, std=2.0)
+    cache = _compare_decoding(mha, max(lengths) + 12, lengths, grad=grad)
+    assert cache.sink_tokens == sink_tokens

@@ -164,9 +164,9 @@ class KVCache:
         sinks = None
         if sink_tokens:  # positions 0 .. S - 1 of each row (past a short row's prompt: written by its steps)
             keep = min(sink_tokens, n)
-            sinks = tuple(
-                torch.nn.functional.pad(t[..., :keep, :].to(k_buffer.dtype), (0, 0, 0, sink_tokens - keep))
-                for t in (k, v))
+            sinks = tuple(t.new_zeros(*t.shape[:-2], sink_tokens, t.shape[-1], dtype=k_buffer.dtype) for t in (k, v))
+            for buffer, t in zip(sinks, (k, v)):  # own, contiguous buffers (written in place by later steps)
+                buffer[..., :keep, :] = t[..., :keep, :]
         return cls(k_buffer, v_buffer, key_bias, start, n, capacity, start_range, constants, signature, attn_bias,
                    sinks=sinks)
 

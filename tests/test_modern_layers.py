@@ -197,7 +197,9 @@ def test_cached_decoding_equals_the_full_forward(options, path):
     cache = _compare_decoding(mha, 24, [9, 1, 5], grad=path == "torch")
     left = mha.attn_fn.spec.bounds[0]
     if left is not None:
-        assert cache.capacity == left  # a ring as long as the window, not the text
+        assert cache.capacity == left == mha.cache_capacity  # a ring as long as the window, not the text
+    elif options["window_size"] == (-1, 0):
+        assert mha.cache_capacity is None and cache.capacity >= 24  # unbounded: the cache follows the text
     assert cache.sink_tokens == mha.attn_fn.sink_tokens
 
 

@@ -104,10 +104,15 @@ class LocalMHA(nn.Module):
         return q, k, v
 
     @property
-    def cache_capacity(self) -> int:
-        """Most earlier keys any next query can see (what a `KVCache` of this layer holds at most; a window
-        longer than the text is cut to a bound on its length while decoding, see `ops.decode.decode_window`)."""
-        return cache_capacity(self.attn_fn.spec)
+    def cache_capacity(self) -> int | None:
+        """Most earlier keys any next query can see (what a `KVCache` of this layer holds at most, besides its
+        sink tokens; a window longer than the text is cut to a bound on its length while decoding, see
+        `ops.decode.decode_window`). None for a token window unbounded on the left (`(-1, 0)`): its cache
+        grows with the text."""
+        spec = self.attn_fn.spec
+        if spec.tokens is not None and spec.tokens[0] < 0:
+            return None
+        return cache_capacity(spec)
 
     def forward(self, x, mask=None, attn_bias=None, cache: KVCache | None = None, return_cache: bool = False,
                 group=None, cache_dtype=None, documents=None):

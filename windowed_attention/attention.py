@@ -12,18 +12,20 @@ from torch import nn
 from .ops import attend, make_spec
 from .kv_cache import KVCache
 from .ops.api import fit_bias, pack_leading, unpack_leading
-from .ops.call import AttentionCall
+from .ops.call import AttentionCall, document_bounds
 from .ops.decode import attend_step, cache_capacity, decode_window, score_table
 from .ops.dtypes import accumulation_dtype, result_dtype
 from .ops.spec import WindowSpec
 from .ops.validation import (
     check_attn_bias,
     check_bool,
+    check_documents,
     check_mask,
     check_positive_real,
     check_probability,
     check_qkv,
     check_scale,
+    check_sinks,
 )
 from .parallel.comm import group_info
 from .positional import SinusoidalEmbeddings, apply_rotation, rotation_tables, step_rotation, xpos_factors
@@ -59,6 +61,18 @@ class LocalAttention(nn.Module):
     With `dim` (the head dim) and `use_rotary_pos_emb`, rotary embeddings (and xpos with `use_xpos`)
     are applied so that scores depend only on the true distance `i - j`. `autopad` accepts any `n`
     (padding is never attended to); without it `n` must be a multiple of `window_size`.
+
+    Modern options (`ops.api.local_attention`): `window_size=(left, right)` is a token window (flash-attn's
+    convention, -1 unbounded; `self.window_size` is then that pair). It takes any length (no multiple of a
+    block: `autopad` changes nothing), rotary embeddings (relative: they need no window), no `attn_bias`
+    (its layout is the blocks') and no xpos (its decay is measured from window blocks). `sink_tokens=S`:
+    the first `S` positions (of each document) are visible to every query (a `KVCache` keeps them
+    forever beside its ring); xpos is refused with them (a sink is seen at any distance, and xpos decays
+    scores with distance). `softcap`: scores become `softcap * tanh(score / softcap)` before any bias.
+    `forward(..., documents=None, sinks=None)`: packed documents (rotary and xpos positions restart at
+    each document's start, so a packed row equals each document alone) and learned sink logits `(h,)`.
+    `autopad` never materialises padding (the op takes any length and computes no position past `n`), so
+    documents need no padding id.
     """
 
     def __init__(
@@ -77,10 +91,15 @@ class LocalAttention(nn.Module):
         use_rotary_pos_emb: bool = True,
         use_xpos: bool = False,
         xpos_scale_base: float | None = None,
+        sink_tokens: int = 0,
+        softcap: float | None = None,
     ):
         super().__init__()
-        self.spec = make_spec(window_size, causal, look_backward, look_forward, exact_windowsize)
-        self.window_size, self.causal = self.spec.window_size, self.spec.causal
+        self.spec = make_spec(window_size, causal, look_backward, look_forward, exact_windowsize, sink_tokens, softcap)
+        self.causal = self.spec.causal
+        # the block window, or the (left, right) token window as given
+        self.window_size = self.spec.window_size if self.spec.tokens is None else self.spec.tokens
+        self.sink_tokens, self.softcap = self.spec.sink_tokens, self.spec.softcap
         self.look_backward, self.look_forward = self.spec.look_backward, self.spec.look_forward
         self.exact_windowsize = self.spec.exact_windowsize
         self.dropout = nn.Dropout(check_probability("dropout", dropout))
@@ -95,17 +114,24 @@ class LocalAttention(nn.Module):
         if rel_pos_emb_config is not None:  # deprecated spelling of `dim` in local-attention
             dim = rel_pos_emb_config[0]
         self.rel_pos = None
+        if self.use_xpos and self.spec.tokens is not None:
+            raise ValueError("use_xpos: xpos measures its decay from window blocks; a (left, right) token "
+                             "window_size takes rotary embeddings without xpos")
+        if self.use_xpos and self.spec.sink_tokens:
+            raise ValueError("use_xpos cannot be combined with sink_tokens (xpos decays scores with distance; a "
+                             "sink token is seen at any distance)")
         if use_rotary_pos_emb and dim is not None:
             self.rel_pos = SinusoidalEmbeddings(
                 dim, use_xpos=self.use_xpos,
-                scale_base=xpos_scale_base if xpos_scale_base is not None else self.window_size // 2 or 1,
+                scale_base=xpos_scale_base if xpos_scale_base is not None else self.spec.window_size // 2 or 1,
             )
         elif self.use_xpos:
             raise ValueError("use_xpos needs rotary embeddings: give dim (the head dim) and keep use_rotary_pos_emb=True")
         self._rotation_cache = None  # (key, tables) of the last call: see `_rotation`
 
     def forward(self, q, k, v, mask=None, input_mask=None, attn_bias=None, window_size=None,
-                cache: KVCache | None = None, return_cache: bool = False, group=None, cache_dtype=None):
+                cache: KVCache | None = None, return_cache: bool = False, group=None, cache_dtype=None,
+                documents=None, sinks=None):
         """`q, k` `(..., n, d)`, `v` `(..., n, d_v)` -> `(..., n, d_v)`; `mask` `(b, n)` bool, True = attend.
 
         Decoding (causal only, `q, k, v` `(b, h, n, d)`): `return_cache=True` also returns a `KVCache` of
@@ -119,6 +145,13 @@ class LocalAttention(nn.Module):
         With a process `group`, `q, k, v` and `mask` are this rank's shard of the sequence (positions
         `r * n .. (r + 1) * n - 1`: rotary and xpos use them) and the output is this rank's slice
         (decoding runs in one process).
+
+        `documents` `(b, n)` non-decreasing integer ids of packed documents: each is computed as if alone,
+        rotary (and xpos) positions counting from its start (with a `group`, rotary keeps the global
+        positions: its scores depend only on `i - j`, equal within a document; xpos is refused there). Not
+        with `cache`/`return_cache` (decoding is one document per row). `sinks` `(h,)`: learned sink
+        logits, one per query head (row `p` of the packed `(..., n, d)` uses `sinks[p % h]`), also in decode
+        steps.
         """
         if mask is not None and input_mask is not None:
             raise ValueError("give either mask or input_mask (its alias), not both")
@@ -127,6 +160,9 @@ class LocalAttention(nn.Module):
         if cache_dtype is not None and (cache is not None or not return_cache):
             raise ValueError("cache_dtype applies when a cache is built (return_cache=True without cache)")
         if cache is not None or return_cache:
+            if documents is not None:
+                raise ValueError("documents cannot be combined with cache or return_cache (decoding is one "
+                                 "document per row: give each document its own row)")
             if not self.causal:
                 raise ValueError("cache and return_cache need causal=True (decoding one position at a time)")
             if window_size is not None:
@@ -136,13 +172,14 @@ class LocalAttention(nn.Module):
         if cache is not None:
             if mask is not None:
                 raise ValueError("mask cannot be combined with cache (the cache knows each row's length)")
-            out, cache = self._decode(q, k, v, cache, attn_bias)
+            out, cache = self._decode(q, k, v, cache, attn_bias, sinks)
             return (out, cache) if return_cache else out
         spec = self.spec
         if window_size is not None:
             if not self.use_xpos:
                 raise ValueError("window_size can be overridden in forward only with use_xpos=True (length extrapolation)")
-            spec = make_spec(window_size, spec.causal, spec.look_backward, spec.look_forward, spec.exact_windowsize)
+            spec = make_spec(window_size, spec.causal, spec.look_backward, spec.look_forward, spec.exact_windowsize,
+                             spec.sink_tokens, spec.softcap)
 
         check_qkv(q, k, v)
         rank, world = group_info(group) if group is not None else (0, 1)
@@ -151,14 +188,25 @@ class LocalAttention(nn.Module):
         kv_lead = tuple(k.shape[:-2])  # fewer heads than q with grouped-query attention
         lead, (q, k, v) = pack_leading(q, k, v)
         packed, n, d = q.shape
-        if not self.autopad and (n * world) % spec.window_size:
+        if spec.tokens is None and not self.autopad and (n * world) % spec.window_size:
             raise ValueError(
                 f"sequence length {n * world} must be a multiple of window_size {spec.window_size}; pass autopad=True to allow any length"
             )
         if mask is not None:
             check_mask(mask, packed, n, q.device)
         if attn_bias is not None:
+            if spec.tokens is not None:
+                raise ValueError("attn_bias: a (left, right) token window_size takes no attn_bias (its layout is "
+                                 "the window blocks'); use an int window_size")
             check_attn_bias(attn_bias, packed, spec, n * world, q.device)
+        if documents is not None:
+            check_documents(documents, packed, n, q.device)
+            documents = documents.long()
+            if group is not None and self.use_xpos:
+                raise ValueError("documents with a group cannot restart xpos positions per document (a document "
+                                 "may start on another rank); use rotary without xpos")
+        if sinks is not None:
+            check_sinks(sinks, packed, q)
         if self.rel_pos is not None and d != self.rel_pos.dim:
             raise ValueError(f"dim ({self.rel_pos.dim}) must equal the head dim of q and k ({d}) for rotary embeddings")
 
@@ -170,10 +218,14 @@ class LocalAttention(nn.Module):
         window, window_bias, _ = fit_bias(spec, n * world, attn_bias)
         if self.shared_qk:
             k = F.normalize(k, dim=-1)
-        q, k_at, key_scale = self._positions(q, k, window, offset=rank * n)
+        if documents is not None and group is None and self.rel_pos is not None:
+            q, k_at, key_scale = self._document_positions(q, k, window, documents)
+        else:
+            q, k_at, key_scale = self._positions(q, k, window, offset=rank * n)
         call = AttentionCall(
             window, d**-0.5 if self.scale is None else self.scale, mask=mask, attn_bias=window_bias,
             mask_self=self.shared_qk, key_scale=key_scale, dropout_p=self.dropout.p if self.training else 0.0,
+            documents=documents, sinks=sinks,
         )
         out = attend(q, k_at, v, call, group=group)
         out = unpack_leading(out, lead)
@@ -206,7 +258,7 @@ class LocalAttention(nn.Module):
         return KVCache.from_prefill(
             k, v, cache_capacity(constants.spec), lengths, constants=constants,
             signature=self._signature(k.dtype, k.device), attn_bias=attn_bias, compute_dtype=accumulation_dtype(k.dtype),
-            dtype=cache_dtype,
+            dtype=cache_dtype, sink_tokens=self.spec.sink_tokens,
         )
 
     def _decode_constants(self, n: int, attn_bias, packed: int, dtype, device) -> DecodeConstants:
@@ -241,9 +293,14 @@ class LocalAttention(nn.Module):
         if q.shape[0] != k.shape[0] or q.shape[1] % k.shape[1]:
             raise ValueError(f"q {tuple(q.shape)} does not match the cached keys {tuple(k.shape)}")
 
-    def _decode(self, q, k, v, cache: KVCache, attn_bias):
-        """One position per row against `cache`: the output `(b, h, 1, d_v)` and the new cache."""
+    def _decode(self, q, k, v, cache: KVCache, attn_bias, sinks=None):
+        """One position per row against `cache`: the output `(b, h, 1, d_v)` and the new cache (`sinks` `(h',)`
+        with `h'` dividing the query heads `h`: head `i` uses `sinks[i % h']`)."""
         self._check_cache(cache, q, k, v)
+        if sinks is not None:
+            check_sinks(sinks, q.shape[1], q)
+            if sinks.shape[0] != q.shape[1]:
+                sinks = sinks.repeat(q.shape[1] // sinks.shape[0])
         # another bias than the cache's: its table, once; a text past the limit of a cut window: a longer
         # cut, in a ring as long as its window
         if cache.attn_bias is not attn_bias or cache.length >= cache.constants.limit:
@@ -260,7 +317,8 @@ class LocalAttention(nn.Module):
         row = table if table.shape[0] == 1 else table[constants.residues[step]]  # (b or 1, heads or 1, slots)
         scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
         return attend_step(q, k, v, cache, rotation, row, scale=scale, shared_qk=self.shared_qk,
-                           key_factors=constants.key_factors)
+                           key_factors=constants.key_factors, softcap=self.spec.softcap, sinks=sinks,
+                           sink_spec=constants.spec)
 
     def _next_chunk(self, constants: DecodeConstants, cache: KVCache) -> None:
         """Rotation tables and residues of the `ROTATION_CHUNK` columns from `cache.column` on."""
@@ -277,6 +335,25 @@ class LocalAttention(nn.Module):
             return q, k, None
         q_tables, k_tables, key_scale = self._rotation(q.shape[-2], spec, q.device, q.dtype, offset, xpos)
         return apply_rotation(q, q_tables), apply_rotation(k, k_tables), key_scale
+
+    def _document_positions(self, q, k, spec, documents):
+        """Rotary (+ xpos) on `q` `(P, n, d)`, `k` `(P_kv, n, d)` at positions counted from the start of each
+        position's document (`documents` `(b, n)`, `b | P_kv`); returns `q, k, key_scale`."""
+        b, n = documents.shape
+        positions = torch.arange(n, device=documents.device) - document_bounds(documents)[0]  # (b, n)
+        rel, d = self.rel_pos, q.shape[-1]
+        cos, sin = (t.view(b, n, d) for t in rel.rotation(positions.flatten()))
+        q_factor = k_factor = key_scale = None
+        if self.use_xpos:
+            local = (positions % spec.window_size).to(torch.float64).flatten() - spec.window_size / 2
+            q_factor, k_factor = rel.xpos_scale(local).view(b, n, d), rel.xpos_scale(-local).view(b, n, d)
+            deltas = torch.arange(-spec.look_backward, spec.look_forward + 1, device=q.device, dtype=torch.float64)
+            key_scale = rel.xpos_scale(-deltas * spec.window_size)
+        rotated = []
+        for x, factor in ((q, q_factor), (k, k_factor)):
+            c, s = rotation_tables(cos, sin, factor, x.dtype)  # (b, n, d / 2)
+            rotated.append(apply_rotation(x.reshape(b, -1, n, d), (c[:, None], s[:, None])).reshape(x.shape))
+        return rotated[0], rotated[1], key_scale
 
     def _rotation(self, n: int, spec, device, dtype, offset: int = 0, xpos: bool = True):
         """The rotation tables of q and k and the xpos key scale for these positions and window, kept for

@@ -10,6 +10,11 @@ the same slot in every row. Storage is a preallocated ring of `slots = capacity 
 twice (at `c % slots` and `c % slots + slots`), so the last `slots` columns, oldest first, are always one
 contiguous slice: a step is a few small copies and hands back views. Slots that hold no key yet (before a
 row's first position) are marked by `key_bias` (-inf; not needed once every visible slot holds a key).
+
+Sink tokens (`sink_tokens=S`, StreamingLLM): the keys and values of each row's first `S` positions are also
+kept, forever, in buffers of their own `(b, h, S, d)` beside the ring (`sink_buffers`); the entry of
+position `j` is written at prefill or by the step that writes position `j` (so for every row, however
+long its prompt). Which of them a query sees is the owning layer's rule (`ops.decode.sink_row`).
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ class KVCache:
 
     def __init__(self, k_buffer, v_buffer, key_bias, start, column: int, capacity: int,
                  start_range: tuple[int, int], constants=None, signature=None, attn_bias=None,
-                 newest: list[int] | None = None, held_from: int = 0):
+                 newest: list[int] | None = None, held_from: int = 0, sinks=None):
         self._k, self._v, self._key_bias = k_buffer, v_buffer, key_bias  # (b, h, 2 * slots, d), (b, 1, 2 * slots)
         self._start = start  # (b,) long: the column of each row's position 0
         self._start_range = start_range  # (min, max) of start, as ints
@@ -78,6 +83,20 @@ class KVCache:
         # may have been overwritten, so updating it again is refused.
         self._newest = [column] if newest is None else newest
         self._held_from = held_from  # columns before it hold no key in any row (older than a resize kept)
+        self._sinks = sinks  # None, or the keys and values (b, h, S, d) of each row's first S positions
+
+    @property
+    def sink_tokens(self) -> int:
+        """How many first positions of each row the cache keeps beside the ring (0: none)."""
+        return 0 if self._sinks is None else self._sinks[0].shape[-2]
+
+    @property
+    def sink_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `(b, h, S, d)` of each row's positions `0 .. S - 1` (an entry past what a row has
+        seen holds no key yet: `ops.decode.sink_row` hides it)."""
+        if self._sinks is None:
+            raise ValueError("sink_tokens: this cache keeps no sink tokens")
+        return self._sinks
 
     @property
     def slots(self) -> int:
@@ -117,14 +136,18 @@ class KVCache:
     @classmethod
     def from_prefill(cls, k: torch.Tensor, v: torch.Tensor, capacity: int, lengths: torch.Tensor | None = None,
                      constants=None, signature=None, attn_bias=None,
-                     compute_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None) -> "KVCache":
+                     compute_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None,
+                     sink_tokens: int = 0) -> "KVCache":
         """Cache after a forward over `k, v` `(b, h, n, d)`, keeping each row's last `capacity` positions.
 
         `lengths` `(b,)`: how many leading positions of each row are real (right padding; default all
         `n`). `compute_dtype`: the dtype of `key_bias` (default k's). `dtype`: the dtype the keys and
-        values are stored in (default k's; a narrower one rounds them once, on the way in)."""
+        values are stored in (default k's; a narrower one rounds them once, on the way in). `sink_tokens`:
+        how many first positions of each row to keep besides the ring, forever."""
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
             raise ValueError(f"capacity must be an int >= 0, got {capacity!r}")
+        if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
         b, n, slots = k.shape[0], k.shape[-2], capacity + 1
         if lengths is None:
             lengths = torch.full((b,), n, dtype=torch.long, device=k.device)
@@ -138,12 +161,20 @@ class KVCache:
         k_buffer, v_buffer, key_bias = _lay_out(columns, keys, values, positions < 0, slots, compute_dtype or k.dtype,
                                                 storage_dtype(k.dtype, dtype))
         start_range = (int(start.min()), int(start.max())) if b else (0, 0)
-        return cls(k_buffer, v_buffer, key_bias, start, n, capacity, start_range, constants, signature, attn_bias)
+        sinks = None
+        if sink_tokens:  # positions 0 .. S - 1 of each row (past a short row's prompt: written by its steps)
+            keep = min(sink_tokens, n)
+            sinks = tuple(t.new_zeros(*t.shape[:-2], sink_tokens, t.shape[-1], dtype=k_buffer.dtype) for t in (k, v))
+            for buffer, t in zip(sinks, (k, v)):  # own, contiguous buffers (written in place by later steps)
+                buffer[..., :keep, :] = t[..., :keep, :]
+        return cls(k_buffer, v_buffer, key_bias, start, n, capacity, start_range, constants, signature, attn_bias,
+                   sinks=sinks)
 
     def with_constants(self, constants, attn_bias) -> "KVCache":
         """The same cache (same buffers and history) carrying other `constants` for another `attn_bias`."""
         return KVCache(self._k, self._v, self._key_bias, self._start, self.column, self.capacity,
-                       self._start_range, constants, self.signature, attn_bias, self._newest, self._held_from)
+                       self._start_range, constants, self.signature, attn_bias, self._newest, self._held_from,
+                       self._sinks)
 
     def resized(self, capacity: int) -> "KVCache":
         """The same history in a ring of `capacity >= self.capacity` (new buffers; this cache can no longer
@@ -162,7 +193,8 @@ class KVCache:
         *buffers, key_bias = _lay_out(columns, self._window(self._k, column), self._window(self._v, column), empty,
                                       capacity + 1, self._key_bias.dtype, self.dtype)
         return KVCache(*buffers, key_bias, self._start, column, capacity, self._start_range, self.constants,
-                       self.signature, self.attn_bias, held_from=max(self._held_from, column - self.slots))
+                       self.signature, self.attn_bias, held_from=max(self._held_from, column - self.slots),
+                       sinks=self._sinks)
 
     @property
     def key_bias_needed(self) -> bool:
@@ -187,8 +219,13 @@ class KVCache:
     def update(self, k: torch.Tensor, v: torch.Tensor):
         """Write one column's `k, v` `(b, h, 1, d)`. Returns the new cache and the keys, values
         `(b, h, slots, d)` and `key_bias` `(b, 1, 1, slots)` (or None when every slot holds a real key) of
-        the last `slots` columns, ending with the new one, oldest first."""
-        cache, slot, first, key_bias = self.advance()
+        the last `slots` columns, ending with the new one, oldest first. A row whose new position is one
+        of the first `sink_tokens` also keeps it in `sink_buffers`."""
+        sinks_due = self.sinks_due
+        if sinks_due:
+            self._claim()
+            self.write_sinks(self.positions, k[:, :, 0], v[:, :, 0])
+        cache, slot, first, key_bias = self.advance(writes_sinks=sinks_due)
         slots = self.slots
         self._k[..., slot, :] = k[..., 0, :]
         self._k[..., slot + slots, :] = k[..., 0, :]
@@ -198,12 +235,31 @@ class KVCache:
         bias_view = None if key_bias is None else key_bias[window][:, :, None]
         return cache, self._k[window], self._v[window], bias_view
 
-    def advance(self):
+    @property
+    def sinks_due(self) -> bool:
+        """Whether some row's next position is one of the first `sink_tokens` (the step that writes it must also
+        `write_sinks`; `update` does)."""
+        return self._sinks is not None and self.column - self._start_range[1] < self.sink_tokens
+
+    def write_sinks(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep the keys and values `(b, h, d)` of the rows whose `positions` `(b,)` (those the step wrote) are
+        below `sink_tokens` in the sink buffers (for a fused step after `advance(writes_sinks=True)`)."""
+        rows = torch.arange(self.batch, device=self.device)
+        index = positions.clamp(max=self.sink_tokens - 1)
+        keep = (positions < self.sink_tokens)[:, None, None]
+        for buffer, new in zip(self._sinks, (k, v)):
+            buffer[rows, :, index] = torch.where(keep, new.to(buffer.dtype), buffer[rows, :, index])
+
+    def advance(self, *, writes_sinks: bool = False):
         """`update` for a fused step that writes the keys and values itself (into `buffers`, at ring index
         `slot` and `slot + slots`): returns the new cache, `slot`, the ring index `first` of the window of
         `slots` columns that ends with the new one, and the `key_bias` buffer `(b, 1, 2 * slots)` (None
-        when the window holds only real keys)."""
+        when the window holds only real keys). It does not write the sink-token buffers: while a row's new
+        position is one of them (`sinks_due`), the caller says it writes them (`writes_sinks=True`, then
+        `write_sinks`), or `advance` raises."""
         self._claim()
+        if not writes_sinks and self.sinks_due:
+            raise ValueError("sink_tokens: a row's new position is a sink token; write it with update(k, v)")
         slot, slots = self.column % self.slots, self.slots
         key_bias = None
         if self.key_bias_needed:
@@ -212,7 +268,7 @@ class KVCache:
             key_bias[..., slot + slots] = 0.0
         self._newest[0] = column = self.column + 1
         cache = KVCache(self._k, self._v, self._key_bias, self._start, column, self.capacity, self._start_range,
-                        self.constants, self.signature, self.attn_bias, self._newest, self._held_from)
+                        self.constants, self.signature, self.attn_bias, self._newest, self._held_from, self._sinks)
         return cache, slot, column % slots, key_bias
 
     def _claim(self) -> None:
@@ -230,7 +286,7 @@ class KVCache:
 
     def nbytes(self) -> int:
         """Bytes held by the buffers (constant for the life of the cache)."""
-        return sum(t.numel() * t.element_size() for t in (self._k, self._v, self._key_bias))
+        return sum(t.numel() * t.element_size() for t in (self._k, self._v, self._key_bias, *(self._sinks or ())))
 
     def __repr__(self) -> str:
         return f"KVCache(length={self.length}, capacity={self.capacity}, shape={tuple(self._k.shape)})"

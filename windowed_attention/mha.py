@@ -25,13 +25,19 @@ class LocalMHA(nn.Module):
     forward over the whole sequence, in O(window) time and memory. Rows may hold sequences of different
     lengths: give the prefill a right-padding `mask`. `autopad` (default True: any length) is passed to
     `LocalAttention`.
+
+    Modern options: `window_size` may be a `(left, right)` token window (`exact_windowsize` then defaults to
+    False, the only value it takes); `sink_tokens` and `softcap` go to `LocalAttention`; `attn_sinks=True`
+    gives the layer a learned parameter `sinks` `(heads,)` (zeros at init: one logit per query head, also
+    with `kv_heads`) that joins every softmax denominator, in the forward and in decode steps. Without it
+    the layer has no such parameter (state dicts of local-attention load with `strict=True`).
     """
 
     def __init__(
         self,
         *,
         dim: int,
-        window_size: int,
+        window_size: int | tuple[int, int],
         dim_head: int = 64,
         heads: int = 8,
         dropout: float = 0.0,
@@ -45,6 +51,9 @@ class LocalMHA(nn.Module):
         gate_values_per_head: bool = False,
         kv_heads: int | None = None,
         autopad: bool = True,
+        attn_sinks: bool = False,
+        sink_tokens: int = 0,
+        softcap: float | None = None,
         **kwargs,
     ):
         super().__init__()
@@ -57,7 +66,9 @@ class LocalMHA(nn.Module):
         kv_heads = heads if kv_heads is None else check_int("kv_heads", kv_heads, 1)
         if heads % kv_heads:
             raise ValueError(f"kv_heads must divide heads ({heads}), got {kv_heads}")
-        exact_windowsize = True if exact_windowsize is None else exact_windowsize
+        attn_sinks = check_bool("attn_sinks", attn_sinks)
+        if exact_windowsize is None:  # True for block windows; a token window says it all itself
+            exact_windowsize = not isinstance(window_size, (tuple, list))
         inner = dim_head * heads
 
         self.heads, self.kv_heads, self.causal = heads, kv_heads, causal
@@ -72,8 +83,11 @@ class LocalMHA(nn.Module):
             dim=dim_head, window_size=window_size, causal=causal, autopad=check_bool("autopad", autopad),
             dropout=check_probability("dropout", dropout),
             scale=float(qk_scale) if self.qk_rmsnorm else None,
-            exact_windowsize=exact_windowsize, use_xpos=use_xpos, xpos_scale_base=xpos_scale_base, **kwargs,
+            exact_windowsize=exact_windowsize, use_xpos=use_xpos, xpos_scale_base=xpos_scale_base,
+            sink_tokens=sink_tokens, softcap=softcap, **kwargs,
         )
+        # learned sink logits, one per query head (gpt-oss); absent unless asked for
+        self.sinks = nn.Parameter(torch.zeros(heads)) if attn_sinks else None
         self.window_size, self.exact_windowsize = self.attn_fn.window_size, self.attn_fn.exact_windowsize
         self.to_v_gate = nn.Sequential(Linear(dim, heads)) if gate_values_per_head else None
         self.to_out = Linear(inner, dim, bias=False)
@@ -90,13 +104,18 @@ class LocalMHA(nn.Module):
         return q, k, v
 
     @property
-    def cache_capacity(self) -> int:
-        """Most earlier keys any next query can see (what a `KVCache` of this layer holds at most; a window
-        longer than the text is cut to a bound on its length while decoding, see `ops.decode.decode_window`)."""
-        return cache_capacity(self.attn_fn.spec)
+    def cache_capacity(self) -> int | None:
+        """Most earlier keys any next query can see (what a `KVCache` of this layer holds at most, besides its
+        sink tokens; a window longer than the text is cut to a bound on its length while decoding, see
+        `ops.decode.decode_window`). None for a token window unbounded on the left (`(-1, 0)`): its cache
+        grows with the text."""
+        spec = self.attn_fn.spec
+        if spec.tokens is not None and spec.tokens[0] < 0:
+            return None
+        return cache_capacity(spec)
 
     def forward(self, x, mask=None, attn_bias=None, cache: KVCache | None = None, return_cache: bool = False,
-                group=None, cache_dtype=None):
+                group=None, cache_dtype=None, documents=None):
         """`x` `(b, n, dim)` -> `(b, n, dim)` (and the `KVCache` with `return_cache`). With a process `group`,
         `x` and `mask` are this rank's shard of the sequence and the output is this rank's slice.
 
@@ -104,6 +123,8 @@ class LocalMHA(nn.Module):
         cache (`mask` may then mark right padding: rows of different lengths); with `cache`, `x`
         `(b, 1, dim)` is the next position of every row (no einops here: a decode step is a few dozen
         small ops, and their overhead is the step's cost). `cache_dtype`: see `LocalAttention.forward`.
+        `documents` `(b, n)`: non-decreasing ids of packed documents, each computed as if alone (positions
+        restart at its start; not with `cache`/`return_cache`).
         """
         if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.to_qkv.in_features:
             raise ValueError(
@@ -119,7 +140,7 @@ class LocalMHA(nn.Module):
             k = F.normalize(k, dim=-1) * self.k_scale
 
         out = self.attn_fn(q, k, v, mask=mask, attn_bias=attn_bias, cache=cache, return_cache=return_cache,
-                           group=group, cache_dtype=cache_dtype)
+                           group=group, cache_dtype=cache_dtype, documents=documents, sinks=self.sinks)
         if return_cache:
             out, cache = out
         if self.to_v_gate is not None:

@@ -106,11 +106,12 @@ KERNEL_MIN_NUMEL = 4096
 def apply_rotation(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Rotate `x` `(..., n, d)` by `rotation_tables` `(c, s)`: `x1 c - x2 s`, `x2 c + x1 s` over the halves of
     the last dim (local-attention's `x * cos + rotate_half(x) * sin`), computed in the tables' dtype and
-    returned in x's. On CPU our kernel does it in one pass each way (`fused_cpu.rotate`, a custom op that
+    returned in x's. Tables of more dims (per-row positions, e.g. `(b, 1, n, d / 2)`) broadcast against `x`
+    in the torch expression. On CPU our kernel does it in one pass each way (`fused_cpu.rotate`, a custom op that
     torch.compile traces; for tensors of `KERNEL_MIN_NUMEL` elements and more: a decoding step's single
     token is faster as the torch expression); elsewhere, and for small tensors, the torch expression."""
     c, s = tables
-    if x.device.type == "cpu" and x.numel() >= KERNEL_MIN_NUMEL and fused_cpu.available():
+    if x.device.type == "cpu" and c.ndim == 2 and x.numel() >= KERNEL_MIN_NUMEL and fused_cpu.available():
         return fused_cpu.rotate(x.reshape(-1, *x.shape[-2:]), c, s).view(x.shape)
     dtype = x.dtype
     x = x.to(c.dtype)

@@ -18,9 +18,13 @@ from .spec import SELF_ATTN_SCORE, WindowSpec
 
 
 def cache_capacity(spec: WindowSpec) -> int:
-    """Most earlier keys a causal query can see: `look_backward * w`, plus `w - 1` without exact windows."""
+    """Most earlier keys a causal query can see through its window: `look_backward * w + w - 1` by the
+    blocks, cut by the left token bound (`spec.bounds`: `look_backward * w` with exact windows, `left` with
+    a `(left, right)` token window). Sink tokens are kept beside the ring (`KVCache`), not counted here."""
     w = spec.window_size
-    return spec.look_backward * w + (0 if spec.exact_windowsize else w - 1)
+    capacity = spec.look_backward * w + w - 1
+    left = spec.bounds[0]
+    return capacity if left is None else min(capacity, left)
 
 
 # Decoding a window far longer than the text decodes with the window cut to a length bound (`decode_window`),
@@ -46,7 +50,8 @@ def score_table(spec: WindowSpec, attn_bias: torch.Tensor | None, device, dtype:
     `(heads, w, span * w)` (or 0) where the causal window rule lets the query see the key, -inf where not.
 
     Key `j = i - dist` of query `i` is visible when `dist <= look_backward * w + u` (its window is at most
-    `look_backward` back) and, with exact windows, `dist <= look_backward * w`; its bias is
+    `look_backward` back) and `dist <= left` (`spec.bounds`: `look_backward * w` with exact windows, the
+    token window's `left`; then the block condition adds nothing and nothing depends on `u`); its bias is
     `attn_bias[:, u, look_backward * w + u - dist]` (the layout of the op's `attn_bias`). When every
     position decoded with the table is below `limit <= w` (all in window 0), each existing key has
     `dist <= u`, so the first condition always holds and, without a bias, nothing depends on `u`.
@@ -54,12 +59,13 @@ def score_table(spec: WindowSpec, attn_bias: torch.Tensor | None, device, dtype:
     w, back = spec.window_size, spec.look_backward * spec.window_size
     slots = cache_capacity(spec) + 1
     first_window = limit <= w
-    residues = 1 if attn_bias is None and (spec.exact_windowsize or first_window) else w
+    residues = 1 if attn_bias is None and (not spec.has_block_condition() or first_window) else w
     u = torch.arange(residues, device=device)[:, None]
     dist = torch.arange(slots - 1, -1, -1, device=device)[None, :]  # (1, slots), oldest first
     visible = (dist <= back + u) | first_window
-    if spec.exact_windowsize:
-        visible &= dist <= back
+    left = spec.bounds[0]
+    if left is not None:
+        visible &= dist <= left
     if attn_bias is None:
         table = torch.zeros(residues, 1, slots, device=device, dtype=dtype)
     else:
@@ -68,31 +74,57 @@ def score_table(spec: WindowSpec, attn_bias: torch.Tensor | None, device, dtype:
     return table.masked_fill(~visible[:, None, :], float("-inf")).contiguous()
 
 
+def sink_row(spec: WindowSpec, positions: torch.Tensor, sink_tokens: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive scores `(b, 1, S)` of the sink tokens `j < S` (`S = sink_tokens`) for the new queries at
+    `positions` `(b,)`: 0 where the query sees key `j` only as a sink (`j < position` and outside its window
+    `spec`), -inf where not (not reached yet, or seen through the window: counted once, there, with its
+    bias). A sink key gets no position bias."""
+    i = positions[:, None]
+    j = torch.arange(sink_tokens, device=positions.device)[None, :]
+    only_sink = (j < i) & ~spec.window_visible(i, j, i + 1)
+    return torch.zeros(only_sink.shape, dtype=dtype, device=positions.device).masked_fill(
+        ~only_sink, float("-inf"))[:, None]
+
+
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: torch.Tensor, *, scale: float,
-               shared_qk: bool, key_factors: torch.Tensor | None = None) -> torch.Tensor:
+               shared_qk: bool, key_factors: torch.Tensor | None = None, softcap: float | None = None,
+               sinks: torch.Tensor | None = None) -> torch.Tensor:
     """`q` `(b, h, 1, d)` over `k, v` `(b, h_kv, m, d)` (`h % h_kv == 0`: query head `i` uses kv head
     `i // (h // h_kv)`) with the additive `row` `(b or 1, h or 1, 1, m)`, in `accumulation_dtype`.
 
     Under `shared_qk` the query's own key (the last) gets the self score. `key_factors` `(m, d)`: per key
-    and channel factors of the scores (xpos: `scale ** (distance / scale_base)`).
+    and channel factors of the scores (xpos: `scale ** (distance / scale_base)`). `softcap`: the scores
+    `scale * q.k` become `softcap * tanh(score / softcap)` before `row`. `sinks` `(h,)`: learned logits, one
+    per query head, joining the softmax denominator with no value (unscaled).
     """
     b, h, _, d = q.shape
     h_kv, dtype = k.shape[1], q.dtype
     compute = accumulation_dtype(dtype)
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    if sinks is not None:
+        sinks = sinks.to(compute).view(1, h, 1, 1)
     if h_kv != h:  # grouped queries: the g query heads of a kv head become g rows against its keys
         q = q.reshape(b, h_kv, h // h_kv, d)
         if row.shape[1] == h:
             row = row.reshape(row.shape[0], h_kv, h // h_kv, row.shape[-1])
-    if key_factors is None and not shared_qk:
+        if sinks is not None:
+            sinks = sinks.view(1, h_kv, h // h_kv, 1)
+    if key_factors is None and not shared_qk and softcap is None and sinks is None:
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=row, scale=scale)
     else:
         if key_factors is not None:
             k = k * key_factors
-        sim = (q * scale) @ k.transpose(-1, -2) + row
+        sim = (q * scale) @ k.transpose(-1, -2)
+        if softcap is not None:
+            sim = softcap * torch.tanh(sim / softcap)
+        sim = sim + row
         if shared_qk:
             sim[..., -1] = SELF_ATTN_SCORE
-        weights = sim.softmax(dim=-1)
+        if sinks is None:
+            weights = sim.softmax(dim=-1)
+        else:
+            sink = sinks.expand(*sim.shape[:-1], 1)
+            weights = torch.cat((sim, sink), dim=-1).softmax(dim=-1)[..., :-1]
         if not shared_qk:  # a query that sees no key (a bias hid them all) outputs zeros, as sdpa's does
             weights = weights.masked_fill(sim.isneginf().all(dim=-1, keepdim=True), 0.0)
         out = weights @ v
@@ -105,22 +137,43 @@ def _rotate_step(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
-def attend_step(q, k, v, cache, rotation, row, *, scale: float, shared_qk: bool, key_factors=None):
+def attend_step(q, k, v, cache, rotation, row, *, scale: float, shared_qk: bool, key_factors=None, softcap=None,
+                sinks=None, sink_spec: WindowSpec | None = None):
     """A decode step: rotate the new `q` `(b, h, 1, d)` and `k` `(b, h_kv, 1, d)` by `rotation`
     (`(cos, signed_sin)` `(b, d)` of each row's position, or None), write `k, v` into `cache` (a
     `KVCache`) and attend `q` over its window with the additive `row` `(b or 1, h or 1, slots)`.
     Returns the output `(b, h, 1, d_v)` and the new cache.
 
-    On CPU without autograd it is one call of our kernel (`csrc/decode_cpu.cpp`); elsewhere the torch ops
-    below (the reference it is tested against).
+    `softcap` and `sinks` `(h,)` (learned sink logits): see `attend_one`. When the cache keeps sink tokens
+    (`cache.sink_tokens > 0`), `sink_spec` is the window rule that says which of them a query sees only as
+    sinks (`sink_row`); they join its keys (before the ring, so that its own key stays last).
+
+    On CPU without autograd it is one call of our kernel (`csrc/decode_cpu.cpp`; it reads the sink tokens,
+    and the new key joins them after it); elsewhere the torch ops below (the reference it is tested against).
     """
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks))
+    if cache.sink_tokens and sink_spec is None:
+        raise ValueError("sink_spec: a cache that keeps sink tokens needs the window rule that shows them")
+    if cache.sink_tokens and key_factors is not None:
+        raise ValueError("key_factors (xpos) cannot be combined with a cache that keeps sink tokens")
+    positions = cache.positions
     if q.device.type == "cpu" and q.dtype in fused_cpu.DTYPES and not needs_grad and fused_cpu.available():
-        cache, slot, first, key_bias = cache.advance()
+        sink_k = sink_v = seen_sinks = None
+        if cache.sink_tokens:
+            sink_k, sink_v = cache.sink_buffers
+            seen_sinks = sink_row(sink_spec, positions, cache.sink_tokens, row.dtype)[:, 0].contiguous()  # (b, S)
+        writes_sinks = cache.sinks_due
+        cache, slot, first, key_bias = cache.advance(writes_sinks=writes_sinks)
         k_buf, v_buf = cache.buffers
         cos, sin = (None, None) if rotation is None else rotation
+        if sinks is not None:
+            sinks = sinks.detach().to(row.dtype).contiguous()
         out = fused_cpu.kernel().decode_attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], k_buf, v_buf, cos, sin, row,
-                                               key_bias, key_factors, slot, first, scale, shared_qk)
+                                               key_bias, key_factors, slot, first, scale, shared_qk,
+                                               0.0 if softcap is None else float(softcap), sinks, sink_k, sink_v,
+                                               seen_sinks)
+        if writes_sinks:  # the new keys (rotated, as the kernel wrote them into the ring) of rows below S
+            cache.write_sinks(positions, k_buf[:, :, slot], v_buf[:, :, slot])
         return out[:, :, None], cache
     dtype = q.dtype
     if rotation is not None:
@@ -128,5 +181,12 @@ def attend_step(q, k, v, cache, rotation, row, *, scale: float, shared_qk: bool,
         q, k = _rotate_step(q, cos, sin), _rotate_step(k, cos, sin).to(k.dtype)
     cache, keys, values, key_bias = cache.update(k, v)
     row = row[:, :, None] if key_bias is None else row[:, :, None] + key_bias
-    out = attend_one(q, keys, values, row, scale=scale, shared_qk=shared_qk, key_factors=key_factors)
+    if cache.sink_tokens:
+        sink_k, sink_v = cache.sink_buffers
+        extra = sink_row(sink_spec, positions, cache.sink_tokens, row.dtype)[:, :, None]  # (b, 1, 1, S)
+        keys, values = torch.cat((sink_k, keys), dim=-2), torch.cat((sink_v, values), dim=-2)
+        shape = (extra.shape[0], row.shape[1], 1)
+        row = torch.cat((extra.expand(*shape, -1), row.expand(*shape, -1)), dim=-1)
+    out = attend_one(q, keys, values, row, scale=scale, shared_qk=shared_qk, key_factors=key_factors,
+                     softcap=softcap, sinks=sinks)
     return out.to(dtype), cache

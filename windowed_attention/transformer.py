@@ -110,6 +110,9 @@ class LocalTransformer(nn.Module):
         if global_attn_layer is not None and not isinstance(global_attn_layer, nn.Module):
             raise TypeError(f"global_attn_layer must be a torch.nn.Module or None, got {type(global_attn_layer).__name__}")
         global_at = _check_global_layers(layers_insert_global_attn, depth)
+        if use_dynamic_pos_bias and isinstance(local_attn_window_size, (tuple, list)):
+            raise ValueError("local_attn_window_size: a (left, right) token window takes no dynamic position bias "
+                             "(its bias is laid out by window blocks); use an int window or rotary positions")
         self.ignore_index = ignore_index
         self.local_attn_window_size = local_attn_window_size
 

@@ -179,8 +179,10 @@ def local_attention(
     `group` (a `torch.distributed` process group): the sequence is split over its ranks; `q, k, v` and
     `mask` are this rank's contiguous shard (rank `r` holds positions `[r * n_s, (r + 1) * n_s)`, the same
     `n_s >= 1` and options on every rank) and the result, and the q, k, v gradients, are this rank's
-    slices of the single-process ones; the `attn_bias` gradient is this rank's share. Only window halos
-    travel between ranks, point to point.
+    slices of the single-process ones; the `attn_bias` and `sinks` gradients are this rank's share.
+    `documents` is this rank's slice of the global ids (documents may cross shards). Only window halos (and
+    the sink tokens a rank's queries see) travel between ranks, point to point. Shorter queries are refused
+    with a group.
     """
     check_qkv(q, k, v)
     spec = make_spec(window_size, causal, look_backward, look_forward, exact_windowsize, sink_tokens, softcap)

@@ -21,6 +21,7 @@ import time
 import torch
 
 from windowed_attention import local_attention
+from windowed_attention.bench.headline import document_ids, option_calls
 
 
 def cpu_name() -> str:
@@ -33,16 +34,6 @@ def cpu_name() -> str:
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("Flags")), [])
     have = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
     return f"{model} ({', '.join(have) or 'no avx2'})"
-
-
-def random_documents(n: int, generator: torch.Generator) -> torch.Tensor:
-    """`(1, n)` ids of documents with lengths drawn uniformly from 64-2048 (the last one cut to fit)."""
-    lengths, total = [], 0
-    while total < n:
-        length = min(int(torch.randint(64, 2049, (), generator=generator)), n - total)
-        lengths.append(length)
-        total += length
-    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
 
 
 def main() -> None:
@@ -62,19 +53,10 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     H, n, d, w = args.heads, args.seq_len, args.dim_head, args.window
     q, k, v = (torch.randn(1, H, n, d, generator=g).requires_grad_() for _ in range(3))
-    documents = random_documents(n, g)
+    documents = document_ids(n)
     sinks = torch.randn(H, generator=g).requires_grad_()
     grad = torch.randn(1, H, n, d, generator=g)
-    plain = dict(window_size=w, causal=True)
-    variants = {
-        "plain": plain,
-        "documents": dict(plain, documents=documents),
-        "sinks": dict(plain, sinks=sinks),
-        "sink_tokens=4": dict(plain, sink_tokens=4),
-        "softcap=30": dict(plain, softcap=30.0),
-        "exact window": dict(plain, exact_windowsize=True),
-        f"token window ({w}, 0)": dict(window_size=(w, 0), causal=True),
-    }
+    variants = option_calls(w, documents, sinks)
 
     clock = time.process_time if args.cpu_time else time.perf_counter
 
@@ -102,7 +84,7 @@ def main() -> None:
     for name in variants:
         if name == "plain":
             continue
-        base = "exact window" if name.startswith("token window") else "plain"
+        base = "block_exact" if name == "token_window" else "plain"
         print(f"{name:>24}: {median[name] * 1e3:8.1f} ms  {median[name] / median[base]:.3f}x of {base}")
 
 

@@ -82,6 +82,21 @@ def document_ids(n: int, **kwargs) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
 
 
+def option_calls(w: int, documents: torch.Tensor, sinks: torch.Tensor) -> dict[str, dict]:
+    """The keywords of `local_attention` for the plain causal call of window `w` and for each modern option
+    on it; `token_window` is compared with `block_exact`, its block twin, the others with `plain`."""
+    base = dict(window_size=w, causal=True)
+    return {
+        "plain": base,
+        "documents": dict(base, documents=documents),
+        "sinks": dict(base, sinks=sinks),
+        "sink_tokens": dict(base, sink_tokens=4),
+        "softcap": dict(base, softcap=30.0),
+        "block_exact": dict(base, exact_windowsize=True),
+        "token_window": dict(window_size=(w, 0), causal=True),
+    }
+
+
 def _modern(reps: int) -> dict:
     """The modern options' cost, fwd+bwd at N against the same call without the option (op, `auto`):
     documents (random lengths 64-2048), learned sinks, sink_tokens=4, softcap=30, and the token window (W, 0)
@@ -92,16 +107,7 @@ def _modern(reps: int) -> dict:
     inputs = measure.make_inputs(N, torch.float32, True)
     documents = document_ids(N)
     sinks = torch.zeros(impls.HEADS, requires_grad=True)
-    base = dict(window_size=W, causal=True)
-    calls = {
-        "plain": base,
-        "documents": dict(base, documents=documents),
-        "sinks": dict(base, sinks=sinks),
-        "sink_tokens": dict(base, sink_tokens=4),
-        "softcap": dict(base, softcap=30.0),
-        "block_exact": dict(base, exact_windowsize=True),
-        "token_window": dict(window_size=(W, 0), causal=True),
-    }
+    calls = option_calls(W, documents, sinks)
     steps = {name: measure.step(lambda q, k, v, kw=kw: local_attention(q, k, v, **kw), inputs, True)
              for name, kw in calls.items()}
     times = measure.interleaved(steps, reps)

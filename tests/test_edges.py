@@ -53,3 +53,22 @@ def test_empty_inputs_give_empty_results_and_gradients(shape, backend):
         assert t.grad is not None and t.grad.shape == t.shape
     if extra:
         assert sinks.grad is not None and sinks.grad.eq(0).all()
+
+
+def test_modules_and_generate_take_an_empty_batch():
+    from windowed_attention import LocalAttention, LocalMHA
+
+    torch.manual_seed(0)
+    x = torch.randn(0, 2, 50, 16, requires_grad=True)
+    out = LocalAttention(window_size=16, causal=True, dim=16, autopad=True)(x, x, x)
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    mha = LocalMHA(dim=32, window_size=16, causal=True, heads=2, dim_head=16)
+    assert mha(torch.randn(0, 50, 32)).shape == (0, 50, 32)
+    model = LocalTransformer(num_tokens=20, max_seq_len=64, dim=32, depth=1, heads=2, dim_head=16,
+                             local_attn_window_size=8)
+    assert model(torch.zeros(0, 10, dtype=torch.long)).shape == (0, 10, 20)
+    for use_kv_cache in (True, False):
+        new = model.generate(torch.zeros(0, 3, dtype=torch.long), 4, use_kv_cache=use_kv_cache)
+        assert new.shape == (0, 4) and new.dtype == torch.long

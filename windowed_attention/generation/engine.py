@@ -169,9 +169,9 @@ def _stream_uncached(model, tokens, lengths, max_new_tokens, temperature, filter
     b = tokens.shape[0]
     lengths = torch.full((b,), tokens.shape[1], device=tokens.device) if lengths is None else lengths.clone()
     rows = torch.arange(b, device=tokens.device)
-    step = 0
+    step, prompt = 0, tokens.shape[1]
     while True:
-        end = int(lengths.max())
+        end = int(lengths.max()) if b else prompt + step  # an empty batch: no row to take the longest of
         if tokens.shape[1] < end + 1:  # room for this step's tokens (right padding)
             tokens = torch.cat((tokens, tokens.new_zeros(b, max(end + 1 - tokens.shape[1], 64))), dim=1)
         with _eval_mode(model):

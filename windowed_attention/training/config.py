@@ -66,7 +66,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     data: str | None = None  # None: the built-in corpus
-    steps: int = 700
+    steps: int = 600
     batch_size: int = 32  # per process and micro-batch
     grad_accum: int = 1
     seq_len: int = 128

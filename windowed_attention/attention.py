@@ -341,37 +341,31 @@ class LocalAttention(nn.Module):
         position's document (`documents` `(b, n)`, `b | P_kv`); returns `q, k, key_scale`."""
         b, n = documents.shape
         positions = torch.arange(n, device=documents.device) - document_bounds(documents)[0]  # (b, n)
-        rel, d = self.rel_pos, q.shape[-1]
-        cos, sin = (t.view(b, n, d) for t in rel.rotation(positions.flatten()))
-        q_factor = k_factor = key_scale = None
-        if self.use_xpos:
-            local = (positions % spec.window_size).to(torch.float64).flatten() - spec.window_size / 2
-            q_factor, k_factor = rel.xpos_scale(local).view(b, n, d), rel.xpos_scale(-local).view(b, n, d)
-            deltas = torch.arange(-spec.look_backward, spec.look_forward + 1, device=q.device, dtype=torch.float64)
-            key_scale = rel.xpos_scale(-deltas * spec.window_size)
+        q_tables, k_tables, key_scale = self._rotation_tables(positions.flatten(), spec, q.dtype)
         rotated = []
-        for x, factor in ((q, q_factor), (k, k_factor)):
-            c, s = rotation_tables(cos, sin, factor, x.dtype)  # (b, n, d / 2)
-            rotated.append(apply_rotation(x.reshape(b, -1, n, d), (c[:, None], s[:, None])).reshape(x.shape))
+        for x, (c, s) in ((q, q_tables), (k, k_tables)):  # tables (b * n, d / 2) -> (b, 1, n, d / 2)
+            tables = (c.view(b, 1, n, -1), s.view(b, 1, n, -1))
+            rotated.append(apply_rotation(x.reshape(b, -1, n, x.shape[-1]), tables).reshape(x.shape))
         return rotated[0], rotated[1], key_scale
 
     def _rotation(self, n: int, spec, device, dtype, offset: int = 0, xpos: bool = True):
         """The rotation tables of q and k and the xpos key scale for these positions and window, kept for
         the next call with the same ones (they depend on nothing learned)."""
         if torch.compiler.is_compiling():  # traced code computes them in the graph (no module state to guard)
-            return self._rotation_tables(n, spec, device, dtype, offset, xpos)
+            return self._rotation_tables(torch.arange(offset, offset + n, device=device), spec, dtype, xpos)
         key = (n, offset, spec, device, dtype, xpos)
         if self._rotation_cache is None or self._rotation_cache[0] != key:
-            self._rotation_cache = (key, self._rotation_tables(n, spec, device, dtype, offset, xpos))
+            positions = torch.arange(offset, offset + n, device=device)
+            self._rotation_cache = (key, self._rotation_tables(positions, spec, dtype, xpos))
         return self._rotation_cache[1]
 
-    def _rotation_tables(self, n: int, spec, device, dtype, offset: int = 0, xpos: bool = True):
-        """`(q_tables, k_tables, key_scale)` at positions `offset .. offset + n - 1`: see
-        `positional.rotation_tables` and `xpos_factors` (left out with `xpos=False`)."""
-        cos, sin = self.rel_pos.rotation(torch.arange(offset, offset + n, device=device))
+    def _rotation_tables(self, positions: torch.Tensor, spec, dtype, xpos: bool = True):
+        """`(q_tables, k_tables, key_scale)` at integer `positions` `(n,)`: see `positional.rotation_tables`
+        and `xpos_factors` (left out with `xpos=False`)."""
+        cos, sin = self.rel_pos.rotation(positions)
         q_factor = k_factor = key_scale = None
         if self.use_xpos and xpos:
             q_factor, k_factor, key_scale = xpos_factors(
-                self.rel_pos, n, spec.window_size, spec.look_backward, spec.look_forward, device, offset
+                self.rel_pos, positions, spec.window_size, spec.look_backward, spec.look_forward
             )
         return rotation_tables(cos, sin, q_factor, dtype), rotation_tables(cos, sin, k_factor, dtype), key_scale

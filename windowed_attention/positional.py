@@ -133,9 +133,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, factor: torch.
     return apply_rotation(x, rotation_tables(cos, sin, factor, x.dtype))
 
 
-def xpos_factors(emb: SinusoidalEmbeddings, n: int, window_size: int, look_backward: int, look_forward: int, device,
-                 offset: int = 0):
-    """Window-relative xpos factors for positions `offset .. offset + n - 1` of a blocked sequence.
+def xpos_factors(emb: SinusoidalEmbeddings, positions: torch.Tensor, window_size: int, look_backward: int,
+                 look_forward: int):
+    """Window-relative xpos factors for integer `positions` `(n,)` of a blocked sequence.
 
     Returns `(q_factor (n, d), k_factor (n, d), key_scale (span, d))`. Position `i` in window `b` is
     measured from the window's centre `c_b`: q_i gets `s ** ((i - c_b) / base)`, k_j gets
@@ -143,10 +143,9 @@ def xpos_factors(emb: SinusoidalEmbeddings, n: int, window_size: int, look_backw
     factor `s ** (-delta * w / base)`, so a score is scaled by `s ** ((i - j) / base)` exactly while every
     exponent stays within a few windows.
     """
-    pos = torch.arange(offset, offset + n, device=device)
-    local = (pos % window_size).to(torch.float64) - window_size / 2
+    local = (positions % window_size).to(torch.float64) - window_size / 2
     q_factor = emb.xpos_scale(local)
     k_factor = emb.xpos_scale(-local)
-    deltas = torch.arange(-look_backward, look_forward + 1, device=device, dtype=torch.float64)
+    deltas = torch.arange(-look_backward, look_forward + 1, device=positions.device, dtype=torch.float64)
     key_scale = emb.xpos_scale(-deltas * window_size)
     return q_factor, k_factor, key_scale

@@ -230,6 +230,8 @@ class LocalTransformer(nn.Module):
                           "return_loss": ("return_loss", int(bool(return_loss))),
                           "whether a mask is given": ("mask", int(mask is not None)),
                           "whether documents are given": ("documents", int(documents is not None))}, x.device)
+        # with a group: every rank's documents, for the targets at shard ends and the positions' document starts
+        all_documents = gather(documents, group) if group is not None and documents is not None else None
         if return_loss:
             if cache is not None or return_cache:
                 raise ValueError("return_loss cannot be combined with cache or return_cache")
@@ -245,9 +247,8 @@ class LocalTransformer(nn.Module):
             else:
                 labels, mask = self._shard_targets(x, mask, group, rank, world)
                 if documents is not None:
-                    everyone = gather(documents, group)
                     n_s = x.shape[1]
-                    after = F.pad(everyone[:, 1:], (0, 1), value=-1)[:, rank * n_s : (rank + 1) * n_s]
+                    after = F.pad(all_documents[:, 1:], (0, 1), value=-1)[:, rank * n_s : (rank + 1) * n_s]
                     labels = labels.masked_fill(after != documents, self.ignore_index)
 
         n = x.shape[1]
@@ -275,7 +276,7 @@ class LocalTransformer(nn.Module):
         h = x if self.token_emb is None else self.token_emb(x)
         if self.pos_emb is not None:
             if documents is not None:  # positions restart at each document's start
-                whole = documents if group is None else gather(documents, group)
+                whole = documents if group is None else all_documents
                 positions = torch.arange(whole.shape[1], device=x.device) - document_bounds(whole)[0]
                 h = h + self.pos_emb(positions[:, start : start + n].clamp_max(self.max_seq_len - 1))
             elif cache is None:

@@ -37,7 +37,7 @@ def flash_attn_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: 
 
     call.require("flash", FEATURES)
     spec = call.spec
-    left, right = (-1 if bound is None else bound for bound in spec.bounds)
+    left, right = spec.flash_bounds
     # flash-attn wants (batch, seqlen, heads, dim): the packed P rows become heads of one batch (with
     # fewer kv rows, flash-attn's own grouped-query rule maps query head p to kv head p // (P // P_kv)).
     # flash-attn needs the last dim contiguous: other layouts are copied. Shorter queries are the last

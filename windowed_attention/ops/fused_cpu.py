@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .call import AttentionCall
+from .call import ALL_FEATURES, AttentionCall
 from .dtypes import accumulation_dtype, autocast_inputs
 from .reference import repeat_kv
 
@@ -224,10 +224,8 @@ def idle_bytes() -> int:
     return int(_state["ops"].idle_bytes()) if "ops" in _state else 0
 
 
-# What the kernel computes (all of `ops.call.ALL_FEATURES`); `ops.backends` dispatches by it.
-FEATURES = frozenset({"mask", "attn_bias", "shared_qk", "xpos", "dropout", "block_window", "token_window",
-                      "short_queries", "softcap", "sinks",
-                      "documents", "sink_tokens"})
+# What the kernel computes: every option of a call; `ops.backends` dispatches by it.
+FEATURES = ALL_FEATURES
 
 
 def takes_head_dims(head_dim: int, value_dim: int) -> bool:
@@ -363,7 +361,7 @@ def fused_cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call:
         )
     call.require("fused", FEATURES)
     spec = call.spec
-    left, right = (-1 if bound is None else bound for bound in spec.bounds)
+    left, right = spec.flash_bounds
     # the seed comes from torch's default generator, so torch.manual_seed makes dropout reproducible; a
     # tensor, so that traced code draws it at run time
     seed = torch.randint(0, 2**62, (), device=q.device) if call.dropout_p > 0.0 else None

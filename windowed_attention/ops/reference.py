@@ -64,7 +64,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call:
     every backend."""
     q, k, v = autocast_inputs(q, k, v)
     with without_autocast(q.device.type):
-        P, n = q.shape[0], k.shape[1]
+        P = q.shape[0]
         if call.query_offset:  # the queries are the last n_q positions: computed as zero rows before them
             q = F.pad(q, (0, 0, call.query_offset, 0))
         k, v = repeat_kv(k, P), repeat_kv(v, P)

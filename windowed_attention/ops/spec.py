@@ -68,6 +68,12 @@ class WindowSpec:
         return left, 0 if self.causal else right
 
     @property
+    def flash_bounds(self) -> tuple[int, int]:
+        """`bounds` in flash-attn's convention (what the kernel and flash-attn take): -1 for no bound."""
+        left, right = self.bounds
+        return -1 if left is None else left, -1 if right is None else right
+
+    @property
     def span(self) -> int:
         """Number of windows a query window looks at."""
         return self.look_backward + self.look_forward + 1

@@ -52,7 +52,7 @@ def check_shards(q, k, v, call: AttentionCall, group) -> None:
     argument otherwise, on every rank), and no option the sharded route refuses (`_NOT_SHARDED`)."""
     spec = call.spec
     requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    left, right = (-1 if t is None else t for t in spec.bounds)
+    left, right = spec.flash_bounds
     tokens = spec.tokens is not None  # the block fields then derive from the (left, right) window_size
 
     def named(argument: str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields, replace
+from dataclasses import replace
 
 from ..cli_types import SEED_MAX, Parser, fail, integer, is_out_of_memory, real, say
 from .checkpoint import CheckpointError, has_checkpoint, load_config

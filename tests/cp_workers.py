@@ -393,3 +393,43 @@ def modern_refusals(rank: int, world: int, init_file: str) -> None:
         raise AssertionError(f"rank {rank}: bytes sent (forward, backward) by shard length: {sent}, "
                              f"expected {expected}")
     close(rank)
+
+
+def same_nonfinite(name: str, got: torch.Tensor, want: torch.Tensor, dtype, config) -> None:
+    """NaN and infinities at the same places, the finite entries `close_enough`."""
+    if not (torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isposinf(), want.isposinf())
+            and torch.equal(got.isneginf(), want.isneginf())):
+        raise AssertionError(f"rank {dist.get_rank()}: {name} has its non-finite entries elsewhere in {config}")
+    fine = torch.isfinite(want)
+    close_enough(name, got[fine], want[fine], dtype, config)
+
+
+def nonfinite_cases(rank: int, world: int, init_file: str, seed: int, count: int) -> None:
+    """Random op configurations with NaN and infinities in k and v (some behind the mask): the sharded
+    output and gradients hold them exactly where the single process's do (`ops.finite`)."""
+    init(rank, world, init_file)
+    group = dist.group.WORLD
+    gen = random.Random(seed)
+    for case in range(count):
+        c = draw_op_config(gen, world)
+        config, dtype, n_s = c["config"], c["dtype"], c["n_s"]
+        n, b, h = n_s * world, 2, 2
+        torch.manual_seed(seed * 1000 + case)
+        q, k = (torch.randn(b, h, n, c["dim"], dtype=dtype) for _ in range(2))
+        v = torch.randn(b, h, n, c["dim_v"], dtype=dtype)
+        for t in (k, v):
+            t[torch.rand(t.shape) < 0.05] = gen.choice([float("nan"), float("inf"), -float("inf")])
+        grad = torch.randn(b, h, n, c["dim_v"], dtype=dtype)
+        mask = torch.rand(b, n) < 0.7 if c["mask"] else None
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = local_attention(*leaves, mask=mask, backend=c["backend"], **config)
+        out.backward(grad)
+        parts = [shard(t, group, dim=2).detach().clone().requires_grad_() for t in (q, k, v)]
+        part_out = local_attention(*parts, mask=None if mask is None else shard(mask, group, dim=1),
+                                   backend=c["backend"], group=group, **config)
+        part_out.backward(shard(grad, group, dim=2))
+        described = dict(config, n_s=n_s, world=world, dtype=str(dtype), backend=c["backend"], case=case)
+        same_nonfinite("output", part_out.detach(), shard(out.detach(), group, dim=2), dtype, described)
+        for name, leaf, part in zip("qkv", leaves, parts):
+            same_nonfinite(f"grad {name}", part.grad, shard(leaf.grad, group, dim=2), dtype, described)
+    close(rank)

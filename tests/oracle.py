@@ -192,8 +192,12 @@ def oracle_modern(
     sinks: torch.Tensor | None = None,
     sink_tokens: int = 0,
     softcap: float | None = None,
+    seen: bool = False,
 ) -> torch.Tensor:
     """Dense local attention with the modern options, one row and one document at a time, in float64.
+
+    `seen=True` returns instead which keys each query sees `(..., n_q, n)` bool (under `shared_qk` its own
+    key only when it sees no other).
 
     `q (..., n_q, d)` are the last `n_q` of the `n` positions of `k, v (..., h_kv, n, d)` (grouped heads:
     query head `i` uses kv head `i // (h // h_kv)`). Inside a document positions count from its start: query
@@ -215,12 +219,13 @@ def oracle_modern(
         k64 = k64 / k64.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     if look_forward is None:
         look_forward = 0 if causal else 1
-    rows = []
+    rows, seen_rows = [], []
     for p in range(P):
         kp, vp = k64[p // (P // P_kv)], v64[p // (P // P_kv)]
         ids = torch.zeros(n, dtype=torch.long) if documents is None else documents[p // (P // documents.shape[0])].cpu()
         keep = torch.ones(n, dtype=torch.bool) if mask is None else mask[p // (P // mask.shape[0])].cpu()
         out = torch.zeros(n, v.shape[-1], dtype=torch.float64)
+        sees = torch.zeros(n, n, dtype=torch.bool)
         for doc in torch.unique(ids).tolist():
             where = torch.nonzero(ids == doc).flatten()
             s, m = int(where[0]), len(where)
@@ -245,6 +250,8 @@ def oracle_modern(
                 scores = torch.where(i == j, torch.full_like(scores, SELF_SCORE), scores)
             sink_vis = (j < sink_tokens) & ((j <= i) if causal else torch.ones_like(win))
             vis = (win | sink_vis) & keep[s : s + m][None, :]
+            others = vis & (i != j)
+            sees[s : s + m, s : s + m] = others | (vis & (i == j) & ~others.any(dim=-1, keepdim=True)) if shared_qk else vis
             masked = torch.where(vis, scores, torch.full_like(scores, float("-inf")))
             top = masked.amax(dim=-1, keepdim=True)
             if sinks is not None:
@@ -258,4 +265,7 @@ def oracle_modern(
             denom = torch.where(denom > 0, denom, torch.ones_like(denom))
             out = out.index_put((torch.arange(s, s + m),), (e / denom) @ vp[s : s + m])
         rows.append(out[offset:])
+        seen_rows.append(sees[offset:])
+    if seen:
+        return torch.stack(seen_rows).reshape(*lead, n_q, n)
     return torch.stack(rows).reshape(*lead, n_q, v.shape[-1])

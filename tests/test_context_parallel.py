@@ -80,5 +80,10 @@ def test_sharded_modern_options_match_single_process(tmp_path, world, seed):
     spawn(cp_workers.modern_cases, world, tmp_path, seed, 24 if world < 4 else 12)
 
 
+def test_sharded_nonfinite_keys_and_values_match_single_process(tmp_path):
+    """NaN and infinities in k and v (some behind the mask) land where the single process puts them."""
+    spawn(cp_workers.nonfinite_cases, 3, tmp_path, 21, 16)
+
+
 def test_ranks_that_disagree_on_modern_options_raise_value_error(tmp_path):
     spawn(cp_workers.modern_refusals, 2, tmp_path)

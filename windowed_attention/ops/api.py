@@ -9,6 +9,7 @@ from ..parallel.attention import attend_shard, check_shards
 from ..parallel.comm import group_info
 from . import backends
 from .dtypes import autocast_inputs, result_dtype, without_autocast
+from .finite import all_finite, attend_nonfinite, zero_hidden
 from .call import AttentionCall
 from .spec import WindowSpec
 from .validation import (
@@ -85,7 +86,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCal
     q, k, v = autocast_inputs(q, k, v)
     with without_autocast(device_type):
         name = backends.choose(q, call, value_dim=v.shape[-1]) if backend == "auto" else backends.check_call(backend, call)
-        return backends.get(name)(q, k, v, call)
+        compute = backends.get(name)
+        # a row depends only on the keys it sees, whatever the others hold (`ops.finite`)
+        if torch.compiler.is_compiling():  # no branch on data in traced code: padding is zeroed, always
+            return compute(q, *zero_hidden(k, v, call.mask), call)
+        if all_finite(k, v):
+            return compute(q, k, v, call)
+        return attend_nonfinite(q, k, v, call, compute, attend)
 
 
 def empty_result(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None = None) -> torch.Tensor:
@@ -96,6 +103,15 @@ def empty_result(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch
     if inputs and torch.is_grad_enabled():  # connect the (zero) result to the inputs, for their gradients
         out = out + sum(t.sum() for t in inputs).to(out.dtype) * 0
     return out
+
+
+def normalize_keys(k: torch.Tensor) -> torch.Tensor:
+    """`k` l2-normalised (shared-qk); a key with a non-finite entry stays non-finite (NaN) with finite
+    gradients everywhere (`ops.finite`)."""
+    if torch.compiler.is_compiling() or all_finite(k):
+        return F.normalize(k, dim=-1)
+    bad = ~torch.isfinite(k).all(dim=-1, keepdim=True)
+    return F.normalize(k.masked_fill(bad, 0), dim=-1).masked_fill(bad, float("nan"))
 
 
 def fit_window(call: AttentionCall, n: int) -> AttentionCall:
@@ -211,7 +227,7 @@ def local_attention(
         check_sinks(sinks, packed, q)
 
     if shared_qk:
-        k = F.normalize(k, dim=-1)
+        k = normalize_keys(k)
     call = AttentionCall(
         spec, q.shape[-1] ** -0.5 if scale is None else scale, mask=mask, attn_bias=attn_bias, mask_self=shared_qk,
         dropout_p=dropout_p, documents=None if documents is None else documents.long(), sinks=sinks,

@@ -14,6 +14,7 @@ import torch
 
 from . import fused_cpu
 from .dtypes import accumulation_dtype
+from .finite import poison
 from .spec import SELF_ATTN_SCORE, WindowSpec
 
 
@@ -96,7 +97,32 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: torch.Ten
     and channel factors of the scores (xpos: `scale ** (distance / scale_base)`). `softcap`: the scores
     `scale * q.k` become `softcap * tanh(score / softcap)` before `row`. `sinks` `(h,)`: learned logits, one
     per query head, joining the softmax denominator with no value (unscaled).
+
+    Keys the row hides (`-inf`) never reach the output, whatever they hold (`ops.finite`'s rule): the
+    non-finite entries are zeroed, then put back where the query sees them, with no branch on the data
+    (this path also runs on CUDA, and under autograd).
     """
+    finite_k, finite_v = torch.isfinite(k), torch.isfinite(v)
+    out = _attend_finite(q, torch.where(finite_k, k, 0), torch.where(finite_v, v, 0), row, scale=scale,
+                         shared_qk=shared_qk, key_factors=key_factors, softcap=softcap, sinks=sinks)
+    b, h, h_kv, m = q.shape[0], q.shape[1], k.shape[1], k.shape[2]
+    seen = (row > float("-inf")).expand(b, h, 1, m)
+    if shared_qk:  # the own key, seen when nothing else is
+        alone = ~seen[..., :-1].any(dim=-1, keepdim=True)
+        seen = torch.cat((seen[..., :-1] & ~alone, alone), dim=-1)
+    seen = seen.reshape(b, h_kv, h // h_kv, m).to(out.dtype)
+    counts = seen @ torch.cat((v.isnan(), v.isposinf(), v.isneginf(), ~finite_k.all(dim=-1, keepdim=True)),
+                              dim=-1).to(out.dtype)  # (b, h_kv, h // h_kv, 3 d_v + 1): what each query sees
+    counts = counts.reshape(b, h, 1, -1) > 0
+    d_v = v.shape[-1]
+    return poison(out, counts[..., :d_v], counts[..., d_v:2 * d_v], counts[..., 2 * d_v:3 * d_v],
+                  counts[..., 3 * d_v:])
+
+
+def _attend_finite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: torch.Tensor, *, scale: float,
+                   shared_qk: bool, key_factors: torch.Tensor | None, softcap: float | None,
+                   sinks: torch.Tensor | None) -> torch.Tensor:
+    """`attend_one` of finite keys and values."""
     b, h, _, d = q.shape
     h_kv, dtype = k.shape[1], q.dtype
     compute = accumulation_dtype(dtype)

@@ -61,7 +61,8 @@ T exp_shifted(T* x, int64_t n, T shift) {
 }
 
 // out = sum over j in [lo, n) of w[j] * values[j] (rows of dv), the accumulators held in registers across
-// the keys, four vectors of the value dim at a time
+// the keys, four vectors of the value dim at a time. A key of weight 0 (hidden) is skipped, never multiplied:
+// whatever it holds (NaN, inf) reaches no query that does not see it.
 template <typename T, typename C>
 void weighted_sum(const T* w, const C* values, int64_t lo, int64_t n, int64_t dv, T* out) {
   using V = at::vec::Vectorized<T>;
@@ -70,6 +71,7 @@ void weighted_sum(const T* w, const C* values, int64_t lo, int64_t n, int64_t dv
   for (; c + 4 * L <= dv; c += 4 * L) {
     V a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
     for (int64_t j = lo; j < n; ++j) {
+      if (w[j] == T(0)) continue;
       const V e(w[j]);
       const C* x = values + j * dv + c;
       prefetch(x, 4 * L);
@@ -82,12 +84,14 @@ void weighted_sum(const T* w, const C* values, int64_t lo, int64_t n, int64_t dv
   }
   for (; c + L <= dv; c += L) {
     V a(T(0));
-    for (int64_t j = lo; j < n; ++j) a = at::vec::fmadd(V(w[j]), load<T>(values + j * dv + c), a);
+    for (int64_t j = lo; j < n; ++j)
+      if (w[j] != T(0)) a = at::vec::fmadd(V(w[j]), load<T>(values + j * dv + c), a);
     a.store(out + c);
   }
   for (; c < dv; ++c) {
     T a = 0;
-    for (int64_t j = lo; j < n; ++j) a += w[j] * static_cast<T>(values[j * dv + c]);
+    for (int64_t j = lo; j < n; ++j)
+      if (w[j] != T(0)) a += w[j] * static_cast<T>(values[j * dv + c]);
     out[c] = a;
   }
 }

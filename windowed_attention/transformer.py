@@ -205,6 +205,9 @@ class LocalTransformer(nn.Module):
         rank (its gradients summed over the group are the single-process ones). Not with global layers
         (a general module would see only this rank's shard).
         """
+        # local-attention's forward takes (x, mask, cache, return_loss, return_cache): a positional cache lands
+        # here in return_loss, and must not be taken for True
+        return_loss, return_cache = check_bool("return_loss", return_loss), check_bool("return_cache", return_cache)
         if self.token_emb is None:
             self._check_features(x)
             if return_loss:

@@ -335,7 +335,12 @@ class LocalTransformer(nn.Module):
         `prime` is a `(b, n)` tensor or a list of 1-D prompts of different lengths (each row generates
         what its prompt alone generates; see `windowed_attention.generation` for sampling with a
         `generator`). `temperature=0` is greedy; `filter_thres` keeps the top `1 - filter_thres` of the
-        vocabulary; `top_p` adds nucleus filtering. Cached and uncached generation give the same tokens.
+        vocabulary; `top_p` adds nucleus filtering. Cached and uncached generation compute the same logits
+        up to float rounding: in float32 and float64 models about 1e-6 of the logits' scale, and they give
+        the same tokens (tested, greedy and seeded sampling); in bfloat16 (float16) models each route rounds
+        activations at other places, so the logits agree to within 2% (0.4%) of the largest, and a greedy
+        or sampled token can differ where two logits are that close: generate in float32 where tokens
+        must be reproducible across the two routes.
         The tokens come back as `torch.long`, whatever the prompt's integer dtype.
         `cache_dtype=torch.bfloat16` (float32 models) halves the cache and a step's reads, not exactly
         (see `forward`).

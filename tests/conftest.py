@@ -25,3 +25,37 @@ settings.register_profile("thorough", max_examples=500, **_common)
 
 _ci = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if _ci else "default"))
+
+# The fast tier: `pytest -m "not slow"` leaves out what spawns processes, trains through the command
+# line or compiles, and draws fewer hypothesis examples; it still imports and exercises every module. The
+# full suite (plain `pytest`) is CI's.
+settings.register_profile("fast", max_examples=6, **_common)
+
+SLOW_MODULES = {"test_context_parallel.py", "test_distributed.py", "test_compile.py", "test_runs.py",
+                "test_cuda.py", "test_checkpoint.py"}
+SLOW_TESTS = {
+    "test_fused_pool_can_be_turned_off", "test_the_console_script_gives_one_line",
+    "test_console_entry_point_train_then_generate", "test_through_the_real_entry_point",
+    "test_second_run_on_the_same_folder_is_refused_and_the_first_is_unharmed",
+    "test_resume_from_another_working_directory", "test_closed_stdout_and_an_ascii_console_never_end_training",
+    "test_bench_with_a_closed_stdout_saves_everything", "test_bench_never_replaces_earlier_results_and_removes_stale_plots",
+    "test_generate_on_an_ascii_console", "test_a_new_run_refuses_a_folder_holding_a_checkpoint",
+    "test_resume_refuses_metrics_of_another_run", "test_local_attention_test_file_passes_through_the_route",
+    "test_helpers_refuse_what_local_attention_gets_wrong", "test_kernel_cache_is_private_and_verified",
+    "test_validation_survives_python_O", "test_modules_with_a_huge_window_run_in_little_memory",
+    "test_traced_code_zeroes_what_the_mask_hides", "test_third_party_model_trains_and_generates_through_the_route",
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: left out of the fast tier (`pytest -m 'not slow'`)")
+    if "not slow" in (config.option.markexpr or "") and "HYPOTHESIS_PROFILE" not in os.environ:
+        settings.load_profile("fast")
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+
+    for item in items:
+        if item.path.name in SLOW_MODULES or item.originalname in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)

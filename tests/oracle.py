@@ -1,4 +1,4 @@
-"""A dense O(n^2) oracle for local attention, written from API.md alone.
+"""A dense O(n^2) oracle for local attention, written from docs/semantics.md alone.
 
 It deliberately shares no code (and no structure) with `windowed_attention`: no blocks, no look-around,
 no padding. Every query is compared with every key of the sequence through an `(n, n)` visibility

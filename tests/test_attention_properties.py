@@ -1,6 +1,6 @@
 """`LocalAttention` (the module) against the dense oracle, rotary and xpos applied densely there.
 
-API.md: rotary/xpos depend only on the true distance `i - j` (also with `look_forward > 0`, where
+docs/semantics.md: rotary/xpos depend only on the true distance `i - j` (also with `look_forward > 0`, where
 local-attention is wrong); `autopad` pads to a multiple of `w`, never attends to the padding and trims
 the output; `window_size` in forward only with xpos. The module may place rotary positions differently
 (per-window offsets); only outputs and gradients are compared, never intermediate q/k.

@@ -1,6 +1,6 @@
 """The functional op `local_attention` against the dense oracle (tests/oracle.py), on random configurations.
 
-Semantics come from API.md ("The op", "Errors"). Hypothesis draws window sizes, look-around, causality,
+Semantics come from docs/semantics.md ("The op", "Errors"). Hypothesis draws window sizes, look-around, causality,
 exact windows, masks (including rows that see nothing), biases, shared-qk, scales, leading dims and
 lengths that are not multiples of the window.
 """

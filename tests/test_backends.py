@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from windowed_attention import local_attention
-from windowed_attention.ops import backends
+from windowed_attention.ops import backends, flex
 from windowed_attention.ops.call import AttentionCall
 from windowed_attention.ops.flash import flash_attn_backend
 from windowed_attention.ops.flex import flex_attention_backend
@@ -318,11 +318,32 @@ def test_fused_refuses_what_it_does_not_support():
 @settings(max_examples=6)
 @given(pb=problems(dtypes=(torch.float32,), max_w=8, with_bias=True))
 def test_flex_forward_matches_reference(pb):
-    """Flex in eager mode on CPU (no backward there; CUDA runs the same mask_mod / score_mod compiled)."""
+    """Flex eagerly on CPU (its mask_mod / score_mod; the compiled CPU forward below, CUDA compiled)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
     pb["key_scale"] = None
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), pytest.MonkeyPatch.context() as patch:
         warnings.simplefilter("ignore")
-        _compare(flex_attention_backend, pb, backward=False)
+        patch.setattr(flex, "_compiled_flex", lambda: flex_attention)
+        with torch.no_grad():
+            _compare(flex_attention_backend, pb, backward=False)
+
+
+def test_flex_runs_compiled_on_cpu_forward_only():
+    """`backend="flex"` on CPU: compiled FlexAttention's forward equals the reference (mask, grouped-query
+    heads); a call that needs gradients is refused by name; `auto` never picks it on CPU."""
+    if not backends.availability()["flex"]:
+        pytest.skip("this torch has no FlexAttention")
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 300, 32), torch.randn(2, 2, 300, 32), torch.randn(2, 2, 300, 32)
+    mask = torch.rand(2, 300) < 0.8
+    options = dict(window_size=64, causal=True, mask=mask)
+    with torch.no_grad():
+        got = local_attention(q, k, v, backend="flex", **options)
+    torch.testing.assert_close(got, local_attention(q, k, v, backend="reference", **options), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="'flex' computes no gradients on CPU"):
+        local_attention(q.requires_grad_(), k, v, backend="flex", **options)
+    assert backends.decide("cpu", torch.float32, frozenset({"mask"}), available={name: True for name in backends.names()}) != "flex"
 
 
 def _dense_sliding_window(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0):

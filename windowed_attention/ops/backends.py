@@ -35,7 +35,8 @@ _BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 # Which device types a backend can run on at all (explicit choices are checked against this).
-_DEVICES = {"reference": None, "fused": ("cpu",), "sdpa": ("cpu",), "flex": ("cuda",), "flash": ("cuda",)}
+# flex on CPU: forward only (FlexAttention has no CPU backward), so `auto` never picks it there
+_DEVICES = {"reference": None, "fused": ("cpu",), "sdpa": ("cpu",), "flex": ("cuda", "cpu"), "flash": ("cuda",)}
 # Each backend's module declares what it takes: DTYPES, FEATURES (names of `call.ALL_FEATURES`) and
 # takes_head_dims(d, d_v); `auto` reads these declarations, and so do the tests' matrices.
 _MODULES = {"reference": reference, "fused": fused_cpu, "sdpa": sdpa_blocks, "flex": flex, "flash": flash}

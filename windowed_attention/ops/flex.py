@@ -1,10 +1,11 @@
-"""Local attention on FlexAttention (backend "flex", CUDA): a block mask skips every empty tile.
+"""Local attention on FlexAttention (backend "flex"): a block mask skips every empty tile.
 
 The window rule becomes a `mask_mod` (block mask cached per shape when no key padding mask is given;
 documents, sink tokens and shorter queries build theirs with `create_block_mask`), softcap, `attn_bias`
 and the shared-qk rule become a `score_mod`, learned sinks renormalise the output by the log-sum-exp.
-Compiled once per process on CUDA; eager (slow, for tests only) elsewhere. No `key_scale` (xpos) and no
-dropout.
+Compiled once per process (torch.compile), on CUDA and on CPU; on CPU it computes the forward only
+(torch 2.13's FlexAttention has no CPU backward): a CPU call that needs gradients is refused by name, and
+`auto` never picks flex there. No `key_scale` (xpos) and no dropout.
 """
 
 from __future__ import annotations
@@ -180,9 +181,13 @@ def _compiled_flex():
 
 def flex_attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
     """Same contract as `reference_attention`: `q (P, n_q, d)`, `k, v (P_kv, n, d)` -> `(P, n_q, d_v)`."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
 
     call.require("flex", FEATURES)
+    if not q.is_cuda and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, call.sinks, call.attn_bias)):
+        raise ValueError("backend 'flex' computes no gradients on CPU (FlexAttention has no CPU backward); use "
+                         "backend='auto' (or 'fused'), or call it under torch.no_grad()")
     spec, scale = call.spec, call.scale
     P, n_q, _ = q.shape
     n = k.shape[1]
@@ -199,7 +204,7 @@ def flex_attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
         block_mask = create_block_mask(layout.mask_mod(), B, None, n_q, n, device=q.device)
     score_mod = _score_mod(spec, call, layout, P // B)
 
-    attend = _compiled_flex() if q.is_cuda else flex_attention
+    attend = _compiled_flex()
     # the kernels read rows as contiguous vectors: other layouts are copied
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if k.shape[0] % B:  # kv rows that do not split by the batch rows: one per query row

@@ -24,6 +24,29 @@ def fresh(code: str) -> str:
     return result.stdout.strip()
 
 
+def test_the_package_imports_its_names_on_first_use():
+    out = fresh("""
+import sys
+import windowed_attention as wa
+print("torch" in sys.modules)
+print(sorted(wa.__all__) == sorted(name for name in dir(wa) if name in wa.__all__))
+from windowed_attention import LocalAttention, local_attention
+print("torch" in sys.modules, LocalAttention.__module__, local_attention.__module__)
+print(wa.LocalTransformer.__module__, wa.ops.local_attention is local_attention)
+try:
+    wa.no_such_name
+except AttributeError as error:
+    print(error)
+""")
+    assert out.splitlines() == [
+        "False",
+        "True",
+        "True windowed_attention.attention windowed_attention.ops.api",
+        "windowed_attention.transformer True",
+        "module 'windowed_attention' has no attribute 'no_such_name'",
+    ]
+
+
 def test_eager_calls_never_import_the_compiler():
     """The first `local_attention` call (the fused CPU kernel where it builds), its backward, and a small
     transformer's forward and backward leave `torch._dynamo` unloaded: it costs seconds."""

@@ -13,7 +13,7 @@ import math
 import os
 import sys
 
-from .training.config import SEED_MAX  # noqa: F401  (the seed flags' bound, as config.json's)
+# Nothing here imports torch (nor anything that does): the command line loads this before it handles Ctrl-C.
 
 INT64_MAX = 2**63 - 1
 

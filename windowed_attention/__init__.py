@@ -26,7 +26,18 @@ _EXPORTS = {
     "KVCache": ".kv_cache",
 }
 
-__all__ = list(_EXPORTS)
+__all__ = [
+    "local_attention",
+    "LocalAttention",
+    "LocalMHA",
+    "LocalTransformer",
+    "FeedForward",
+    "GEGLU",
+    "DynamicPositionBias",
+    "SinusoidalEmbeddings",
+    "apply_rotary_pos_emb",
+    "KVCache",
+]
 
 __version__ = "0.1.0"
 

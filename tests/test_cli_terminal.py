@@ -1,5 +1,5 @@
-"""The command line at a terminal (#27): Ctrl-C and SIGTERM (real signals, also during start-up and
-twice), a closed stdout, a console that is not UTF-8, an old run folder, bench's output folder and
+"""The command line at a terminal (#27): Ctrl-C and SIGTERM (real signals, also while torch is imported,
+during start-up and twice), a closed stdout, a console that is not UTF-8, an old run folder, bench's output folder and
 plots, escapes and per-prompt seeds of `generate`, and flags that are checked only where they act.
 
 Processes that must be stopped at a known point run the real entry point with one function wrapped to
@@ -147,6 +147,52 @@ def test_signals_during_start_up_are_one_line_and_leave_no_new_folder(tmp_path, 
     assert not (tmp_path / "new" / "run").exists()
     assert (existing / "notes.txt").read_text() == "mine"
     assert not {p.name for p in existing.iterdir()} - {"notes.txt", ".run.lock"}
+
+
+# the import of torch stalls (as if slow) until a signal ends it: `windowed-attention` as its console script
+# runs it (`from windowed_attention.cli import main`), or as `python -m windowed_attention.cli`
+STALLED_IMPORT = """
+import pathlib, runpy, sys, time
+marker, how, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+
+class StallTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            pathlib.Path(marker).touch()
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                time.sleep(0.02)
+        return None
+
+sys.meta_path.insert(0, StallTorch())
+if how == "script":
+    sys.argv = ["windowed-attention", *argv]
+    from windowed_attention.cli import main
+    sys.exit(main())
+sys.argv = ["windowed_attention.cli", *argv]
+runpy.run_module("windowed_attention.cli", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["script", "-m"])
+def test_ctrl_c_while_torch_is_imported_is_one_line(tmp_path, how):
+    """Ctrl-C in the first seconds of any command, while torch loads: one line, 130, no traceback."""
+    marker = tmp_path / "importing"
+    proc = subprocess.Popen([sys.executable, "-c", STALLED_IMPORT, str(marker), how, "train", "--out",
+                             str(tmp_path / "run"), *TINY], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(marker, proc, timeout=60)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert no_traceback_last_line(err) == "windowed-attention: interrupted" and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_command_line_loads_no_torch_before_it_handles_ctrl_c():
+    probe = "import sys; import windowed_attention.cli; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", probe], env=ENV, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", (result.stdout, result.stderr)
 
 
 @pytest.mark.parametrize("during", ["save_checkpoint", "plot_metrics"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .cli_types import Parser
+from .cli_types import Parser, guarded  # torch-free: Ctrl-C is handled before torch loads
 
 # subcommand -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
@@ -27,9 +27,8 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli_types import guarded
-
-    # the subcommands' imports (torch) take seconds: a Ctrl-C then is one line too
+    # the subcommands' imports (torch) take seconds: a Ctrl-C then is one line too. Nothing imported before
+    # this point loads torch (the package's names are lazy), so no Ctrl-C can end in a traceback there.
     try:
         parser = build_parser()
     except KeyboardInterrupt:

@@ -13,7 +13,8 @@ import math
 import os
 import sys
 
-from .training.config import SEED_MAX  # noqa: F401  (the seed flags' bound, as config.json's)
+# Nothing here imports torch (nor anything that does): the command line loads this before it handles Ctrl-C.
+from .extras import MissingExtra
 
 INT64_MAX = 2**63 - 1
 
@@ -39,9 +40,13 @@ class Parser(argparse.ArgumentParser):
 
 def guarded(command: str, body) -> int:
     """`body()`'s exit code; Ctrl-C (or SIGTERM's `Interrupted`) is one line and 130 (143), a closed
-    stdout ends the command quietly (what was written stays written)."""
+    stdout ends the command quietly (what was written stays written), a missing extra is the command's
+    one-line error naming it (2)."""
     try:
         return body() or 0
+    except MissingExtra as error:
+        say(sys.stderr, f"{_name(command)}: error: {error}\n")
+        return 2
     except Interrupted as stop:
         say(sys.stderr, f"{_name(command)}: {stop.message or 'interrupted'}\n")
         return stop.code

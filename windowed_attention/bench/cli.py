@@ -11,6 +11,7 @@ the committed figures). Every implementation or point left out is named with the
 `--quick`: about a minute on an idle 2-core CPU (N = 2k and 8k, W = 256, memory at 8k only, dense SDPA
 at 2k only, no compiled Flex).
 `--headline`: the README's figures (interleaved medians, side by side) into `headline.json`.
+Needs the `bench` extra: tqdm and matplotlib for the sweep, local-attention to compare against.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ..cli_types import Parser, say
+from ..extras import require
 from . import headline, impls, measure
 
 SIZES = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
@@ -100,7 +101,7 @@ def check_args(args) -> None:
         raise ValueError("--headline measures fixed figures: it takes no --quick, --sizes, --windows or --impls")
     if args.headline and not impls.installed("local-attention"):
         raise ValueError("--headline compares against local-attention, which is not installed "
-                         "(pip install local-attention)")
+                         "(pip install 'windowed-attention[bench]')")
     if not args.headline and not _points(args)[0]:
         raise ValueError(f"no point to measure: every N ({' '.join(map(str, _sizes(args)))}) is below twice "
                          f"every W ({' '.join(map(str, _windows(args)))})")
@@ -161,7 +162,7 @@ def _points(args) -> tuple[list, list[str]]:
                        "run without --quick or name it in --impls)")
         chosen = [i for i in chosen if i != "flex-compiled"]
     if "local-attention" in chosen and not impls.installed("local-attention"):
-        skipped.append("local-attention: not installed (pip install local-attention)")
+        skipped.append("local-attention: not installed (pip install 'windowed-attention[bench]')")
         chosen = [i for i in chosen if i != "local-attention"]
     sizes, windows, dense_max = _sizes(args), _windows(args), _dense_max(args)
     for impl, limit, flag in (("dense-sdpa", dense_max, "--dense-max"), ("flex-compiled", args.flex_max, "--flex-max")):
@@ -177,6 +178,8 @@ def _points(args) -> tuple[list, list[str]]:
 
 def sweep(args, skipped: list[str]) -> tuple[list[dict], float]:
     """Measure every point; what is left out on the way (a failure, a call past --max-seconds) joins `skipped`."""
+    from tqdm import tqdm  # the bench extra, checked by run()
+
     peak = measure.matmul_peak()
     points, _ = _points(args)
     memory_sizes = {max(_sizes(args))} if args.quick else None  # --quick: memory at the largest N only
@@ -228,8 +231,7 @@ def plot(rows, out: Path) -> list[str]:
     """`time_vs_n.png` and `memory_vs_n.png`: one panel per W, one colour per implementation (solid fwd+bwd,
     dashed fwd), every measured N labelled on the x axis, the legend below the panels in as many rows as
     the figure's width needs. Each file is drawn aside and moved into place."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "bench", "the benchmark's plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib import ticker
@@ -311,6 +313,9 @@ def environment() -> dict:
 
 
 def run(args) -> int:
+    if not args.headline:  # the sweep's progress bar and plots: the bench extra, checked before anything
+        require("tqdm", "bench", "the benchmark")
+        require("matplotlib", "bench", "the benchmark's plots")
     try:
         check_args(args)
     except ValueError as error:

@@ -9,7 +9,8 @@ import argparse
 import codecs
 import sys
 
-from ..cli_types import SEED_MAX, Parser, fail, integer, is_out_of_memory, real, say, silence, threads
+from ..cli_types import Parser, fail, integer, is_out_of_memory, real, say, silence, threads
+from ..training.config import SEED_MAX
 
 
 def _read_prompts(path: str) -> list[bytes]:

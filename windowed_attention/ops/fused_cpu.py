@@ -22,7 +22,8 @@ every step; idle memory is marked reclaimable (MADV_FREE), bounded by `$WINDOWED
 The kernels are registered as `torch.library` custom ops (`torch.ops.windowed_attention.attention_forward`,
 `attention_backward`, `rotate`; the hyper-connection ops live in `ops/hyper.py`) with fake implementations
 and autograd formulas, so `torch.compile` (fullgraph) and `torch.export` trace through them. Double
-backward through the attention raises.
+backward through the attention raises. They are defined with `torch.library.Library` (see `custom_op`), so
+that eager calls never import the compiler (`torch._dynamo`).
 
 The source is compiled on first use (one line on stderr announces it; needs a C++20 compiler with OpenMP,
 `c++` or `$CXX`) into `~/.cache/windowed_attention` (or `$WINDOWED_ATTENTION_CACHE`), a folder private to
@@ -242,7 +243,26 @@ def takes_head_dims(head_dim: int, value_dim: int) -> bool:
 # (`softcap` 0.0: none).
 
 
-@torch.library.custom_op("windowed_attention::attention_forward", mutates_args=(), device_types="cpu")
+# `torch.library.custom_op` wraps each kernel in `torch._disable_dynamo`, which imports dynamo (1 to 2 s)
+# on the op's first eager call; `Library.define` + `impl` registers the same op without that wrapper.
+LIBRARY = torch.library.Library("windowed_attention", "DEF")
+
+
+def custom_op(name: str):
+    """Decorator: register the annotated function as the CPU kernel of the functional op
+    `windowed_attention::<name>` (schema inferred from its annotations, no argument mutated); it becomes
+    the op (`OpOverload`), called as the function was. Add `torch.library.register_fake` and
+    `torch.library.register_autograd` for torch.compile, torch.export and autograd."""
+
+    def define(kernel):
+        LIBRARY.define(name + torch.library.infer_schema(kernel, mutates_args=()))
+        LIBRARY.impl(name, kernel, "CPU")
+        return getattr(torch.ops.windowed_attention, name).default
+
+    return define
+
+
+@custom_op("attention_forward")
 def attention_forward(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tensor | None, key_scale: Tensor | None,
     seed: Tensor | None, documents: Tensor | None, sinks: Tensor | None, window_size: int, look_backward: int,
@@ -255,13 +275,13 @@ def attention_forward(
                             0 if seed is None else int(seed))
 
 
-@attention_forward.register_fake
+@torch.library.register_fake(attention_forward)
 def _(q, k, v, bias, keep, key_scale, seed, documents, sinks, *options):
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
     return out, q.new_empty(q.shape[0], q.shape[1], dtype=accumulation_dtype(q.dtype))
 
 
-@torch.library.custom_op("windowed_attention::attention_backward", mutates_args=(), device_types="cpu")
+@custom_op("attention_backward")
 def attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, bias: Tensor | None, keep: Tensor | None,
     key_scale: Tensor | None, seed: Tensor | None, documents: Tensor | None, sinks: Tensor | None, window_size: int,
@@ -275,7 +295,7 @@ def attention_backward(
                              mask_self, dropout_p, 0 if seed is None else int(seed))
 
 
-@attention_backward.register_fake
+@torch.library.register_fake(attention_backward)
 def _(grad_out, q, k, v, lse, bias, keep, key_scale, seed, documents, sinks, *options):
     acc = accumulation_dtype(q.dtype)
     dbias = q.new_empty(0, dtype=acc) if bias is None else torch.empty_like(bias, memory_format=torch.contiguous_format)
@@ -312,18 +332,18 @@ def no_double_backward(kernel: str, instead: str):
     return refuse
 
 
-attention_forward.register_autograd(_attention_grad, setup_context=_attention_setup)
-attention_backward.register_autograd(no_double_backward(
+torch.library.register_autograd(attention_forward, _attention_grad, setup_context=_attention_setup)
+torch.library.register_autograd(attention_backward, no_double_backward(
     "fused CPU kernel", "use local_attention(..., backend='reference') for higher-order derivatives"))
 
 
-@torch.library.custom_op("windowed_attention::rotate", mutates_args=(), device_types="cpu")
+@custom_op("rotate")
 def rotate_op(x: Tensor, c: Tensor, s: Tensor, transpose: bool) -> Tensor:
     """`x (P, n, d)` rotated by the tables `c, s (n, d / 2)` (their transpose with `transpose`), contiguous."""
     return kernel().rotate(x, c, s, transpose)
 
 
-@rotate_op.register_fake
+@torch.library.register_fake(rotate_op)
 def _(x, c, s, transpose):
     return x.new_empty(x.shape)
 
@@ -338,7 +358,7 @@ def _rotate_grad(ctx, grad):
     return rotate_op(grad, c, s, not ctx.transpose), None, None, None  # linear: its own double backward
 
 
-rotate_op.register_autograd(_rotate_grad, setup_context=_rotate_setup)
+torch.library.register_autograd(rotate_op, _rotate_grad, setup_context=_rotate_setup)
 
 
 def rotate(x: Tensor, c: Tensor, s: Tensor) -> Tensor:

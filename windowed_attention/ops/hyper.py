@@ -25,7 +25,7 @@ def supports(h: Tensor, *parameters: Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu") and fused_cpu.available())
 
 
-@torch.library.custom_op("windowed_attention::hyper_mix", mutates_args=(), device_types="cpu")
+@fused_cpu.custom_op("hyper_mix")
 def hyper_mix(h: Tensor, w: Tensor, static_alpha: Tensor, alpha_scale: Tensor, static_beta: Tensor,
               beta_scale: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """`h (T, s, D)`, `w (D, s + 2)` (the gain folded in) -> the block input `x (T, D)`, the remixed streams
@@ -34,14 +34,14 @@ def hyper_mix(h: Tensor, w: Tensor, static_alpha: Tensor, alpha_scale: Tensor, s
     return tuple(fused_cpu.kernel().hyper_forward(h, w, static_alpha, alpha_scale, static_beta, beta_scale, scale))
 
 
-@hyper_mix.register_fake
+@torch.library.register_fake(hyper_mix)
 def _(h, w, static_alpha, alpha_scale, static_beta, beta_scale, scale):
     tokens, s, dim = h.shape
     return (h.new_empty(tokens, dim), h.new_empty(tokens, s, dim), h.new_empty(tokens, s),
             h.new_empty(tokens, s, s + 2), h.new_empty(tokens, s, s + 2), h.new_empty(tokens, s))
 
 
-@torch.library.custom_op("windowed_attention::hyper_mix_backward", mutates_args=(), device_types="cpu")
+@fused_cpu.custom_op("hyper_mix_backward")
 def hyper_mix_backward(grad_x: Tensor, grad_remixed: Tensor, grad_beta: Tensor, h: Tensor, w: Tensor,
                        static_alpha: Tensor, alpha_scale: Tensor, static_beta: Tensor, beta_scale: Tensor,
                        scale: float, y: Tensor, p: Tensor, norm: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -50,7 +50,7 @@ def hyper_mix_backward(grad_x: Tensor, grad_remixed: Tensor, grad_beta: Tensor, 
                                                    static_beta, beta_scale, scale, y, p, norm))
 
 
-@hyper_mix_backward.register_fake
+@torch.library.register_fake(hyper_mix_backward)
 def _(grad_x, grad_remixed, grad_beta, h, w, static_alpha, alpha_scale, static_beta, beta_scale, scale, y, p, norm):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
                  for t in (h, w, static_alpha, alpha_scale, static_beta, beta_scale))
@@ -73,28 +73,28 @@ def _grad(ctx, grad_x, grad_remixed, grad_beta, *_):
 
 _no_double_backward = fused_cpu.no_double_backward(
     "hyper-connection kernel", "set WINDOWED_ATTENTION_NO_FUSED=1 to run the torch formula instead")
-hyper_mix.register_autograd(_grad, setup_context=_setup)
-hyper_mix_backward.register_autograd(_no_double_backward)
+torch.library.register_autograd(hyper_mix, _grad, setup_context=_setup)
+torch.library.register_autograd(hyper_mix_backward, _no_double_backward)
 
 
-@torch.library.custom_op("windowed_attention::hyper_write", mutates_args=(), device_types="cpu")
+@fused_cpu.custom_op("hyper_write")
 def hyper_write(remixed: Tensor, beta: Tensor, out: Tensor) -> Tensor:
     """The streams after the block: `remixed (T, s, D) + beta (T, s) * out (T, D)` per stream."""
     return fused_cpu.kernel().hyper_write(remixed, beta, out)
 
 
-@hyper_write.register_fake
+@torch.library.register_fake(hyper_write)
 def _(remixed, beta, out):
     return torch.empty_like(remixed, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("windowed_attention::hyper_write_backward", mutates_args=(), device_types="cpu")
+@fused_cpu.custom_op("hyper_write_backward")
 def hyper_write_backward(grad: Tensor, beta: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
     """The gradients of `beta` and `out` (that of `remixed` is `grad` itself)."""
     return tuple(fused_cpu.kernel().hyper_write_backward(grad, beta, out))
 
 
-@hyper_write_backward.register_fake
+@torch.library.register_fake(hyper_write_backward)
 def _(grad, beta, out):
     return torch.empty_like(beta, memory_format=torch.contiguous_format), torch.empty_like(out, memory_format=torch.contiguous_format)
 
@@ -109,8 +109,8 @@ def _write_grad(ctx, grad):
     return (grad, *hyper_write_backward(grad, beta, out))
 
 
-hyper_write.register_autograd(_write_grad, setup_context=_write_setup)
-hyper_write_backward.register_autograd(_no_double_backward)
+torch.library.register_autograd(hyper_write, _write_grad, setup_context=_write_setup)
+torch.library.register_autograd(hyper_write_backward, _no_double_backward)
 
 
 def write(remixed: Tensor, beta: Tensor, out: Tensor) -> Tensor:

@@ -13,9 +13,9 @@ import argparse
 import sys
 from dataclasses import replace
 
-from ..cli_types import SEED_MAX, Parser, fail, integer, is_out_of_memory, real, say
+from ..cli_types import Parser, fail, integer, is_out_of_memory, real, say
 from .checkpoint import CheckpointError, has_checkpoint, load_config
-from .config import RUN_CONTROL, ModelConfig, TrainConfig, resolve_path
+from .config import RUN_CONTROL, SEED_MAX, ModelConfig, TrainConfig, resolve_path
 from .locks import RunFolderBusy
 from .metrics import MetricsMismatch
 

@@ -7,6 +7,8 @@ import math
 import os
 from pathlib import Path
 
+from ..extras import require
+
 METRICS, PLOT = "metrics.jsonl", "loss.png"
 
 
@@ -61,9 +63,9 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_metrics(out: str | Path) -> Path | None:
-    """Train and validation loss (bits per byte) against step, saved as `<out>/loss.png`."""
-    import matplotlib
-
+    """Train and validation loss (bits per byte) against step, saved as `<out>/loss.png` (needs matplotlib,
+    the `train` extra)."""
+    matplotlib = require("matplotlib", "train", "plotting the loss")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from .. import parallel
 from ..attention import LocalAttention
@@ -31,6 +30,7 @@ from ..ops import backends
 from ..ops.call import AttentionCall
 from . import distributed
 from ..cli_types import Interrupted, say
+from ..extras import require
 from .checkpoint import (CheckpointError, has_checkpoint, load_config, load_run_id, load_trainer_state, load_weights,
                          remove_checkpoint, save_checkpoint)
 from .config import ModelConfig, TrainConfig
@@ -213,8 +213,10 @@ def train(model_config: ModelConfig, config: TrainConfig, out: str | Path, *, re
     A new run refuses a folder that holds a checkpoint (`RunFolderTaken`) unless `overwrite`, which
     removes the old run's checkpoint, metrics and plot first. A folder this call created and never saved
     a checkpoint into (an error or a signal before the first save) is removed again. A signal raises
-    `Interrupted` (see `StopSignal`) unless the run saved and stopped (`TrainResult.stopped_by`)."""
+    `Interrupted` (see `StopSignal`) unless the run saved and stopped (`TrainResult.stopped_by`). Needs the
+    `train` extra (`MissingExtra` before anything starts otherwise)."""
     started = time.perf_counter()
+    require_extras()
     if config.seq_len % config.context_parallel:
         raise ValueError(f"--seq-len {config.seq_len} must divide by --context-parallel {config.context_parallel}")
     if config.compile and config.context_parallel > 1:
@@ -294,7 +296,17 @@ def _lock_run(lock: RunLock, info, device_type: str, claim: bool | None = None) 
         raise error if error is not None else RunFolderBusy(f"rank 0 could not lock the run folder {lock.folder}")
 
 
+def require_extras() -> None:
+    """The optional packages training uses (the `train` extra): tqdm (the progress bar) and matplotlib
+    (loss.png), checked before a run starts rather than when its plot is drawn; `MissingExtra` names the
+    extra."""
+    require("tqdm", "train", "training (its progress bar)")
+    require("matplotlib", "train", "training (its loss plot)")
+
+
 def _train(model_config, config, out, resume_step, progress, info, started, stop: StopSignal) -> TrainResult:
+    from tqdm import tqdm  # the train extra, checked by train()
+
     device = distributed.device_for(config.device, info)
     torch.manual_seed(config.seed)
     random.seed(config.seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from copy import deepcopy
 
 import torch
@@ -59,8 +60,8 @@ def _check_layer_windows(layer_windows, depth: int, causal: bool) -> tuple[list,
             window = (-1, 0) if causal else (-1, -1)
         elif isinstance(entry, (tuple, list)):
             window = tuple(entry)
-        elif isinstance(entry, int) and not isinstance(entry, bool):
-            window = entry
+        elif isinstance(entry, numbers.Integral) and not isinstance(entry, bool):
+            window = int(entry)
         else:
             raise TypeError(f"layer_windows[{index}] must be an int (block window), a (left, right) token window or "
                             f"None (a global layer), got {entry!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from copy import deepcopy
 
 import torch
@@ -14,6 +15,7 @@ from .kv_cache import KVCache
 from .linear import Linear
 from .mha import LocalMHA
 from .ops.decode import decode_window
+from .ops.api import make_spec
 from .ops.call import document_bounds
 from .ops.validation import check_bool, check_documents, check_int, check_positive_real
 from .parallel import agree, cross_entropy, gather, group_info, next_tokens
@@ -37,6 +39,40 @@ def _check_global_layers(layers, depth: int) -> set[int]:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= depth:
             raise ValueError(f"layers_insert_global_attn must hold layer numbers in [1, depth = {depth}] (1-indexed), got {layers!r}")
     return set(chosen)
+
+
+# LocalMHA keywords that shape window blocks: with `layer_windows` they go to the int (block) layers only
+BLOCK_KEYWORDS = ("look_backward", "look_forward", "exact_windowsize")
+
+
+def _check_layer_windows(layer_windows, depth: int, causal: bool) -> tuple[list, list]:
+    """`layer_windows` -> each layer's entry and `window_size` (`depth` of each, the list cycled): an int block
+    window, a `(left, right)` token window, or None for a global layer, whose window is the token window
+    `(-1, 0)` (`(-1, -1)` when not causal): full attention through the same op, cache and sharded path."""
+    if isinstance(layer_windows, (str, bytes, dict)) or not hasattr(layer_windows, "__iter__"):
+        raise TypeError(f"layer_windows must be a list of per-layer windows (int, (left, right) or None), got {layer_windows!r}")
+    entries = list(layer_windows)
+    if not 1 <= len(entries) <= depth:
+        raise ValueError(f"layer_windows must hold 1 to depth = {depth} entries (cycled over the layers), got {len(entries)}")
+    windows, given = [], []
+    for index, entry in enumerate(entries):
+        if entry is None:
+            window = (-1, 0) if causal else (-1, -1)
+        elif isinstance(entry, (tuple, list)):
+            window = tuple(entry)
+        elif isinstance(entry, numbers.Integral) and not isinstance(entry, bool):
+            window = int(entry)
+        else:
+            raise TypeError(f"layer_windows[{index}] must be an int (block window), a (left, right) token window or "
+                            f"None (a global layer), got {entry!r}")
+        try:
+            make_spec(window, causal, 1, None, False)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"layer_windows[{index}]: {error}") from None
+        windows.append(window)
+        given.append(None if entry is None else window)
+    cycle = [layer % len(windows) for layer in range(depth)]
+    return [given[i] for i in cycle], [windows[i] for i in cycle]
 
 
 def _upgrade_state_dict(model, state_dict, prefix, *args):
@@ -68,7 +104,15 @@ class LocalTransformer(nn.Module):
     features out (no embeddings, no logits). `use_dynamic_pos_bias` replaces rotary embeddings by a
     learned bias of the distance. `use_abs_pos_emb=False` drops the absolute position embedding (rotary
     only), which lets the model run and generate past `max_seq_len`. Extra keywords (`look_backward`,
-    `qk_rmsnorm`, `kv_heads`, ...) go to every `LocalMHA`.
+    `qk_rmsnorm`, `kv_heads`, `attn_sinks`, `sink_tokens`, `softcap`, ...) go to every `LocalMHA`.
+
+    Hybrid models: `layer_windows` (instead of `local_attn_window_size`) gives each layer its window, a list
+    cycled over `depth`: an int (a block window, as `local_attn_window_size`), a `(left, right)` token window,
+    or None: a global layer, full causal attention (the token window `(-1, 0)`) through the same op and
+    `LocalMHA`, so it trains, shards (its keys gathered: exact) and decodes like the others; its cache grows
+    with the text while the local layers keep their rings. The block keywords (`look_backward`,
+    `look_forward`, `exact_windowsize`) shape the int layers only; the options that need one block window
+    for every layer (`use_dynamic_pos_bias`, `use_xpos`) are refused with token or global entries.
     """
 
     def __init__(
@@ -93,6 +137,7 @@ class LocalTransformer(nn.Module):
         layers_insert_global_attn=None,
         num_residual_streams: int = 4,
         use_abs_pos_emb: bool = True,
+        layer_windows=None,
         **kwargs,
     ):
         super().__init__()
@@ -113,6 +158,17 @@ class LocalTransformer(nn.Module):
         if use_dynamic_pos_bias and isinstance(local_attn_window_size, (tuple, list)):
             raise ValueError("local_attn_window_size: a (left, right) token window takes no dynamic position bias "
                              "(its bias is laid out by window blocks); use an int window or rotary positions")
+        # each layer's window as given (None: a global layer), or None without layer_windows
+        self.layer_windows, windows = None, [local_attn_window_size] * depth
+        if layer_windows is not None:
+            self.layer_windows, windows = _check_layer_windows(layer_windows, depth, self.causal)
+            blocks_only = all(isinstance(window, int) for window in windows)
+            if use_dynamic_pos_bias and not (blocks_only and len(set(windows)) == 1):
+                raise ValueError("layer_windows: use_dynamic_pos_bias needs one int block window for every layer (its "
+                                 f"bias is laid out by window blocks, shared by the layers), got {list(layer_windows)!r}")
+            if use_xpos and not blocks_only:
+                raise ValueError("layer_windows: use_xpos needs int block windows (xpos measures its decay from window "
+                                 f"blocks); token and global layers take rotary without xpos, got {list(layer_windows)!r}")
         self.ignore_index = ignore_index
         self.local_attn_window_size = local_attn_window_size
 
@@ -122,13 +178,16 @@ class LocalTransformer(nn.Module):
         blocks = iter(range(3 * depth))  # block index: which stream a hyper-connection starts reading
         self.global_layers = nn.ModuleList()
         self.layers = nn.ModuleList()
-        for layer in range(1, depth + 1):
+        for layer, window in zip(range(1, depth + 1), windows):
             has_global = global_attn_layer is not None and layer in global_at
             self.global_layers.append(wrap(deepcopy(global_attn_layer), streams, dim, next(blocks)) if has_global else None)
+            options = kwargs
+            if layer_windows is not None and not isinstance(window, int):
+                options = {key: value for key, value in kwargs.items() if key not in BLOCK_KEYWORDS}
             attn = LocalMHA(
                 dim=dim, dim_head=dim_head, heads=heads, dropout=attn_dropout, causal=causal,
-                window_size=local_attn_window_size, use_xpos=use_xpos, xpos_scale_base=xpos_scale_base,
-                use_rotary_pos_emb=not use_dynamic_pos_bias, prenorm=True, **kwargs,
+                window_size=window, use_xpos=use_xpos, xpos_scale_base=xpos_scale_base,
+                use_rotary_pos_emb=not use_dynamic_pos_bias, prenorm=True, **options,
             )
             ff = FeedForward(dim=dim, mult=ff_mult, dropout=ff_dropout)
             self.layers.append(nn.ModuleList([wrap(attn, streams, dim, next(blocks)), wrap(ff, streams, dim, next(blocks))]))
@@ -189,8 +248,9 @@ class LocalTransformer(nn.Module):
         what the caches store keys and values in: None (the model's dtype, exact) or, for a float32 model,
         `torch.bfloat16` (half the memory and the bytes a step reads; not exact: the keys and values are
         rounded to bfloat16, see `kv_cache.storage_dtype`). Training, prefill and decode run this
-        same block loop. Not with global layers: a general module's output at the new
-        position depends on every earlier position (`generate` then recomputes the sequence at each step).
+        same block loop. The global layers of `layer_windows` decode through their cache too (it holds the
+        whole text); not with `global_attn_layer`: a general module's output at the new position depends on
+        every earlier position (`generate` then recomputes the sequence at each step).
 
         Packed documents: `documents` `(b, n)` non-decreasing integer ids (each document one contiguous run of
         a row) computes every document as if it were alone: attention never crosses a document, positions
@@ -202,8 +262,9 @@ class LocalTransformer(nn.Module):
         Context parallelism: with a process `group`, `x` (and `mask`) is this rank's shard of the tokens
         (rank `r` holds positions `r * n .. (r + 1) * n - 1`, which the position embeddings see); the logits
         are this rank's slice, and the loss is the single-process loss of the whole sequence, on every
-        rank (its gradients summed over the group are the single-process ones). Not with global layers
-        (a general module would see only this rank's shard).
+        rank (its gradients summed over the group are the single-process ones). The global layers of
+        `layer_windows` gather the keys and values before the shard (exact); not with `global_attn_layer` (a
+        general module would see only this rank's shard).
         """
         # local-attention's forward takes (x, mask, cache, return_loss, return_cache): a positional cache lands
         # here in return_loss, and must not be taken for True

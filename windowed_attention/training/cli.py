@@ -22,10 +22,33 @@ from .metrics import MetricsMismatch
 # flag -> (config, field)
 MODEL_FLAGS = {"dim": "dim", "depth": "depth", "heads": "heads", "dim_head": "dim_head",
                "window_size": "local_attn_window_size", "residual_streams": "num_residual_streams",
-               "kv_heads": "kv_heads"}
+               "kv_heads": "kv_heads", "layer_windows": "layer_windows", "attn_sinks": "attn_sinks",
+               "sink_tokens": "sink_tokens", "softcap": "softcap"}
 TRAIN_FLAGS = ["data", "steps", "batch_size", "grad_accum", "seq_len", "lr", "warmup_steps", "lr_decay_steps",
                "min_lr_ratio", "weight_decay", "max_grad_norm", "seed", "eval_every", "eval_batches", "save_every",
                "log_every", "sample_length", "precision", "device", "compile", "context_parallel"]
+
+
+def layer_windows(text: str) -> list:
+    """An argparse type: comma-separated per-layer windows, each an int >= 1 (a block window), `full` (a
+    global layer) or `left:right` (a token window, -1 unbounded): `64,64,64,full` -> `[64, 64, 64, None]`."""
+    windows = []
+    for entry in text.split(","):
+        entry = entry.strip()
+        try:
+            if entry == "full":
+                windows.append(None)
+            elif ":" in entry:
+                left, right = (int(side) for side in entry.split(":"))
+                if left < -1 or right < -1:
+                    raise ValueError
+                windows.append([left, right])
+            else:
+                windows.append(integer(1)(entry))
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"expected comma-separated windows, each an integer >= 1, 'full' or "
+                                             f"left:right (ints >= -1), got {entry!r} in {text!r}") from None
+    return windows
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +72,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--residual-streams", type=pos, help="hyper-connection residual streams, 1 = a plain residual "
                                               f"(default: {d_model.num_residual_streams}; the library's default is 4)")
     add("--kv-heads", type=pos, help="key/value heads for grouped-query attention, dividing --heads (default: --heads)")
+    add("--layer-windows", type=layer_windows, help="per-layer windows, cycled over --depth: an integer (a window "
+                                                    "block, as --window-size), 'full' (a global layer: full causal "
+                                                    "attention, cached in generate) or left:right (a token window); "
+                                                    "e.g. 64,64,64,full (default: --window-size for every layer)")
+    add("--attn-sinks", action="store_true", default=None, help="a learned sink logit per head (gpt-oss)")
+    add("--sink-tokens", type=nonneg, help="first positions every query sees besides its window (StreamingLLM; "
+                                           "default: 0)")
+    add("--softcap", type=positive, help="cap the attention scores at C with C * tanh(score / C) (default: none)")
     add("--lr", type=positive, help=f"peak learning rate (default: {d_train.lr})")
     add("--warmup-steps", type=nonneg, help=f"linear warmup steps (default: {d_train.warmup_steps})")
     add("--lr-decay-steps", type=pos, help="step at which the cosine reaches its floor (default: --steps); give "
@@ -83,6 +114,8 @@ def configs_from_args(args) -> tuple[ModelConfig, TrainConfig, int | None]:
     if "data" in train_given:  # stored resolved, so that --resume works from any directory
         train_given["data"] = resolve_path(train_given["data"])
     if not args.resume:
+        if "layer_windows" in model_given and "local_attn_window_size" in model_given:
+            raise ValueError("--window-size and --layer-windows: give one (--layer-windows sets every layer's window)")
         model_config = ModelConfig(**model_given)
         if model_config.kv_heads is not None and model_config.heads % model_config.kv_heads:
             raise ValueError(f"--kv-heads {model_config.kv_heads} must divide --heads {model_config.heads}")

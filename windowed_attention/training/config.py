@@ -48,6 +48,13 @@ class ModelConfig:
     # faster on the quickstart's small model. Also what a config.json written before the field existed means.
     num_residual_streams: int = 1
     kv_heads: int | None = None  # grouped-query attention; None: as many as heads
+    # Hybrid models: each layer's window (cycled over depth): an int block window, [left, right] a token
+    # window, None a global layer; None: local_attn_window_size everywhere. The fields below it were added
+    # later too: a config.json without them means their defaults.
+    layer_windows: list | None = None
+    attn_sinks: bool = False  # a learned sink logit per head
+    sink_tokens: int = 0  # the first positions every query sees (StreamingLLM)
+    softcap: float | None = None  # scores become softcap * tanh(score / softcap)
 
     def __post_init__(self):
         # cheap checks of every field by its default's type (a config.json may hold anything); the model
@@ -57,7 +64,12 @@ class ModelConfig:
             if isinstance(field.default, bool):
                 check_bool(field.name, value)
             elif isinstance(field.default, int):
-                check_int(field.name, value, 1)
+                check_int(field.name, value, min(field.default, 1))
+        if self.layer_windows is not None:
+            if not isinstance(self.layer_windows, (list, tuple)):
+                raise TypeError(f"layer_windows must be a list of per-layer windows or None, got {self.layer_windows!r}")
+            # JSON has no tuples: a token window comes back from config.json as a list
+            self.layer_windows = [list(entry) if isinstance(entry, tuple) else entry for entry in self.layer_windows]
 
     def build(self) -> LocalTransformer:
         return LocalTransformer(**asdict(self))

@@ -138,7 +138,9 @@ def opening_line(model: torch.nn.Module, corpus, config: TrainConfig, device: to
     """What is about to train: parameters, corpus, sequence and window, backend."""
     params = sum(p.numel() for p in model.parameters())
     corpus_name = "the built-in corpus of Python standard-library sources" if config.data is None else corpus.name
-    window = next(m for m in model.modules() if isinstance(m, LocalAttention)).window_size
+    windows = [m.window_size for m in model.modules() if isinstance(m, LocalAttention)]
+    window = windows[0] if len(set(windows)) == 1 else ",".join(  # as --layer-windows spells them
+        str(w) if isinstance(w, int) else "full" if w[0] == -1 else f"{w[0]}:{w[1]}" for w in windows)
     backend = attention_backend(model, device, config.precision)
     extra = ", compiled" if config.compile else ""
     extra += f", {info.world_size} processes" if info.world_size > 1 else ""

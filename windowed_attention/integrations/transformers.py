@@ -25,6 +25,7 @@ average of padding; those rows are padding either way. See docs/transformers.md.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -198,9 +199,16 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 def register(name: str = "windowed_attention") -> str:
     """Register our attention and mask functions with transformers under `name` and return it, for
     `from_pretrained(..., attn_implementation=name)`, `from_config(...)` or `model.set_attn_implementation(name)`.
-    Registering again (under any name) is harmless."""
-    if not isinstance(name, str) or not name or name in ("eager", "sdpa") or "flash" in name or "flex" in name:
-        raise ValueError(f"name: a new attention implementation name (not eager, sdpa, flash_* or flex_*), got {name!r}")
+    Registering again is harmless; a name transformers gives a meaning (eager, sdpa, flash_*, flex_*, paged|...,
+    hub kernels `org/repo`) or that holds another function is refused."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__} {name!r}")
+    taken = AttentionInterface()
+    if (not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", name) or name == "eager"
+            or any(word in name for word in ("flash", "flex", "paged"))
+            or (name in taken and taken[name] is not attention_forward)):
+        raise ValueError(f"name: a new attention implementation name (letters, digits, '_' or '-'; not eager, sdpa, "
+                         f"flash_*, flex_* or one already registered), got {name!r}")
     AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, layer_mask)
     return name

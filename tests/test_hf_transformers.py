@@ -8,7 +8,7 @@ import pytest
 import torch
 
 tf = pytest.importorskip("transformers")
-from windowed_attention.integrations.transformers import LayerMask, register  # noqa: E402
+from windowed_attention.integrations.transformers import LayerMask, attention_forward, register  # noqa: E402
 
 NAME = register()
 W = 8  # sliding window; prompts are longer, and generation runs past it (the sliding cache drops keys)
@@ -64,13 +64,20 @@ def test_same_as_eager(family):
         ref_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
     ref_loss, ref_grads = loss_and_grads(model, ids, mask)
 
+    right = torch.ones_like(mask)
+    right[0, -4:] = 0  # right padding too (row 0), for the logits
+    with torch.no_grad():
+        ref_right = model(ids, attention_mask=right).logits
+
     model.set_attn_implementation(NAME)
     with torch.no_grad():
         logits = model(ids, attention_mask=mask).logits
+        logits_right = model(ids, attention_mask=right).logits
         tokens = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
     loss, grads = loss_and_grads(model, ids, mask)
 
     torch.testing.assert_close(logits[real], ref_logits[real], atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits_right[right.bool()], ref_right[right.bool()], atol=1e-4, rtol=0)
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=0)
     assert grads.keys() == ref_grads.keys()
@@ -100,6 +107,40 @@ def test_packed_sequences_are_documents():
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
 
 
+def test_dropout_in_training():
+    """`dropout` reaches the op in training (and only there): two training forwards differ, gradients flow."""
+    config = FAMILIES["mistral"]()
+    config.attention_dropout = 0.5
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=NAME)
+    ids, mask = batch(n=12)
+    real = mask.bool()
+    with torch.no_grad():
+        model.eval()
+        first, second = (model(ids, attention_mask=mask).logits for _ in range(2))
+        assert torch.equal(first, second)
+        model.train()
+        first, second = (model(ids, attention_mask=mask).logits for _ in range(2))
+        assert not torch.allclose(first[real], second[real])
+    model(ids, attention_mask=mask, labels=ids).loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_attention_forward_refuses_what_it_cannot_serve():
+    q, k = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8)
+    layer = LayerMask(window=(W - 1, 0), q_offset=0, kv_offset=0, kv_length=6)
+    out, weights = attention_forward(None, q, k, k, layer, sliding_window=W)
+    assert out.shape == (1, 6, 4, 8) and weights is None
+    with pytest.raises(ValueError, match="sliding_window"):  # the layer and its mask disagree
+        attention_forward(None, q, k, k, layer, sliding_window=W + 1)
+    with pytest.raises(ValueError, match="key"):  # a cache passed other keys than its mask sizes said
+        attention_forward(None, q, k, k, LayerMask((W - 1, 0), 0, 0, kv_length=7))
+    with pytest.raises(ValueError, match="key"):  # queries that do not end within the keys
+        attention_forward(None, q, k, k, LayerMask((W - 1, 0), q_offset=3, kv_offset=0, kv_length=6))
+    with pytest.raises(ValueError, match="cu_seq_lens_q"):
+        attention_forward(None, q, k, k, layer, cu_seq_lens_q=torch.tensor([0, 6]))
+
+
 def test_unsupported_raises_naming_it():
     model = build("mistral", NAME)
     ids, mask = batch(n=12)
@@ -113,8 +154,11 @@ def test_unsupported_raises_naming_it():
             gemma.config.use_bidirectional_attention = True
             gemma.set_attn_implementation(NAME)
             gemma(ids)
-    with pytest.raises(ValueError, match="name"):
-        register("sdpa")
+    for taken in ("sdpa", "eager", "flash_attention_2", "org/kernel"):
+        with pytest.raises(ValueError, match="name"):
+            register(taken)
+    with pytest.raises(TypeError, match="name"):
+        register(3)
 
 
 def test_layer_mask_is_compact():

@@ -85,9 +85,12 @@ def test_same_as_eager(family):
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_from_config_and_static_cache():
-    """`from_config(attn_implementation=...)` and a static cache (unfilled slots, a rolling sliding buffer)."""
-    eager, ours = build("gemma3"), build("gemma3", NAME)
+def test_from_pretrained_and_static_cache(tmp_path):
+    """`from_pretrained(attn_implementation=...)`, and a static cache (unfilled slots, a rolling sliding buffer);
+    `from_config` and `set_attn_implementation` are the other tests' way in."""
+    eager = build("gemma3")
+    eager.save_pretrained(tmp_path)
+    ours = tf.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=NAME).eval()
     assert ours.config._attn_implementation == NAME
     ids, mask = batch(n=12, pad=3)
     kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, cache_implementation="static")

@@ -114,12 +114,13 @@ def _recognise(mask_function, local_size) -> tuple[tuple[int, int], torch.Tensor
     found = {}
     if _match(mask_function, packed, found):
         return window, found["documents"]
-    rule = "causal" if local_size is None else f"sliding-window causal (window {local_size})"
+    served = "causal" if local_size is None else f"sliding-window causal (window {local_size})"
     raise ValueError(
         f"mask_function: windowed_attention serves the causal and sliding-window causal masks of decoder models "
-        f"(and packed sequences given by position_ids); this model asked for a {rule} mask with another rule on top "
-        f"({getattr(mask_function, '__qualname__', mask_function)!r}: bidirectional or chunked attention, image-token "
-        f"overlays, or a custom or_mask_function/and_mask_function). Use attn_implementation='sdpa' or 'eager' for it")
+        f"(and packed sequences given by position_ids); this layer asked for another rule than the {served} one, or "
+        f"for more on top of it ({getattr(mask_function, '__qualname__', mask_function)!r}: bidirectional or chunked "
+        f"attention, image-token overlays, or a custom or_mask_function/and_mask_function). Use "
+        f"attn_implementation='sdpa' or 'eager' for it")
 
 
 def layer_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,

@@ -6,8 +6,9 @@
 2. Long context: a Mistral-architecture model (random weights, no download; dim 256, 2 layers, 4 heads of 64,
    2 kv heads, sliding window 256) reads `--tokens` (16,384) tokens in one forward, with transformers' "sdpa"
    and with ours. Each run is a fresh subprocess: it builds the model, warms up on a short input, then times
-   `--repeats` forwards (no_grad) and reports its peak resident memory (getrusage's ru_maxrss) minus its
-   resident memory just before the first long forward: the memory the forward itself adds.
+   `--repeats` forwards (no_grad). The first of them is also measured for memory as the benchmark measures it
+   (`windowed_attention.bench.measure.peak_rise`: heap trimmed, peak counter reset, then the peak resident
+   memory `VmHWM` minus the resident memory `VmRSS` before the call): the memory the forward itself adds.
 
 Run: python examples/hf_long_context.py [--tokens 16384] [--repeats 2] [--skip-exactness] [--json PATH]
 Needs transformers (pip install "windowed-attention[transformers]"). Figures: docs/transformers.md.
@@ -18,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,23 +26,8 @@ import time
 
 import torch
 
-
-def rss_mib() -> float:
-    """Current resident set size in MiB (Linux /proc)."""
-    with open(f"/proc/{os.getpid()}/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
+from windowed_attention.bench.cli import environment
+from windowed_attention.bench.measure import peak_rise
 
 
 # --- 1. exactness ---------------------------------------------------------------------------------------------
@@ -114,17 +98,21 @@ def child(attn: str, tokens: int, repeats: int, out_path: str) -> None:
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(long_config(), attn_implementation=attn).eval()
     ids = torch.randint(0, 1024, (1, tokens), generator=torch.Generator().manual_seed(1))
+    times, last = [], {}
+
+    def forward():
+        start = time.perf_counter()
+        last["logits"] = model(ids, use_cache=False, logits_to_keep=16).logits
+        times.append(time.perf_counter() - start)
+
     with torch.no_grad():
         model(ids[:, :512], use_cache=False)  # warm-up: kernels, dispatch
-        before = rss_mib()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            logits = model(ids, use_cache=False, logits_to_keep=16).logits
-            times.append(time.perf_counter() - start)
-    torch.save(logits, out_path + ".pt")
+        rise = peak_rise(forward)
+        for _ in range(repeats - 1):
+            forward()
+    torch.save(last["logits"], out_path + ".pt")
     with open(out_path, "w") as f:
-        json.dump(dict(attn=attn, times_s=times, peak_rise_mib=peak_rss_mib() - before, rss_before_mib=before), f)
+        json.dump(dict(attn=attn, times_s=times, peak_rise_mib=rise / 2**20), f)
 
 
 def measure(attn: str, tokens: int, repeats: int) -> tuple[dict, torch.Tensor]:
@@ -145,6 +133,8 @@ def main() -> None:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.tokens < 1 or args.repeats < 1:
+        parser.error("--tokens and --repeats must be at least 1")
     if args.child:
         return child(args.child, args.tokens, args.repeats, args.out)
 
@@ -153,9 +143,8 @@ def main() -> None:
     name = register()
     import transformers
 
-    report = dict(cpu=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
-                  transformers=transformers.__version__)
-    print(f"CPU {report['cpu']}, {report['threads']} threads, torch {torch.__version__}, "
+    report = dict(environment(), transformers=transformers.__version__)
+    print(f"CPU {report['cpu'].get('model')}, {report['threads']} threads, torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
     if not args.skip_exactness:
         print("exactness (float32, batch 2 of 48 tokens, row 1 left-padded by 9, window 16, 24 new tokens):")

@@ -98,13 +98,19 @@ def _measure_here(config: dict) -> dict:
     run()
     for t in inputs:
         t.grad = None
+    return {"peak_rise_bytes": peak_rise(run)}
+
+
+def peak_rise(fn) -> int:
+    """The peak resident memory (bytes) that `fn()` adds, run once after the caller's warm-up: the fused
+    kernel's kept memory released, the heap trimmed, the peak counter reset, then `VmHWM - VmRSS`. Linux only."""
     fused_cpu.release_memory()  # the measured call must not reuse the warm-up's outputs
     _trim_heap()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = proc_status("VmRSS")
-    run()
-    return {"peak_rise_bytes": proc_status("VmHWM") - before}
+    fn()
+    return proc_status("VmHWM") - before
 
 
 def peak_memory(impl: str, n: int, w: int, dtype: str = "float32", backward: bool = True, exact: bool = False,

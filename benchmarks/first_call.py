@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from windowed_attention.bench.machine import ISA_FLAGS, cpu
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # each prints {"seconds": imports + first call, "dynamo": whether torch._dynamo got imported}
@@ -46,22 +48,8 @@ q = torch.randn(1, 4, 128, 32)
 F.scaled_dot_product_attention(q, q, q, is_causal=True)
 """
 PROGRAMS = {"windowed_attention": OURS, "sdpa": SDPA}
-ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
 
 
-def cpu() -> dict:
-    """The CPU's model name and which of `ISA_FLAGS` it has (from /proc/cpuinfo; Linux only)."""
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as file:
-            for line in file:
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())  # the first processor's
-    except OSError:
-        pass
-    name = fields.get("model name") or platform.processor() or platform.machine()
-    flags = set(fields.get("flags", "").split())
-    return {"model": name, "isa": [flag for flag in ISA_FLAGS if flag in flags], "cores": os.cpu_count()}
 
 
 def measure(name: str) -> dict:

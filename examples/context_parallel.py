@@ -26,7 +26,6 @@ import argparse
 import ctypes
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -39,6 +38,7 @@ import torch.multiprocessing as mp
 from windowed_attention import LocalTransformer, parallel
 from windowed_attention.bench.measure import proc_status
 from windowed_attention.ops import fused_cpu
+from windowed_attention.bench.machine import cpu_label
 
 CONFIG = dict(num_tokens=256, max_seq_len=256, dim=256, depth=4, heads=4, dim_head=64, local_attn_window_size=256,
               use_abs_pos_emb=False, num_residual_streams=1)  # the figures were measured with one stream
@@ -121,14 +121,6 @@ def measure(world: int, n: int, threads: int) -> list[dict]:
         return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
-
-
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -197,7 +189,7 @@ def main() -> None:
         if single is not None:
             row["peak_rise_ratio_to_single"] = row["max_peak_rise_mib"] / single["max_peak_rise_mib"]
             row["loss_difference_to_single"] = abs(row["loss"] - single["loss"])
-    result = dict(model=CONFIG, cpu=cpu_name(), cores=args.cores, torch=torch.__version__,
+    result = dict(model=CONFIG, cpu=cpu_label(), cores=args.cores, torch=torch.__version__,
                   method=" ".join(__doc__.split("\n\n")[1].split()), rows=rows)
     (out / "context_parallel.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(rows, out / "context_parallel.png")

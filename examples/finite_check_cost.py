@@ -15,17 +15,7 @@ import torch
 
 from windowed_attention import local_attention
 from windowed_attention.ops import api
-
-
-def cpu_name() -> str:
-    try:
-        info = open("/proc/cpuinfo").read()
-    except OSError:
-        return "unknown CPU"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
-    return f"{name} ({', '.join(isa)}), {torch.get_num_threads()} threads"
+from windowed_attention.bench.machine import cpu_label
 
 
 def main() -> None:
@@ -60,7 +50,7 @@ def main() -> None:
             checked(k, v)
             sums.append(time.perf_counter() - start)
     alone = statistics.median(sums)
-    print(f"{cpu_name()}; fp32 B=1 H=8 N={args.n} D=64 causal window {args.window}, fused forward+backward, "
+    print(f"{cpu_label()}; fp32 B=1 H=8 N={args.n} D=64 causal window {args.window}, fused forward+backward, "
           f"median of {args.rounds} interleaved rounds")
     print(f"  without the check {without * 1e3:.1f} ms, with it {with_check * 1e3:.1f} ms: "
           f"ratio {with_check / without:.4f}")

@@ -22,7 +22,6 @@ Run: python examples/hybrid_decode_speed.py [--contexts 256 2048] [--tokens 129]
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from dataclasses import replace
@@ -30,17 +29,7 @@ from dataclasses import replace
 import torch
 
 from windowed_attention.training.config import ModelConfig
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from windowed_attention.bench.machine import cpu_label
 
 
 @torch.no_grad()
@@ -84,7 +73,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     primes = {c: torch.randint(0, base.num_tokens, (1, c), generator=generator) for c in args.contexts}
 
-    print(f"{cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{cpu_label()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"model: dim {base.dim}, depth {base.depth}, heads {base.heads}, dim_head {base.dim_head}, window {w}, "
           f"{base.num_residual_streams} residual stream; batch 1, float32, greedy")
     print(f"ms/token = {'CPU' if args.cpu_time else 'wall'} time of the decode steps of {args.tokens - 1} tokens "

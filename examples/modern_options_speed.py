@@ -15,25 +15,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import time
 
 import torch
 
 from windowed_attention import local_attention
 from windowed_attention.bench.headline import document_ids, option_calls
-
-
-def cpu_name() -> str:
-    """lscpu's model name and which of avx2 / avx512f / avx512_bf16 / amx_bf16 the CPU has."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown CPU"
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("Flags")), [])
-    have = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
-    return f"{model} ({', '.join(have) or 'no avx2'})"
+from windowed_attention.bench.machine import cpu_label
 
 
 def main() -> None:
@@ -77,7 +65,7 @@ def main() -> None:
             times[name].append(step(options))
     median = {name: statistics.median(values) for name, values in times.items()}
 
-    print(f"CPU: {cpu_name()}; torch threads {torch.get_num_threads()}; fp32 B=1 H={H} N={n} D={d}, causal, "
+    print(f"CPU: {cpu_label()}; torch threads {torch.get_num_threads()}; fp32 B=1 H={H} N={n} D={d}, causal, "
           f"window {w}, forward + backward, medians of {args.rounds} rounds ({'CPU time' if args.cpu_time else 'wall clock'}); "
           f"{documents.max().item() + 1} documents")
     print(f"plain call: {median['plain'] * 1e3:.1f} ms")

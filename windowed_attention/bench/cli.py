@@ -28,7 +28,7 @@ import torch
 
 from ..cli_types import Parser, say
 from ..extras import require
-from . import headline, impls, measure
+from . import headline, impls, machine, measure
 
 SIZES = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 WINDOWS = [64, 256, 1024]
@@ -291,24 +291,9 @@ def plot(rows, out: Path) -> list[str]:
     return written
 
 
-def _cpu() -> dict:
-    """The CPU as /proc/cpuinfo names it, and the instruction sets that decide which kernels run."""
-    info = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                info.setdefault(key.strip(), value.strip())
-    except OSError:
-        return {}
-    flags = set(info.get("flags", "").split())
-    return dict(vendor=info.get("vendor_id"), model=info.get("model name"), family=info.get("cpu family"),
-                isa=[f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags])
-
-
 def environment() -> dict:
     return dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
-                threads=torch.get_num_threads(), processor=platform.processor(), cpu=_cpu(),
+                threads=torch.get_num_threads(), processor=platform.processor(), cpu=machine.cpu(),
                 cpu_capability=torch.backends.cpu.get_cpu_capability())
 
 

@@ -34,10 +34,14 @@ def _cache_with(folder, built, data=None, record=None):
 
 
 def _fresh_build(monkeypatch, cache):
-    """What a fresh process does to get the kernel from `cache`: `(library path, whether it was rebuilt)`.
-    The loading itself is left out (this process has the kernel loaded already: a second copy would clash)."""
+    """What a fresh process does to get the kernel from `cache` (None: the default folder): `(library path,
+    whether it was rebuilt)`. The loading itself is left out (this process has the kernel loaded already: a
+    second copy would clash)."""
     monkeypatch.setattr(fused_cpu, "_state", {})
-    monkeypatch.setenv(kernel_cache.CACHE_ENV, str(cache))
+    if cache is None:
+        monkeypatch.delenv(kernel_cache.CACHE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(kernel_cache.CACHE_ENV, str(cache))
     monkeypatch.setattr(torch.ops, "load_library", lambda path: None)
     fused_cpu.kernel()
     return fused_cpu._state["library"], "build_seconds" in fused_cpu._state
@@ -63,9 +67,9 @@ def _copy_instead_of_compiling(monkeypatch, built):
     monkeypatch.setattr(fused_cpu.subprocess, "run", link)
 
 
-def test_kernel_cache_is_private_and_verified(monkeypatch, tmp_path, built):
-    """The cache folder is created 0700; a library is loaded only when its hash matches the one recorded at
-    build time, so a damaged (or swapped) library is rebuilt; a folder others can write is refused."""
+def test_kernel_cache_is_created_private_and_verified(monkeypatch, tmp_path, built):
+    """A named cache folder that does not exist is created 0700; a library is loaded only when its hash
+    matches the one recorded at build time, so a damaged (or swapped) library is rebuilt."""
     cache = tmp_path / "cache"
     _cache_with(cache, built)
     library, rebuilt = _fresh_build(monkeypatch, cache)
@@ -87,10 +91,48 @@ def test_kernel_cache_is_private_and_verified(monkeypatch, tmp_path, built):
     _fresh_build(monkeypatch, nested)
     assert stat.S_IMODE(nested.stat().st_mode) == 0o700
 
-    cache.chmod(0o777)
+
+def test_a_folder_the_user_names_keeps_its_mode(monkeypatch, tmp_path, built):
+    """`$WINDOWED_ATTENTION_CACHE` naming a folder of the user's that others can read but not write: the
+    library in it is loaded and the folder keeps its mode (it used to be made 0700)."""
+    cache = tmp_path / "cache"
+    _cache_with(cache, built)
+    cache.chmod(0o755)
+    library, rebuilt = _fresh_build(monkeypatch, cache)
+    assert library == cache / built.name and not rebuilt
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o1777])
+def test_a_folder_the_user_names_that_others_can_write_is_refused(monkeypatch, tmp_path, built, mode):
+    """Refused with the folder and the fix, and left as it is; `auto` falls back (tested in test_dispatch)."""
+    cache = tmp_path / "cache"
+    _cache_with(cache, built)
+    cache.chmod(mode)
     monkeypatch.setattr(fused_cpu, "_state", {})
     monkeypatch.setenv(kernel_cache.CACHE_ENV, str(cache))
-    assert "writable by other users" in fused_cpu.unavailable_reason()
+    reason = fused_cpu.unavailable_reason()
+    assert f"kernel cache {cache} ($WINDOWED_ATTENTION_CACHE) is writable by other users" in reason
+    assert f"chmod go-w {cache}" in reason
+    assert stat.S_IMODE(cache.stat().st_mode) == mode
+
+
+def test_the_default_folder_is_created_private_and_made_private(monkeypatch, tmp_path, built):
+    """The library's own folder (`$XDG_CACHE_HOME/windowed_attention` here) is ours: created 0700, made 0700
+    when it is not, and refused when others can write it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    default = tmp_path / "xdg" / "windowed_attention"
+    _copy_instead_of_compiling(monkeypatch, built)
+    library, rebuilt = _fresh_build(monkeypatch, None)
+    assert library.parent == default and rebuilt
+    assert stat.S_IMODE(default.stat().st_mode) == 0o700
+    default.chmod(0o755)
+    _, rebuilt = _fresh_build(monkeypatch, None)
+    assert not rebuilt and stat.S_IMODE(default.stat().st_mode) == 0o700
+    default.chmod(0o777)
+    monkeypatch.setattr(fused_cpu, "_state", {})
+    assert f"kernel cache {default} is writable by other users; make it private (chmod 700)" in (
+        fused_cpu.unavailable_reason())
 
 
 def test_a_library_is_checked_against_its_record_and_its_own_layout(tmp_path, built):

@@ -2,7 +2,10 @@
 process may use it, and whether a library in it is whole enough to load.
 
 A library loaded from the folder runs as our code, so the folder must belong to the user and be writable by
-no one else: it is created 0700, and made 0700 when it is not.
+no one else. The default one (`~/.cache/windowed_attention`) is ours to manage: created 0700, and made 0700
+when it is not. A folder the user names (`$WINDOWED_ATTENTION_CACHE`) is used as it is and its mode never
+changed; one that others can write is refused, naming the folder and the fix (created 0700 only when it does
+not exist yet).
 
 Beside each library the build writes a record of its SHA-256 and size. Before loading, `flaw` checks what
 can be checked in this process without running the library: the record, and the layout of the ELF file (its
@@ -37,17 +40,22 @@ def cache_dir() -> Path:
 
 
 def open_cache() -> Path:
-    """`cache_dir()`, created 0700; an existing one must belong to this user and be writable by no one else
-    (a library loaded from it runs as our code). OSError otherwise."""
+    """`cache_dir()`, ready to build into and load from; OSError naming the folder and the fix when it belongs
+    to another user or others can write it."""
     folder = cache_dir()
+    named = bool(os.environ.get(CACHE_ENV))
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = folder.stat()
     if hasattr(os, "getuid") and info.st_uid != os.getuid():
         raise OSError(f"kernel cache {folder} belongs to another user; set ${CACHE_ENV} to a folder of your own")
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        if named:
+            raise OSError(f"kernel cache {folder} (${CACHE_ENV}) is writable by other users, who could put code in "
+                          f"it that this process would run; make it writable only by you (chmod go-w {folder}) "
+                          f"or set ${CACHE_ENV} to a folder that is")
         raise OSError(f"kernel cache {folder} is writable by other users; make it private (chmod 700) "
                       f"or set ${CACHE_ENV}")
-    if stat.S_IMODE(info.st_mode) != 0o700:
+    if not named and stat.S_IMODE(info.st_mode) != 0o700:
         folder.chmod(0o700)
     return folder
 

@@ -45,7 +45,10 @@
 // plan.h (a call's blocks and backward units), output_pool.h (the memory of large outputs) and test_hooks.h
 // (ops only tests call).
 
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>

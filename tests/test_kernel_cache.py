@@ -10,11 +10,15 @@ import shutil
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import windowed_attention
 from windowed_attention.ops import fused_cpu, kernel_cache
+
+ROOT = Path(windowed_attention.__file__).resolve().parent.parent  # subprocesses run the code under test
 
 
 @pytest.fixture
@@ -198,7 +202,8 @@ def test_a_cut_library_whose_record_matches_is_never_loaded(tmp_path, built, com
     cache = tmp_path / "cache"
     whole = built.read_bytes()
     library = _cache_with(cache, built, whole[: len(whole) // 2])
-    env = {**os.environ, kernel_cache.CACHE_ENV: str(cache)}
+    env = {**os.environ, kernel_cache.CACHE_ENV: str(cache),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-c", _FRESH_PROCESS, str(built), "compiles" if compiles else "fails"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, (done.returncode, done.stderr[-3000:])  # a signal: negative

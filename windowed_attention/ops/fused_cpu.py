@@ -26,18 +26,17 @@ backward through the attention raises. They are defined with `torch.library.Libr
 that eager calls never import the compiler (`torch._dynamo`).
 
 The source is compiled on first use (one line on stderr announces it; needs a C++20 compiler with OpenMP,
-`c++` or `$CXX`) into `~/.cache/windowed_attention` (or `$WINDOWED_ATTENTION_CACHE`), a folder private to
-the user (0700), and reused from there: a library is loaded only when its SHA-256, recorded at build
-time, matches; a damaged or foreign one is rebuilt. Where it cannot be built `available()` is False,
-`unavailable_reason()` says why, `auto` takes the `sdpa` backend and warns once;
-`WINDOWED_ATTENTION_NO_FUSED=1` skips the build altogether (without a warning).
+`c++` or `$CXX`) into `~/.cache/windowed_attention` (or `$WINDOWED_ATTENTION_CACHE`), and reused from
+there (`ops/kernel_cache.py`: who may write the folder; a library is loaded only when its size, SHA-256 and
+ELF layout agree with the record of its build, and a damaged or foreign one is rebuilt). Where it cannot be
+built `available()` is False, `unavailable_reason()` says why, `auto` takes the `sdpa` backend and warns
+once; `WINDOWED_ATTENTION_NO_FUSED=1` skips the build altogether (without a warning).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import stat
 import subprocess
 import sys
 import threading
@@ -48,6 +47,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import kernel_cache
 from .call import ALL_FEATURES, AttentionCall
 from .dtypes import accumulation_dtype, autocast_inputs
 from .reference import repeat_kv
@@ -60,7 +60,7 @@ SOURCES = [CSRC / "local_attention_cpu.cpp", CSRC / "rotary_cpu.cpp", CSRC / "de
            CSRC / "small_linear_cpu.cpp"]
 HEADERS = sorted(CSRC.glob("*.h"))  # included by the sources: part of what the build's hash covers
 DISABLE_ENV = "WINDOWED_ATTENTION_NO_FUSED"
-CACHE_ENV = "WINDOWED_ATTENTION_CACHE"
+CACHE_ENV = kernel_cache.CACHE_ENV
 POOL_ENV = "WINDOWED_ATTENTION_POOL_MB"
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -78,93 +78,72 @@ def _capability_flags() -> list[str]:
     return []
 
 
-def cache_dir() -> Path:
-    """Where built libraries live: `$WINDOWED_ATTENTION_CACHE`, else `$XDG_CACHE_HOME/windowed_attention`,
-    else `~/.cache/windowed_attention`."""
-    root = os.environ.get(CACHE_ENV) or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "windowed_attention"
-    )
-    return Path(root)
-
-
-def _private_dir(folder: Path) -> Path:
-    """`folder`, created 0700; an existing one must belong to this user and be writable by no one else
-    (a library loaded from it runs as our code). OSError otherwise."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = folder.stat()
-    if hasattr(os, "getuid") and info.st_uid != os.getuid():
-        raise OSError(f"kernel cache {folder} belongs to another user; set ${CACHE_ENV} to a folder of your own")
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise OSError(f"kernel cache {folder} is writable by other users; make it private (chmod 700) "
-                      f"or set ${CACHE_ENV}")
-    if stat.S_IMODE(info.st_mode) != 0o700:
-        folder.chmod(0o700)
-    return folder
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _verified(library: Path) -> bool:
-    """Whether `library` is the file our build wrote: its SHA-256 equals the one recorded beside it."""
-    record = library.with_name(library.name + ".sha256")
-    try:
-        return library.is_file() and record.read_text().strip() == _sha256(library)
-    except OSError:
-        return False
-
-
 def _build() -> object:
-    """Compile the kernel once per (source, torch, flags) into the cache and load it into torch.ops.
-
-    Plain compiler calls (no ninja or setuptools needed), one per source in parallel, then the link; the
-    library and its recorded hash are written under temporary names and renamed into place, so processes
-    building at the same time (torchrun) never load a partial file. A cached library whose hash does not
-    match the record is rebuilt.
-    """
-    torch_dir = Path(torch.__file__).parent
+    """Compile the kernel once per (source, torch, flags) into the cache (`ops.kernel_cache`) and load it into
+    torch.ops. A cached library is loaded only when `kernel_cache.flaw` finds nothing wrong with it; one that
+    fails the check is rebuilt (RuntimeError naming it when that fails too), and so is a missing one."""
     compiler = os.environ.get("CXX", "c++")
     flags = [
         "-O3", "-std=c++20", "-fPIC", "-fopenmp", "-fvisibility=hidden",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", *_capability_flags(),
     ]
+    built_from = [torch.__version__, compiler, *flags, kernel_cache.RECORD_FORMAT]
     digest = hashlib.sha256(
-        b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS)) + " ".join([torch.__version__, compiler, *flags]).encode()
+        b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS)) + " ".join(built_from).encode()
     ).hexdigest()[:16]
-    library = _private_dir(cache_dir()) / f"local_attention_cpu_{digest}.so"
-    if not _verified(library):
-        partial = library.with_name(f"{library.name}.{os.getpid()}.tmp")
-        objects = [library.with_name(f"{library.stem}.{source.stem}.{os.getpid()}.o") for source in SOURCES]
-        includes = ["-isystem", str(torch_dir / "include"),
-                    "-isystem", str(torch_dir / "include" / "torch" / "csrc" / "api" / "include")]
-        print(f"windowed-attention: compiling the fused CPU kernel into {library} (once; about 20 s of compiler "
-              "time)", file=sys.stderr, flush=True)
-        started = time.perf_counter()
+    library = kernel_cache.open_cache() / f"local_attention_cpu_{digest}.so"
+    flaw = kernel_cache.flaw(library)
+    if flaw is not None:
+        if flaw != kernel_cache.MISSING:
+            print(f"windowed-attention: not loading {library}: {flaw}", file=sys.stderr, flush=True)
         try:
-            # one compiler process per source, side by side, then the link
-            jobs = [subprocess.Popen([compiler, *flags, *includes, "-c", str(source), "-o", str(obj)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                    for source, obj in zip(SOURCES, objects)]
-            failed = [err for job in jobs for _, err in [job.communicate()] if job.returncode != 0]
-            if failed:
-                raise RuntimeError(f"{compiler} failed: {failed[0].strip()[-2000:]}")
-            result = subprocess.run(
-                [compiler, "-shared", "-fopenmp", *map(str, objects), "-o", str(partial), f"-L{torch_dir / 'lib'}",
-                 f"-Wl,-rpath,{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu"], capture_output=True, text=True)
-            if result.returncode != 0:
-                raise RuntimeError(f"{compiler} failed to link: {result.stderr.strip()[-2000:]}")
-            record = library.with_name(f"{library.name}.sha256.{os.getpid()}.tmp")
-            record.write_text(_sha256(partial) + "\n")
-            os.replace(record, library.with_name(library.name + ".sha256"))
-            os.replace(partial, library)
-        finally:
-            for path in (partial, *objects):
-                path.unlink(missing_ok=True)
-        _state["build_seconds"] = time.perf_counter() - started
+            _compile(compiler, flags, library)
+        except (OSError, RuntimeError) as exc:
+            if flaw == kernel_cache.MISSING:
+                raise
+            raise RuntimeError(f"the cached {library} is not loaded ({flaw}) and rebuilding it failed: "
+                               f"{type(exc).__name__}: {exc}") from exc
+        flaw = kernel_cache.flaw(library)
+        if flaw is not None:
+            raise RuntimeError(f"the library just built, {library}, fails its check: {flaw}")
     torch.ops.load_library(str(library))
     _state["library"] = library
     return torch.ops.windowed_attention_cpu
+
+
+def _compile(compiler: str, flags: list[str], library: Path) -> None:
+    """Build `library` and its record: plain compiler calls (no ninja or setuptools needed), one per source in
+    parallel, then the link. Both files are written under temporary names and renamed into place, so
+    processes building at the same time (torchrun) never load a partial file."""
+    torch_dir = Path(torch.__file__).parent
+    partial = library.with_name(f"{library.name}.{os.getpid()}.tmp")
+    record = library.with_name(f"{kernel_cache.record_path(library).name}.{os.getpid()}.tmp")
+    objects = [library.with_name(f"{library.stem}.{source.stem}.{os.getpid()}.o") for source in SOURCES]
+    includes = ["-isystem", str(torch_dir / "include"),
+                "-isystem", str(torch_dir / "include" / "torch" / "csrc" / "api" / "include")]
+    print(f"windowed-attention: compiling the fused CPU kernel into {library} (once; about 20 s of compiler "
+          "time)", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    try:
+        # one compiler process per source, side by side, then the link
+        jobs = [subprocess.Popen([compiler, *flags, *includes, "-c", str(source), "-o", str(obj)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for source, obj in zip(SOURCES, objects)]
+        failed = [err for job in jobs for _, err in [job.communicate()] if job.returncode != 0]
+        if failed:
+            raise RuntimeError(f"{compiler} failed: {failed[0].strip()[-2000:]}")
+        result = subprocess.run(
+            [compiler, "-shared", "-fopenmp", *map(str, objects), "-o", str(partial), f"-L{torch_dir / 'lib'}",
+             f"-Wl,-rpath,{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu"], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed to link: {result.stderr.strip()[-2000:]}")
+        record.write_text(kernel_cache.record(partial.read_bytes()))
+        os.replace(record, kernel_cache.record_path(library))
+        os.replace(partial, library)
+    finally:
+        for path in (partial, record, *objects):
+            path.unlink(missing_ok=True)
+    _state["build_seconds"] = time.perf_counter() - started
 
 
 def kernel():

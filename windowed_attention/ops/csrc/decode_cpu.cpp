@@ -21,7 +21,9 @@
 // into the cache (to 16 bits for a 16-bit cache), as the torch path does, and read back widened to the
 // compute dtype. Returns the output (b, h, dv) in q's dtype.
 
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>

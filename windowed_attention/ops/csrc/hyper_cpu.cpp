@@ -12,7 +12,10 @@
 // Forward returns x (T, D), remixed (T, s, D), beta (T, s), and for the backward y and p (T, s, s + 2) and
 // the norms (T, s). float32 and float64.
 
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>

@@ -40,177 +40,38 @@
 // and value row p / groups in place (nothing is repeated). Forward tasks of the query rows that share a
 // key row run one after another (their key blocks stay in cache); a backward task owns a key row and runs
 // all of its query rows, so the dK, dV sums over the sharing heads need no locks either.
+//
+// What it builds on, one header each: blas.h (the matmuls), row_kernels.h (vectorized row operations),
+// plan.h (a call's blocks and backward units), output_pool.h (the memory of large outputs) and test_hooks.h
+// (ops only tests call).
 
-#include <ATen/ATen.h>
-#include <ATen/EmptyTensor.h>
-#include <c10/core/CPUAllocator.h>
-#include <ATen/OpMathType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include <sys/mman.h>
-
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <limits>
-#include <mutex>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
-#include "bf16_gemm.h"
+#include "blas.h"
+#include "output_pool.h"
+#include "plan.h"
+#include "row_kernels.h"
+#include "test_hooks.h"
 
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
-            const int*, const float*, const int*, const float*, float*, const int*);
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
-            const int*, const double*, const int*, const double*, double*, const int*);
-// MKL: bfloat16 operands, float32 result (AMX or AVX512-BF16 where the CPU has them).
-void gemm_bf16bf16f32_(const char*, const char*, const int*, const int*, const int*, const float*,
-                       const uint16_t*, const int*, const uint16_t*, const int*, const float*, float*, const int*);
-// MKL: float16 operands, float32 result.
-void gemm_f16f16f32_(const char*, const char*, const int*, const int*, const int*, const float*, const uint16_t*,
-                     const int*, const uint16_t*, const int*, const float*, float*, const int*);
-}
-
+namespace local_attention {
 namespace {
 
-constexpr int64_t BLOCK_Q = 64;
 constexpr double SELF_SCORE = -5e4;
-
-// Row-major C (m x n) = alpha * op(A) (m x k) * op(B) (k x n) + beta * C, through Fortran BLAS
-// (column-major: C^T = op(B)^T op(A)^T).
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
-  const int M = m, N = n, K = k, LDA = lda, LDB = ldb, LDC = ldc;
-  sgemm_(&trb, &tra, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
-}
-
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
-          const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
-  const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
-  const int M = m, N = n, K = k, LDA = lda, LDB = ldb, LDC = ldc;
-  dgemm_(&trb, &tra, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
-}
-
-// Which bfloat16 GEMM runs: our AVX512-BF16 one where the CPU has those instructions but no AMX (see
-// bf16_gemm.h), else MKL's. `use_own_bf16_gemm` switches it (for tests).
-std::atomic<bool> own_bf16_gemm{bf16_gemm::preferred()};
-
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloat16* a, int64_t lda,
-          const c10::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (own_bf16_gemm.load(std::memory_order_relaxed))
-    return bf16_gemm::gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
-  const int M = m, N = n, K = k, LDA = lda, LDB = ldb, LDC = ldc;
-  gemm_bf16bf16f32_(&trb, &tra, &N, &M, &K, &alpha, reinterpret_cast<const uint16_t*>(b), &LDB,
-                    reinterpret_cast<const uint16_t*>(a), &LDA, &beta, c, &LDC);
-}
-
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const c10::Half* a, int64_t lda,
-          const c10::Half* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
-  const int M = m, N = n, K = k, LDA = lda, LDB = ldb, LDC = ldc;
-  gemm_f16f16f32_(&trb, &tra, &N, &M, &K, &alpha, reinterpret_cast<const uint16_t*>(b), &LDB,
-                  reinterpret_cast<const uint16_t*>(a), &LDA, &beta, c, &LDC);
-}
-
-// The storage type S of q, k, v, and the type A that scores, softmax and gradient sums are kept in.
-template <typename S>
-using Acc = at::opmath_type<S>;
-
-// `count` values of an A buffer as S operands for the next matmul: the buffer itself when S == A, else a
-// rounded copy in `tmp`.
-template <typename S>
-const S* operand(const Acc<S>* x, S* tmp, int64_t count) {
-  if constexpr (std::is_same_v<S, Acc<S>>) {
-    return x;
-  } else {
-    at::vec::convert(x, tmp, count);
-    return tmp;
-  }
-}
-
-// Row kernels on at::vec::Vectorized (the build sets CPU_CAPABILITY_* to the CPU torch runs on).
-template <typename T>
-using Vec = at::vec::Vectorized<T>;
-
-// x = x * scale (+ add1) (+ add2), for the `add`s that are not null.
-template <typename T>
-inline void scale_add(T* x, int64_t n, T scale, const T* add1, const T* add2) {
-  const Vec<T> vs(scale);
-  int64_t c = 0;
-  for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) {
-    Vec<T> y = Vec<T>::loadu(x + c) * vs;
-    if (add1 != nullptr) y = y + Vec<T>::loadu(add1 + c);
-    if (add2 != nullptr) y = y + Vec<T>::loadu(add2 + c);
-    y.store(x + c);
-  }
-  for (; c < n; ++c) x[c] = x[c] * scale + (add1 ? add1[c] : T(0)) + (add2 ? add2[c] : T(0));
-}
-
-template <typename T>
-inline T row_max(const T* x, int64_t n) {
-  Vec<T> vm(-std::numeric_limits<T>::max());
-  int64_t c = 0;
-  for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) vm = at::vec::maximum(vm, Vec<T>::loadu(x + c));
-  T m = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::maximum(a, b); }, vm);
-  for (; c < n; ++c) m = std::max(m, x[c]);
-  return m;
-}
-
-// x = exp(x - shift) (* keep); returns the sum.
-template <typename T>
-inline T exp_sum(T* x, int64_t n, T shift, const T* keep) {
-  const Vec<T> vshift(shift);
-  Vec<T> vsum(T(0));
-  int64_t c = 0;
-  for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) {
-    Vec<T> y = (Vec<T>::loadu(x + c) - vshift).exp_u20();
-    if (keep != nullptr) y = y * Vec<T>::loadu(keep + c);
-    y.store(x + c);
-    vsum = vsum + y;
-  }
-  if (c < n) {  // the ragged end of the row: one partial vector, its unused lanes zeroed
-    const int64_t rest = n - c;
-    Vec<T> y = (Vec<T>::loadu(x + c, rest) - vshift).exp_u20();
-    if (keep != nullptr) y = y * Vec<T>::loadu(keep + c, rest);
-    y = Vec<T>::set(Vec<T>(T(0)), y, rest);
-    y.store(x + c, rest);
-    vsum = vsum + y;
-  }
-  return at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, vsum);
-}
-
-template <typename T>
-inline void scale_row(T* x, int64_t n, T f) {
-  const Vec<T> vf(f);
-  int64_t c = 0;
-  for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) (Vec<T>::loadu(x + c) * vf).store(x + c);
-  for (; c < n; ++c) x[c] *= f;
-}
-
-// g = p * (g - delta): the gradient of the logits from that of the weights.
-template <typename T>
-inline void logit_grad(const T* p, T* g, int64_t n, T delta) {
-  const Vec<T> vd(delta);
-  int64_t c = 0;
-  for (; c + Vec<T>::size() <= n; c += Vec<T>::size())
-    (Vec<T>::loadu(p + c) * (Vec<T>::loadu(g + c) - vd)).store(g + c);
-  for (; c < n; ++c) g[c] = p[c] * (g[c] - delta);
-}
-
-// x = x * f elementwise.
-template <typename T>
-inline void mul_row(T* x, const T* f, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) x[c] *= f[c];
-}
 
 // A 32-bit integer mixer (Chris Wellons' lowbias32): every input bit flips each output bit with
 // probability close to 1/2, which is all dropout asks of a counter-based random stream.
@@ -221,161 +82,6 @@ inline uint32_t mix32(uint32_t x) {
   x *= 0x846ca68bU;
   x ^= x >> 16;
   return x;
-}
-
-template <typename T>
-inline T dot(const T* a, const T* b, int64_t n) {
-  Vec<T> acc(T(0));
-  int64_t c = 0;
-  for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) acc = at::vec::fmadd(Vec<T>::loadu(a + c), Vec<T>::loadu(b + c), acc);
-  T sum = at::vec::vec_reduce_all<T>([](Vec<T>& x, Vec<T>& y) { return x + y; }, acc);
-  for (; c < n; ++c) sum += a[c] * b[c];
-  return sum;
-}
-
-// tanh in float32 as Eigen's fast tanh computes it: a 13/6-degree rational function on [-7.9, 7.9] (outside
-// it tanh is +-1 in float32), within a few ulp, at a fraction of Sleef's cost (softcap takes one per score,
-// and the backward another). float64 keeps Sleef's.
-inline Vec<float> fast_tanh(Vec<float> a) {
-  const Vec<float> x = at::vec::clamp(a, Vec<float>(-7.90531110763549805f), Vec<float>(7.90531110763549805f));
-  const Vec<float> x2 = x * x;
-  Vec<float> p = at::vec::fmadd(x2, Vec<float>(-2.76076847742355e-16f), Vec<float>(2.00018790482477e-13f));
-  p = at::vec::fmadd(p, x2, Vec<float>(-8.60467152213735e-11f));
-  p = at::vec::fmadd(p, x2, Vec<float>(5.12229709037114e-08f));
-  p = at::vec::fmadd(p, x2, Vec<float>(1.48572235717979e-05f));
-  p = at::vec::fmadd(p, x2, Vec<float>(6.37261928875436e-04f));
-  p = at::vec::fmadd(p, x2, Vec<float>(4.89352455891786e-03f));
-  p = p * x;
-  Vec<float> q = at::vec::fmadd(x2, Vec<float>(1.19825839466702e-06f), Vec<float>(1.18534705686654e-04f));
-  q = at::vec::fmadd(q, x2, Vec<float>(2.26843463243900e-03f));
-  q = at::vec::fmadd(q, x2, Vec<float>(4.89352518554385e-03f));
-  return p / q;
-}
-
-inline Vec<double> fast_tanh(Vec<double> a) { return a.tanh(); }
-
-// x = softcap * tanh(x * scale / softcap), keeping tanh in t (for the backward's 1 - tanh^2) when t is set.
-template <typename T>
-inline void softcap_row(T* x, int64_t n, T scale, T cap, T* t) {
-  const Vec<T> vin(scale / cap), vcap(cap);
-  int64_t c = 0;
-  for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) {
-    const Vec<T> th = fast_tanh(Vec<T>::loadu(x + c) * vin);
-    if (t != nullptr) th.store(t + c);
-    (th * vcap).store(x + c);
-  }
-  if (c < n) {  // the ragged end: one partial vector, so every score takes the same tanh
-    const Vec<T> th = fast_tanh(Vec<T>::loadu(x + c, n - c) * vin);
-    if (t != nullptr) th.store(t + c, n - c);
-    (th * vcap).store(x + c, n - c);
-  }
-}
-
-// g = g * (1 - t^2): the softcap's derivative.
-template <typename T>
-inline void softcap_grad(T* g, const T* t, int64_t n) {
-  const Vec<T> one(T(1));
-  int64_t c = 0;
-  for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) {
-    const Vec<T> th = Vec<T>::loadu(t + c);
-    (Vec<T>::loadu(g + c) * (one - th * th)).store(g + c);
-  }
-  for (; c < n; ++c) g[c] *= T(1) - t[c] * t[c];
-}
-
-struct Geometry {
-  int64_t n, n_q, off, w, lb, lf, left, right;  // off = n - n_q: query row r is position r + off; -1: no bound
-  bool causal;  // only for sink tokens (the window's causality is right == 0): not causal, a query sees all
-
-  // Keys [lo, hi) that query i of the document [s, e) sees through its window (spec.key_range): the window
-  // blocks counted from the document's start, cut by the token bounds and the document.
-  void interval(int64_t i, int64_t s, int64_t e, int64_t& lo, int64_t& hi) const {
-    const int64_t b = (i - s) / w;
-    lo = s + std::max<int64_t>((b - lb) * w, 0);
-    hi = s + std::min<int64_t>((b + lf + 1) * w, e - s);
-    if (left >= 0) lo = std::max(lo, i - left);
-    if (right >= 0) hi = std::min(hi, i + right + 1);
-  }
-};
-
-// Query rows [r0, r1) (positions) of window `win` (counted from its document's start s) of document [s, e).
-struct Span {
-  int64_t s, e, win, r0, r1;
-};
-
-// Span of block j of window win of document [s, e), cut to the query positions (>= off); false if empty.
-inline bool make_span(int64_t s, int64_t e, int64_t win, int64_t j, int64_t w, int64_t off, Span& sp) {
-  sp = Span{s, e, win, s + win * w + j * BLOCK_Q, 0};
-  sp.r1 = std::min({sp.r0 + BLOCK_Q, s + (win + 1) * w, e});
-  sp.r0 = std::max(sp.r0, off);
-  return sp.r0 < sp.r1;
-}
-
-// One block of query rows [r0, r1) of head p, the window keys [klo, khi) all of them may see, and the first
-// nsb sink tokens of the document some of them see only as sinks (the columns before the window's).
-struct Block {
-  int64_t p, s, e, win, r0, r1, klo, khi, nsb;
-  int64_t rows() const { return r1 - r0; }
-  int64_t keys() const { return khi - klo; }
-  int64_t cols() const { return nsb + keys(); }
-};
-
-// The work of one call: per row of `documents` (one row holding one document without them), its documents,
-// the forward's blocks, and the backward's units (groups of windows of one document) per phase.
-struct Plan {
-  struct Unit {
-    int64_t s, e, w0, w1, z0, z1;  // windows [w0, w1) of document [s, e); phase 0 zeroes dK, dV of [z0, z1)
-  };
-  std::vector<std::vector<std::pair<int64_t, int64_t>>> docs;
-  std::vector<std::vector<Span>> spans;
-  std::vector<std::vector<Unit>> units[2];
-  int64_t per = 1;  // query rows per documents row
-};
-
-// Key windows whose dK, dV rows a phase-0 task of group `gi` zeroes before it accumulates into them: from
-// the first key window it touches up to the first of the next phase-0 group (the last group: to the end).
-// These ranges tile [0, nw), and no other phase-0 task touches them (phase-0 groups never share keys),
-// so the gradients need no separate zeroing pass and their pages are first touched by the task using them.
-void zeroed_windows(int64_t gi, int64_t group, int64_t groups, int64_t lb, int64_t nw, int64_t& from, int64_t& to) {
-  from = gi == 0 ? 0 : std::max<int64_t>(gi * group - lb, 0);
-  to = gi + 2 >= groups ? nw : std::min<int64_t>((gi + 2) * group - lb, nw);
-}
-
-Plan make_plan(const Geometry& g, int64_t P, const int64_t* documents, int64_t rows) {
-  Plan plan;
-  plan.per = P / rows;
-  const int64_t w = g.w, bpw = (w + BLOCK_Q - 1) / BLOCK_Q, group = std::max<int64_t>(std::min(g.lb + g.lf, g.n), 1);
-  plan.docs.resize(rows);
-  plan.spans.resize(rows);
-  plan.units[0].resize(rows);
-  plan.units[1].resize(rows);
-  for (int64_t b = 0; b < rows; ++b) {
-    auto& docs = plan.docs[b];
-    if (documents == nullptr) {
-      docs.emplace_back(0, g.n);
-    } else {  // runs of equal ids
-      const int64_t* ids = documents + b * g.n;
-      for (int64_t i = 0, s = 0; i < g.n; ++i)
-        if (i + 1 == g.n || ids[i + 1] != ids[i]) {
-          docs.emplace_back(s, i + 1);
-          s = i + 1;
-        }
-    }
-    for (const auto& [s, e] : docs) {
-      const int64_t nw = (e - s + w - 1) / w, groups = (nw + group - 1) / group;
-      Span sp;
-      for (int64_t win = std::max<int64_t>((std::max(g.off, s) - s) / w, 0); win < nw; ++win)
-        for (int64_t j = 0; j < bpw; ++j)
-          if (make_span(s, e, win, j, w, g.off, sp)) plan.spans[b].push_back(sp);
-      for (int64_t gi = 0; gi < groups; ++gi) {
-        int64_t from, to;
-        zeroed_windows(gi, group, groups, g.lb, nw, from, to);
-        plan.units[gi % 2][b].push_back(
-            {s, e, gi * group, std::min((gi + 1) * group, nw), s + from * w, std::min(s + to * w, e)});
-      }
-    }
-  }
-  return plan;
 }
 
 // Task t of a list whose key row p_kv holds start[p_kv + 1] - start[p_kv] tasks: (p_kv, index in its row).
@@ -911,112 +617,6 @@ Inputs<S> make_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   return in;
 }
 
-// Where the large outputs (out, dq, dk, dv) live. glibc maps every allocation over 32 MB afresh and unmaps it
-// when freed, so each call would first-touch its outputs page by page: at n = 65536 that was a tenth to a
-// fifth of a forward+backward, the only part of its cost that grew faster than n. This pool keeps the
-// mappings of freed outputs (up to `cap` bytes, $WINDOWED_ATTENTION_POOL_MB, default 1024; 0 turns it off)
-// and hands them to the next call of a size that fits. Idle mappings are marked MADV_FREE: reusing them
-// costs no page faults, yet the kernel may still reclaim their pages under memory pressure (a reclaimed
-// page reads as zeros, which is fine: every output is written in full before it is read).
-//
-// It is a c10::Allocator, so its tensors are ordinary CPU tensors (resizable; a resize allocates here too).
-class OutputPool final : public c10::Allocator {
- public:
-  static OutputPool& instance() {
-    static auto* pool = new OutputPool();  // never destroyed: tensors may be freed during interpreter exit
-    return *pool;
-  }
-
-  // An uninitialised CPU tensor whose memory comes from this allocator.
-  at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype) {
-    return at::detail::empty_generic(sizes, this, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype, std::nullopt);
-  }
-
-  // From the pool (or a fresh mapping) when large, else from torch's CPU allocator.
-  c10::DataPtr allocate(size_t bytes) override {
-    constexpr size_t large = size_t(32) << 20, page = size_t(1) << 16;
-    if (bytes < large || cap_ == 0) return c10::GetCPUAllocator()->allocate(bytes);
-    const size_t need = (bytes + page - 1) / page * page;
-    void* data = nullptr;
-    size_t len = 0;
-    {
-      std::lock_guard<std::mutex> hold(mutex_);
-      auto best = idle_.end();  // the smallest idle mapping that fits without wasting over a quarter
-      for (auto it = idle_.begin(); it != idle_.end(); ++it)
-        if (it->second >= need && it->second <= need + need / 4 && (best == idle_.end() || it->second < best->second))
-          best = it;
-      if (best != idle_.end()) {
-        std::tie(data, len) = *best;
-        idle_bytes_ -= len;
-        idle_.erase(best);
-      }
-    }
-    if (data == nullptr) {
-      data = mmap(nullptr, need, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-      if (data == MAP_FAILED) return c10::GetCPUAllocator()->allocate(bytes);
-      len = need;
-    }
-    return {data, new Mapping{data, len}, &OutputPool::give_back, c10::Device(c10::DeviceType::CPU)};
-  }
-
-  void copy_data(void* dest, const void* src, std::size_t count) const { default_copy_data(dest, src, count); }
-
-  // Unmap every idle mapping.
-  void release() {
-    std::vector<std::pair<void*, size_t>> idle;
-    {
-      std::lock_guard<std::mutex> hold(mutex_);
-      idle.swap(idle_);
-      idle_bytes_ = 0;
-    }
-    for (const auto& [p, len] : idle) munmap(p, len);
-  }
-
-  int64_t idle_bytes() {
-    std::lock_guard<std::mutex> hold(mutex_);
-    return static_cast<int64_t>(idle_bytes_);
-  }
-
- private:
-  OutputPool() {
-    const char* mb = std::getenv("WINDOWED_ATTENTION_POOL_MB");
-    cap_ = static_cast<size_t>(mb != nullptr && *mb != '\0' ? std::max(std::atoll(mb), 0LL) : 1024) << 20;
-  }
-
-  struct Mapping {
-    void* data;
-    size_t len;
-  };
-
-  static void give_back(void* context) {
-    const Mapping mapping = *static_cast<Mapping*>(context);
-    delete static_cast<Mapping*>(context);
-    instance().keep(mapping.data, mapping.len);
-  }
-
-  void keep(void* p, size_t len) {
-#ifdef MADV_FREE
-    madvise(p, len, MADV_FREE);
-#endif
-    std::vector<std::pair<void*, size_t>> evicted;
-    {
-      std::lock_guard<std::mutex> hold(mutex_);
-      idle_.emplace_back(p, len);
-      idle_bytes_ += len;
-      while (idle_bytes_ > cap_) {  // the oldest go first
-        evicted.push_back(idle_.front());
-        idle_bytes_ -= idle_.front().second;
-        idle_.erase(idle_.begin());
-      }
-    }
-    for (const auto& [q, n] : evicted) munmap(q, n);
-  }
-
-  std::mutex mutex_;
-  std::vector<std::pair<void*, size_t>> idle_;  // oldest first
-  size_t idle_bytes_ = 0, cap_ = 0;
-};
-
 at::ScalarType acc_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 // The new per-call tensors and scalars: documents (B, n) int64 ids whose query rows sharing a key row share a
@@ -1134,30 +734,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
 }
 
 }  // namespace
+}  // namespace local_attention
 
 TORCH_LIBRARY(windowed_attention_cpu, m) {
-  m.def("forward", &forward);
-  m.def("backward", &backward);
-  m.def("release_memory", [] { OutputPool::instance().release(); });
-  m.def("idle_bytes", [] { return OutputPool::instance().idle_bytes(); });
-  // For tests: which bfloat16 GEMM runs, a switch between ours (only where the CPU has AVX512-BF16) and
-  // MKL's that returns the one in use, and the GEMM itself: c = alpha op(a) op(b) + beta c, 2-D tensors
-  // with unit column stride (bf16 a, b; float32 c).
-  m.def("own_bf16_gemm", [] { return own_bf16_gemm.load(); });
-  m.def("use_own_bf16_gemm", [](bool on) {
-    own_bf16_gemm = on && bf16_gemm::supported();
-    return own_bf16_gemm.load();
-  });
-  m.def("bf16_gemm", [](bool ta, bool tb, const at::Tensor& a, const at::Tensor& b, double alpha, double beta, at::Tensor c) {
-    TORCH_CHECK(a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 && c.scalar_type() == at::kFloat,
-                "bf16 a, b and float32 c");
-    TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2 && a.stride(1) == 1 && b.stride(1) == 1 && c.stride(1) == 1,
-                "2-D a, b, c with unit column stride");
-    const int64_t k = ta ? a.size(0) : a.size(1);
-    TORCH_CHECK((ta ? a.size(1) : a.size(0)) == c.size(0) && (tb ? b.size(1) : b.size(0)) == k &&
-                (tb ? b.size(0) : b.size(1)) == c.size(1), "shapes of op(a), op(b) and c do not match");
-    gemm(ta, tb, c.size(0), c.size(1), k, static_cast<float>(alpha), a.data_ptr<c10::BFloat16>(), a.stride(0),
-         b.data_ptr<c10::BFloat16>(), b.stride(0), static_cast<float>(beta), c.data_ptr<float>(), c.stride(0));
-    return c;
-  });
+  m.def("forward", &local_attention::forward);
+  m.def("backward", &local_attention::backward);
+  m.def("release_memory", [] { local_attention::OutputPool::instance().release(); });
+  m.def("idle_bytes", [] { return local_attention::OutputPool::instance().idle_bytes(); });
+  local_attention::define_test_hooks(m);
 }

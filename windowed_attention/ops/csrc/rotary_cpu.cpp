@@ -7,7 +7,9 @@
 //   backward: the transpose, dx1 = g1 c + g2 s,  dx2 = g2 c - g1 s.
 // 16-bit inputs are computed in float32 and rounded once on the way out, as the torch expression does.
 
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>

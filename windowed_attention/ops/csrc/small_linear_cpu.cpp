@@ -12,7 +12,8 @@
 // W[n, k] (broadcast) times that vector: NB vectors of L outputs in registers, no horizontal sums. Each
 // output is then a sum over k in order (one multiply-add chain per output), in float32.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>

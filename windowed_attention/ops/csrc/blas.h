@@ -1,0 +1,68 @@
+// The matmuls of the attention kernel (`local_attention_cpu.cpp`): row-major GEMMs in float32 and float64,
+// and bfloat16 / float16 operands with float32 results, through the Fortran BLAS interface of the MKL that
+// PyTorch's x86 wheels bundle, or (bfloat16) our AVX512-BF16 GEMM (`bf16_gemm.h`).
+
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "bf16_gemm.h"
+
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+            const int*, const float*, const int*, const float*, float*, const int*);
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+            const int*, const double*, const int*, const double*, double*, const int*);
+// MKL: bfloat16 operands, float32 result (AMX or AVX512-BF16 where the CPU has them).
+void gemm_bf16bf16f32_(const char*, const char*, const int*, const int*, const int*, const float*,
+                       const uint16_t*, const int*, const uint16_t*, const int*, const float*, float*, const int*);
+// MKL: float16 operands, float32 result.
+void gemm_f16f16f32_(const char*, const char*, const int*, const int*, const int*, const float*, const uint16_t*,
+                     const int*, const uint16_t*, const int*, const float*, float*, const int*);
+}
+
+namespace local_attention {
+
+// Row-major C (m x n) = alpha * op(A) (m x k) * op(B) (k x n) + beta * C, through Fortran BLAS
+// (column-major: C^T = op(B)^T op(A)^T).
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                 const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
+  const int M = m, N = n, K = k, LDA = lda, LDB = ldb, LDC = ldc;
+  sgemm_(&trb, &tra, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
+}
+
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
+                 const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
+  const int M = m, N = n, K = k, LDA = lda, LDB = ldb, LDC = ldc;
+  dgemm_(&trb, &tra, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
+}
+
+// Which bfloat16 GEMM runs: our AVX512-BF16 one where the CPU has those instructions but no AMX (see
+// bf16_gemm.h), else MKL's. `use_own_bf16_gemm` switches it (for tests).
+inline std::atomic<bool> own_bf16_gemm{bf16_gemm::preferred()};
+
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloat16* a, int64_t lda,
+                 const c10::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (own_bf16_gemm.load(std::memory_order_relaxed))
+    return bf16_gemm::gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
+  const int M = m, N = n, K = k, LDA = lda, LDB = ldb, LDC = ldc;
+  gemm_bf16bf16f32_(&trb, &tra, &N, &M, &K, &alpha, reinterpret_cast<const uint16_t*>(b), &LDB,
+                    reinterpret_cast<const uint16_t*>(a), &LDA, &beta, c, &LDC);
+}
+
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const c10::Half* a, int64_t lda,
+                 const c10::Half* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
+  const int M = m, N = n, K = k, LDA = lda, LDB = ldb, LDC = ldc;
+  gemm_f16f16f32_(&trb, &tra, &N, &M, &K, &alpha, reinterpret_cast<const uint16_t*>(b), &LDB,
+                  reinterpret_cast<const uint16_t*>(a), &LDA, &beta, c, &LDC);
+}
+
+}  // namespace local_attention

@@ -1,0 +1,128 @@
+// The memory of the attention kernel's large outputs (`local_attention_cpu.cpp`): a pool of mappings that
+// outlive the tensors they held.
+
+#pragma once
+
+#include <ATen/EmptyTensor.h>
+#include <ATen/core/Tensor.h>
+#include <c10/core/CPUAllocator.h>
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <mutex>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace local_attention {
+
+// Where the large outputs (out, dq, dk, dv) live. glibc maps every allocation over 32 MB afresh and unmaps it
+// when freed, so each call would first-touch its outputs page by page: at n = 65536 that was a tenth to a
+// fifth of a forward+backward, the only part of its cost that grew faster than n. This pool keeps the
+// mappings of freed outputs (up to `cap` bytes, $WINDOWED_ATTENTION_POOL_MB, default 1024; 0 turns it off)
+// and hands them to the next call of a size that fits. Idle mappings are marked MADV_FREE: reusing them
+// costs no page faults, yet the kernel may still reclaim their pages under memory pressure (a reclaimed
+// page reads as zeros, which is fine: every output is written in full before it is read).
+//
+// It is a c10::Allocator, so its tensors are ordinary CPU tensors (resizable; a resize allocates here too).
+class OutputPool final : public c10::Allocator {
+ public:
+  static OutputPool& instance() {
+    static auto* pool = new OutputPool();  // never destroyed: tensors may be freed during interpreter exit
+    return *pool;
+  }
+
+  // An uninitialised CPU tensor whose memory comes from this allocator.
+  at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype) {
+    return at::detail::empty_generic(sizes, this, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype, std::nullopt);
+  }
+
+  // From the pool (or a fresh mapping) when large, else from torch's CPU allocator.
+  c10::DataPtr allocate(size_t bytes) override {
+    constexpr size_t large = size_t(32) << 20, page = size_t(1) << 16;
+    if (bytes < large || cap_ == 0) return c10::GetCPUAllocator()->allocate(bytes);
+    const size_t need = (bytes + page - 1) / page * page;
+    void* data = nullptr;
+    size_t len = 0;
+    {
+      std::lock_guard<std::mutex> hold(mutex_);
+      auto best = idle_.end();  // the smallest idle mapping that fits without wasting over a quarter
+      for (auto it = idle_.begin(); it != idle_.end(); ++it)
+        if (it->second >= need && it->second <= need + need / 4 && (best == idle_.end() || it->second < best->second))
+          best = it;
+      if (best != idle_.end()) {
+        std::tie(data, len) = *best;
+        idle_bytes_ -= len;
+        idle_.erase(best);
+      }
+    }
+    if (data == nullptr) {
+      data = mmap(nullptr, need, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (data == MAP_FAILED) return c10::GetCPUAllocator()->allocate(bytes);
+      len = need;
+    }
+    return {data, new Mapping{data, len}, &OutputPool::give_back, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const { default_copy_data(dest, src, count); }
+
+  // Unmap every idle mapping.
+  void release() {
+    std::vector<std::pair<void*, size_t>> idle;
+    {
+      std::lock_guard<std::mutex> hold(mutex_);
+      idle.swap(idle_);
+      idle_bytes_ = 0;
+    }
+    for (const auto& [p, len] : idle) munmap(p, len);
+  }
+
+  int64_t idle_bytes() {
+    std::lock_guard<std::mutex> hold(mutex_);
+    return static_cast<int64_t>(idle_bytes_);
+  }
+
+ private:
+  OutputPool() {
+    const char* mb = std::getenv("WINDOWED_ATTENTION_POOL_MB");
+    cap_ = static_cast<size_t>(mb != nullptr && *mb != '\0' ? std::max(std::atoll(mb), 0LL) : 1024) << 20;
+  }
+
+  struct Mapping {
+    void* data;
+    size_t len;
+  };
+
+  static void give_back(void* context) {
+    const Mapping mapping = *static_cast<Mapping*>(context);
+    delete static_cast<Mapping*>(context);
+    instance().keep(mapping.data, mapping.len);
+  }
+
+  void keep(void* p, size_t len) {
+#ifdef MADV_FREE
+    madvise(p, len, MADV_FREE);
+#endif
+    std::vector<std::pair<void*, size_t>> evicted;
+    {
+      std::lock_guard<std::mutex> hold(mutex_);
+      idle_.emplace_back(p, len);
+      idle_bytes_ += len;
+      while (idle_bytes_ > cap_) {  // the oldest go first
+        evicted.push_back(idle_.front());
+        idle_bytes_ -= idle_.front().second;
+        idle_.erase(idle_.begin());
+      }
+    }
+    for (const auto& [q, n] : evicted) munmap(q, n);
+  }
+
+  std::mutex mutex_;
+  std::vector<std::pair<void*, size_t>> idle_;  // oldest first
+  size_t idle_bytes_ = 0, cap_ = 0;
+};
+
+}  // namespace local_attention

@@ -1,0 +1,36 @@
+// For tests: which bfloat16 GEMM runs, a switch between ours (only where the CPU has AVX512-BF16) and
+// MKL's that returns the one in use, and the GEMM itself: c = alpha op(a) op(b) + beta c, 2-D tensors
+// with unit column stride (bf16 a, b; float32 c).
+
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+#include "blas.h"
+
+namespace local_attention {
+
+inline void define_test_hooks(torch::Library& m) {
+  m.def("own_bf16_gemm", [] { return own_bf16_gemm.load(); });
+  m.def("use_own_bf16_gemm", [](bool on) {
+    own_bf16_gemm = on && bf16_gemm::supported();
+    return own_bf16_gemm.load();
+  });
+  m.def("bf16_gemm", [](bool ta, bool tb, const at::Tensor& a, const at::Tensor& b, double alpha, double beta, at::Tensor c) {
+    TORCH_CHECK(a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 && c.scalar_type() == at::kFloat,
+                "bf16 a, b and float32 c");
+    TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2 && a.stride(1) == 1 && b.stride(1) == 1 && c.stride(1) == 1,
+                "2-D a, b, c with unit column stride");
+    const int64_t k = ta ? a.size(0) : a.size(1);
+    TORCH_CHECK((ta ? a.size(1) : a.size(0)) == c.size(0) && (tb ? b.size(1) : b.size(0)) == k &&
+                (tb ? b.size(0) : b.size(1)) == c.size(1), "shapes of op(a), op(b) and c do not match");
+    gemm(ta, tb, c.size(0), c.size(1), k, static_cast<float>(alpha), a.data_ptr<c10::BFloat16>(), a.stride(0),
+         b.data_ptr<c10::BFloat16>(), b.stride(0), static_cast<float>(beta), c.data_ptr<float>(), c.stride(0));
+    return c;
+  });
+}
+
+}  // namespace local_attention

@@ -32,7 +32,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if _ci else "def
 settings.register_profile("fast", max_examples=6, **_common)
 
 SLOW_MODULES = {"test_context_parallel.py", "test_distributed.py", "test_compile.py", "test_runs.py",
-                "test_cuda.py", "test_checkpoint.py"}
+                "test_cuda.py", "test_checkpoint.py",
+                "test_kernel_cache.py"}
 SLOW_TESTS = {
     "test_fused_pool_can_be_turned_off", "test_the_console_script_gives_one_line",
     "test_console_entry_point_train_then_generate", "test_through_the_real_entry_point",

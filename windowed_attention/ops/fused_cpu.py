@@ -121,7 +121,7 @@ def _compile(compiler: str, flags: list[str], library: Path) -> None:
     objects = [library.with_name(f"{library.stem}.{source.stem}.{os.getpid()}.o") for source in SOURCES]
     includes = ["-isystem", str(torch_dir / "include"),
                 "-isystem", str(torch_dir / "include" / "torch" / "csrc" / "api" / "include")]
-    print(f"windowed-attention: compiling the fused CPU kernel into {library} (once; about 20 s of compiler "
+    print(f"windowed-attention: compiling the fused CPU kernel into {library} (once; about 60 s of compiler "
           "time)", file=sys.stderr, flush=True)
     started = time.perf_counter()
     try:

@@ -189,3 +189,29 @@ def test_text_field_without_jsonl_is_one_line_and_exit_2(tmp_path, capsys):
     code = cli.main(["train", "--data", str(data), "--text-field", "body", "--out", str(tmp_path / "run"), *TINY])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--text-field" in err and ".jsonl" in err, err
+
+
+def test_packed_context_parallel_training_logs_the_single_process_losses(tmp_path):
+    """`--pack --context-parallel 2` under torchrun: the sharded run's losses are the single process's."""
+    import os
+    import subprocess
+    import sys
+
+    from windowed_attention.training.metrics import read_metrics
+
+    data = _jsonl_corpus(tmp_path / "c.jsonl", count=300)
+    flags = ["--data", str(data), "--pack", "--log-every", "1", "--eval-every", "2", *TINY, "--steps", "2",
+             "--depth", "2", "--window-size", "8"]
+    assert cli.main(["train", "--out", str(tmp_path / "single"), *flags]) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+               "-m", "windowed_attention.training.cli", "--out", str(tmp_path / "cp"), "--context-parallel", "2",
+               *flags]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = read_metrics(tmp_path / "single" / "metrics.jsonl")
+    sharded = read_metrics(tmp_path / "cp" / "metrics.jsonl")
+    assert [r["step"] for r in sharded] == [1, 2]
+    for a, b in zip(single, sharded):
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-5 * a["train_loss"], (a, b)
+    assert abs(single[-1]["val_loss"] - sharded[-1]["val_loss"]) < 1e-5 * single[-1]["val_loss"]

@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load_run(args.checkpoint).model
-    text = eval_batches(load_corpus(args.data).val, args.length, args.rows, 1)[0]
+    text = eval_batches(load_corpus(args.data).val, args.length, args.rows, 1)[0][0]
     targets = text[:, 1:]
     exact = read_through(model, text, None)
     reduced = read_through(model, text, torch.bfloat16)

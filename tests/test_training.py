@@ -74,14 +74,15 @@ def test_builtin_corpus_is_real_python_split_by_file():
 def test_sampler_ranks_differ_and_state_round_trips():
     data = torch.arange(256, dtype=torch.uint8).repeat(40)
     r0, r1 = (BatchSampler(data, 16, 3, seed=1, rank=r, world_size=2) for r in (0, 1))
-    b0, b1 = r0.next(), r1.next()
-    assert b0.shape == (3, 17) and not torch.equal(b0, b1)
+    (b0, d0), (b1, _) = r0.next(), r1.next()
+    assert b0.shape == (3, 17) and not torch.equal(b0, b1) and d0 is None
     state = r0.state_dict()
-    expected = r0.next()
+    expected = r0.next()[0]
     r0.load_state_dict(state)
-    assert torch.equal(r0.next(), expected)
+    assert torch.equal(r0.next()[0], expected)
     fixed = eval_batches(data, 16, 4, 3)
-    assert len(fixed) == 3 and all(torch.equal(x, y) for x, y in zip(fixed, eval_batches(data, 16, 4, 3)))
+    assert len(fixed) == 3 and all(torch.equal(x, y) and d is None
+                                   for (x, d), (y, _) in zip(fixed, eval_batches(data, 16, 4, 3)))
     with pytest.raises(ValueError, match="seq_len"):
         BatchSampler(data[:10], 16, 3, seed=0)
 

@@ -218,7 +218,10 @@ class LocalAttention(nn.Module):
         window, window_bias, _ = fit_bias(spec, n * world, attn_bias)
         if self.shared_qk:
             k = F.normalize(k, dim=-1)
-        if documents is not None and group is None and self.rel_pos is not None:
+        # Rotary alone is relative (a score depends on the distance only) and no score crosses a document, so
+        # the plain positions (cached tables, the fused rotation) give every document its restarted positions'
+        # scores; xpos scales keys by their position (restarted per document) and needs them per row.
+        if documents is not None and group is None and self.rel_pos is not None and self.use_xpos:
             q, k_at, key_scale = self._document_positions(q, k, window, documents)
         else:
             q, k_at, key_scale = self._positions(q, k, window, offset=rank * n)

@@ -16,6 +16,7 @@ from dataclasses import replace
 from ..cli_types import Parser, fail, integer, is_out_of_memory, real, say
 from .checkpoint import CheckpointError, has_checkpoint, load_config
 from .config import RUN_CONTROL, SEED_MAX, ModelConfig, TrainConfig, resolve_path
+from .data import is_jsonl
 from .locks import RunFolderBusy
 from .metrics import MetricsMismatch
 
@@ -27,6 +28,7 @@ MODEL_FLAGS = {"dim": "dim", "depth": "depth", "heads": "heads", "dim_head": "di
 TRAIN_FLAGS = ["data", "steps", "batch_size", "grad_accum", "seq_len", "lr", "warmup_steps", "lr_decay_steps",
                "min_lr_ratio", "weight_decay", "max_grad_norm", "seed", "eval_every", "eval_batches", "save_every",
                "log_every", "sample_length", "precision", "device", "compile", "context_parallel"]
+TRAIN_FLAGS += ["text_field", "pack"]
 
 
 def layer_windows(text: str) -> list:
@@ -57,8 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     positive, fraction = real(0, exclusive_minimum=True), real(0, 1)
     add = parser.add_argument
     # every default is None so that a resumed run knows which flags were given
-    add("--data", help="text file or .gz to train on (enwik8 works as is); default: the built-in corpus "
-                       "(Python standard library sources)")
+    add("--data", help="text file or .gz to train on (enwik8 works as is), or .jsonl (one document per line); "
+                       "default: the built-in corpus (Python standard library sources)")
+    add("--text-field", help="with --data FILE.jsonl (one JSON object per line): the field holding each "
+                             "document (default: text)")
+    add("--pack", action=argparse.BooleanOptionalAction, default=None,
+        help="pack documents into the training sequences with their ids: no attention or target crosses a "
+             "document, in training and validation (default: no, documents are concatenated)")
     add("--out", default="runs/latest", help="run folder: checkpoint, metrics.jsonl, loss.png (default: %(default)s)")
     add("--steps", type=pos, help=f"optimizer steps in total (default: {d_train.steps})")
     add("--batch-size", type=pos, help=f"sequences per micro-batch and process (default: {d_train.batch_size})")
@@ -113,6 +120,8 @@ def configs_from_args(args) -> tuple[ModelConfig, TrainConfig, int | None]:
     train_given = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
     if "data" in train_given:  # stored resolved, so that --resume works from any directory
         train_given["data"] = resolve_path(train_given["data"])
+    if "text_field" in train_given and not (args.resume or is_jsonl(train_given.get("data", ""))):
+        raise ValueError("--text-field needs --data FILE.jsonl (one JSON object per line)")
     if not args.resume:
         if "layer_windows" in model_given and "local_attn_window_size" in model_given:
             raise ValueError("--window-size and --layer-windows: give one (--layer-windows sets every layer's window)")

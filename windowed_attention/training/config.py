@@ -78,6 +78,8 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     data: str | None = None  # None: the built-in corpus
+    text_field: str = "text"  # a .jsonl corpus's field holding each document
+    pack: bool = False  # batches carry document ids: no attention or target crosses a document
     steps: int = 600
     batch_size: int = 32  # per process and micro-batch
     grad_accum: int = 1
@@ -105,6 +107,11 @@ class TrainConfig:
             if not isinstance(self.data, str) or not self.data:
                 raise TypeError(f"data must be a path or None, got {self.data!r}")
             self.data = resolve_path(self.data)
+        if not isinstance(self.text_field, str):
+            raise TypeError(f"text_field must be a string, got {self.text_field!r}")
+        if not self.text_field:
+            raise ValueError("text_field must name a field, got an empty string")
+        check_bool("pack", self.pack)
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "save_every",
                      "log_every", "context_parallel"):
             check_int(name, getattr(self, name), 1)

@@ -86,28 +86,46 @@ def set_rng_state(state: dict) -> None:
 
 
 def batch_loss(model: torch.nn.Module, batch: torch.Tensor, info: distributed.DistInfo,
-               ignore_index: int) -> torch.Tensor:
-    """The mean next-token loss of `batch` `(b, seq_len + 1)`. Under context parallelism this rank computes
-    its shard of every sequence (inputs and targets are sharded alike) and the loss is still the whole
-    batch's, on every rank of the group."""
+               ignore_index: int, documents: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean next-token loss of `batch` `(b, seq_len + 1)`; with `documents` (its ids, packed) every
+    document counts as if alone: no attention and no target crosses a document. Under context parallelism
+    this rank computes its shard of every sequence (inputs and targets are sharded alike) and the loss is
+    still the whole batch's, on every rank of the group."""
     if info.cp_group is None:
-        return model(batch, return_loss=True)
-    inputs, targets = (parallel.shard(t, info.cp_group) for t in (batch[:, :-1], batch[:, 1:]))
-    return parallel.cross_entropy(model(inputs, group=info.cp_group), targets, info.cp_group, ignore_index)
+        return model(batch, return_loss=True, **({} if documents is None else {"documents": documents}))
+    targets, extra = batch[:, 1:], {}
+    if documents is not None:  # a document's last token predicts nothing
+        targets = targets.masked_fill(documents[:, 1:] != documents[:, :-1], ignore_index)
+        extra["documents"] = parallel.shard(documents[:, :-1], info.cp_group)
+    inputs, targets = (parallel.shard(t, info.cp_group) for t in (batch[:, :-1], targets))
+    return parallel.cross_entropy(model(inputs, group=info.cp_group, **extra), targets, info.cp_group, ignore_index)
+
+
+def target_count(batch: torch.Tensor, documents: torch.Tensor | None) -> int:
+    """The targets `batch_loss` counts: every next token, but none that starts another document."""
+    if documents is None:
+        return batch.shape[0] * (batch.shape[1] - 1)
+    return int((documents[:, 1:] == documents[:, :-1]).sum())
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device, autocast,
+def evaluate(model: torch.nn.Module, batches: list, device: torch.device, autocast,
              info: distributed.DistInfo = distributed.DistInfo()) -> float:
-    """Mean validation loss (nats per byte) over the fixed batches."""
+    """Mean validation loss (nats per predicted byte) over the fixed batches `(tokens, documents)`,
+    each batch weighted by the targets it counts (with packed documents, fewer than its bytes)."""
     was_training = model.training
     model.eval()
-    total = 0.0
-    for batch in batches:
+    total, count = 0.0, 0
+    for batch, documents in batches:
+        targets = target_count(batch, documents)
+        if targets == 0:  # documents of one byte each: nothing to predict
+            continue
         with autocast():
-            total += batch_loss(model, batch.to(device), info, model.ignore_index).item()
+            loss = batch_loss(model, batch.to(device), info, model.ignore_index,
+                              None if documents is None else documents.to(device))
+        total, count = total + loss.item() * targets, count + targets
     model.train(was_training)
-    return total / len(batches)
+    return total / count if count else math.nan
 
 
 def sample_text(model, prime: torch.Tensor, length: int, seed: int, device: torch.device) -> str:
@@ -143,6 +161,7 @@ def opening_line(model: torch.nn.Module, corpus, config: TrainConfig, device: to
         str(w) if isinstance(w, int) else "full" if w[0] == -1 else f"{w[0]}:{w[1]}" for w in windows)
     backend = attention_backend(model, device, config.precision)
     extra = ", compiled" if config.compile else ""
+    extra += ", packed documents" if config.pack else ""
     extra += f", {info.world_size} processes" if info.world_size > 1 else ""
     extra += f", context parallel {info.context_parallel}" if info.context_parallel > 1 else ""
     return (f"training {params / 1e6:.2f}M parameters on {corpus_name} ({_bytes(corpus.train.numel())} train, "
@@ -314,10 +333,13 @@ def _train(model_config, config, out, resume_step, progress, info, started, stop
     random.seed(config.seed)
 
     # data
-    corpus = load_corpus(config.data)
+    corpus = load_corpus(config.data, config.text_field)
+    # --pack: batches carry their document ids, so no attention or target crosses a document
+    train_documents, val_documents = (corpus.train_documents, corpus.val_documents) if config.pack else (None, None)
     # the ranks of one context-parallel group draw the same batch (each then takes its shard of it)
-    sampler = BatchSampler(corpus.train, config.seq_len, config.batch_size, config.seed, info.dp_rank, info.dp_size)
-    val_batches = eval_batches(corpus.val, config.seq_len, config.batch_size, config.eval_batches)
+    sampler = BatchSampler(corpus.train, config.seq_len, config.batch_size, config.seed, info.dp_rank, info.dp_size,
+                           documents=train_documents)
+    val_batches = eval_batches(corpus.val, config.seq_len, config.batch_size, config.eval_batches, val_documents)
     prime = corpus.val[: min(64, corpus.val.numel())]
 
     # model and optimizer
@@ -370,10 +392,11 @@ def _train(model_config, config, out, resume_step, progress, info, started, stop
         # one optimizer step over grad_accum micro-batches; gradients sync on the last one only
         loss_sum = torch.zeros((), device=device)
         for micro in range(config.grad_accum):
-            batch = sampler.next().to(device)
+            batch, documents = sampler.next()
+            batch, documents = batch.to(device), None if documents is None else documents.to(device)
             sync = micro == config.grad_accum - 1 or not info.enabled
             with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
-                loss = batch_loss(train_model, batch, info, model.ignore_index)
+                loss = batch_loss(train_model, batch, info, model.ignore_index, documents)
             # each rank's gradient is its share of its sequences'; DDP averages over all ranks, so the
             # context_parallel factor makes that the mean over data-parallel rows of the sums over shards
             (loss * info.context_parallel / config.grad_accum).backward()

@@ -15,6 +15,13 @@ Sink tokens (`sink_tokens=S`, StreamingLLM): the keys and values of each row's f
 kept, forever, in buffers of their own `(b, h, S, d)` beside the ring (`sink_buffers`); the entry of
 position `j` is written at prefill or by the step that writes position `j` (so for every row, however
 long its prompt). Which of them a query sees is the owning layer's rule (`ops.decode.sink_row`).
+
+Autograd: a step writes the buffers in place only where no graph can hold them. `update` in grad mode
+writes into copies, so every earlier step's saved window stays as it was and a loss over any number of
+steps backpropagates; so does any step on buffers that require grad (a recorded step's, which some graph
+may still hold) or on inference tensors outside inference mode (after that one copy, the steps under
+`torch.no_grad()` or `torch.inference_mode()` are in place again). The copies chain each step's graph
+onto the last: the cache holds its whole history until `detach()` cuts it.
 """
 
 from __future__ import annotations
@@ -68,7 +75,8 @@ class KVCache:
 
     The one verb is `update` (`advance` is its bookkeeping half, for a fused step that writes the
     buffers itself); it writes into the shared buffers, so after `cache.update(...)` only the returned
-    cache is valid for further updates (decoding is a single line of history).
+    cache is valid for further updates (decoding is a single line of history). `detach()` cuts the
+    autograd history (see the module docstring).
     """
 
     def __init__(self, k_buffer, v_buffer, key_bias, start, column: int, capacity: int,
@@ -220,20 +228,20 @@ class KVCache:
         """Write one column's `k, v` `(b, h, 1, d)`. Returns the new cache and the keys, values
         `(b, h, slots, d)` and `key_bias` `(b, 1, 1, slots)` (or None when every slot holds a real key) of
         the last `slots` columns, ending with the new one, oldest first. A row whose new position is one
-        of the first `sink_tokens` also keeps it in `sink_buffers`."""
-        sinks_due = self.sinks_due
+        of the first `sink_tokens` also keeps it in `sink_buffers`. In grad mode the new cache's buffers
+        are copies (see the module docstring)."""
+        positions, sinks_due = self.positions, self.sinks_due
+        cache, slot, first, key_bias = self._advance(sinks_due, torch.is_grad_enabled())
         if sinks_due:
-            self._claim()
-            self.write_sinks(self.positions, k[:, :, 0], v[:, :, 0])
-        cache, slot, first, key_bias = self.advance(writes_sinks=sinks_due)
-        slots = self.slots
-        self._k[..., slot, :] = k[..., 0, :]
-        self._k[..., slot + slots, :] = k[..., 0, :]
-        self._v[..., slot, :] = v[..., 0, :]
-        self._v[..., slot + slots, :] = v[..., 0, :]
+            cache.write_sinks(positions, k[:, :, 0], v[:, :, 0])
+        slots, keys, values = self.slots, cache._k, cache._v
+        keys[..., slot, :] = k[..., 0, :]
+        keys[..., slot + slots, :] = k[..., 0, :]
+        values[..., slot, :] = v[..., 0, :]
+        values[..., slot + slots, :] = v[..., 0, :]
         window = (slice(None),) * 2 + (slice(first, first + slots),)
         bias_view = None if key_bias is None else key_bias[window][:, :, None]
-        return cache, self._k[window], self._v[window], bias_view
+        return cache, keys[window], values[window], bias_view
 
     @property
     def sinks_due(self) -> bool:
@@ -252,24 +260,48 @@ class KVCache:
 
     def advance(self, *, writes_sinks: bool = False):
         """`update` for a fused step that writes the keys and values itself (into `buffers`, at ring index
-        `slot` and `slot + slots`): returns the new cache, `slot`, the ring index `first` of the window of
-        `slots` columns that ends with the new one, and the `key_bias` buffer `(b, 1, 2 * slots)` (None
-        when the window holds only real keys). It does not write the sink-token buffers: while a row's new
-        position is one of them (`sinks_due`), the caller says it writes them (`writes_sinks=True`, then
-        `write_sinks`), or `advance` raises."""
+        `slot` and `slot + slots`), a step autograd does not record: returns the new cache, `slot`, the ring
+        index `first` of the window of `slots` columns that ends with the new one, and the `key_bias` buffer
+        `(b, 1, 2 * slots)` (None when the window holds only real keys). It does not write the sink-token
+        buffers: while a row's new position is one of them (`sinks_due`), the caller says it writes them
+        (`writes_sinks=True`, then `write_sinks`), or `advance` raises. The new cache's buffers are copies
+        when this cache's may not be written in place (see the module docstring)."""
+        return self._advance(writes_sinks, False)
+
+    def _advance(self, writes_sinks: bool, recording: bool):
+        """`advance`, writing into copies of the buffers when `recording` (autograd may record the step) or
+        when these may not be written in place."""
         self._claim()
         if not writes_sinks and self.sinks_due:
             raise ValueError("sink_tokens: a row's new position is a sink token; write it with update(k, v)")
+        k_buf, v_buf, bias_buf, sinks = self._k, self._v, self._key_bias, self._sinks
+        if recording or k_buf.requires_grad or v_buf.requires_grad or (
+                k_buf.is_inference() and not torch.is_inference_mode_enabled()):
+            k_buf, v_buf, bias_buf = k_buf.clone(), v_buf.clone(), bias_buf.clone()
+            sinks = None if sinks is None else tuple(t.clone() for t in sinks)
         slot, slots = self.column % self.slots, self.slots
         key_bias = None
         if self.key_bias_needed:
-            key_bias = self._key_bias
+            key_bias = bias_buf
             key_bias[..., slot] = 0.0
             key_bias[..., slot + slots] = 0.0
         self._newest[0] = column = self.column + 1
-        cache = KVCache(self._k, self._v, self._key_bias, self._start, column, self.capacity, self._start_range,
-                        self.constants, self.signature, self.attn_bias, self._newest, self._held_from, self._sinks)
+        cache = KVCache(k_buf, v_buf, bias_buf, self._start, column, self.capacity, self._start_range,
+                        self.constants, self.signature, self.attn_bias, self._newest, self._held_from, sinks)
         return cache, slot, column % slots, key_bias
+
+    def detach(self) -> "KVCache":
+        """This cache cut from its autograd history: its own copies of the buffers, with no graph (as
+        recurrent code detaches its hidden state between chunks of a long sequence). Decoding with grad enabled keeps every step's graph reachable from the cache (it is what
+        a loss over those steps backpropagates through); `detach()` is how that memory is dropped.
+
+        What the owning layer computed once for the generation (`constants`, the position bias) is left out,
+        and rebuilt from the current weights at the next step. This cache is left as it was."""
+        self._claim()
+        k_buf, v_buf, bias_buf = (t.detach().clone() for t in (self._k, self._v, self._key_bias))
+        sinks = None if self._sinks is None else tuple(t.detach().clone() for t in self._sinks)
+        return KVCache(k_buf, v_buf, bias_buf, self._start, self.column, self.capacity, self._start_range,
+                       signature=self.signature, held_from=self._held_from, sinks=sinks)
 
     def _claim(self) -> None:
         """Refuse a cache whose buffers a later one has written (or left)."""

@@ -167,8 +167,10 @@ class LocalTransformer(nn.Module):
             return None
         spec = decode_window(self.spec, n)[0]
         bias = None if cache is None else cache[0].attn_bias
-        if bias is None or tuple(bias.shape[-2:]) != (spec.window_size, spec.span * spec.window_size):
-            bias = self._attn_bias(spec)
+        if (bias is None or tuple(bias.shape[-2:]) != (spec.window_size, spec.span * spec.window_size)
+                or (torch.is_grad_enabled() and not bias.requires_grad
+                    and any(p.requires_grad for p in self.dynamic_pos_bias.parameters()))):
+            bias = self._attn_bias(spec)  # (a step autograd records computes it with grad, once)
         return bias
 
     def _check_features(self, x) -> None:
@@ -188,9 +190,12 @@ class LocalTransformer(nn.Module):
         of every row `(b, 1)` to get its logits in O(window) work. `cache_dtype` (with `return_cache`):
         what the caches store keys and values in: None (the model's dtype, exact) or, for a float32 model,
         `torch.bfloat16` (half the memory and the bytes a step reads; not exact: the keys and values are
-        rounded to bfloat16, see `kv_cache.storage_dtype`). Training, prefill and decode run this
-        same block loop. Not with global layers: a general module's output at the new
-        position depends on every earlier position (`generate` then recomputes the sequence at each step).
+        rounded to bfloat16, see `kv_cache.storage_dtype`). Decode steps in grad mode are differentiable
+        (a loss over any number of them backpropagates into the weights and the prefill) and keep that
+        history reachable from the caches: `caches = [c.detach() for c in caches]` cuts it. Training,
+        prefill and decode run this same block loop. Not with global layers: a general module's output at
+        the new position depends on every earlier position (`generate` then recomputes the sequence at
+        each step).
 
         Packed documents: `documents` `(b, n)` non-decreasing integer ids (each document one contiguous run of
         a row) computes every document as if it were alone: attention never crosses a document, positions

@@ -1,11 +1,13 @@
-"""Decoding with autograd and the memory a cache holds (#28)."""
+"""Decoding with autograd, the memory a cache holds, and caches tied to the weights that built them (#28)."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
-from windowed_attention import DynamicPositionBias, LocalMHA, LocalTransformer
+from windowed_attention import DynamicPositionBias, LocalAttention, LocalMHA, LocalTransformer
 from windowed_attention.ops import decode
 
 MHA_OPTIONS = {
@@ -209,7 +211,8 @@ def test_memory_held_by_caches_is_flat_without_grad_and_after_each_detach():
 def test_detached_caches_continue_after_an_optimizer_step():
     """Truncated backpropagation through time over cached decoding: steps in grad mode, backward, an
     optimizer step, `detach()`, and the caches continue (their keys as the old weights gave them, the
-    position bias recomputed from the new weights, so it gets gradients from the later steps)."""
+    position bias recomputed from the new weights, so it gets gradients from the later steps). Without
+    detach, the same caches are refused."""
     torch.manual_seed(0)
     model = LocalTransformer(num_tokens=11, max_seq_len=64, dim=16, depth=2, heads=2, dim_head=8,
                              local_attn_window_size=4, use_dynamic_pos_bias=True).double()
@@ -228,6 +231,8 @@ def test_detached_caches_continue_after_an_optimizer_step():
         assert all(p.grad is not None for p in model.dynamic_pos_bias.parameters())
         before = [cache.k.detach().clone() for cache in caches]
         optimizer.step()
+        with pytest.raises(ValueError, match="cache.*weights"):
+            model(tokens[:, t : t + 1], cache=caches)
         caches = [cache.detach() for cache in caches]
         assert all(torch.equal(cache.k, k) for cache, k in zip(caches, before))
     with torch.inference_mode():  # and it goes on without grad
@@ -259,3 +264,94 @@ def test_after_detach_steps_get_the_gradients_of_constant_keys():
         if id(p) in bias_params:
             assert a is not None and a.abs().sum() > 0
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_a_cache_refuses_changed_weights_and_other_modules():
+    """A cache used after the parameters of the module that built it changed (an optimizer step,
+    load_state_dict, an in-place write), or with another module of the same configuration, raises a
+    ValueError saying so; `detach()` renews it for the weights as they are now. LocalAttention has no
+    weights: its caches pass between instances."""
+    torch.manual_seed(0)
+    base = dict(dim=16, dim_head=8, heads=2, window_size=4, causal=True)
+    mha = LocalMHA(**base)
+    x = torch.randn(2, 7, 16)
+
+    def prefill():
+        return mha(x[:, :6], return_cache=True)[1]
+
+    mha(x[:, 6:7], cache=prefill())  # unchanged: accepted
+    cache = prefill()
+    mha(x).sum().backward()
+    torch.optim.SGD(mha.parameters(), lr=0.1).step()
+    with pytest.raises(ValueError, match="cache was built from other weights"):
+        mha(x[:, 6:7], cache=cache)
+    mha(x[:, 6:7], cache=cache.detach())  # renewed for the weights as they are now
+    cache = prefill()
+    mha.load_state_dict(copy.deepcopy(mha.state_dict()))
+    with pytest.raises(ValueError, match="other weights"):
+        mha(x[:, 6:7], cache=cache)
+    cache = prefill()
+    with torch.no_grad():
+        mha.to_qkv.weight[0, 0] += 1.0
+    with pytest.raises(ValueError, match="other weights"):
+        mha(x[:, 6:7], cache=cache)
+    twin = LocalMHA(**base)
+    twin.load_state_dict(mha.state_dict())
+    with pytest.raises(ValueError, match="not built by this LocalMHA"):
+        twin(x[:, 6:7], cache=prefill())
+    cache = prefill()
+    assert mha.to("cpu", torch.float32) is mha
+    mha(x[:, 6:7], cache=cache)  # .to() that changes nothing leaves the cache valid
+    cache = prefill()
+    with pytest.raises(ValueError, match="cache"):  # another dtype: the layer's signature says so
+        mha.double()(x[:, 6:7].double(), cache=cache)
+    mha.float()
+
+    attn, other = (LocalAttention(window_size=4, causal=True, dim=8, autopad=True) for _ in range(2))
+    q = torch.randn(1, 2, 7, 8)
+    _, cache = attn(q[:, :, :6], q[:, :, :6], q[:, :, :6], return_cache=True)
+    torch.testing.assert_close(other(q[:, :, 6:], q[:, :, 6:], q[:, :, 6:], cache=cache),
+                               attn(q, q, q)[:, :, 6:], rtol=1e-5, atol=1e-6)
+
+
+def test_transformer_caches_are_tied_to_every_parameter_of_the_model():
+    """A LocalTransformer's caches depend on every layer below each attention: a change to any parameter
+    (here the token embedding alone, outside every attention layer), another model, or one layer's cache
+    from another model is refused."""
+    torch.manual_seed(0)
+    config = dict(num_tokens=11, max_seq_len=32, dim=16, depth=2, heads=2, dim_head=8, local_attn_window_size=4)
+    model, other = LocalTransformer(**config), LocalTransformer(**config)
+    other.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, 11, (2, 7))
+
+    @torch.inference_mode()
+    def prefill(model):
+        return model(tokens[:, :6], return_cache=True)[1]
+
+    with torch.inference_mode():
+        model(tokens[:, 6:], cache=prefill(model))  # unchanged: accepted
+    with pytest.raises(ValueError, match="not built by this LocalTransformer"):
+        model(tokens[:, 6:], cache=[prefill(other)[0], prefill(model)[1]])
+    with pytest.raises(ValueError, match="not built by this LocalMHA"):
+        model(tokens[:, 6:], cache=[prefill(model)[0], prefill(other)[1]])
+    caches = prefill(model)
+    with torch.no_grad():
+        model.token_emb.weight.mul_(1.5)
+    with pytest.raises(ValueError, match="other weights.*LocalTransformer"):
+        model(tokens[:, 6:], cache=caches)
+    with torch.inference_mode():
+        model(tokens[:, 6:], cache=[cache.detach() for cache in caches])
+
+
+def test_a_model_built_in_inference_mode_decodes():
+    """Parameters that are inference tensors keep no version: such a model's caches are checked for the
+    module only, and decoding works."""
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        model = LocalTransformer(num_tokens=11, max_seq_len=32, dim=16, depth=1, heads=2, dim_head=8,
+                                 local_attn_window_size=4)
+        tokens = torch.randint(0, 11, (1, 8))
+        full = model(tokens)
+        _, caches = model(tokens[:, :7], return_cache=True)
+        step = model(tokens[:, 7:], cache=caches)
+    torch.testing.assert_close(step[:, 0], full[:, 7], rtol=1e-5, atol=1e-5)

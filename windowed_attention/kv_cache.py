@@ -357,10 +357,11 @@ class KVCache:
 
     def check_weights(self, module: torch.nn.Module) -> None:
         """Raise ValueError unless `module` built this cache and its parameters are unchanged since (or since
-        `detach()`)."""
+        `detach()`). Only the outermost module reads the versions (a LocalTransformer's, whose parameters
+        include its layers'); a module inside it checks that the cache is its own."""
         for record in self.weights:
             if record.owner() is module:
-                if record.changed():
+                if record is self.weights[-1] and record.changed():
                     raise ValueError(
                         f"cache was built from other weights: parameters of the {type(module).__name__} that built it "
                         "changed since (an optimizer step, load_state_dict, an in-place write); prefill again, or "

@@ -270,7 +270,7 @@ class LocalTransformer(nn.Module):
                 raise ValueError(f"with cache, x must hold exactly one new token per row (b, 1), got {tuple(x.shape)}")
             if cache[0].batch != x.shape[0]:
                 raise ValueError(f"cache holds {cache[0].batch} rows, x has {x.shape[0]}")
-            cache[0].check_weights(self)  # the whole model's parameters (each layer checks its own again)
+            cache[0].check_weights(self)  # the whole model's parameters (each layer checks the cache is its own)
         start = rank * n
         # the whole sequence's length (with group and return_loss the last token is no input, as x[:, :-1]);
         # decoding: the positions the longest row will have seen

@@ -195,10 +195,10 @@ def main() -> None:
 
     if "baseline" in models:
         for b, c in points:
+            per_round = zip(rates["windowed-attention", b, c], rates["baseline", b, c])
             print(f"batch {b} context {c}: windowed-attention / baseline = "
                   f"{median['windowed-attention', b, c] / median['baseline', b, c]:.3f} (per round: "
-                  + ", ".join(f"{x / y:.3f}" for x, y in zip(rates['windowed-attention', b, c], rates['baseline', b, c]))
-                  + ")")
+                  + ", ".join(f"{x / y:.3f}" for x, y in per_round) + ")")
     if "baseline" in models and args.paired:
         for b, c in points:
             times = [[], []]

@@ -63,7 +63,8 @@ def test_mha_decode_steps_backpropagate_as_the_full_forward(name, monkeypatch):
     # row 1 is its prompt's `short` positions followed by the decoded ones
     row1 = torch.cat((x[1, :short], x[1, prefix:]))[None]
     weights1 = torch.cat((weights[1, :short], weights[1, prefix:]))
-    full = (mha(x[:1], attn_bias=attn_bias)[0] * weights[0]).sum() + (mha(row1, attn_bias=attn_bias)[0] * weights1).sum()
+    full = ((mha(x[:1], attn_bias=attn_bias)[0] * weights[0]).sum()
+            + (mha(row1, attn_bias=attn_bias)[0] * weights1).sum())
 
     inputs = [x, *mha.parameters(), *([attn_bias] if attn_bias is not None else [])]
     for got, expected in zip(torch.autograd.grad(cached, inputs), torch.autograd.grad(full, inputs)):

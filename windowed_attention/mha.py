@@ -25,8 +25,8 @@ class LocalMHA(nn.Module):
     forward over the whole sequence, in O(window) time and memory. Rows may hold sequences of different
     lengths: give the prefill a right-padding `mask`. The cache belongs to this layer and its weights as
     they were: another layer, or this one after its parameters changed (an optimizer step,
-    `load_state_dict`), refuses it (`KVCache.check_weights`; `cache.detach()` renews it). `autopad` (default True: any length) is passed to
-    `LocalAttention`.
+    `load_state_dict`), refuses it (`KVCache.check_weights`; `cache.detach()` renews it). `autopad`
+    (default True: any length) is passed to `LocalAttention`.
 
     Modern options: `window_size` may be a `(left, right)` token window (`exact_windowsize` then defaults to
     False, the only value it takes); `sink_tokens` and `softcap` go to `LocalAttention`; `attn_sinks=True`

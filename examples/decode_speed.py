@@ -11,18 +11,33 @@ the model's `forward` notes when each call ends: the first is the prefill, each 
 The libraries take turns within each round (interleaved), and each figure is the median over `--rounds`
 rounds. `--cache-dtypes float32 bfloat16` also times ours with a bfloat16 KV cache (`cache_dtype`: half the
 bytes a step reads, not exact), in the same turns; batch-16-over-batch-1 ratios compare like with like.
+
+`--baseline DIR` times another version of this package too (DIR: its `windowed_attention` folder, for
+example that of `git archive main windowed_attention | tar -x -C /tmp/main`), imported under another name,
+with our weights, in the same turns: before/after figures of a change from one process. Both versions run
+our kernels (the C++ library and the modules that register custom ops, which must be the same files), so
+this compares changes to the Python around them. `--clock cpu` times by the process's CPU time instead of
+the wall clock, for a machine that others load; `--paired` also times single decode steps of ours and the
+baseline's in turns (prefill, then step by step: the medians of `--rounds` x (`--tokens` - 1) steps each, a
+finer comparison than whole runs). `--weights-check` times what a decode step spends checking that the
+caches were built from the model's current weights (`KVCache.check_weights`: the model's record and each
+layer's), inside real steps.
 Run: python examples/decode_speed.py [--batches 1 16] [--contexts 512 8192] [--rounds 5] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from windowed_attention import LocalTransformer
+import windowed_attention
+from windowed_attention import KVCache, LocalTransformer
 
 CONFIG = dict(num_tokens=256, dim=256, depth=4, heads=4, dim_head=64, local_attn_window_size=256)
 
@@ -34,7 +49,7 @@ def decode_rate(model, prime, n: int, **options) -> float:
 
     def timed(*args, **kwargs):  # local-attention's generate calls self.forward, so no hook would see it
         out = forward(*args, **kwargs)
-        ends.append(time.perf_counter())
+        ends.append(CLOCK[0]())
         return out
 
     model.forward = timed
@@ -45,6 +60,78 @@ def decode_rate(model, prime, n: int, **options) -> float:
     if len(ends) != n:
         raise RuntimeError(f"expected one forward per token, got {len(ends)} for {n} tokens")
     return prime.shape[0] * (n - 1) / (ends[-1] - ends[0])
+
+
+CLOCK = [time.perf_counter]  # or time.process_time (--clock cpu)
+
+# The modules that register torch.library custom ops: a second registration of an op under the same name
+# replaces the first (our calls then reach a dead registration), so the baseline shares ours.
+CUSTOM_OP_MODULES = ("ops.fused_cpu", "ops.hyper")
+
+
+def load_baseline(folder: str):
+    """The `windowed_attention` package in `folder`, imported as `windowed_attention_baseline`, with our
+    custom-op modules in place of its own (which must be the same files)."""
+    init = Path(folder) / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--baseline: {folder} holds no package (__init__.py)")
+    ours = Path(windowed_attention.__file__).parent
+    for name in CUSTOM_OP_MODULES:
+        path = name.replace(".", "/") + ".py"
+        if (init.parent / path).read_bytes() != (ours / path).read_bytes():
+            raise SystemExit(f"--baseline: its {path} differs from ours; one process holds one set of custom ops")
+        sys.modules[f"windowed_attention_baseline.{name}"] = importlib.import_module(f"windowed_attention.{name}")
+    spec = importlib.util.spec_from_file_location("windowed_attention_baseline", init,
+                                                  submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def weights_check_seconds(model, prime, steps: int) -> tuple[float, float, int]:
+    """Seconds of a decode step, and of the weights checks it makes (the model's record and each layer's),
+    medians over `steps` steps after a prefill of `prime`: a wrapper on `KVCache.check_weights` notes each
+    call's time inside the real steps (cold caches, as they are; the wrapper's own cost included; the wall
+    clock, whose reading costs less than the CPU clock's). Also how many parameter versions a step reads."""
+    check, spent = KVCache.check_weights, []
+
+    def timed(cache, module):
+        started = time.perf_counter()
+        check(cache, module)
+        spent[-1] += time.perf_counter() - started
+
+    KVCache.check_weights = timed
+    try:
+        tokens = torch.randint(0, 256, (prime.shape[0], steps), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            _, caches = model(prime, return_cache=True)
+            step_times = []
+            for t in range(steps):
+                spent.append(0.0)
+                started = time.perf_counter()
+                _, caches = model(tokens[:, t : t + 1], cache=caches, return_cache=True)
+                step_times.append(time.perf_counter() - started)
+    finally:
+        KVCache.check_weights = check
+    reads = len(caches[0].weights[-1].params)  # the model's record (the layers check only that a cache is theirs)
+    return statistics.median(step_times), statistics.median(spent), reads
+
+
+@torch.no_grad()
+def paired_steps(models, prime, steps: int) -> list[list[float]]:
+    """Seconds of each of `steps` decode steps of every model in `models` after a prefill of `prime`, the
+    models taking turns step by step, each first every other step (what `generate` calls, without the
+    sampling)."""
+    tokens = torch.randint(0, 256, (prime.shape[0], steps), generator=torch.Generator().manual_seed(1))
+    caches = [model(prime, return_cache=True)[1] for model in models]
+    times = [[] for _ in models]
+    for t in range(steps):
+        for index in range(len(models)) if t % 2 else reversed(range(len(models))):  # each goes first in turn
+            started = CLOCK[0]()
+            _, caches[index] = models[index](tokens[:, t : t + 1], cache=caches[index], return_cache=True)
+            times[index].append(CLOCK[0]() - started)
+    return times
 
 
 def main() -> None:
@@ -58,7 +145,16 @@ def main() -> None:
                         help="batch sizes at which local-attention is timed too (default: 1; none: skip it)")
     parser.add_argument("--cache-dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32"],
                         help="our KV cache dtypes to time (default: %(default)s, the exact cache)")
+    parser.add_argument("--baseline", metavar="DIR", help="another version's windowed_attention folder, timed too")
+    parser.add_argument("--paired", action="store_true",
+                        help="with --baseline, also time single decode steps of the two in turns, step by step")
+    parser.add_argument("--weights-check", action="store_true", help="time the weights checks of a step")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or this process's CPU time (steadier on a machine others load; "
+                             "with --threads 1, as spinning worker threads would count) (default: %(default)s)")
     args = parser.parse_args()
+    if args.clock == "cpu":
+        CLOCK[0] = time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)
     max_seq_len = max(args.contexts) + args.tokens + 1
@@ -69,17 +165,22 @@ def main() -> None:
     for cache_dtype in args.cache_dtypes:
         name = "windowed-attention" + ("" if cache_dtype == "float32" else f" {cache_dtype} cache")
         models[name] = (ours, {} if cache_dtype == "float32" else {"cache_dtype": getattr(torch, cache_dtype)})
+    if args.baseline:
+        baseline = load_baseline(args.baseline).LocalTransformer(max_seq_len=max_seq_len, num_residual_streams=1,
+                                                                 **CONFIG).eval()
+        baseline.load_state_dict(ours.state_dict())
+        models["baseline"] = (baseline, {})
     if args.their_batches:
         import local_attention
 
         models["local-attention"] = (local_attention.LocalTransformer(
             max_seq_len=max_seq_len, causal=True, num_residual_streams=1, **CONFIG).eval(), {})
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {CONFIG}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock; model {CONFIG}")
     print(f"rate = B * {args.tokens - 1} decode steps / their time (prefill left out), median of {args.rounds} rounds")
     points = [(b, c) for b in args.batches for c in args.contexts]
     primes = {(b, c): torch.randint(0, 256, (b, c), generator=torch.Generator().manual_seed(c)) for b, c in points}
-    mine = [name for name in models if name.startswith("windowed-attention")]
+    mine = [name for name in models if name.startswith("windowed-attention") or name == "baseline"]
     runs = [(name, b, c) for b, c in points for name in models if name in mine or b in args.their_batches]
     for name, b, c in runs:  # warm-up: builds the kernel, first-touches the caches
         decode_rate(models[name][0], primes[b, c], 2, **models[name][1])
@@ -91,6 +192,35 @@ def main() -> None:
     for (name, b, c), rate in median.items():
         spread = f"{min(rates[name, b, c]):.0f}-{max(rates[name, b, c]):.0f}"
         print(f"{name:>20} batch {b:>3} context {c:>6}: {rate:8.1f} tokens/s (rounds {spread})", flush=True)
+
+    if "baseline" in models:
+        for b, c in points:
+            per_round = zip(rates["windowed-attention", b, c], rates["baseline", b, c])
+            print(f"batch {b} context {c}: windowed-attention / baseline = "
+                  f"{median['windowed-attention', b, c] / median['baseline', b, c]:.3f} (per round: "
+                  + ", ".join(f"{x / y:.3f}" for x, y in per_round) + ")")
+    if "baseline" in models and args.paired:
+        for b, c in points:
+            times = [[], []]
+            for _ in range(args.rounds):
+                for index, values in enumerate(paired_steps([ours, models["baseline"][0]], primes[b, c],
+                                                            args.tokens - 1)):
+                    times[index] += values
+            mine_ms, base_ms = (statistics.median(values) * 1e3 for values in times)
+            ratio = statistics.median(x / y for x, y in zip(*times))
+            print(f"batch {b} context {c}, {len(times[0])} steps in turns: windowed-attention {mine_ms:.4f} ms, "
+                  f"baseline {base_ms:.4f} ms a step (medians); step time ratio {mine_ms / base_ms:.4f}, median "
+                  f"of the turns' ratios {ratio:.4f}")
+    if args.weights_check:
+        for b, c in points:
+            checks, steps = [], []
+            for _ in range(args.rounds):
+                step, seconds, reads = weights_check_seconds(ours, primes[b, c], args.tokens - 1)
+                steps.append(step)
+                checks.append(seconds)
+            step, seconds = statistics.median(steps), statistics.median(checks)
+            print(f"batch {b} context {c}: weights checks {seconds * 1e6:.1f} us of a {step * 1e3:.3f} ms step "
+                  f"({seconds / step:.2%}; {reads} parameter versions read; medians of {args.rounds} runs)")
 
     short, long = min(args.contexts), max(args.contexts)
     for name in mine:

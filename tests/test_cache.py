@@ -296,9 +296,13 @@ def test_cache_of_another_layer_or_type_is_refused():
         LocalMHA(**{**base, "use_xpos": True}),
         LocalMHA(**{**base, "exact_windowsize": False}),
     ]
-    for other in others:
+    for other in others:  # refused as another layer's cache; its attention (no weights) by its configuration
         with pytest.raises(ValueError, match="cache"):
             other.eval()(x[:, :1], cache=cache)
+        q, k, v = other._project(x[:, :1])
+        if k.shape[-1] == cache.head_dims[0] and k.shape[1] == cache.heads:
+            with pytest.raises(ValueError, match="cache was built by a layer with another window"):
+                other.attn_fn(q, k, v, cache=cache)
     with pytest.raises(ValueError, match="cache"):
         mha(x[:1, :1], cache=cache)  # batch 1 against a cache of 2 rows
     with pytest.raises(ValueError, match="cache"):
@@ -326,10 +330,12 @@ def test_cache_of_another_layer_or_type_is_refused():
                              local_attn_window_size=8).eval()
     with pytest.raises(ValueError, match="cache"):
         wider(tokens[:, :1], cache=caches)
-    # a layer with the same configuration may continue another's cache (same computation)
+    # another layer refuses it even with the same configuration and weights (the cache belongs to the layer
+    # that built it: tests/test_cache_grad.py)
     twin = LocalMHA(**base).eval()
     twin.load_state_dict(mha.state_dict())
-    torch.testing.assert_close(twin(x[:, :1], cache=cache), mha(x[:, :1], cache=mha(x, return_cache=True)[1]))
+    with pytest.raises(ValueError, match="cache was not built by this LocalMHA"):
+        twin(x[:, :1], cache=cache)
 
 
 def test_prefill_mask_must_be_right_padding():

@@ -305,8 +305,11 @@ class LocalAttention(nn.Module):
             if sinks.shape[0] != q.shape[1]:
                 sinks = sinks.repeat(q.shape[1] // sinks.shape[0])
         # another bias than the cache's: its table, once; a text past the limit of a cut window: a longer
-        # cut, in a ring as long as its window
-        if cache.attn_bias is not attn_bias or cache.length >= cache.constants.limit:
+        # cut, in a ring as long as its window; none (a detached cache), or built in inference mode for a step
+        # autograd records (it would save them): from the current weights
+        constants = cache.constants
+        if (constants is None or cache.attn_bias is not attn_bias or cache.length >= constants.limit
+                or (torch.is_grad_enabled() and constants.table.is_inference())):
             constants = self._decode_constants(cache.length + 1, attn_bias, q.shape[0] * q.shape[1], k.dtype, k.device)
             cache = cache.resized(cache_capacity(constants.spec)).with_constants(constants, attn_bias)
         constants = cache.constants

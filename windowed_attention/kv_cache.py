@@ -15,11 +15,27 @@ Sink tokens (`sink_tokens=S`, StreamingLLM): the keys and values of each row's f
 kept, forever, in buffers of their own `(b, h, S, d)` beside the ring (`sink_buffers`); the entry of
 position `j` is written at prefill or by the step that writes position `j` (so for every row, however
 long its prompt). Which of them a query sees is the owning layer's rule (`ops.decode.sink_row`).
+
+Autograd: a step writes the buffers in place only where no graph can hold them. `update` in grad mode
+writes into copies, so every earlier step's saved window stays as it was and a loss over any number of
+steps backpropagates; so does any step on buffers that require grad (a recorded step's, which some graph
+may still hold) or on inference tensors outside inference mode (after that one copy, the steps under
+`torch.no_grad()` or `torch.inference_mode()` are in place again). The copies chain each step's graph
+onto the last: the cache holds its whole history until `detach()` cuts it.
+
+Weights: the module whose forward built a cache ties it to its parameters (`Weights`), and each step
+checks that it is that module and its parameters are unchanged since (`check_weights`): keys computed
+with other weights would give a wrong result without a word.
 """
 
 from __future__ import annotations
 
+import operator
+import weakref
+
 import torch
+
+_version = operator.attrgetter("_version")
 
 
 def _lay_out(columns: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, empty: torch.Tensor, slots: int,
@@ -39,6 +55,36 @@ def _lay_out(columns: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, em
     key_bias[:, 0, slot] = bias
     key_bias[:, 0, slot + slots] = bias
     return buffers[0], buffers[1], key_bias
+
+
+class Weights:
+    """The parameters of the module that built a cache, and their versions then (`Tensor._version`: every
+    in-place change bumps it, an optimizer step's or `load_state_dict`'s `copy_`).
+
+    A check reads one version per parameter (what it costs: `examples/decode_speed.py --weights-check`). It
+    does not see writes through `.data` (outside autograd's counters) nor parameters replaced by new
+    objects (`load_state_dict(assign=True)`, assigning a new `Parameter`); parameters that are inference
+    tensors (a model built under `torch.inference_mode()`) keep no version, and only the module is checked.
+    """
+
+    __slots__ = ("owner", "params", "versions")
+
+    def __init__(self, owner: torch.nn.Module):
+        self.owner = weakref.ref(owner)  # the module itself (a dead reference is no module)
+        params = tuple(owner.parameters())
+        self.params = () if any(p.is_inference() for p in params) else params
+        self.versions = tuple(map(_version, self.params))
+
+    def renewed(self) -> "Weights":
+        """The same module's parameters at their versions now."""
+        record = object.__new__(Weights)
+        record.owner, record.params = self.owner, self.params
+        record.versions = tuple(map(_version, self.params))
+        return record
+
+    def changed(self) -> bool:
+        """Whether a parameter was changed in place since the record."""
+        return tuple(map(_version, self.params)) != self.versions
 
 
 def storage_dtype(dtype: torch.dtype, cache_dtype) -> torch.dtype:
@@ -68,12 +114,14 @@ class KVCache:
 
     The one verb is `update` (`advance` is its bookkeeping half, for a fused step that writes the
     buffers itself); it writes into the shared buffers, so after `cache.update(...)` only the returned
-    cache is valid for further updates (decoding is a single line of history).
+    cache is valid for further updates (decoding is a single line of history). `weights`: the records
+    (`Weights`) of the modules that built it, innermost first (`tie`, `check_weights`). `detach()` cuts
+    the autograd history (see the module docstring).
     """
 
     def __init__(self, k_buffer, v_buffer, key_bias, start, column: int, capacity: int,
                  start_range: tuple[int, int], constants=None, signature=None, attn_bias=None,
-                 newest: list[int] | None = None, held_from: int = 0, sinks=None):
+                 newest: list[int] | None = None, held_from: int = 0, sinks=None, weights: tuple = ()):
         self._k, self._v, self._key_bias = k_buffer, v_buffer, key_bias  # (b, h, 2 * slots, d), (b, 1, 2 * slots)
         self._start = start  # (b,) long: the column of each row's position 0
         self._start_range = start_range  # (min, max) of start, as ints
@@ -84,6 +132,7 @@ class KVCache:
         self._newest = [column] if newest is None else newest
         self._held_from = held_from  # columns before it hold no key in any row (older than a resize kept)
         self._sinks = sinks  # None, or the keys and values (b, h, S, d) of each row's first S positions
+        self.weights = weights
 
     @property
     def sink_tokens(self) -> int:
@@ -174,7 +223,7 @@ class KVCache:
         """The same cache (same buffers and history) carrying other `constants` for another `attn_bias`."""
         return KVCache(self._k, self._v, self._key_bias, self._start, self.column, self.capacity,
                        self._start_range, constants, self.signature, attn_bias, self._newest, self._held_from,
-                       self._sinks)
+                       self._sinks, self.weights)
 
     def resized(self, capacity: int) -> "KVCache":
         """The same history in a ring of `capacity >= self.capacity` (new buffers; this cache can no longer
@@ -194,7 +243,7 @@ class KVCache:
                                       capacity + 1, self._key_bias.dtype, self.dtype)
         return KVCache(*buffers, key_bias, self._start, column, capacity, self._start_range, self.constants,
                        self.signature, self.attn_bias, held_from=max(self._held_from, column - self.slots),
-                       sinks=self._sinks)
+                       sinks=self._sinks, weights=self.weights)
 
     @property
     def key_bias_needed(self) -> bool:
@@ -220,20 +269,20 @@ class KVCache:
         """Write one column's `k, v` `(b, h, 1, d)`. Returns the new cache and the keys, values
         `(b, h, slots, d)` and `key_bias` `(b, 1, 1, slots)` (or None when every slot holds a real key) of
         the last `slots` columns, ending with the new one, oldest first. A row whose new position is one
-        of the first `sink_tokens` also keeps it in `sink_buffers`."""
-        sinks_due = self.sinks_due
+        of the first `sink_tokens` also keeps it in `sink_buffers`. In grad mode the new cache's buffers
+        are copies (see the module docstring)."""
+        positions, sinks_due = self.positions, self.sinks_due
+        cache, slot, first, key_bias = self._advance(sinks_due, torch.is_grad_enabled())
         if sinks_due:
-            self._claim()
-            self.write_sinks(self.positions, k[:, :, 0], v[:, :, 0])
-        cache, slot, first, key_bias = self.advance(writes_sinks=sinks_due)
-        slots = self.slots
-        self._k[..., slot, :] = k[..., 0, :]
-        self._k[..., slot + slots, :] = k[..., 0, :]
-        self._v[..., slot, :] = v[..., 0, :]
-        self._v[..., slot + slots, :] = v[..., 0, :]
+            cache.write_sinks(positions, k[:, :, 0], v[:, :, 0])
+        slots, keys, values = self.slots, cache._k, cache._v
+        keys[..., slot, :] = k[..., 0, :]
+        keys[..., slot + slots, :] = k[..., 0, :]
+        values[..., slot, :] = v[..., 0, :]
+        values[..., slot + slots, :] = v[..., 0, :]
         window = (slice(None),) * 2 + (slice(first, first + slots),)
         bias_view = None if key_bias is None else key_bias[window][:, :, None]
-        return cache, self._k[window], self._v[window], bias_view
+        return cache, keys[window], values[window], bias_view
 
     @property
     def sinks_due(self) -> bool:
@@ -252,24 +301,77 @@ class KVCache:
 
     def advance(self, *, writes_sinks: bool = False):
         """`update` for a fused step that writes the keys and values itself (into `buffers`, at ring index
-        `slot` and `slot + slots`): returns the new cache, `slot`, the ring index `first` of the window of
-        `slots` columns that ends with the new one, and the `key_bias` buffer `(b, 1, 2 * slots)` (None
-        when the window holds only real keys). It does not write the sink-token buffers: while a row's new
-        position is one of them (`sinks_due`), the caller says it writes them (`writes_sinks=True`, then
-        `write_sinks`), or `advance` raises."""
+        `slot` and `slot + slots`), a step autograd does not record: returns the new cache, `slot`, the ring
+        index `first` of the window of `slots` columns that ends with the new one, and the `key_bias` buffer
+        `(b, 1, 2 * slots)` (None when the window holds only real keys). It does not write the sink-token
+        buffers: while a row's new position is one of them (`sinks_due`), the caller says it writes them
+        (`writes_sinks=True`, then `write_sinks`), or `advance` raises. The new cache's buffers are copies
+        when this cache's may not be written in place (see the module docstring)."""
+        return self._advance(writes_sinks, False)
+
+    def _advance(self, writes_sinks: bool, recording: bool):
+        """`advance`, writing into copies of the buffers when `recording` (autograd may record the step) or
+        when these may not be written in place."""
         self._claim()
         if not writes_sinks and self.sinks_due:
             raise ValueError("sink_tokens: a row's new position is a sink token; write it with update(k, v)")
+        k_buf, v_buf, bias_buf, sinks = self._k, self._v, self._key_bias, self._sinks
+        if recording or k_buf.requires_grad or v_buf.requires_grad or (
+                k_buf.is_inference() and not torch.is_inference_mode_enabled()):
+            k_buf, v_buf, bias_buf = k_buf.clone(), v_buf.clone(), bias_buf.clone()
+            sinks = None if sinks is None else tuple(t.clone() for t in sinks)
         slot, slots = self.column % self.slots, self.slots
         key_bias = None
         if self.key_bias_needed:
-            key_bias = self._key_bias
+            key_bias = bias_buf
             key_bias[..., slot] = 0.0
             key_bias[..., slot + slots] = 0.0
         self._newest[0] = column = self.column + 1
-        cache = KVCache(self._k, self._v, self._key_bias, self._start, column, self.capacity, self._start_range,
-                        self.constants, self.signature, self.attn_bias, self._newest, self._held_from, self._sinks)
+        cache = KVCache(k_buf, v_buf, bias_buf, self._start, column, self.capacity, self._start_range,
+                        self.constants, self.signature, self.attn_bias, self._newest, self._held_from, sinks,
+                        self.weights)
         return cache, slot, column % slots, key_bias
+
+    def detach(self) -> "KVCache":
+        """This cache cut from its autograd history, for the weights as they are now: its own copies of the
+        buffers, with no graph (as recurrent code detaches its hidden state between chunks of a long
+        sequence). Decoding with grad enabled keeps every step's graph reachable from the cache (it is what
+        a loss over those steps backpropagates through); `detach()` is how that memory is dropped.
+
+        The weights records are renewed (`Weights.renewed`): the new cache may continue after an optimizer
+        step (its keys keep the values the old weights gave them: truncated backpropagation through time).
+        What the owning layer computed once for the generation (`constants`, the position bias) is left out,
+        and rebuilt from the current weights at the next step. This cache is left as it was."""
+        self._claim()
+        k_buf, v_buf, bias_buf = (t.detach().clone() for t in (self._k, self._v, self._key_bias))
+        sinks = None if self._sinks is None else tuple(t.detach().clone() for t in self._sinks)
+        return KVCache(k_buf, v_buf, bias_buf, self._start, self.column, self.capacity, self._start_range,
+                       signature=self.signature, held_from=self._held_from, sinks=sinks,
+                       weights=tuple(record.renewed() for record in self.weights))
+
+    def tie(self, record: Weights) -> "KVCache":
+        """Add the record of a module that built this cache (after those of the modules inside it); returns
+        the cache."""
+        self.weights = (*self.weights, record)
+        return self
+
+    def check_weights(self, module: torch.nn.Module) -> None:
+        """Raise ValueError unless `module` built this cache and its parameters are unchanged since (or since
+        `detach()`). Only the outermost module reads the versions (a LocalTransformer's, whose parameters
+        include its layers'); a module inside it checks that the cache is its own."""
+        for record in self.weights:
+            if record.owner() is module:
+                if record is self.weights[-1] and record.changed():
+                    raise ValueError(
+                        f"cache was built from other weights: parameters of the {type(module).__name__} that built it "
+                        "changed since (an optimizer step, load_state_dict, an in-place write); prefill again, or "
+                        "continue it with the weights as they are now by cache.detach()"
+                    )
+                return
+        raise ValueError(
+            f"cache was not built by this {type(module).__name__} (a cache holds keys and values computed with "
+            "the weights of the module whose forward returned it); prefill with this module"
+        )
 
     def _claim(self) -> None:
         """Refuse a cache whose buffers a later one has written (or left)."""

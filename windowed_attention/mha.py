@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import LocalAttention
-from .kv_cache import KVCache
+from .kv_cache import KVCache, Weights
 from .linear import Linear
 from .ops.decode import cache_capacity
 from .ops.validation import MAX_SCALE, check_bool, check_int, check_positive_real, check_probability
@@ -23,8 +23,10 @@ class LocalMHA(nn.Module):
     With `return_cache=True` (causal only) the forward also returns a `KVCache`; passing it back as
     `cache` with the next single token `x` `(b, 1, dim)` gives exactly that token's output of a full
     forward over the whole sequence, in O(window) time and memory. Rows may hold sequences of different
-    lengths: give the prefill a right-padding `mask`. `autopad` (default True: any length) is passed to
-    `LocalAttention`.
+    lengths: give the prefill a right-padding `mask`. The cache belongs to this layer and its weights as
+    they were: another layer, or this one after its parameters changed (an optimizer step,
+    `load_state_dict`), refuses it (`KVCache.check_weights`; `cache.detach()` renews it). `autopad`
+    (default True: any length) is passed to `LocalAttention`.
 
     Modern options: `window_size` may be a `(left, right)` token window (`exact_windowsize` then defaults to
     False, the only value it takes); `sink_tokens` and `softcap` go to `LocalAttention`; `attn_sinks=True`
@@ -132,6 +134,8 @@ class LocalMHA(nn.Module):
             )
         if cache is not None and x.shape[1] != 1:
             raise ValueError(f"with cache, x must hold exactly one new position (b, 1, dim), got {tuple(x.shape)}")
+        if isinstance(cache, KVCache):  # anything else: the attention names it
+            cache.check_weights(self)
 
         h = self.norm(x) if self.norm is not None else x
         q, k, v = self._project(h)
@@ -142,7 +146,8 @@ class LocalMHA(nn.Module):
         out = self.attn_fn(q, k, v, mask=mask, attn_bias=attn_bias, cache=cache, return_cache=return_cache,
                            group=group, cache_dtype=cache_dtype, documents=documents, sinks=self.sinks)
         if return_cache:
-            out, cache = out
+            out, new_cache = out
+            cache = new_cache.tie(Weights(self)) if cache is None else new_cache
         if self.to_v_gate is not None:
             out = out * self.to_v_gate(h).transpose(1, 2)[..., None].sigmoid()  # gate (b, n, h) -> (b, h, n, 1)
         out = self.to_out(out.transpose(1, 2).flatten(2))  # (b, h, n, d) -> (b, n, h d)

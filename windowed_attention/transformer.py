@@ -11,7 +11,7 @@ from einops import rearrange
 from torch import nn
 
 from .feedforward import FeedForward
-from .kv_cache import KVCache
+from .kv_cache import KVCache, Weights
 from .linear import Linear
 from .mha import LocalMHA
 from .ops.decode import decode_window
@@ -226,8 +226,10 @@ class LocalTransformer(nn.Module):
             return None
         spec = decode_window(self.spec, n)[0]
         bias = None if cache is None else cache[0].attn_bias
-        if bias is None or tuple(bias.shape[-2:]) != (spec.window_size, spec.span * spec.window_size):
-            bias = self._attn_bias(spec)
+        if (bias is None or tuple(bias.shape[-2:]) != (spec.window_size, spec.span * spec.window_size)
+                or (torch.is_grad_enabled() and not bias.requires_grad
+                    and any(p.requires_grad for p in self.dynamic_pos_bias.parameters()))):
+            bias = self._attn_bias(spec)  # (a step autograd records computes it with grad, once)
         return bias
 
     def _check_features(self, x) -> None:
@@ -247,10 +249,15 @@ class LocalTransformer(nn.Module):
         of every row `(b, 1)` to get its logits in O(window) work. `cache_dtype` (with `return_cache`):
         what the caches store keys and values in: None (the model's dtype, exact) or, for a float32 model,
         `torch.bfloat16` (half the memory and the bytes a step reads; not exact: the keys and values are
-        rounded to bfloat16, see `kv_cache.storage_dtype`). Training, prefill and decode run this
-        same block loop. The global layers of `layer_windows` decode through their cache too (it holds the
-        whole text); not with `global_attn_layer`: a general module's output at the new position depends on
-        every earlier position (`generate` then recomputes the sequence at each step).
+        rounded to bfloat16, see `kv_cache.storage_dtype`). The caches belong to this model and its
+        weights as they were (another model, or this one after a parameter changed, refuses them:
+        `KVCache.check_weights`). Decode steps in grad mode are differentiable (a loss over any number of
+        them backpropagates into the weights and the prefill) and keep that history reachable from the
+        caches: `caches = [c.detach() for c in caches]` cuts it (and lets the caches continue after an
+        optimizer step). Training, prefill and decode run this same block loop. The global layers of
+        `layer_windows` decode through their cache too (it holds the whole text); not with
+        `global_attn_layer`: a general module's output at the new position depends on every earlier position
+        (`generate` then recomputes the sequence at each step).
 
         Packed documents: `documents` `(b, n)` non-decreasing integer ids (each document one contiguous run of
         a row) computes every document as if it were alone: attention never crosses a document, positions
@@ -327,6 +334,7 @@ class LocalTransformer(nn.Module):
                 raise ValueError(f"with cache, x must hold exactly one new token per row (b, 1), got {tuple(x.shape)}")
             if cache[0].batch != x.shape[0]:
                 raise ValueError(f"cache holds {cache[0].batch} rows, x has {x.shape[0]}")
+            cache[0].check_weights(self)  # the whole model's parameters (each layer checks the cache is its own)
         start = rank * n
         # the whole sequence's length (with group and return_loss the last token is no input, as x[:, :-1]);
         # decoding: the positions the longest row will have seen
@@ -369,6 +377,9 @@ class LocalTransformer(nn.Module):
             h = ff(h)
         h = reduce_streams(h, self.num_residual_streams)
         out = h if self.to_logits is None else self.to_logits(h)
+        if return_cache and cache is None:  # every layer's keys depend on the weights of the layers below
+            record = Weights(self)
+            new_caches = [layer_cache.tie(record) for layer_cache in new_caches]
 
         if return_loss and group is not None:
             return cross_entropy(out, labels, group, ignore_index=self.ignore_index)

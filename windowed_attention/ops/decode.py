@@ -176,8 +176,12 @@ def attend_step(q, k, v, cache, rotation, row, *, scale: float, shared_qk: bool,
 
     On CPU without autograd it is one call of our kernel (`csrc/decode_cpu.cpp`; it reads the sink tokens,
     and the new key joins them after it); elsewhere the torch ops below (the reference it is tested against).
+    A step autograd records (grad mode, and any input or the cache requires grad) is the torch ops, and
+    writes copies of the cache's buffers (`KVCache.update`), so it is differentiable through any number of
+    steps.
     """
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks))
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                 for t in (q, k, v, sinks, row, key_factors, *cache.buffers))
     if cache.sink_tokens and sink_spec is None:
         raise ValueError("sink_spec: a cache that keeps sink tokens needs the window rule that shows them")
     if cache.sink_tokens and key_factors is not None:

@@ -3,7 +3,7 @@
 Every variant is the Quickstart's model and recipe (`ModelConfig()`, `TrainConfig()`: 600 steps of 32 x 128
 bytes of the built-in corpus) from the same seed: the same initial weights and the same training windows.
 The variants differ only in what `VARIANTS` says: whether batches carry their document ids (`pack`: no
-attention and no target crosses a source file) and extra model keywords (learned attention sinks). The
+attention and no target crosses a source file) and extra model fields (learned attention sinks, hybrid layer windows). The
 runs are interleaved step by step (the order rotating each step), so a machine that other work slows
 slows every variant alike; the table reports the median time per step (and the median ratio of each step's
 time to the first variant's same step, which ran next to it) and the validation bits/byte under both
@@ -13,7 +13,7 @@ rules (documents concatenated; packed: no target crosses a document), on the sam
     python examples/packing_variants.py --steps 100 --seeds 0 1 --variants unpacked packed
 
 Prints a markdown table; writes nothing. A variant is one line in `VARIANTS` (a hybrid model: its
-`LocalTransformer` keywords, e.g. `layer_windows=...`, once the model takes them).
+`ModelConfig` fields, e.g. `layer_windows=...`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import contextlib
 import statistics
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import replace
 
 import torch
 
@@ -32,14 +32,15 @@ from windowed_attention.training.data import BatchSampler, builtin_corpus, eval_
 from windowed_attention.training.distributed import DistInfo
 from windowed_attention.training.metrics import bits_per_byte
 from windowed_attention.training.trainer import batch_loss, evaluate, learning_rate, make_optimizer
-from windowed_attention.transformer import LocalTransformer
 
-# name -> (pack, extra LocalTransformer keywords)
+# name -> (pack, extra ModelConfig fields)
 VARIANTS = {
     "unpacked": (False, {}),
     "packed": (True, {}),
     "unpacked + learned sinks": (False, {"attn_sinks": True}),
     "packed + learned sinks": (True, {"attn_sinks": True}),
+    "hybrid (3 local : 1 global)": (False, {"layer_windows": [64, 64, 64, None]}),
+    "packed hybrid": (True, {"layer_windows": [64, 64, 64, None]}),
 }
 
 
@@ -50,7 +51,7 @@ class Run:
         self.name, self.config = name, config
         self.pack, extra = VARIANTS[name]
         torch.manual_seed(seed)  # the same initial weights in every variant (sinks start at zero, drawing none)
-        self.model = LocalTransformer(**asdict(model_config), **extra)
+        self.model = replace(model_config, **extra).build()
         self.optimizer = make_optimizer(self.model, config)
         self.sampler = BatchSampler(corpus.train, config.seq_len, config.batch_size, seed,
                                     documents=corpus.train_documents if self.pack else None)

@@ -39,8 +39,8 @@ def main() -> None:
 
     step(True), step(False)  # warm-up
     times = {True: [], False: []}
-    for _ in range(args.rounds):
-        for check in (False, True):
+    for index in range(args.rounds):
+        for check in ((False, True) if index % 2 else (True, False)):  # the order alternates
             times[check].append(step(check))
     with_check, without = statistics.median(times[True]), statistics.median(times[False])
     sums = []

@@ -29,7 +29,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if _ci else "def
 # The fast tier: `pytest -m "not slow"` leaves out what spawns processes, trains through the command
 # line or compiles, and draws fewer hypothesis examples; it still imports and exercises every module. The
 # full suite (plain `pytest`) is CI's.
-settings.register_profile("fast", max_examples=6, **_common)
+settings.register_profile("fast", max_examples=3, **_common)
 
 SLOW_MODULES = {"test_context_parallel.py", "test_distributed.py", "test_compile.py", "test_runs.py",
                 "test_cuda.py", "test_checkpoint.py",
@@ -44,7 +44,12 @@ SLOW_TESTS = {
     "test_resume_refuses_metrics_of_another_run", "test_local_attention_test_file_passes_through_the_route",
     "test_helpers_refuse_what_local_attention_gets_wrong", "test_kernel_cache_is_private_and_verified",
     "test_validation_survives_python_O", "test_modules_with_a_huge_window_run_in_little_memory",
-    "test_traced_code_zeroes_what_the_mask_hides", "test_flex_runs_compiled_on_cpu_forward_only",
+    "test_traced_code_zeroes_what_the_mask_hides", "test_readers_during_saves_see_one_whole_checkpoint",
+    "test_packed_context_parallel_training_logs_the_single_process_losses",
+    "test_signals_during_start_up_are_one_line_and_leave_no_new_folder",
+    "test_first_ctrl_c_says_so_and_saves_a_second_aborts_after_the_save",
+    "test_hybrid_model_under_context_parallelism_equals_the_single_process",
+    "test_backend_matches_the_oracle_or_refuses_by_name", "test_nonfinite_entries_reach_only_the_rows_that_see_them", "test_flex_runs_compiled_on_cpu_forward_only",
     "test_third_party_model_trains_and_generates_through_the_route",
 }
 

@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 
 from windowed_attention.ops.call import AttentionCall
 from windowed_attention import LocalAttention, LocalMHA, LocalTransformer, local_attention
-from windowed_attention.ops import backends, fused_cpu
+from windowed_attention.ops import backends, flex, fused_cpu
 from windowed_attention.ops.flex import flex_attention_backend
+from torch.nn.attention.flex_attention import flex_attention
 from windowed_attention.ops.reference import reference_attention
 from windowed_attention.ops.spec import WindowSpec
 from windowed_attention.ops.validation import check_attn_bias
@@ -146,8 +147,9 @@ def test_flex_forward_takes_every_layout(pb):
     tensors = [laid_out(layout, (P, n, d), torch.float32, g) for layout in pb["layouts"][:3]]
     views = [make(leaf.detach()) for leaf, make in tensors]
     ref = reference_attention(*(t.double().contiguous() for t in views), AttentionCall(spec, scale=0.7))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), pytest.MonkeyPatch.context() as patch:
         warnings.simplefilter("ignore")
+        patch.setattr(flex, "_compiled_flex", lambda: flex_attention)  # eager: its mask and score mods
         got = flex_attention_backend(*views, AttentionCall(spec, scale=0.7))
     _close(got.double(), ref, torch.float32, "flex output")
 
@@ -229,8 +231,9 @@ def test_flex_forward_gives_zeros_for_a_bias_row_of_minus_inf():
     bias = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(3))
     bias[0, 1] = float("-inf")
     spec = WindowSpec(4, True, 1, 0, False)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), pytest.MonkeyPatch.context() as patch:
         warnings.simplefilter("ignore")
+        patch.setattr(flex, "_compiled_flex", lambda: flex_attention)  # eager: its mask and score mods
         out = flex_attention_backend(q, k, v, AttentionCall(spec, scale=0.3, attn_bias=bias))
     ref = reference_attention(q, k, v, AttentionCall(spec, scale=0.3, attn_bias=bias))
     assert out[0, 1::4].eq(0).all() and torch.allclose(out, ref, atol=1e-5)

@@ -146,6 +146,19 @@ def test_console_entry_point_train_then_generate(tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
 
 
+def as_older_run(out, fields) -> None:
+    """Rewrite the run folder `out` as a release before the model `fields` existed wrote it: `config.json`
+    without them, and `SHA256SUMS` recording the new file (a changed file is refused as damaged)."""
+    config = json.loads((out / "config.json").read_text())
+    for field in fields:
+        del config["model"][field]
+    (out / "config.json").write_text(json.dumps(config))
+    sums = out / "SHA256SUMS"
+    digest = hashlib.sha256((out / "config.json").read_bytes()).hexdigest()
+    sums.write_text("".join(f"{digest}  config.json\n" if line.endswith("  config.json") else line + "\n"
+                            for line in sums.read_text().splitlines()))
+
+
 def test_residual_streams_and_kv_heads_are_saved_and_used_by_generate_and_resume(tmp_path, capsys):
     from windowed_attention.training.checkpoint import load_config
 
@@ -162,14 +175,7 @@ def test_residual_streams_and_kv_heads_are_saved_and_used_by_generate_and_resume
     assert train_cli.main(["--out", str(out), "--steps", "4", "--resume", "--kv-heads", "2", "--no-progress"]) == 2
     assert "--kv-heads" in capsys.readouterr().err
     # a config.json written before these fields existed means one stream and kv_heads = heads
-    config = json.loads((out / "config.json").read_text())
-    for field in ("num_residual_streams", "kv_heads"):
-        del config["model"][field]
-    (out / "config.json").write_text(json.dumps(config))
-    sums = out / "SHA256SUMS"  # as an old run folder would record it (a changed file is refused as damaged)
-    digest = hashlib.sha256((out / "config.json").read_bytes()).hexdigest()
-    sums.write_text("".join(f"{digest}  config.json\n" if line.endswith("  config.json") else line + "\n"
-                            for line in sums.read_text().splitlines()))
+    as_older_run(out, ("num_residual_streams", "kv_heads"))
     model_config, _, _ = load_config(out)
     assert model_config.num_residual_streams == 1 and model_config.kv_heads is None
 

@@ -3,7 +3,6 @@ parallelism, and the command line's `--layer-windows`, `--attn-sinks`, `--sink-t
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 import hybrid_workers
+from test_cli import as_older_run
 from windowed_attention import LocalTransformer
 from windowed_attention.generation import cli as generate_cli
 from windowed_attention.ops import fused_cpu
@@ -181,14 +181,7 @@ def test_cli_flags_round_trip_through_config_json(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--layer-windows" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
-    config = json.loads((out / "config.json").read_text())
-    for field in ("layer_windows", "attn_sinks", "sink_tokens", "softcap"):
-        del config["model"][field]
-    (out / "config.json").write_text(json.dumps(config))
-    sums = out / "SHA256SUMS"  # as an old run folder would record it (a changed file is refused as damaged)
-    digest = hashlib.sha256((out / "config.json").read_bytes()).hexdigest()
-    sums.write_text("".join(f"{digest}  config.json\n" if line.endswith("  config.json") else line + "\n"
-                            for line in sums.read_text().splitlines()))
+    as_older_run(out, ("layer_windows", "attn_sinks", "sink_tokens", "softcap"))
     model_config, _, _ = load_config(out)
     assert (model_config.layer_windows, model_config.attn_sinks, model_config.sink_tokens,
             model_config.softcap) == (None, False, 0, None)

@@ -69,6 +69,18 @@ def draw_op_config(gen: random.Random, world: int) -> dict:
     return dict(config=config, n_s=n_s, dtype=dtype, backend=backend, **options)
 
 
+def draw_tensors(c: dict, world: int, seed: int, h: int, h_kv: int):
+    """`(q, k, v, grad, mask)` of the whole sequence for config `c` (`draw_op_config`), batch 2, `h` query
+    and `h_kv` key/value heads, drawn from `seed` (every rank draws the same)."""
+    n, b, dtype = c["n_s"] * world, 2, c["dtype"]
+    torch.manual_seed(seed)
+    q, k = (torch.randn(b, heads, n, c["dim"], dtype=dtype) for heads in (h, h_kv))
+    v = torch.randn(b, h_kv, n, c["dim_v"], dtype=dtype)
+    grad = torch.randn(b, h, n, c["dim_v"], dtype=dtype)
+    mask = torch.rand(b, n) < 0.7 if c["mask"] else None
+    return q, k, v, grad, mask
+
+
 def op_cases(rank: int, world: int, init_file: str, seed: int, count: int) -> None:
     """Random op configurations: output and q, k, v gradients per slice, bias gradient summed."""
     init(rank, world, init_file)
@@ -77,13 +89,9 @@ def op_cases(rank: int, world: int, init_file: str, seed: int, count: int) -> No
     for case in range(count):
         c = draw_op_config(gen, world)
         config, dtype, n_s = c["config"], c["dtype"], c["n_s"]
-        n, b, h = n_s * world, 2, 2
+        h = 2
         h_kv = 1 if case % 2 else h  # every other case grouped-query attention
-        torch.manual_seed(seed * 1000 + case)
-        q, k = (torch.randn(b, heads, n, c["dim"], dtype=dtype) for heads in (h, h_kv))
-        v = torch.randn(b, h_kv, n, c["dim_v"], dtype=dtype)
-        grad = torch.randn(b, h, n, c["dim_v"], dtype=dtype)
-        mask = torch.rand(b, n) < 0.7 if c["mask"] else None
+        q, k, v, grad, mask = draw_tensors(c, world, seed * 1000 + case, h, h_kv)
         w, span = config["window_size"], config["look_backward"] + config["look_forward"] + 1
         bias = torch.randn(h, w, span * w, dtype=dtype) if c["bias"] else None
         leaves = [t.clone().requires_grad_() for t in (q, k, v, *([bias] if c["bias"] else []))]
@@ -413,14 +421,9 @@ def nonfinite_cases(rank: int, world: int, init_file: str, seed: int, count: int
     for case in range(count):
         c = draw_op_config(gen, world)
         config, dtype, n_s = c["config"], c["dtype"], c["n_s"]
-        n, b, h = n_s * world, 2, 2
-        torch.manual_seed(seed * 1000 + case)
-        q, k = (torch.randn(b, h, n, c["dim"], dtype=dtype) for _ in range(2))
-        v = torch.randn(b, h, n, c["dim_v"], dtype=dtype)
+        q, k, v, grad, mask = draw_tensors(c, world, seed * 1000 + case, 2, 2)
         for t in (k, v):
             t[torch.rand(t.shape) < 0.05] = gen.choice([float("nan"), float("inf"), -float("inf")])
-        grad = torch.randn(b, h, n, c["dim_v"], dtype=dtype)
-        mask = torch.rand(b, n) < 0.7 if c["mask"] else None
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         out = local_attention(*leaves, mask=mask, backend=c["backend"], **config)
         out.backward(grad)

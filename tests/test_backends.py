@@ -476,6 +476,59 @@ def test_fused_bfloat16_matches_reference_through_either_gemm(bf16_gemm, pb):
     _compare(fused_cpu_attention, pb)
 
 
+@pytest.fixture(params=[False, True], ids=["mkl-f32-gemm", "own-f32-gemm"])
+def f32_gemm(request):
+    """The fused kernel with MKL's float32 GEMM, then with ours (AVX-512F; skipped on CPUs without it)."""
+    kernel = fused_cpu.kernel()
+    before = kernel.own_f32_gemm()
+    try:
+        if kernel.use_own_f32_gemm(request.param) != request.param:
+            pytest.skip("this CPU has no AVX-512F")
+        yield kernel
+    finally:
+        kernel.use_own_f32_gemm(before)
+
+
+# (m, n, k): tiny ones, the tails of the 6 x 64 tiles and of the 16-wide transposes, k = 0, and the
+# kernel's own block shapes (64 query rows, a few hundred keys, 64 dims)
+F32_GEMM_SHAPES = [(1, 1, 1), (3, 5, 7), (6, 64, 16), (7, 65, 17), (13, 100, 0), (100, 3, 1), (17, 130, 33),
+                   (64, 416, 64), (64, 64, 320), (320, 64, 64)]
+
+
+def test_f32_gemm_matches_float64_in_every_layout(f32_gemm):
+    """Every transposition (the kernel issues NT, NN and TN), tails of the tiles in m, n and k, alpha and beta
+    (beta = 0 must not read C: it holds NaN there), and leading dimensions wider than the rows."""
+    g = torch.Generator().manual_seed(0)
+    for ta in (False, True):
+        for tb in (False, True):
+            for m, n, k in F32_GEMM_SHAPES:
+                a = torch.randn(k if ta else m, (m if ta else k) + 3, generator=g)[:, : m if ta else k]
+                b = torch.randn(n if tb else k, (k if tb else n) + 2, generator=g)[:, : k if tb else n]
+                for alpha, beta in ((1.0, 0.0), (0.125, 1.0), (-0.5, 0.25)):
+                    c = torch.randn(m, n + 5, generator=g)[:, :n]
+                    if beta == 0.0:
+                        c.fill_(float("nan"))
+                    ref = alpha * (a.double().T if ta else a.double()) @ (b.double().T if tb else b.double())
+                    if beta != 0.0:
+                        ref += beta * c.double()
+                    got = f32_gemm.f32_gemm(ta, tb, a, b, alpha, beta, c.clone())
+                    bound = 1e-6 * max(1.0, ref.abs().max().item()) * max(1, k) ** 0.5
+                    assert (got.double() - ref).abs().max() <= bound, (ta, tb, m, n, k, alpha, beta)
+
+
+@settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])  # the GEMM choice holds for all
+@given(pb=problems(dtypes=(torch.float32,), max_w=80, with_bias=True))
+def test_fused_float32_matches_reference_through_either_gemm(f32_gemm, pb):
+    _compare(fused_cpu_attention, pb)
+
+
+def test_fused_float32_head_dim_64_through_either_gemm(f32_gemm):
+    """The shapes the own GEMM is made for: 64 dims, full 64-row blocks over a few hundred keys, forward and
+    backward (every gradient) against the reference."""
+    _compare_modern(dict(seed=3, spec=WindowSpec(128, True, 1, 0, False), P=2, P_kv=2, n=600, d=64, dv=64),
+                    dtype=torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fused_saturated_rows_pass_exactly_zero_query_gradient(dtype):
     """Where a row's softmax saturates to a single key, the exact gradient of its query is zero, and the

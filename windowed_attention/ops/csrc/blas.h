@@ -1,6 +1,7 @@
 // The matmuls of the attention kernel (`local_attention_cpu.cpp`): row-major GEMMs in float32 and float64,
 // and bfloat16 / float16 operands with float32 results, through the Fortran BLAS interface of the MKL that
-// PyTorch's x86 wheels bundle, or (bfloat16) our AVX512-BF16 GEMM (`bf16_gemm.h`).
+// PyTorch's x86 wheels bundle, or our own: float32 on AVX-512F (`f32_gemm.h`), bfloat16 on AVX512-BF16
+// (`bf16_gemm.h`).
 
 #pragma once
 
@@ -11,6 +12,7 @@
 #include <cstdint>
 
 #include "bf16_gemm.h"
+#include "f32_gemm.h"
 
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
@@ -27,10 +29,16 @@ void gemm_f16f16f32_(const char*, const char*, const int*, const int*, const int
 
 namespace local_attention {
 
+// Which float32 GEMM runs: our AVX-512F one where the CPU has those instructions (see f32_gemm.h), else
+// MKL's. `use_own_f32_gemm` switches it (for tests).
+inline std::atomic<bool> own_f32_gemm{f32_gemm::preferred()};
+
 // Row-major C (m x n) = alpha * op(A) (m x k) * op(B) (k x n) + beta * C, through Fortran BLAS
 // (column-major: C^T = op(B)^T op(A)^T).
 inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
                  const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (own_f32_gemm.load(std::memory_order_relaxed))
+    return f32_gemm::gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
   const int M = m, N = n, K = k, LDA = lda, LDB = ldb, LDC = ldc;
   sgemm_(&trb, &tra, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);

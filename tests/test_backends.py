@@ -489,10 +489,10 @@ def f32_gemm(request):
         kernel.use_own_f32_gemm(before)
 
 
-# (m, n, k): tiny ones, the tails of the 6 x 64 tiles and of the 16-wide transposes, k = 0, and the
-# kernel's own block shapes (64 query rows, a few hundred keys, 64 dims)
+# (m, n, k): tiny ones, the tails of the 6 x 64 tiles and of the 16-wide transposes, k = 0, k in several
+# chunks of 256, and the kernel's own block shapes (64 query rows, a few hundred keys, 64 dims)
 F32_GEMM_SHAPES = [(1, 1, 1), (3, 5, 7), (6, 64, 16), (7, 65, 17), (13, 100, 0), (100, 3, 1), (17, 130, 33),
-                   (64, 416, 64), (64, 64, 320), (320, 64, 64)]
+                   (9, 70, 600), (64, 416, 64), (64, 64, 320), (320, 64, 64)]
 
 
 def test_f32_gemm_matches_float64_in_every_layout(f32_gemm):

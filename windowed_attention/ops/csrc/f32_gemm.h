@@ -34,6 +34,7 @@ namespace f32_gemm {
 constexpr int MR = 6;            // rows of a micro-tile
 constexpr int NV = 4;            // vectors of 16 columns in a micro-tile
 constexpr int64_t NR = 16 * NV;  // columns of a micro-tile (and of a packed panel of B)
+constexpr int64_t KC = 256;      // the longest sum over k kept in registers
 
 // Whether this CPU and OS run this GEMM: AVX512F, with the OS saving the AVX-512 state.
 inline bool supported() {
@@ -162,11 +163,18 @@ inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
     const int64_t ldp = tb ? NR : ldb;
     const __mmask16 mlast = lanes(cols - (cols - 1) / 16 * 16);
     float* cp = c + j0;
-    switch ((cols + 15) / 16) {
-      case 4: panel_rows<4>(m, k, a, ra, qa, bp, ldp, mlast, alpha, beta, cp, ldc); break;
-      case 3: panel_rows<3>(m, k, a, ra, qa, bp, ldp, mlast, alpha, beta, cp, ldc); break;
-      case 2: panel_rows<2>(m, k, a, ra, qa, bp, ldp, mlast, alpha, beta, cp, ldc); break;
-      default: panel_rows<1>(m, k, a, ra, qa, bp, ldp, mlast, alpha, beta, cp, ldc); break;
+    // k in chunks of KC, each added to C: rounding errors grow with the chunk, not with all of k
+    for (int64_t k0 = 0; k0 == 0 || k0 < k; k0 += KC) {
+      const int64_t kc = std::min(KC, k - k0);
+      const float* ap = a + k0 * qa;
+      const float* bk = bp + k0 * ldp;
+      const float bc = k0 == 0 ? beta : 1.0f;
+      switch ((cols + 15) / 16) {
+        case 4: panel_rows<4>(m, kc, ap, ra, qa, bk, ldp, mlast, alpha, bc, cp, ldc); break;
+        case 3: panel_rows<3>(m, kc, ap, ra, qa, bk, ldp, mlast, alpha, bc, cp, ldc); break;
+        case 2: panel_rows<2>(m, kc, ap, ra, qa, bk, ldp, mlast, alpha, bc, cp, ldc); break;
+        default: panel_rows<1>(m, kc, ap, ra, qa, bk, ldp, mlast, alpha, bc, cp, ldc); break;
+      }
     }
   }
 }

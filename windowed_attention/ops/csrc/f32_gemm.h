@@ -147,19 +147,17 @@ void panel_rows(int64_t m, int64_t k, const float* a, int64_t ra, int64_t qa, co
   if (i < m) tail_rows<MR - 1, V>(m - i, k, a + i * ra, ra, qa, b, ldb, mlast, alpha, beta, c + i * ldc, ldc);
 }
 
-// The GEMM. A per-thread buffer holds a transposed B's panels; call only where `supported()`.
+// The GEMM. A per-thread buffer holds a transposed B's current panel; call only where `supported()`.
 inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
                  const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m <= 0 || n <= 0) return;
   const int64_t ra = ta ? 1 : lda, qa = ta ? lda : 1;
   thread_local std::vector<float> bbuf;
-  if (tb) {
-    bbuf.resize(std::max<int64_t>((n + NR - 1) / NR * NR * k, 1));
-    pack_bt(n, k, b, ldb, bbuf.data());
-  }
+  if (tb) bbuf.resize(std::max<int64_t>(NR * k, 1));
   for (int64_t j0 = 0; j0 < n; j0 += NR) {
     const int64_t cols = std::min(NR, n - j0);
-    const float* bp = tb ? bbuf.data() + j0 * k : b + j0;
+    if (tb) pack_bt(cols, k, b + j0 * ldb, ldb, bbuf.data());  // one panel at a time: it stays in L1
+    const float* bp = tb ? bbuf.data() : b + j0;
     const int64_t ldp = tb ? NR : ldb;
     const __mmask16 mlast = lanes(cols - (cols - 1) / 16 * 16);
     float* cp = c + j0;

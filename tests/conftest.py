@@ -27,8 +27,8 @@ _ci = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if _ci else "default"))
 
 # The fast tier: `pytest -m "not slow"` leaves out what spawns processes, trains through the command
-# line or compiles, and draws fewer hypothesis examples; it still imports and exercises every module. The
-# full suite (plain `pytest`) is CI's.
+# line or compiles, runs a few cases of each parametrized test (`FAST_CASES`) and draws fewer hypothesis
+# examples; it still runs every other test function of every module. The full suite (plain `pytest`) is CI's.
 settings.register_profile("fast", max_examples=3, **_common)
 
 SLOW_MODULES = {"test_context_parallel.py", "test_distributed.py", "test_compile.py", "test_runs.py",
@@ -51,6 +51,7 @@ SLOW_TESTS = {
     "test_hybrid_model_under_context_parallelism_equals_the_single_process",
     "test_backend_matches_the_oracle_or_refuses_by_name", "test_nonfinite_entries_reach_only_the_rows_that_see_them", "test_flex_runs_compiled_on_cpu_forward_only",
     "test_third_party_model_trains_and_generates_through_the_route",
+    "test_fast_tier_runs_every_test_function_outside_the_slow_list",
 }
 
 
@@ -60,9 +61,29 @@ def pytest_configure(config):
         settings.load_profile("fast")
 
 
+# In the fast tier a parametrized test runs at most this many of its cases, spread evenly over its list (the
+# first and last always); the full suite runs them all.
+FAST_CASES = 3
+
+
+def fast_sample(count: int, keep: int = FAST_CASES) -> set[int]:
+    """Indices of the cases of one parametrized test the fast tier runs: `keep` of `count`, evenly spread."""
+    if count <= keep:
+        return set(range(count))
+    return {round(i * (count - 1) / (keep - 1)) for i in range(keep)}
+
+
 def pytest_collection_modifyitems(config, items):
     import pytest
 
+    cases: dict[tuple, list] = {}
     for item in items:
         if item.path.name in SLOW_MODULES or item.originalname in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
+        elif getattr(item, "callspec", None) is not None:
+            cases.setdefault((item.path, item.cls, item.originalname), []).append(item)
+    for group in cases.values():
+        kept = fast_sample(len(group))
+        for index, item in enumerate(group):
+            if index not in kept:
+                item.add_marker(pytest.mark.slow)

@@ -73,11 +73,12 @@ def one_process_run(tmp_path_factory, data):
 
 def test_one_process_fsdp_run_saves_dcp_and_resumes_exactly(tmp_path, data, one_process_run):
     """On one process `--fsdp` shards nothing but saves its checkpoint through DCP (`dcp/`, listed in
-    SHA256SUMS, format 3); resumed, it computes bitwise the losses of the uninterrupted run."""
+    SHA256SUMS, format 3); resumed (without the flag: a resumed run keeps it), it computes bitwise the losses
+    of the uninterrupted run."""
     straight, split = tmp_path / "straight", tmp_path / "split"
     shutil.copytree(one_process_run, split)
     assert train(straight, data, "--fsdp", "--steps", "4", "--eval-every", "2") == 0
-    assert train(split, data, "--fsdp", "--steps", "4", "--eval-every", "2", "--resume") == 0
+    assert train(split, data, "--steps", "4", "--eval-every", "2", "--resume") == 0  # keeps --fsdp
     assert {s: r["train_loss"] for s, r in records(split).items()} == \
         {s: r["train_loss"] for s, r in records(straight).items()}
     for out in (straight, split):
@@ -123,6 +124,49 @@ def test_damaged_shard_is_a_one_line_error(tmp_path, data, one_process_run, caps
     assert message in err and len(err.strip().splitlines()) == 1, err
     with pytest.raises(CheckpointError, match="dcp"):
         load_run(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["shards", "publishing"])
+def test_full_disk_during_a_sharded_save_keeps_the_last_checkpoint(tmp_path, data, capsys, monkeypatch, stage):
+    """The save of step 4 hits ENOSPC while DCP writes the shards, or while rank 0 writes the rest: one
+    line, exit 2, nothing staged left, and the checkpoint of step 2 still loads and resumes."""
+    import errno
+
+    import torch.distributed.checkpoint as dcp
+
+    from windowed_attention.training import checkpoint
+
+    calls = {"n": 0}
+    target, name = (dcp, "save") if stage == "shards" else (checkpoint, "_write")
+    real = getattr(target, name)
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > (1 if stage == "shards" else 4):  # the first save: 1 DCP save, 4 files (3 + COMPLETE)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, failing)
+    out = tmp_path / "run"
+    assert train(out, data, "--fsdp", "--steps", "6", "--save-every", "2", "--eval-every", "6") == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "step 4" in err and f"({stage}:" in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1, err
+    monkeypatch.setattr(target, name, real)
+    assert load_model(out)[2] == 2 and not (out / ".staging").exists()
+    assert train(out, data, "--resume", "--steps", "3") == 0
+
+
+def test_a_whole_run_refuses_fsdp_on_resume(tmp_path, data, capsys):
+    """A resumed run keeps its checkpoint's format (a sharded one stays sharded without the flag:
+    `test_one_process_fsdp_run_saves_dcp_and_resumes_exactly`)."""
+    plain = tmp_path / "plain"
+    assert train(plain, data, "--steps", "1") == 0
+    capsys.readouterr()
+    assert train(plain, data, "--steps", "2", "--resume", "--fsdp") == 2
+    err = capsys.readouterr().err
+    assert "--fsdp: the checkpoint" in err and "saved whole" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_fsdp_with_compile_is_refused_by_name(tmp_path, data, capsys):

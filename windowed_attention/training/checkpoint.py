@@ -139,8 +139,10 @@ def _finish_interrupted_save(out: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         return
     sharded = (staging / DCP).is_dir()
-    if sharded:  # a folder cannot replace a folder: the old one goes first (reads use the staged one meanwhile)
-        shutil.rmtree(out / DCP, ignore_errors=True)
+    # a folder cannot replace a folder: the old one goes first (reads use the staged one meanwhile); a
+    # checkpoint that is not sharded leaves none behind
+    shutil.rmtree(out / DCP, ignore_errors=True)
+    if sharded:
         os.replace(staging / DCP, out / DCP)
     for name in FILES:
         if (staging / name).exists():

@@ -166,6 +166,11 @@ def has_checkpoint(folder: str | Path) -> bool:
     return any(p.exists() for p in paths.values())
 
 
+def _lists_shards(sums: dict[str, str] | None) -> bool:
+    """Whether `SHA256SUMS` (name -> digest) lists the files of a sharded checkpoint (`dcp/...`)."""
+    return any(name.startswith(DCP + "/") for name in sums or {})
+
+
 class _Snapshot:
     """The files of the newest complete checkpoint in `folder`, read while the reading lock is held (see
     `reading`) and checked against `SHA256SUMS`."""
@@ -185,8 +190,9 @@ class _Snapshot:
             except (UnicodeDecodeError, ValueError) as error:
                 raise CheckpointError(f"{path} is damaged ({type(error).__name__})") from None
             shards = {name for name in self._sums if name.startswith(DCP + "/")}
-            weights = {WEIGHTS} if not shards else {f"{DCP}/.metadata"}
-            if not {CONFIG, *weights} <= set(self._sums) <= {*DATA_FILES, *shards} or (shards and WEIGHTS in self._sums):
+            weights = {WEIGHTS} if not shards else {f"{DCP}/.metadata"}  # a sharded one: no model.safetensors
+            listed = set(self._sums)
+            if not {CONFIG, *weights} <= listed <= {*DATA_FILES, *shards} or (shards and WEIGHTS in listed):
                 raise CheckpointError(f"{path} is damaged (it lists {sorted(self._sums)})")
         return self._sums
 
@@ -244,7 +250,7 @@ def _parse_config(snapshot: _Snapshot) -> tuple[ModelConfig, TrainConfig | None,
                              f"or {SHARDED_FORMAT} (sharded)")
         if config["format_version"] >= 2 and snapshot.sums() is None:
             raise CheckpointError(f"{snapshot.paths[SUMS]} is missing: the checkpoint cannot be verified")
-        if (config["format_version"] == SHARDED_FORMAT) != any(name.startswith(DCP + "/") for name in snapshot.sums() or {}):
+        if (config["format_version"] == SHARDED_FORMAT) != _lists_shards(snapshot.sums()):
             raise ValueError(f"format_version {config['format_version']} does not match the files {SUMS} lists")
         step = config["step"]
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -304,7 +310,7 @@ def remove_checkpoint(folder: str | Path) -> None:
 def is_sharded(folder: str | Path) -> bool:
     """Whether the checkpoint in `folder` was saved sharded (`dcp/`, format version 3)."""
     with reading(folder) as snapshot:
-        return any(name.startswith(DCP + "/") for name in snapshot.sums() or {})
+        return _lists_shards(snapshot.sums())
 
 
 def load_weights(folder: str | Path, model: torch.nn.Module, step: int) -> None:
@@ -340,7 +346,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu"):
             if "can't allocate memory" not in str(error) and not isinstance(error, MemoryError):
                 raise
             raise CheckpointError(f"{snapshot.paths[CONFIG]} holds a model too large for this machine's memory") from None
-        if any(name.startswith(DCP + "/") for name in snapshot.sums() or {}):
+        if _lists_shards(snapshot.sums()):
             state = {"model": model.state_dict()}
             _load_sharded(snapshot, state, whole=True)
             model.load_state_dict(state["model"], strict=True)

@@ -147,8 +147,9 @@ def configs_from_args(args) -> tuple[ModelConfig, TrainConfig, int | None]:
             raise ValueError(f"--{flag} {value} differs from the checkpoint's {getattr(model_config, field)}; "
                              "a resumed run keeps its model")
     if train_given.get("fsdp", train_config.fsdp) != train_config.fsdp:
-        raise ValueError(f"--fsdp: the checkpoint in {args.out} was saved {'sharded' if train_config.fsdp else 'whole'}"
-                         f" ({'with' if train_config.fsdp else 'without'} --fsdp); a resumed run keeps its checkpoint's format")
+        how = "sharded (with --fsdp)" if train_config.fsdp else "whole (without --fsdp)"
+        raise ValueError(f"--fsdp: the checkpoint in {args.out} was saved {how}; a resumed run keeps its "
+                         "checkpoint's format")
     for name, value in train_given.items():
         if name not in RUN_CONTROL and getattr(train_config, name) != value:
             raise ValueError(f"--{name.replace('_', '-')} {value} differs from the checkpoint's "

@@ -363,27 +363,23 @@ def _train(model_config, config, out, resume_step, progress, info, started, stop
     model = model_config.build().to(device)
     step = 0
     run_id = uuid.uuid4().hex[:16]  # ties metrics.jsonl to its checkpoint
-    if not config.fsdp:
-        optimizer = make_optimizer(model, config)
-        if resume_step is not None:
-            run_id = load_run_id(out) or run_id
-            load_weights(out, model, resume_step)
-            state = load_trainer_state(out, resume_step)
-            optimizer.load_state_dict(state["optimizer"])
-            sampler.load_state_dict(state["sampler"])
-            set_rng_state(state["rng"])
-            step = resume_step
-        train_model = distributed.wrap(model, info, device)
-    else:  # sharded in place first: the optimizer holds the shards; the checkpoint (dcp/) reshards on load
+    if config.fsdp:  # sharded in place before the optimizer is made: it holds the shards
         train_model = distributed.wrap(model, info, device, bf16=config.precision == "bf16")
-        optimizer = make_optimizer(model, config)
-        if resume_step is not None:
-            run_id = load_run_id(out) or run_id
-            state = load_trainer_state(out, resume_step)
+    optimizer = make_optimizer(model, config)
+    if resume_step is not None:
+        run_id = load_run_id(out) or run_id
+        if not config.fsdp:
+            load_weights(out, model, resume_step)
+        state = load_trainer_state(out, resume_step)
+        if config.fsdp:  # dcp/: model and optimizer, resharded from any number of ranks
             load_sharded_state(out, model, optimizer)
-            sampler.load_state_dict(state["sampler"])
-            set_rng_state(state["rng"])
-            step = resume_step
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        step = resume_step
+    if not config.fsdp:
+        train_model = distributed.wrap(model, info, device)
     if config.compile:
         train_model = torch.compile(train_model)
     use_bf16 = config.precision == "bf16"
@@ -399,10 +395,11 @@ def _train(model_config, config, out, resume_step, progress, info, started, stop
     def checkpoint():
         if config.fsdp:  # every rank writes its shards
             state = {"sampler": sampler.state_dict(), "rng": rng_state()}
+            agree = lambda flag: distributed.any_rank(flag, info, device)  # noqa: E731
             with stop.saving():
                 save_sharded_checkpoint(out, model=model, optimizer=optimizer, model_config=model_config,
                                         train_config=config, step=step, trainer_state=state, run_id=run_id,
-                                        main=info.is_main, any_rank=lambda flag: distributed.any_rank(flag, info, device))
+                                        main=info.is_main, any_rank=agree)
         elif info.is_main:
             state = {"optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(), "rng": rng_state()}
             with stop.saving():

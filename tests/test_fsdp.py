@@ -169,10 +169,15 @@ def test_a_whole_run_refuses_fsdp_on_resume(tmp_path, data, capsys):
     assert "--fsdp: the checkpoint" in err and "saved whole" in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_fsdp_with_compile_is_refused_by_name(tmp_path, data, capsys):
-    assert train(tmp_path / "run", data, "--fsdp", "--compile", "--steps", "1") == 2
+@pytest.mark.parametrize("flags, message", [
+    (["--compile"], "--compile cannot be combined with --fsdp"),
+    (["--residual-streams", "2"], "--fsdp cannot shard --residual-streams 2"),  # scalar parameters
+])
+def test_what_fsdp_cannot_do_is_refused_by_name(tmp_path, data, capsys, flags, message):
+    assert train(tmp_path / "run", data, "--fsdp", *flags, "--steps", "1") == 2
     err = capsys.readouterr().err
-    assert "--compile cannot be combined with --fsdp" in err and len(err.strip().splitlines()) == 1
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.fixture(scope="module")

@@ -113,6 +113,9 @@ def shard(model: torch.nn.Module, mesh, bf16: bool = False) -> torch.nn.Module:
     gradients and the optimizer stay fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    scalar = next((name for name, p in model.named_parameters() if p.ndim == 0), None)
+    if scalar is not None:  # fully_shard cannot split a 0-d tensor
+        raise ValueError(f"FSDP cannot shard the scalar parameter {scalar} (hyper-connections: --residual-streams 1)")
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     for layer in model.layers:
         for branch in layer:

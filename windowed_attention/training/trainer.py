@@ -259,6 +259,9 @@ def train(model_config: ModelConfig, config: TrainConfig, out: str | Path, *, re
         raise ValueError("--compile cannot be combined with --context-parallel (the halo exchange is not compiled)")
     if config.compile and config.fsdp:
         raise ValueError("--compile cannot be combined with --fsdp (a compiled sharded model is not tested here)")
+    if config.fsdp and model_config.num_residual_streams > 1:
+        raise ValueError(f"--fsdp cannot shard --residual-streams {model_config.num_residual_streams}: hyper-connections "
+                         "hold scalar parameters, which FSDP's fully_shard refuses; use --residual-streams 1")
     out = Path(out)
     created = not out.exists()
     info = distributed.setup(config.device, config.context_parallel, config.fsdp)

@@ -126,6 +126,40 @@ def test_damaged_shard_is_a_one_line_error(tmp_path, data, one_process_run, caps
         load_run(out)
 
 
+class Payload:
+    """Unpickled, it would create the file `path`: what a crafted checkpoint could run instead."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_crafted_sharded_checkpoint_runs_no_code(tmp_path, data, one_process_run):
+    """DCP unpickles `.metadata` and the optimizer's hyperparameters: a checkpoint whose pickles call
+    anything else (with SHA256SUMS re-recorded to match) is refused, and nothing runs."""
+    import hashlib
+    import io
+    import pickle
+
+    from windowed_attention.training.checkpoint import _checked_planner
+
+    out, marker = tmp_path / "run", tmp_path / "ran"
+    shutil.copytree(one_process_run, out)
+    (out / "dcp" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    sums = out / "SHA256SUMS"
+    digest = hashlib.sha256((out / "dcp" / ".metadata").read_bytes()).hexdigest()
+    sums.write_text("".join(f"{digest}  {name}\n" if name == "dcp/.metadata" else f"{old}  {name}\n"
+                            for old, name in (line.split("  ") for line in sums.read_text().splitlines())))
+    with pytest.raises(CheckpointError, match=r"\.metadata is refused .*io\.open"):
+        load_run(out)
+    assert train(out, data, "--steps", "3", "--resume") == 2
+    with pytest.raises(pickle.UnpicklingError):
+        _checked_planner().load_bytes(None, io.BytesIO(pickle.dumps(Payload(marker))))
+    assert not marker.exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["shards", "publishing"])
 def test_full_disk_during_a_sharded_save_keeps_the_last_checkpoint(tmp_path, data, capsys, monkeypatch, stage):

@@ -31,6 +31,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -373,16 +374,53 @@ def _one_process_is_meant():
         yield
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's `.metadata` (a pickle) allowing only the classes it is made of: what a checkpoint
+    holds must never run code on load (the whole format's weights load with `weights_only` too)."""
+
+    ALLOWED = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+               ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"), ("builtins", "set"),
+               ("builtins", "frozenset"), *(("pathlib", name) for name in ("PosixPath", "WindowsPath", "PurePosixPath",
+                                                                          "PureWindowsPath"))}
+
+    def find_class(self, module, name):
+        if (module == "torch.distributed.checkpoint.metadata" or (module, name) in self.ALLOWED
+                or module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a DCP checkpoint does not hold")
+
+
+def _checked_planner():
+    """DCP's default load planner, except that the non-tensor values (the optimizer's hyperparameters) are
+    first read with `torch.load(weights_only=True)`: plain data only, never code."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class CheckedPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            data = value.read()
+            torch.load(io.BytesIO(data), weights_only=True)  # raises on anything but plain data
+            super().load_bytes(read_item, io.BytesIO(data))
+
+    return CheckedPlanner()
+
+
 def _load_sharded(snapshot: _Snapshot, state: dict, whole: bool = False) -> None:
     """Load `state` (`{"model": ..., "optimizer": ...}` as `get_model_state_dict` / `get_optimizer_state_dict`
     give them, or a part) in place from the verified `dcp/` of `snapshot`; `whole`: into this process alone,
-    even under a process group."""
+    even under a process group. DCP unpickles `.metadata` and the non-tensor values: both are checked
+    first with restricted unpicklers, so a crafted checkpoint is refused instead of running code."""
     import torch.distributed.checkpoint as dcp
 
     folder = snapshot.sharded_folder()
     try:
+        with open(folder / ".metadata", "rb") as f:
+            _MetadataUnpickler(f).load()
+    except Exception as error:  # a bad pickle raises many types
+        raise CheckpointError(f"{folder / '.metadata'} is refused ({type(error).__name__}: {error})") from None
+    try:
         with _one_process_is_meant():
-            dcp.load(state, checkpoint_id=folder, no_dist=whole or not torch.distributed.is_initialized())
+            dcp.load(state, checkpoint_id=folder, planner=_checked_planner(),
+                     no_dist=whole or not torch.distributed.is_initialized())
     except Exception as error:  # DCP raises many types for a bad or mismatched checkpoint
         raise CheckpointError(f"{folder} cannot be loaded into the model in config.json "
                               f"({_dcp_failure(error)})") from None

@@ -14,6 +14,14 @@ Readers hold the shared side of that lock while they read, so a load during a sa
 checkpoint or the new one. Every file read is checked against `SHA256SUMS` and every file records its
 step; a load checks both. Anything missing, damaged, truncated or unreadable raises `CheckpointError`
 with one line saying which file and why.
+
+A sharded run (`train --fsdp`) saves through `torch.distributed.checkpoint` (DCP) instead: its model and
+optimizer state are the folder `dcp/` (DCP's `.metadata` and one `__<rank>_0.distcp` file per rank that
+saved), written by every rank at once; `config.json` (format version 3) and `trainer_state.pt` (the
+sampler and RNG states, no optimizer) come from rank 0, and `SHA256SUMS` lists every file of `dcp/` too
+(`dcp/.metadata`, ...). The same staging, `COMPLETE` marker and roll-forward apply, with `dcp/` moved as
+one folder. DCP reshards on load: a checkpoint saved by N ranks loads on M ranks, or whole into one
+process (`load_model`, `load_sharded_state`).
 """
 
 from __future__ import annotations
@@ -23,7 +31,9 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,10 +45,12 @@ from . import locks
 from .config import ModelConfig, TrainConfig, from_dict, to_dict
 
 CONFIG, WEIGHTS, STATE, SUMS = "config.json", "model.safetensors", "trainer_state.pt", "SHA256SUMS"
+DCP = "dcp"  # a sharded run's model and optimizer state (a folder, written by torch.distributed.checkpoint)
 DATA_FILES = (CONFIG, WEIGHTS, STATE)
 FILES = (*DATA_FILES, SUMS)  # moved into place in this order
 STAGING, COMPLETE = ".staging", "COMPLETE"
 FORMAT_VERSION = 2  # 2: SHA256SUMS; version 1 checkpoints (no checksums) still load
+SHARDED_FORMAT = 3  # a sharded run: dcp/ instead of model.safetensors (an older release refuses it by version)
 
 
 class CheckpointError(Exception):
@@ -66,6 +78,15 @@ def _fsync_dir(path: Path) -> None:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    """The SHA-256 of a file read in blocks (a shard may be large)."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            sha.update(block)
+    return sha.hexdigest()
 
 
 def save_checkpoint(out: str | Path, *, model: torch.nn.Module, model_config: ModelConfig,
@@ -118,10 +139,16 @@ def _finish_interrupted_save(out: Path) -> None:
     if not (staging / COMPLETE).is_file():
         shutil.rmtree(staging, ignore_errors=True)
         return
+    sharded = (staging / DCP).is_dir()
+    # a folder cannot replace a folder: the old one goes first (reads use the staged one meanwhile); a
+    # checkpoint that is not sharded leaves none behind
+    shutil.rmtree(out / DCP, ignore_errors=True)
+    if sharded:
+        os.replace(staging / DCP, out / DCP)
     for name in FILES:
         if (staging / name).exists():
             os.replace(staging / name, out / name)
-        elif name == STATE:  # a model saved without trainer state: an older run's state must not stay
+        elif name == STATE or (name == WEIGHTS and sharded):  # an older checkpoint's file must not stay
             (out / name).unlink(missing_ok=True)
     _fsync_dir(out)
     shutil.rmtree(staging, ignore_errors=True)
@@ -131,12 +158,18 @@ def _paths(folder: Path) -> dict[str, Path]:
     """Where each file of the newest complete checkpoint is, without changing anything on disk."""
     staging = folder / STAGING
     complete = (staging / COMPLETE).is_file()
-    return {name: staging / name if complete and (staging / name).exists() else folder / name for name in FILES}
+    return {name: staging / name if complete and (staging / name).exists() else folder / name
+            for name in (*FILES, DCP)}
 
 
 def has_checkpoint(folder: str | Path) -> bool:
     paths = _paths(Path(folder))
     return any(p.exists() for p in paths.values())
+
+
+def _lists_shards(sums: dict[str, str] | None) -> bool:
+    """Whether `SHA256SUMS` (name -> digest) lists the files of a sharded checkpoint (`dcp/...`)."""
+    return any(name.startswith(DCP + "/") for name in sums or {})
 
 
 class _Snapshot:
@@ -157,9 +190,26 @@ class _Snapshot:
                 self._sums = {name: digest for digest, name in (line.split("  ", 1) for line in lines if line)}
             except (UnicodeDecodeError, ValueError) as error:
                 raise CheckpointError(f"{path} is damaged ({type(error).__name__})") from None
-            if not {CONFIG, WEIGHTS} <= set(self._sums) <= set(DATA_FILES):  # trainer_state.pt is optional
+            shards = {name for name in self._sums if name.startswith(DCP + "/")}
+            weights = {WEIGHTS} if not shards else {f"{DCP}/.metadata"}  # a sharded one: no model.safetensors
+            listed = set(self._sums)
+            if not {CONFIG, *weights} <= listed <= {*DATA_FILES, *shards} or (shards and WEIGHTS in listed):
                 raise CheckpointError(f"{path} is damaged (it lists {sorted(self._sums)})")
         return self._sums
+
+    def sharded_folder(self) -> Path:
+        """The `dcp/` folder of a sharded checkpoint, every file of it checked against `SHA256SUMS`."""
+        folder, sums = self.paths[DCP], self.sums() or {}
+        for name, digest in sums.items():
+            if not name.startswith(DCP + "/"):
+                continue
+            path = folder / name[len(DCP) + 1:]
+            if not path.is_file():
+                raise CheckpointError(f"{path} is missing: the sharded checkpoint is incomplete")
+            if _sha256_file(path) != digest:
+                raise CheckpointError(f"{path} is damaged: its SHA-256 differs from the one recorded in {SUMS} "
+                                      "at save")
+        return folder
 
     def read(self, name: str, missing: str = "") -> bytes:
         """The bytes of `name`, checked against its recorded SHA-256."""
@@ -196,10 +246,13 @@ def _parse_config(snapshot: _Snapshot) -> tuple[ModelConfig, TrainConfig | None,
         config = json.loads(raw.decode())
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
-        if config.get("format_version") not in (1, FORMAT_VERSION):
-            raise ValueError(f"format_version {config.get('format_version')!r}, expected {FORMAT_VERSION}")
+        if config.get("format_version") not in (1, FORMAT_VERSION, SHARDED_FORMAT):
+            raise ValueError(f"format_version {config.get('format_version')!r}, expected {FORMAT_VERSION} "
+                             f"or {SHARDED_FORMAT} (sharded)")
         if config["format_version"] >= 2 and snapshot.sums() is None:
             raise CheckpointError(f"{snapshot.paths[SUMS]} is missing: the checkpoint cannot be verified")
+        if (config["format_version"] == SHARDED_FORMAT) != _lists_shards(snapshot.sums()):
+            raise ValueError(f"format_version {config['format_version']} does not match the files {SUMS} lists")
         step = config["step"]
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step {step!r} is not a non-negative int")
@@ -251,7 +304,14 @@ def remove_checkpoint(folder: str | Path) -> None:
         shutil.rmtree(folder / STAGING, ignore_errors=True)
         for name in (CONFIG, SUMS, WEIGHTS, STATE):
             (folder / name).unlink(missing_ok=True)
+        shutil.rmtree(folder / DCP, ignore_errors=True)
         _fsync_dir(folder)
+
+
+def is_sharded(folder: str | Path) -> bool:
+    """Whether the checkpoint in `folder` was saved sharded (`dcp/`, format version 3)."""
+    with reading(folder) as snapshot:
+        return _lists_shards(snapshot.sums())
 
 
 def load_weights(folder: str | Path, model: torch.nn.Module, step: int) -> None:
@@ -287,5 +347,159 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu"):
             if "can't allocate memory" not in str(error) and not isinstance(error, MemoryError):
                 raise
             raise CheckpointError(f"{snapshot.paths[CONFIG]} holds a model too large for this machine's memory") from None
-        _load_weights(snapshot, model, step)
+        if _lists_shards(snapshot.sums()):
+            state = {"model": model.state_dict()}
+            _load_sharded(snapshot, state, whole=True)
+            model.load_state_dict(state["model"], strict=True)
+        else:
+            _load_weights(snapshot, model, step)
     return model.to(device).eval(), model_config, step
+
+
+def _dcp_failure(error: BaseException) -> str:
+    """One line from what DCP raised (a `CheckpointException` wraps each rank's error)."""
+    failures = getattr(error, "failures", None)
+    if failures:
+        error = next(iter(failures.values()))
+        error = getattr(error, "exc", error)  # a rank's failure is a wrapped traceback
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def _one_process_is_meant():
+    """DCP warns that it assumes one process when there is no process group: that is what is meant here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's `.metadata` (a pickle) allowing only the classes it is made of: what a checkpoint
+    holds must never run code on load (the whole format's weights load with `weights_only` too)."""
+
+    ALLOWED = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+               ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"), ("builtins", "set"),
+               ("builtins", "frozenset"), *(("pathlib", name) for name in ("PosixPath", "WindowsPath", "PurePosixPath",
+                                                                          "PureWindowsPath"))}
+
+    def find_class(self, module, name):
+        if (module == "torch.distributed.checkpoint.metadata" or (module, name) in self.ALLOWED
+                or module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a DCP checkpoint does not hold")
+
+
+def _checked_planner():
+    """DCP's default load planner, except that the non-tensor values (the optimizer's hyperparameters) are
+    first read with `torch.load(weights_only=True)`: plain data only, never code."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class CheckedPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            data = value.read()
+            torch.load(io.BytesIO(data), weights_only=True)  # raises on anything but plain data
+            super().load_bytes(read_item, io.BytesIO(data))
+
+    return CheckedPlanner()
+
+
+def _load_sharded(snapshot: _Snapshot, state: dict, whole: bool = False) -> None:
+    """Load `state` (`{"model": ..., "optimizer": ...}` as `get_model_state_dict` / `get_optimizer_state_dict`
+    give them, or a part) in place from the verified `dcp/` of `snapshot`; `whole`: into this process alone,
+    even under a process group. DCP unpickles `.metadata` and the non-tensor values: both are checked
+    first with restricted unpicklers, so a crafted checkpoint is refused instead of running code."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = snapshot.sharded_folder()
+    try:
+        with open(folder / ".metadata", "rb") as f:
+            _MetadataUnpickler(f).load()
+    except Exception as error:  # a bad pickle raises many types
+        raise CheckpointError(f"{folder / '.metadata'} is refused ({type(error).__name__}: {error})") from None
+    try:
+        with _one_process_is_meant():
+            dcp.load(state, checkpoint_id=folder, planner=_checked_planner(),
+                     no_dist=whole or not torch.distributed.is_initialized())
+    except Exception as error:  # DCP raises many types for a bad or mismatched checkpoint
+        raise CheckpointError(f"{folder} cannot be loaded into the model in config.json "
+                              f"({_dcp_failure(error)})") from None
+
+
+def load_sharded_state(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load the model and optimizer state of the sharded checkpoint in `folder` into `model` (sharded with
+    FSDP over any number of ranks, or whole on one process) and `optimizer`, resharding as needed. Under a
+    process group every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    with reading(folder) as snapshot:
+        _load_sharded(snapshot, state)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def save_sharded_checkpoint(out: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                            model_config: ModelConfig, train_config: TrainConfig, step: int, trainer_state: dict,
+                            run_id: str, main: bool, any_rank) -> None:
+    """Write the sharded checkpoint of `step` into `out` atomically (see the module docstring): every rank
+    calls it; each writes its shards of `model` and `optimizer` into the staging folder's `dcp/` (a
+    filesystem all ranks share), then `main` (rank 0) writes `config.json`, `trainer_state.pt` (this rank's
+    `trainer_state`: sampler and RNG) and `SHA256SUMS` and publishes. `any_rank(flag)` is True on every
+    rank when `flag` is on any: a failure on one rank raises `CheckpointError` on all, and the previous
+    checkpoint stays."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    out = Path(out)
+    staging = out / STAGING
+    failure: str | None = None
+
+    def agree(stage: str) -> None:
+        if any_rank(failure is not None):
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)
+            reason = failure or "another rank failed"
+            raise CheckpointError(f"could not save the checkpoint of step {step} in {out} ({stage}: {reason}); "
+                                  "the previous checkpoint is unchanged")
+
+    if main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with locks.publishing(out):
+                _finish_interrupted_save(out)
+            staging.mkdir()
+        except OSError as error:
+            failure = error.strerror or str(error)
+    agree("staging")
+    try:
+        state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+        with _one_process_is_meant():
+            dcp.save(state, checkpoint_id=staging / DCP, no_dist=not torch.distributed.is_initialized())
+    except Exception as error:  # DCP wraps each rank's OSError in its own exception types
+        failure = _dcp_failure(error)
+    agree("shards")
+    if main:
+        config = {"format_version": SHARDED_FORMAT, "step": step, "model": to_dict(model_config),
+                  "train": to_dict(train_config), "run_id": run_id}
+        state = io.BytesIO()
+        torch.save({**trainer_state, "step": step}, state)
+        contents = {STATE: state.getvalue(), CONFIG: (json.dumps(config, indent=2) + "\n").encode()}
+        try:
+            sums = {name: _sha256(data) for name, data in contents.items()}
+            for path in sorted((staging / DCP).iterdir()):
+                sums[f"{DCP}/{path.name}"] = _sha256_file(path)
+            contents[SUMS] = "".join(f"{digest}  {name}\n" for name, digest in sums.items()).encode()
+            for name, data in contents.items():
+                _write(staging / name, data)
+            _fsync_dir(staging / DCP)
+            _fsync_dir(staging)
+            _write(staging / COMPLETE, str(step).encode())
+            _fsync_dir(staging)
+        except OSError as error:
+            failure = error.strerror or str(error)
+    agree("publishing")
+    if main:
+        with locks.publishing(out):
+            _finish_interrupted_save(out)

@@ -28,7 +28,7 @@ MODEL_FLAGS = {"dim": "dim", "depth": "depth", "heads": "heads", "dim_head": "di
 TRAIN_FLAGS = ["data", "steps", "batch_size", "grad_accum", "seq_len", "lr", "warmup_steps", "lr_decay_steps",
                "min_lr_ratio", "weight_decay", "max_grad_norm", "seed", "eval_every", "eval_batches", "save_every",
                "log_every", "sample_length", "precision", "device", "compile", "context_parallel"]
-TRAIN_FLAGS += ["text_field", "pack"]
+TRAIN_FLAGS += ["text_field", "pack", "fsdp"]
 
 
 def layer_windows(text: str) -> list:
@@ -106,6 +106,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch.compile the model (default: no; a resumed run keeps its setting unless given)")
     add("--context-parallel", type=pos, help="under torchrun: ranks that split each sequence (it divides the "
                                              "number of processes; the rest are data-parallel; default: 1)")
+    add("--fsdp", action="store_true", default=None,
+        help="under torchrun: shard the model, its gradients and optimizer state over the processes (FSDP2; "
+             "with --context-parallel over all of them), checkpoints through torch.distributed.checkpoint, "
+             "resumable on any number of processes (a resumed run keeps it; default: no, DDP)")
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
     start.add_argument("--overwrite", action="store_true",
@@ -142,6 +146,10 @@ def configs_from_args(args) -> tuple[ModelConfig, TrainConfig, int | None]:
             flag = next(f for f, name in MODEL_FLAGS.items() if name == field).replace("_", "-")
             raise ValueError(f"--{flag} {value} differs from the checkpoint's {getattr(model_config, field)}; "
                              "a resumed run keeps its model")
+    if train_given.get("fsdp", train_config.fsdp) != train_config.fsdp:
+        how = "sharded (with --fsdp)" if train_config.fsdp else "whole (without --fsdp)"
+        raise ValueError(f"--fsdp: the checkpoint in {args.out} was saved {how}; a resumed run keeps its "
+                         "checkpoint's format")
     for name, value in train_given.items():
         if name not in RUN_CONTROL and getattr(train_config, name) != value:
             raise ValueError(f"--{name.replace('_', '-')} {value} differs from the checkpoint's "

@@ -100,6 +100,7 @@ class TrainConfig:
     device: str = "cpu"
     compile: bool = False
     context_parallel: int = 1  # ranks per sequence under torchrun (each holds seq_len / context_parallel)
+    fsdp: bool = False  # shard the model over the ranks (FSDP2); checkpoints through DCP (dcp/)
 
     def __post_init__(self):
         """Every field checked (a config.json may hold anything): ValueError/TypeError naming the field."""
@@ -130,6 +131,7 @@ class TrainConfig:
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         check_bool("compile", self.compile)
+        check_bool("fsdp", self.fsdp)
 
     @property
     def decay_steps(self) -> int:
@@ -152,5 +154,10 @@ def from_dict(cls, data: dict):
     return cls(**data)
 
 
+# Fields written to config.json only when set: a run without them writes what an older release wrote (and
+# that release can read it).
+OMITTED_WHEN_OFF = {"fsdp"}
+
+
 def to_dict(config) -> dict:
-    return asdict(config)
+    return {name: value for name, value in asdict(config).items() if value or name not in OMITTED_WHEN_OFF}

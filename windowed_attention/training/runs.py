@@ -1,6 +1,7 @@
 """Run folders from Python: load a trained model with its byte tokenizer, save a model as a run folder.
 
-A run folder is what `windowed-attention train` writes (`config.json`, `model.safetensors`, ...);
+A run folder is what `windowed-attention train` writes (`config.json`, `model.safetensors`, ...; a sharded
+run of `train --fsdp` holds `dcp/` instead of `model.safetensors`, read here as one whole model);
 `load_run` gives back the `LocalTransformer` (eval mode), its `ModelConfig`, step and tokenizer;
 `save_run` writes a model in the same format (atomically), so `load_run` and
 `windowed-attention generate --checkpoint` read it.

@@ -31,8 +31,8 @@ from ..ops.call import AttentionCall
 from . import distributed
 from ..cli_types import Interrupted, say
 from ..extras import require
-from .checkpoint import (CheckpointError, has_checkpoint, load_config, load_run_id, load_trainer_state, load_weights,
-                         remove_checkpoint, save_checkpoint)
+from .checkpoint import (CheckpointError, has_checkpoint, load_config, load_run_id, load_sharded_state,
+                         load_trainer_state, load_weights, remove_checkpoint, save_checkpoint, save_sharded_checkpoint)
 from .config import ModelConfig, TrainConfig
 from .data import BatchSampler, decode_bytes, eval_batches, load_corpus
 from .locks import RunFolderBusy, RunLock
@@ -128,6 +128,20 @@ def evaluate(model: torch.nn.Module, batches: list, device: torch.device, autoca
     return total / count if count else math.nan
 
 
+def whole_model(model: torch.nn.Module, model_config: ModelConfig, device: torch.device,
+                info: distributed.DistInfo) -> torch.nn.Module | None:
+    """The sharded `model` gathered whole into a plain copy on rank 0 (None on the other ranks, which must
+    call it too), built without drawing from the seeded generators (a resumed run draws what an
+    uninterrupted one draws)."""
+    state = distributed.whole_state(model)
+    if not info.is_main:
+        return None
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        copy = model_config.build()
+    copy.load_state_dict(state)
+    return copy.to(device)
+
+
 def sample_text(model, prime: torch.Tensor, length: int, seed: int, device: torch.device) -> str:
     generator = torch.Generator(device=device).manual_seed(seed)
     tokens = generate(model, prime[None].to(device), length, temperature=0.8, filter_thres=0.9, generator=generator)
@@ -164,6 +178,7 @@ def opening_line(model: torch.nn.Module, corpus, config: TrainConfig, device: to
     extra += ", packed documents" if config.pack else ""
     extra += f", {info.world_size} processes" if info.world_size > 1 else ""
     extra += f", context parallel {info.context_parallel}" if info.context_parallel > 1 else ""
+    extra += ", FSDP" if info.sharded else ""
     return (f"training {params / 1e6:.2f}M parameters on {corpus_name} ({_bytes(corpus.train.numel())} train, "
             f"{_bytes(corpus.val.numel())} validation), sequence {config.seq_len}, window {window}, "
             f"attention backend {backend} ({device.type}, {config.precision}{extra})")
@@ -242,9 +257,14 @@ def train(model_config: ModelConfig, config: TrainConfig, out: str | Path, *, re
         raise ValueError(f"--seq-len {config.seq_len} must divide by --context-parallel {config.context_parallel}")
     if config.compile and config.context_parallel > 1:
         raise ValueError("--compile cannot be combined with --context-parallel (the halo exchange is not compiled)")
+    if config.compile and config.fsdp:
+        raise ValueError("--compile cannot be combined with --fsdp (a compiled sharded model is not tested here)")
+    if config.fsdp and model_config.num_residual_streams > 1:
+        raise ValueError(f"--fsdp cannot shard --residual-streams {model_config.num_residual_streams}: hyper-connections "
+                         "hold scalar parameters, which FSDP's fully_shard refuses; use --residual-streams 1")
     out = Path(out)
     created = not out.exists()
-    info = distributed.setup(config.device, config.context_parallel)
+    info = distributed.setup(config.device, config.context_parallel, config.fsdp)
     lock = RunLock(out)
     with StopSignal(announce=info.is_main) as stop:
         try:
@@ -344,18 +364,25 @@ def _train(model_config, config, out, resume_step, progress, info, started, stop
 
     # model and optimizer
     model = model_config.build().to(device)
-    optimizer = make_optimizer(model, config)
     step = 0
     run_id = uuid.uuid4().hex[:16]  # ties metrics.jsonl to its checkpoint
+    if config.fsdp:  # sharded in place before the optimizer is made: it holds the shards
+        train_model = distributed.wrap(model, info, device, bf16=config.precision == "bf16")
+    optimizer = make_optimizer(model, config)
     if resume_step is not None:
         run_id = load_run_id(out) or run_id
-        load_weights(out, model, resume_step)
+        if not config.fsdp:
+            load_weights(out, model, resume_step)
         state = load_trainer_state(out, resume_step)
-        optimizer.load_state_dict(state["optimizer"])
+        if config.fsdp:  # dcp/: model and optimizer, resharded from any number of ranks
+            load_sharded_state(out, model, optimizer)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         step = resume_step
-    train_model = distributed.wrap(model, info, device)
+    if not config.fsdp:
+        train_model = distributed.wrap(model, info, device)
     if config.compile:
         train_model = torch.compile(train_model)
     use_bf16 = config.precision == "bf16"
@@ -369,7 +396,14 @@ def _train(model_config, config, out, resume_step, progress, info, started, stop
     tokens_per_step = config.batch_size * config.grad_accum * info.dp_size * config.seq_len
 
     def checkpoint():
-        if info.is_main:
+        if config.fsdp:  # every rank writes its shards
+            state = {"sampler": sampler.state_dict(), "rng": rng_state()}
+            agree = lambda flag: distributed.any_rank(flag, info, device)  # noqa: E731
+            with stop.saving():
+                save_sharded_checkpoint(out, model=model, optimizer=optimizer, model_config=model_config,
+                                        train_config=config, step=step, trainer_state=state, run_id=run_id,
+                                        main=info.is_main, any_rank=agree)
+        elif info.is_main:
             state = {"optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(), "rng": rng_state()}
             with stop.saving():
                 save_checkpoint(out, model=model, model_config=model_config, train_config=config, step=step,
@@ -394,14 +428,15 @@ def _train(model_config, config, out, resume_step, progress, info, started, stop
         for micro in range(config.grad_accum):
             batch, documents = sampler.next()
             batch, documents = batch.to(device), None if documents is None else documents.to(device)
-            sync = micro == config.grad_accum - 1 or not info.enabled
+            # (FSDP reduce-scatters every micro-batch's gradients: no whole gradient is kept between them)
+            sync = micro == config.grad_accum - 1 or not info.enabled or info.sharded
             with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
                 loss = batch_loss(train_model, batch, info, model.ignore_index, documents)
             # each rank's gradient is its share of its sequences'; DDP averages over all ranks, so the
             # context_parallel factor makes that the mean over data-parallel rows of the sums over shards
             (loss * info.context_parallel / config.grad_accum).backward()
             loss_sum += loss.detach().float()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        grad_norm = distributed.local_value(torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -418,15 +453,19 @@ def _train(model_config, config, out, resume_step, progress, info, started, stop
         record = {"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
                   "tokens": step * tokens_per_step}
         evaluating = (step % config.eval_every == 0 or last) and not stopped  # a stop saves first, at once
-        if info.dp_rank == 0 and evaluating:  # the first mesh row evaluates
+        if (info.dp_rank == 0 or info.sharded) and evaluating:  # the first mesh row (a sharded model: all) evaluates
             val_loss = evaluate(model, val_batches, device, autocast, info)
+        sample_from = None if info.sharded else model
+        if info.sharded and evaluating and config.sample_length > 0:  # samples from the whole model, on rank 0
+            if not distributed.any_rank(stop.received is not None, info, device):
+                sample_from = whole_model(model, model_config, device, info)
         if info.is_main and evaluating:
             record.update(val_loss=val_loss, val_bpc=bits_per_byte(val_loss))
             result.val_loss, result.val_bpc = val_loss, record["val_bpc"]
             show(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
                  f"val {record['val_bpc']:.3f} bits/byte")
-            if config.sample_length > 0 and stop.received is None:
-                text = sample_text(model, prime, config.sample_length, config.seed + step, device)
+            if config.sample_length > 0 and stop.received is None and sample_from is not None:
+                text = sample_text(sample_from, prime, config.sample_length, config.seed + step, device)
                 show(f"--- sample after {decode_bytes(prime.tolist())!r} ---\n{text}\n---")
         if info.is_main and (step % config.log_every == 0 or "val_loss" in record or last or stopped):
             record["elapsed_s"] = round(time.perf_counter() - started, 3)

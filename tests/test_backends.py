@@ -439,19 +439,24 @@ def test_fused_pool_can_be_turned_off():
         assert (int(done.stdout.split()[-1]) > 0) == pooled, (cap, done.stdout)
 
 
-@pytest.fixture(params=[False, True], ids=["mkl-bf16-gemm", "own-bf16-gemm"])
-def bf16_gemm(request):
-    """The fused kernel with MKL's bfloat16 GEMM, then with ours (AVX512-BF16; skipped on CPUs without it)."""
-    from windowed_attention.ops import fused_cpu
-
+def _gemm_choice(own: bool, kind: str, instructions: str):
+    """The fused kernel with MKL's `kind` GEMM (own False) or ours (skipped on CPUs without `instructions`),
+    the previous choice restored afterwards."""
     kernel = fused_cpu.kernel()
-    before = kernel.own_bf16_gemm()
+    current, use = getattr(kernel, f"own_{kind}_gemm"), getattr(kernel, f"use_own_{kind}_gemm")
+    before = current()
     try:
-        if kernel.use_own_bf16_gemm(request.param) != request.param:
-            pytest.skip("this CPU has no AVX512-BF16")
+        if use(own) != own:
+            pytest.skip(f"this CPU has no {instructions}")
         yield kernel
     finally:
-        kernel.use_own_bf16_gemm(before)
+        use(before)
+
+
+@pytest.fixture(params=[False, True], ids=["mkl-bf16-gemm", "own-bf16-gemm"])
+def bf16_gemm(request):
+    """The fused kernel with MKL's bfloat16 GEMM, then with ours (AVX512-BF16)."""
+    yield from _gemm_choice(request.param, "bf16", "AVX512-BF16")
 
 
 def test_bf16_gemm_matches_float64_in_every_layout(bf16_gemm):
@@ -478,15 +483,8 @@ def test_fused_bfloat16_matches_reference_through_either_gemm(bf16_gemm, pb):
 
 @pytest.fixture(params=[False, True], ids=["mkl-f32-gemm", "own-f32-gemm"])
 def f32_gemm(request):
-    """The fused kernel with MKL's float32 GEMM, then with ours (AVX-512F; skipped on CPUs without it)."""
-    kernel = fused_cpu.kernel()
-    before = kernel.own_f32_gemm()
-    try:
-        if kernel.use_own_f32_gemm(request.param) != request.param:
-            pytest.skip("this CPU has no AVX-512F")
-        yield kernel
-    finally:
-        kernel.use_own_f32_gemm(before)
+    """The fused kernel with MKL's float32 GEMM, then with ours (AVX-512F)."""
+    yield from _gemm_choice(request.param, "f32", "AVX-512F")
 
 
 # (m, n, k): tiny ones, the tails of the 6 x 64 tiles and of the 16-wide transposes, k = 0, k in several

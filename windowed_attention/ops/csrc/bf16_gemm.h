@@ -17,8 +17,9 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_features.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
-#include <cpuid.h>
 #include <immintrin.h>
 #define BF16_GEMM_AVAILABLE 1
 #else
@@ -33,22 +34,10 @@ constexpr int64_t NR = 32;  // columns of a micro-tile: two vectors of 16 floats
 constexpr int64_t MR = 8;   // rows of a micro-tile
 
 // Whether this CPU and OS run this GEMM: AVX512F and AVX512-BF16, with the OS saving the AVX-512 state.
-inline bool supported() {
-  unsigned a = 0, b = 0, c = 0, d = 0;
-  if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return false;  // OSXSAVE
-  unsigned lo = 0, hi = 0;
-  __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-  if ((lo & 0xe6) != 0xe6) return false;  // XMM, YMM, opmask and ZMM state enabled
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((b >> 16) & 1)) return false;  // AVX512F
-  return __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1);               // AVX512-BF16
-}
+inline bool supported() { return cpu_features::avx512f() && cpu_features::avx512_bf16(); }
 
 // Whether it should be used: supported, and no AMX-BF16 (with AMX, MKL's bf16 GEMM is far faster).
-inline bool preferred() {
-  unsigned a = 0, b = 0, c = 0, d = 0;
-  const bool amx_bf16 = __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((d >> 22) & 1);
-  return supported() && !amx_bf16;
-}
+inline bool preferred() { return supported() && !cpu_features::amx_bf16(); }
 
 inline uint32_t pair(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
 

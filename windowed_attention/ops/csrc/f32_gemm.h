@@ -18,8 +18,9 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu_features.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
-#include <cpuid.h>
 #include <immintrin.h>
 #define F32_GEMM_AVAILABLE 1
 #else
@@ -37,14 +38,7 @@ constexpr int64_t NR = 16 * NV;  // columns of a micro-tile (and of a packed pan
 constexpr int64_t KC = 256;      // the longest sum over k kept in registers
 
 // Whether this CPU and OS run this GEMM: AVX512F, with the OS saving the AVX-512 state.
-inline bool supported() {
-  unsigned a = 0, b = 0, c = 0, d = 0;
-  if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return false;  // OSXSAVE
-  unsigned lo = 0, hi = 0;
-  __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-  if ((lo & 0xe6) != 0xe6) return false;  // XMM, YMM, opmask and ZMM state enabled
-  return __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((b >> 16) & 1);  // AVX512F
-}
+inline bool supported() { return cpu_features::avx512f(); }
 
 // Whether it should be used: wherever it is supported (measured against MKL on AMD Zen 4 only, where MKL
 // takes its AVX2 path; on Intel CPUs MKL's own AVX-512 code is at least as fast on large products).

@@ -42,7 +42,15 @@ class AttentionCall:
     query_offset: int = 0
 
     def features(self) -> frozenset[str]:
-        """The options this call uses (a subset of `ALL_FEATURES`)."""
+        """The options this call uses (a subset of `ALL_FEATURES`); computed once per call value (`with_` makes
+        a new one)."""
+        used = self.__dict__.get("_features")
+        if used is None:
+            used = self._features_of()
+            object.__setattr__(self, "_features", used)
+        return used
+
+    def _features_of(self) -> frozenset[str]:
         spec = self.spec
         used = {
             "mask": self.mask is not None,

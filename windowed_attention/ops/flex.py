@@ -1,8 +1,9 @@
 """Local attention on FlexAttention (backend "flex"): a block mask skips every empty tile.
 
-The window rule becomes a `mask_mod` (block mask cached per shape when no key padding mask is given;
-documents, sink tokens and shorter queries build theirs with `create_block_mask`), softcap, `attn_bias`
-and the shared-qk rule become a `score_mod`, learned sinks renormalise the output by the log-sum-exp.
+The call's rule becomes a `mask_mod` and a block mask built from key ranges (`_block_mask`: key masks,
+documents and sink tokens folded in, so only the partial tiles evaluate the `mask_mod`; cached per geometry
+when there is no key mask or documents), softcap, `attn_bias` and the shared-qk rule become a `score_mod`,
+learned sinks renormalise the output by the log-sum-exp.
 Compiled once per process (torch.compile), on CUDA and on CPU; on CPU it computes the forward only
 (torch 2.13's FlexAttention has no CPU backward): a CPU call that needs gradients is refused by name, and
 `auto` never picks flex there. No `key_scale` (xpos) and no dropout.

@@ -206,7 +206,7 @@ def local_attention(
     the sink tokens a rank's queries see) travel between ranks, point to point. Shorter queries are refused
     with a group.
     """
-    if group is None:
+    if group is None and not torch.compiler.is_compiling():  # traced code validates once, when traced
         key = _plan_key(q, k, v, window_size, causal, look_backward, look_forward, exact_windowsize, mask, attn_bias,
                         scale, dropout_p, shared_qk, backend, documents, sinks, sink_tokens, softcap)
         plan = PLANS.get(key)
@@ -216,7 +216,7 @@ def local_attention(
             PLANS.put(key, plan)
         else:  # availability may change (a failed build): the explicit name is checked every call, cheaply
             backends.check_name(backend, q.device)
-    else:  # the halo exchange checks the ranks agree; the bias is checked for the whole sequence
+    else:  # (with a group: the halo exchange checks the ranks agree; the bias is for the whole sequence)
         plan = _check(q, k, v, window_size, causal, look_backward, look_forward, exact_windowsize, mask, attn_bias,
                       scale, dropout_p, shared_qk, backend, group, documents, sinks, sink_tokens, softcap)
     if plan.empty:  # nothing to attend (no batch size can be inferred)

@@ -47,9 +47,11 @@ class AttentionCall:
         a new one)."""
         used = self.__dict__.get("_features")
         if used is None:
-            used = _features(self.spec, self.mask is not None, self.attn_bias is not None, bool(self.mask_self),
-                             self.key_scale is not None, self.dropout_p > 0.0, self.documents is not None,
-                             self.sinks is not None, self.query_offset > 0)
+            # traced code calls the function itself (dynamo would warn that it skips the cache)
+            features = _features.__wrapped__ if torch.compiler.is_compiling() else _features
+            used = features(self.spec, self.mask is not None, self.attn_bias is not None, bool(self.mask_self),
+                            self.key_scale is not None, self.dropout_p > 0.0, self.documents is not None,
+                            self.sinks is not None, self.query_offset > 0)
             object.__setattr__(self, "_features", used)
         return used
 

@@ -376,10 +376,11 @@ def fused_cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call:
         key_scale = None if call.key_scale is None else _dense(call.key_scale.detach(), acc)
         documents = None if documents is None else _dense(documents, torch.int64)
         sinks = None if call.sinks is None else _dense(call.sinks, acc)
-        options = _options(call.spec, call.scale, call.mask_self, call.dropout_p)
-        if _needs_op(q, k, v, bias, sinks):
+        if _needs_op(q, k, v, bias, sinks):  # traced code calls `_options` itself (dynamo skips caches, warning)
+            options = _options.__wrapped__(call.spec, call.scale, call.mask_self, call.dropout_p)
             out, _ = attention_forward(q, k, v, bias, keep, key_scale, seed, documents, sinks, *options)
         else:  # the kernel itself: what the op would call, without its dispatch and autograd wrapper
+            options = _options(call.spec, call.scale, call.mask_self, call.dropout_p)
             out, _ = (_state.get("ops") or kernel()).forward(q, k, v, bias, keep, key_scale, documents, sinks,
                                                              *options, 0 if seed is None else int(seed))
         return out

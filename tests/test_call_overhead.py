@@ -156,9 +156,15 @@ def test_the_key_never_holds_tensor_values_and_value_checks_run_on_a_hit():
 
 def test_an_unhashable_argument_is_not_cached_and_still_checked():
     q = torch.randn(1, 8, 4)
-    assert api._plan_key(q, q, q, {}, *([None] * 14)) is None
-    with pytest.raises(TypeError, match="window_size"):
-        local_attention(q, q, q, window_size={})
+    assert api._plan_key([q], q, q, 4, *([None] * 14)) is None
+    unhashable = api._plan_key(q, q, q, {}, *([None] * 14))
+    api.PLANS.clear()
+    for _ in range(2):
+        with pytest.raises(TypeError, match="window_size"):
+            local_attention(q, q, q, window_size={})
+        with pytest.raises(TypeError, match="window_size"):
+            local_attention(q, q, q, window_size=[{}, 0])
+    assert api.PLANS.get(unhashable) is None and not api.PLANS.entries and api.PLANS.hits == 0
 
 
 def test_the_plan_cache_is_least_recently_used():

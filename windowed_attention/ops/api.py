@@ -281,8 +281,9 @@ def _plan_key(q, k, v, window_size, causal, look_backward, look_forward, exact_w
               dropout_p, shared_qk, backend, documents, sinks, sink_tokens, softcap) -> tuple | None:
     """The cache key of a call's `Plan`: every tensor argument as its type, shape, dtype and device (never its
     values, which `_check` does not read) and every other one as its type beside its value (`True == 1 == 1.0`
-    must not share an entry; a `window_size` pair element by element). None (no caching) for an argument
-    that is not what it should be, which `_check` then refuses."""
+    must not share an entry; a `window_size` pair element by element). None for a tensor argument that is
+    not a tensor, and an unhashable key for an unhashable argument: neither is cached, and `_check` refuses
+    them."""
     try:
         tensors = tuple(None if t is None else (type(t), t.shape, t.dtype, t.device)
                         for t in (q, k, v, mask, attn_bias, documents, sinks))
@@ -290,23 +291,24 @@ def _plan_key(q, k, v, window_size, causal, look_backward, look_forward, exact_w
             window_size = type(window_size), tuple(map(type, window_size)), tuple(window_size)
         options = (window_size, causal, look_backward, look_forward, exact_windowsize, scale, dropout_p, shared_qk,
                    backend, sink_tokens, softcap)
-        key = (tensors, tuple(map(type, options)), options)
-        hash(key)
-    except (AttributeError, TypeError):
+    except AttributeError:
         return None
-    return key
+    return tensors, tuple(map(type, options)), options
 
 
 class PlanCache:
-    """A small least-recently-used map from `_plan_key` to `Plan` (`size` entries); the key None (a call
-    `_plan_key` does not key) is never stored and always misses."""
+    """A small least-recently-used map from `_plan_key` to `Plan` (`size` entries); the key None and an
+    unhashable key are never stored and always miss."""
 
     def __init__(self, size: int = 64):
         self.size, self.entries = size, OrderedDict()
         self.hits = self.misses = 0
 
     def get(self, key) -> Plan | None:
-        plan = None if key is None else self.entries.get(key)
+        try:
+            plan = None if key is None else self.entries.get(key)
+        except TypeError:  # unhashable
+            plan = None
         if plan is None:
             self.misses += 1
             return None
@@ -317,7 +319,10 @@ class PlanCache:
     def put(self, key, plan: Plan) -> None:
         if key is None:
             return
-        self.entries[key] = plan
+        try:
+            self.entries[key] = plan
+        except TypeError:  # unhashable
+            return
         if len(self.entries) > self.size:
             self.entries.popitem(last=False)
 

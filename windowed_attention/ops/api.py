@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -297,38 +298,41 @@ def _plan_key(q, k, v, window_size, causal, look_backward, look_forward, exact_w
 
 
 class PlanCache:
-    """A small least-recently-used map from `_plan_key` to `Plan` (`size` entries); the key None and an
-    unhashable key are never stored and always miss."""
+    """A small least-recently-used map from `_plan_key` to `Plan` (`size` entries), safe across threads; the
+    key None and an unhashable key are never stored and always miss."""
 
     def __init__(self, size: int = 64):
         self.size, self.entries = size, OrderedDict()
         self.hits = self.misses = 0
+        self._lock = threading.Lock()
 
     def get(self, key) -> Plan | None:
-        try:
-            plan = None if key is None else self.entries.get(key)
-        except TypeError:  # unhashable
-            plan = None
-        if plan is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self.entries.move_to_end(key)
-        return plan
+        with self._lock:
+            try:
+                plan = None if key is None else self.entries.get(key)
+            except TypeError:  # unhashable
+                plan = None
+            if plan is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self.entries.move_to_end(key)
+            return plan
 
     def put(self, key, plan: Plan) -> None:
-        if key is None:
-            return
-        try:
-            self.entries[key] = plan
-        except TypeError:  # unhashable
-            return
-        if len(self.entries) > self.size:
-            self.entries.popitem(last=False)
+        with self._lock:
+            try:
+                if key is not None:
+                    self.entries[key] = plan
+            except TypeError:  # unhashable
+                return
+            if len(self.entries) > self.size:
+                self.entries.popitem(last=False)
 
     def clear(self) -> None:
-        self.entries.clear()
-        self.hits = self.misses = 0
+        with self._lock:
+            self.entries.clear()
+            self.hits = self.misses = 0
 
 
 # Validation results by call metadata (docs/design.md, "Per-call overhead").

@@ -114,19 +114,24 @@ extern "C" __attribute__((weak)) int MKL_Set_Num_Threads_Local(int);
 template <typename F>
 void parallel_tasks(int64_t tasks, double work, const F& f) {
   const int64_t grain = grain_for(tasks, work);
-  if (tasks > grain && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+  const bool threads = at::get_num_threads() > 1 && !at::in_parallel_region();
+  if (tasks > grain && threads) {
     at::parallel_for(0, tasks, grain, f);
     return;
   }
   if (tasks <= 0) return;
-  const int previous = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+  if (!threads || !MKL_Set_Num_Threads_Local) {  // MKL runs on one thread already
+    f(0, tasks);
+    return;
+  }
+  const int previous = MKL_Set_Num_Threads_Local(1);
   try {
     f(0, tasks);
   } catch (...) {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
+    MKL_Set_Num_Threads_Local(previous);
     throw;
   }
-  if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
+  MKL_Set_Num_Threads_Local(previous);
 }
 
 // A row's visible columns: up to three ascending, disjoint ranges [x0, x1): sink tokens before its window,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -15,6 +19,7 @@ from .spec import WindowSpec
 from .validation import (
     check_attn_bias,
     check_bool,
+    check_document_order,
     check_documents,
     check_int,
     check_look,
@@ -31,12 +36,14 @@ from .validation import (
 def pack_leading(*tensors: torch.Tensor) -> tuple[tuple[int, ...], list[torch.Tensor]]:
     """`(..., n, d) -> (P, n, d)` for each tensor (a view when possible; einops.pack would always copy)."""
     lead = tuple(tensors[0].shape[:-2])
-    return lead, [t.reshape(-1, *t.shape[-2:]) for t in tensors]
+    if len(lead) == 1:
+        return lead, list(tensors)
+    return lead, [t.reshape(-1, t.shape[-2], t.shape[-1]) for t in tensors]
 
 
 def unpack_leading(out: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
     """`(P, n, d) -> (..., n, d)`: undo `pack_leading`."""
-    return out.reshape(*lead, *out.shape[-2:])
+    return out if len(lead) == 1 else out.reshape(*lead, *out.shape[-2:])
 
 
 def make_spec(window_size, causal, look_backward, look_forward, exact_windowsize, sink_tokens=0,
@@ -200,20 +207,63 @@ def local_attention(
     the sink tokens a rank's queries see) travel between ranks, point to point. Shorter queries are refused
     with a group.
     """
+    if group is None and not torch.compiler.is_compiling():  # traced code validates once, when traced
+        key = _plan_key(q, k, v, window_size, causal, look_backward, look_forward, exact_windowsize, mask, attn_bias,
+                        scale, dropout_p, shared_qk, backend, documents, sinks, sink_tokens, softcap)
+        plan = PLANS.get(key)
+        if plan is None:
+            plan = _check(q, k, v, window_size, causal, look_backward, look_forward, exact_windowsize, mask, attn_bias,
+                          scale, dropout_p, shared_qk, backend, None, documents, sinks, sink_tokens, softcap)
+            PLANS.put(key, plan)
+        else:  # availability may change (a failed build): the explicit name is checked every call, cheaply
+            backends.check_name(backend, q.device)
+    else:  # (with a group: the halo exchange checks the ranks agree; the bias is for the whole sequence)
+        plan = _check(q, k, v, window_size, causal, look_backward, look_forward, exact_windowsize, mask, attn_bias,
+                      scale, dropout_p, shared_qk, backend, group, documents, sinks, sink_tokens, softcap)
+    if plan.empty:  # nothing to attend (no batch size can be inferred)
+        return empty_result(q, k, v, sinks)
+    if documents is not None:  # reads the values: every call
+        check_document_order(documents)
+    lead, (q, k, v) = pack_leading(q, k, v)
+    if plan.shared_qk:
+        k = normalize_keys(k)
+    call = AttentionCall(
+        plan.spec, plan.scale, mask=mask, attn_bias=attn_bias, mask_self=plan.shared_qk, dropout_p=plan.dropout_p,
+        documents=None if documents is None else documents.long(), sinks=sinks, query_offset=plan.query_offset,
+    )
+    out = attend(q, k, v, call, backend=backend, group=group)
+    return unpack_leading(out, lead)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `local_attention`'s validation makes of a call's metadata (shapes, dtypes, devices and the
+    options' types and values): a pure function of them, so `PLANS` caches it (`_plan_key`)."""
+
+    spec: WindowSpec
+    scale: float
+    shared_qk: bool
+    dropout_p: float
+    query_offset: int
+    empty: bool  # no queries or no keys: the result is `empty_result`
+
+
+def _check(q, k, v, window_size, causal, look_backward, look_forward, exact_windowsize, mask, attn_bias, scale,
+           dropout_p, shared_qk, backend, group, documents, sinks, sink_tokens, softcap) -> Plan:
+    """Every check of `local_attention`'s arguments that reads no tensor's values (errors name the argument)."""
     check_qkv(q, k, v)
     spec = make_spec(window_size, causal, look_backward, look_forward, exact_windowsize, sink_tokens, softcap)
     shared_qk = check_bool("shared_qk", shared_qk)
     dropout_p = check_probability("dropout_p", dropout_p)
     scale = check_scale(scale)
-    backend = backends.check_name(backend, q.device)
-
+    backends.check_name(backend, q.device)
     n_q, n = q.shape[-2], k.shape[-2]
-    if group is None and (q.numel() == 0 or k.numel() == 0):  # nothing to attend (no batch size can be inferred)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if group is None and (q.numel() == 0 or k.numel() == 0):
         if sinks is not None:
             check_sinks(sinks, 0, q)
-        return empty_result(q, k, v, sinks)
-    lead, (q, k, v) = pack_leading(q, k, v)
-    packed = q.shape[0]
+        return Plan(spec, scale, shared_qk, dropout_p, n - n_q, True)
+    packed = q.shape[:-2].numel()
     if mask is not None:
         check_mask(mask, packed, n, q.device)
     if attn_bias is not None:  # for the window of the whole sequence (all shards with a group)
@@ -222,16 +272,68 @@ def local_attention(
                              "blocks'); use an int window_size with look_backward/look_forward")
         check_attn_bias(attn_bias, packed, spec, n if group is None else n * group_info(group)[1], q.device)
     if documents is not None:
-        check_documents(documents, packed, n, q.device)
+        check_documents(documents, packed, n, q.device, order=False)
     if sinks is not None:
         check_sinks(sinks, packed, q)
+    return Plan(spec, scale, shared_qk, dropout_p, n - n_q, False)
 
-    if shared_qk:
-        k = normalize_keys(k)
-    call = AttentionCall(
-        spec, q.shape[-1] ** -0.5 if scale is None else scale, mask=mask, attn_bias=attn_bias, mask_self=shared_qk,
-        dropout_p=dropout_p, documents=None if documents is None else documents.long(), sinks=sinks,
-        query_offset=n - n_q,
-    )
-    out = attend(q, k, v, call, backend=backend, group=group)
-    return unpack_leading(out, lead)
+
+def _plan_key(q, k, v, window_size, causal, look_backward, look_forward, exact_windowsize, mask, attn_bias, scale,
+              dropout_p, shared_qk, backend, documents, sinks, sink_tokens, softcap) -> tuple | None:
+    """The cache key of a call's `Plan`: every tensor argument as its type, shape, dtype and device (never its
+    values, which `_check` does not read) and every other one as its type beside its value (`True == 1 == 1.0`
+    must not share an entry; a `window_size` pair element by element). None for a tensor argument that is
+    not a tensor, and an unhashable key for an unhashable argument: neither is cached, and `_check` refuses
+    them."""
+    try:
+        tensors = tuple(None if t is None else (type(t), t.shape, t.dtype, t.device)
+                        for t in (q, k, v, mask, attn_bias, documents, sinks))
+        if isinstance(window_size, (tuple, list)):
+            window_size = type(window_size), tuple(map(type, window_size)), tuple(window_size)
+        options = (window_size, causal, look_backward, look_forward, exact_windowsize, scale, dropout_p, shared_qk,
+                   backend, sink_tokens, softcap)
+    except AttributeError:
+        return None
+    return tensors, tuple(map(type, options)), options
+
+
+class PlanCache:
+    """A small least-recently-used map from `_plan_key` to `Plan` (`size` entries), safe across threads; the
+    key None and an unhashable key are never stored and always miss."""
+
+    def __init__(self, size: int = 64):
+        self.size, self.entries = size, OrderedDict()
+        self.hits = self.misses = 0
+        self._lock = threading.Lock()
+
+    def get(self, key) -> Plan | None:
+        with self._lock:
+            try:
+                plan = None if key is None else self.entries.get(key)
+            except TypeError:  # unhashable
+                plan = None
+            if plan is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self.entries.move_to_end(key)
+            return plan
+
+    def put(self, key, plan: Plan) -> None:
+        with self._lock:
+            try:
+                if key is not None:
+                    self.entries[key] = plan
+            except TypeError:  # unhashable
+                return
+            if len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.entries.clear()
+            self.hits = self.misses = 0
+
+
+# Validation results by call metadata (docs/design.md, "Per-call overhead").
+PLANS = PlanCache()

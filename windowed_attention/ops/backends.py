@@ -13,6 +13,7 @@ tested without a GPU.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Mapping
 
 import torch
@@ -131,5 +132,12 @@ def choose(q: torch.Tensor, call: AttentionCall, *, value_dim: int | None = None
     available = availability()
     if torch.compiler.is_compiling():  # sdpa's autograd.Function takes strided views dynamo cannot trace:
         available["sdpa"] = False      # traced code without the fused kernel takes the reference (no break)
-    return decide(device_type, dtype, call.features(), head_dim=q.shape[-1], value_dim=value_dim,
-                  available=available)
+        return decide(device_type, dtype, call.features(), head_dim=q.shape[-1], value_dim=value_dim,
+                      available=available)
+    return _decided(device_type, dtype, call.features(), q.shape[-1], value_dim, tuple(available.items()))
+
+
+@functools.lru_cache(maxsize=256)
+def _decided(device_type, dtype, used, head_dim, value_dim, available: tuple) -> str:
+    """`decide`, remembered: it is a pure function of exactly these arguments (availability as pairs)."""
+    return decide(device_type, dtype, used, head_dim=head_dim, value_dim=value_dim, available=dict(available))

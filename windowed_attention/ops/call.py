@@ -12,6 +12,7 @@ uses `p % H`); `sinks (h,)` with `h | P` (row `p` uses `sinks[p % h]`); `key_sca
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -42,23 +43,17 @@ class AttentionCall:
     query_offset: int = 0
 
     def features(self) -> frozenset[str]:
-        """The options this call uses (a subset of `ALL_FEATURES`)."""
-        spec = self.spec
-        used = {
-            "mask": self.mask is not None,
-            "attn_bias": self.attn_bias is not None,
-            "shared_qk": self.mask_self,
-            "xpos": self.key_scale is not None,
-            "dropout": self.dropout_p > 0.0,
-            "block_window": spec.has_block_condition(),
-            "token_window": spec.tokens is not None,
-            "documents": self.documents is not None,
-            "sinks": self.sinks is not None,
-            "sink_tokens": spec.sink_tokens > 0,
-            "softcap": spec.softcap is not None,
-            "short_queries": self.query_offset > 0,
-        }
-        return frozenset(name for name, on in used.items() if on)
+        """The options this call uses (a subset of `ALL_FEATURES`); computed once per call value (`with_` makes
+        a new one)."""
+        used = self.__dict__.get("_features")
+        if used is None:
+            # traced code calls the function itself (dynamo would warn that it skips the cache)
+            features = _features.__wrapped__ if torch.compiler.is_compiling() else _features
+            used = features(self.spec, self.mask is not None, self.attn_bias is not None, bool(self.mask_self),
+                            self.key_scale is not None, self.dropout_p > 0.0, self.documents is not None,
+                            self.sinks is not None, self.query_offset > 0)
+            object.__setattr__(self, "_features", used)
+        return used
 
     def require(self, backend: str, features: frozenset[str]) -> None:
         """ValueError naming `backend` and the options of this call it does not compute (its `features`)."""
@@ -70,6 +65,22 @@ class AttentionCall:
     def with_(self, **changes) -> "AttentionCall":
         """A copy with some fields replaced."""
         return replace(self, **changes)
+
+
+@functools.lru_cache(maxsize=256)
+def _features(spec: WindowSpec, mask: bool, attn_bias: bool, shared_qk: bool, xpos: bool, dropout: bool,
+              documents: bool, sinks: bool, short_queries: bool) -> frozenset[str]:
+    """`AttentionCall.features` from the rule and which options are on (a pure function of them, remembered)."""
+    used = {
+        "mask": mask, "attn_bias": attn_bias, "shared_qk": shared_qk, "xpos": xpos, "dropout": dropout,
+        "block_window": spec.has_block_condition(),
+        "token_window": spec.tokens is not None,
+        "documents": documents, "sinks": sinks,
+        "sink_tokens": spec.sink_tokens > 0,
+        "softcap": spec.softcap is not None,
+        "short_queries": short_queries,
+    }
+    return frozenset(name for name, on in used.items() if on)
 
 
 def document_bounds(documents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ their block that do not see them, never silently to a finite value).
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Callable
 
@@ -33,9 +34,14 @@ from .call import AttentionCall
 
 def all_finite(*tensors: torch.Tensor) -> bool:
     """Whether every entry of `tensors` is finite (a sum per tensor, accumulated in float32 or wider: an
-    overflow of the sum only sends a finite call down the exact route)."""
-    total = sum(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in tensors)
-    return bool(torch.isfinite(total))
+    overflow of the sum only sends a finite call down the exact route).
+
+    On CPU each sum is read as a Python float (a third of the time of a tensor `isfinite` and `bool` on a small
+    call); elsewhere the sums are added on the device and read once (one synchronisation)."""
+    sums = [t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in tensors]
+    if tensors and tensors[0].device.type == "cpu":
+        return math.isfinite(sum(s.item() for s in sums))
+    return bool(torch.isfinite(sum(sums)))
 
 
 def zero_hidden(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,9 @@
 """Local attention on FlexAttention (backend "flex"): a block mask skips every empty tile.
 
-The window rule becomes a `mask_mod` (block mask cached per shape when no key padding mask is given;
-documents, sink tokens and shorter queries build theirs with `create_block_mask`), softcap, `attn_bias`
-and the shared-qk rule become a `score_mod`, learned sinks renormalise the output by the log-sum-exp.
+The call's rule becomes a `mask_mod` and a block mask built from key ranges (`_block_mask`: key masks,
+documents and sink tokens folded in, so only the partial tiles evaluate the `mask_mod`; cached per geometry
+when there is no key mask or documents), softcap, `attn_bias` and the shared-qk rule become a `score_mod`,
+learned sinks renormalise the output by the log-sum-exp.
 Compiled once per process (torch.compile), on CUDA and on CPU; on CPU it computes the forward only
 (torch 2.13's FlexAttention has no CPU backward): a CPU call that needs gradients is refused by name, and
 `auto` never picks flex there. No `key_scale` (xpos) and no dropout.
@@ -42,13 +43,21 @@ def takes_head_dims(head_dim: int, value_dim: int) -> bool:
     return True
 
 
-def _window_mod(spec: WindowSpec, n: int, key_ok: torch.Tensor | None, per_row: int):
-    """The rule as a `mask_mod` over rows `h` of one batch: `spec.visible`, and the key mask."""
+def _rule_mod(spec: WindowSpec, n: int, offset: int = 0, key_ok: torch.Tensor | None = None,
+              starts: torch.Tensor | None = None, ends: torch.Tensor | None = None):
+    """The call's rule as FlexAttention's `mask_mod` (a plain function): query `i` is position `i + offset`,
+    visible keys by `spec.visible`, inside the query's document (`starts`, `ends` `(B, n)`, `document_bounds`),
+    where `key_ok` `(B, n)` is True; row `b` of the batch reads row `b` of each."""
 
     def mask_mod(b, h, i, j):
-        ok = spec.visible(i, j, n) & (i < n)
+        pos = i + offset
+        if starts is None:
+            ok = spec.visible(pos, j, n) & (pos < n)
+        else:
+            start = starts[b, pos]
+            ok = (starts[b, j] == start) & spec.visible(pos - start, j - start, ends[b, pos] - start)
         if key_ok is not None:
-            ok = ok & key_ok[h // per_row, j]
+            ok = ok & key_ok[b, j]
         return ok
 
     return mask_mod
@@ -78,18 +87,6 @@ class _Layout:
             return pos, j, self.n, pos < self.n
         start = self.starts[b, pos]
         return pos - start, j - start, self.ends[b, pos] - start, self.starts[b, j] == start
-
-    def mask_mod(self):
-        """The rule per row of the batch, as FlexAttention's `mask_mod` (a plain function)."""
-
-        def mask_mod(b, h, i, j):
-            i_rel, j_rel, length, same = self.relative(b, i, j)
-            ok = same & self.spec.visible(i_rel, j_rel, length)
-            if self.key_ok is not None:
-                ok = ok & self.key_ok[b, j]
-            return ok
-
-        return mask_mod
 
 
 def _score_mod(spec: WindowSpec, call: AttentionCall, layout: "_Layout | None", heads_per_row: int):
@@ -124,49 +121,110 @@ def _score_mod(spec: WindowSpec, call: AttentionCall, layout: "_Layout | None", 
 BLOCK = 128  # FlexAttention's default tile, in query rows and in keys
 
 
-def _block_mask(spec: WindowSpec, n: int, mask_mod, full_blocks: bool, device):
-    """The `BlockMask` of the window rule, built from each 128-row block's key range (`WindowSpec.key_range`).
+def _window_tiles(spec: WindowSpec, n: int) -> int:
+    """How many key tiles the window keys of one query tile can span at most (a static bound, from the rule
+    alone): its 128 queries see from `back` keys before the first to `ahead` keys after the last."""
+    left, right = spec.bounds
+    w = spec.window_size
+    back = (spec.look_backward + 1) * w - 1
+    ahead = (spec.look_forward + 1) * w - 1
+    back = back if left is None else min(back, left)
+    ahead = ahead if right is None else min(ahead, right)
+    keys = min(n, BLOCK + back + ahead)
+    return min(-(-n // BLOCK), -(-keys // BLOCK) + 1)
 
-    `create_block_mask` evaluates `mask_mod` at all n * n pairs (eagerly that allocates n * n, 128 GiB at
-    n = 131072); here the cost is FlexAttention's own `(n / 128)^2` block layout. A tile is *full*
-    (no `mask_mod` call in the kernel) when every one of its pairs is visible; with `full_blocks=False`
-    (key padding masks) every tile the window touches is partial, so `mask_mod` sees them all.
+
+def _block_mask(spec: WindowSpec, n_q: int, n: int, offset: int, mask_mod, device, key_ok: torch.Tensor | None = None,
+                starts: torch.Tensor | None = None, ends: torch.Tensor | None = None, q_blocks: bool = True):
+    """The `BlockMask` of the call's rule, built from each query tile's key ranges (`WindowSpec.key_range`), on
+    the device, with no synchronisation: `(B, 1, n_q / 128, n / 128)`, `B` the rows of `key_ok` / `starts`, `ends`
+    (1 without them).
+
+    `create_block_mask` evaluates `mask_mod` at all n_q * n pairs (eagerly that allocates n * n, 128 GiB at
+    n = 131072); here the cost is FlexAttention's own tile layout. Every query sees itself, so the keys of a
+    tile's queries form one range, from the first query's first key to the last query's last (both ends of
+    `key_range` grow with the query, across documents too); sink tokens add the first and the last query's
+    documents' prefixes (a document between them lies inside the tile). A tile is *full* (the kernel calls no
+    `mask_mod` there) when every query of a whole tile sees all of its keys through the window: key tile
+    `[t0, t1]` with `t0 >= lo(last query)` and `t1 <= hi(first query)`, and, with a key mask, every key of
+    the tile kept. A key tile the mask hides entirely is dropped; the others are *partial*. So a right-padded
+    mask costs only the tile its padding starts in, and a mask of any other shape stays exact.
+    `q_blocks=False` skips the transposed lists only the backward reads.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
-    blocks = -(-n // BLOCK)
-    first = torch.arange(blocks, device=device) * BLOCK
-    last = (first + BLOCK - 1).clamp(max=n - 1)
-    lo_first, hi_first = spec.key_range(first, n)
-    lo_last, hi_last = spec.key_range(last, n)
-    touched_lo, touched_hi = lo_first // BLOCK, hi_last // BLOCK  # tiles any row of the block touches
-    empty = hi_last < lo_first
-    touched_hi = torch.where(empty, touched_lo - 1, touched_hi)
-    if full_blocks:  # tiles inside every row's range: start >= lo_last, end <= hi_first
-        full_lo = -(-lo_last // BLOCK)
-        full_hi = torch.div(hi_first + 1, BLOCK, rounding_mode="floor") - 1
-        # as create_block_mask counts it: the rows past n of a ragged last block are masked, so none of its tiles is full
-        full_count = torch.where(last - first == BLOCK - 1, (full_hi - full_lo + 1).clamp(min=0), 0)
-    else:
-        full_lo, full_count = touched_hi + 1, torch.zeros_like(touched_lo)
-    full_lo = torch.where(full_count > 0, full_lo, touched_hi + 1)
-    count = (touched_hi - touched_lo + 1).clamp(min=0) - full_count
-    p = torch.arange(blocks, device=device)[None]
-    before = (full_lo - touched_lo)[:, None]  # partial tiles before the full ones
-    partial = torch.where(p < before, touched_lo[:, None] + p, touched_lo[:, None] + p + full_count[:, None])
-    partial = torch.where(p < count[:, None], partial, 0).to(torch.int32)
-    full = torch.where(p < full_count[:, None], full_lo[:, None] + p, 0).to(torch.int32)
-    extra = {"seq_lengths": (n, n)} if "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters else {}
-    return BlockMask.from_kv_blocks(
-        count.to(torch.int32)[None, None], partial[None, None],
-        full_count.to(torch.int32)[None, None], full[None, None],
-        BLOCK_SIZE=BLOCK, mask_mod=mask_mod, **extra,
-    )
+    q_tiles, k_tiles = -(-n_q // BLOCK), -(-n // BLOCK)
+    first = torch.arange(q_tiles, device=device) * BLOCK
+    last = (first + BLOCK - 1).clamp(max=n_q - 1)
+    whole = last - first == BLOCK - 1  # a ragged last tile's rows past n_q are masked: never full
+    first, last = first + offset, last + offset  # positions
+
+    def ranges(pos):
+        """`(lo, hi, start, end)` `(B, q_tiles)`: the window's keys and the document of query position `pos`."""
+        if starts is None:
+            lo, hi = spec.key_range(pos, n)
+            zero = torch.zeros_like(pos)
+            return lo[None], hi[None], zero[None], (zero + n)[None]
+        start, end = starts[:, pos], ends[:, pos]
+        lo, hi = spec.key_range(pos - start, end - start)
+        return lo + start, hi + start, start, end
+
+    lo_first, hi_first, start_first, end_first = ranges(first)
+    lo_last, hi_last, start_last, end_last = ranges(last)
+    rows = lo_first.shape[0]
+    width = _window_tiles(spec, n)
+    t = lo_first[..., None] // BLOCK + torch.arange(width, device=device)  # (B, q_tiles, width) candidate key tiles
+    listed = t <= (hi_last // BLOCK)[..., None]
+    full = listed & (t * BLOCK >= lo_last[..., None]) & ((t + 1) * BLOCK - 1 <= hi_first[..., None]) & whole[:, None]
+    tiles, seen, fulls = [t], [listed], [full]
+    if spec.sink_tokens:
+        window_lo, window_hi = lo_first // BLOCK, hi_last // BLOCK
+        sink_width = min(k_tiles, -(-spec.sink_tokens // BLOCK) + 1)
+        before = []  # tile ranges already listed
+        for start, end in ((start_first, end_first), (start_last, end_last)):
+            hi = start + torch.clamp(end - start, max=spec.sink_tokens) - 1
+            if spec.causal:
+                hi = torch.minimum(hi, last)
+            s = start[..., None] // BLOCK + torch.arange(sink_width, device=device)
+            ok = (s <= (hi // BLOCK)[..., None]) & ~((s >= window_lo[..., None]) & (s <= window_hi[..., None]))
+            for a, b in before:
+                ok = ok & ~((s >= a[..., None]) & (s <= b[..., None]))
+            before.append((start // BLOCK, hi // BLOCK))
+            tiles.append(s), seen.append(ok), fulls.append(torch.zeros_like(ok))
+    t, listed, full = torch.cat(tiles, -1), torch.cat(seen, -1), torch.cat(fulls, -1)
+    listed = listed & (t < k_tiles)
+    full = full & listed
+    if key_ok is not None:  # per key tile: any key kept (else dropped), every key kept (else not full)
+        kept = torch.nn.functional.pad(key_ok, (0, k_tiles * BLOCK - n)).view(key_ok.shape[0], k_tiles, BLOCK)
+        index = t.clamp(max=k_tiles - 1).flatten(1)
+        rows = max(rows, key_ok.shape[0])
+        index = index.expand(rows, -1)
+        listed = listed & kept.any(-1).gather(1, index).view(rows, q_tiles, -1)
+        full = full & kept.all(-1).gather(1, index).view(rows, q_tiles, -1)
+    partial = listed & ~full
+
+    def ordered(chosen):
+        """`(count (B, 1, q_tiles), indices (B, 1, q_tiles, k_tiles))` int32 of the chosen tiles, ascending."""
+        count = chosen.sum(-1)
+        index = torch.where(chosen, t, k_tiles).sort(-1).values
+        index = torch.where(index < k_tiles, index, 0)
+        columns = index.shape[-1]
+        index = index[..., :k_tiles] if columns >= k_tiles else torch.nn.functional.pad(index, (0, k_tiles - columns))
+        return count.to(torch.int32)[:, None], index.to(torch.int32)[:, None]
+
+    count, index = ordered(partial.expand(rows, -1, -1))
+    full_count, full_index = ordered(full.expand(rows, -1, -1))
+    extra = {"seq_lengths": (n_q, n)} if "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters else {}
+    if not q_blocks and "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters:
+        extra["compute_q_blocks"] = False
+    return BlockMask.from_kv_blocks(count, index, full_count, full_index, BLOCK_SIZE=BLOCK, mask_mod=mask_mod, **extra)
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_block_mask(spec: WindowSpec, n: int, device: str):
-    return _block_mask(spec, n, _window_mod(spec, n, None, 1), True, device)
+def _cached_block_mask(spec: WindowSpec, n_q: int, n: int, offset: int, device: str):
+    """The block mask of a call without key mask or documents: a function of the rule and the lengths alone
+    (its `mask_mod` holds no tensor), so it is built once per such geometry and device."""
+    return _block_mask(spec, n_q, n, offset, _rule_mod(spec, n, offset), device)
 
 
 @functools.lru_cache(maxsize=1)
@@ -181,8 +239,6 @@ def _compiled_flex():
 
 def flex_attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
     """Same contract as `reference_attention`: `q (P, n_q, d)`, `k, v (P_kv, n, d)` -> `(P, n_q, d_v)`."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     call.require("flex", FEATURES)
     if not q.is_cuda and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, call.sinks, call.attn_bias)):
@@ -192,17 +248,18 @@ def flex_attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
     P, n_q, _ = q.shape
     n = k.shape[1]
     plain = call.documents is None and not spec.sink_tokens and call.query_offset == 0
-    if plain:  # one row of FlexAttention's batch, the packed rows as its heads
-        layout, B = None, 1
-        if call.mask is None:
-            block_mask = _cached_block_mask(spec, n, str(q.device))
-        else:
-            block_mask = _block_mask(spec, n, _window_mod(spec, n, call.mask, P // call.mask.shape[0]), False, q.device)
+    layout = None if plain and call.mask is None else _Layout(call, P, n, q.device)
+    if call.mask is None and call.documents is None:  # the rule alone: one block mask per geometry
+        B = 1
+        block_mask = _cached_block_mask(spec, n_q, n, call.query_offset, str(q.device))
     else:  # the rows of the masks and documents as FlexAttention's batch (attention-gym's document mask)
-        layout = _Layout(call, P, n, q.device)
         B = layout.B
-        block_mask = create_block_mask(layout.mask_mod(), B, None, n_q, n, device=q.device)
-    score_mod = _score_mod(spec, call, layout, P // B)
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, call.sinks, call.attn_bias))
+        block_mask = _block_mask(spec, n_q, n, call.query_offset,
+                                 _rule_mod(spec, n, call.query_offset, layout.key_ok, layout.starts, layout.ends),
+                                 q.device, layout.key_ok, layout.starts, layout.ends, q_blocks=needs_grad)
+    score_mod = _score_mod(spec, call, None if plain else layout, P // B)
 
     attend = _compiled_flex()
     # the kernels read rows as contiguous vectors: other layouts are copied

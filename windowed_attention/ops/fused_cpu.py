@@ -35,6 +35,7 @@ once; `WINDOWED_ATTENTION_NO_FUSED=1` skips the build altogether (without a warn
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import subprocess
@@ -49,7 +50,7 @@ from torch import Tensor
 
 from . import kernel_cache
 from .call import ALL_FEATURES, AttentionCall
-from .dtypes import accumulation_dtype, autocast_inputs
+from .dtypes import accumulation_dtype, autocast_inputs, without_autocast
 from .reference import repeat_kv
 
 CSRC = Path(__file__).parent / "csrc"
@@ -359,27 +360,53 @@ def fused_cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call:
             "backend 'fused' supports float32/float64/bfloat16/float16 CPU tensors; use backend='auto' or 'reference'"
         )
     call.require("fused", FEATURES)
-    spec = call.spec
-    left, right = spec.flash_bounds
     # the seed comes from torch's default generator, so torch.manual_seed makes dropout reproducible; a
     # tensor, so that traced code draws it at run time
     seed = torch.randint(0, 2**62, (), device=q.device) if call.dropout_p > 0.0 else None
     acc = accumulation_dtype(q.dtype)
-    with torch.autocast(device_type, enabled=False):
+    with without_autocast(device_type):
         documents = call.documents
         if documents is not None and (q.shape[0] // documents.shape[0]) % (q.shape[0] // k.shape[0]):
             # query rows sharing a key row lie in different rows of documents: give each its own key row
             # (the kernel's backward owns a key row per task)
             k, v = repeat_kv(k, q.shape[0]), repeat_kv(v, q.shape[0])
-        q, k, v = (t.to(q.dtype).contiguous() for t in (q, k, v))
-        keep = None if call.mask is None else call.mask.to(acc).contiguous()
-        bias = None if call.attn_bias is None else call.attn_bias.to(acc).contiguous()
-        key_scale = None if call.key_scale is None else call.key_scale.detach().to(acc).contiguous()
-        documents = None if documents is None else documents.to(torch.int64).contiguous()
-        sinks = None if call.sinks is None else call.sinks.to(acc).contiguous()
-        out, _ = attention_forward(
-            q, k, v, bias, keep, key_scale, seed, documents, sinks, spec.window_size, spec.look_backward,
-            spec.look_forward, left, right, spec.causal, spec.sink_tokens, float(spec.softcap or 0.0), float(call.scale),
-            bool(call.mask_self), float(call.dropout_p),
-        )
+        q, k, v = (_dense(t, q.dtype) for t in (q, k, v))
+        keep = None if call.mask is None else _dense(call.mask, acc)
+        bias = None if call.attn_bias is None else _dense(call.attn_bias, acc)
+        key_scale = None if call.key_scale is None else _dense(call.key_scale.detach(), acc)
+        documents = None if documents is None else _dense(documents, torch.int64)
+        sinks = None if call.sinks is None else _dense(call.sinks, acc)
+        if _needs_op(q, k, v, bias, sinks):  # traced code calls `_options` itself (dynamo skips caches, warning)
+            options = _options.__wrapped__(call.spec, call.scale, call.mask_self, call.dropout_p)
+            out, _ = attention_forward(q, k, v, bias, keep, key_scale, seed, documents, sinks, *options)
+        else:  # the kernel itself: what the op would call, without its dispatch and autograd wrapper
+            options = _options(call.spec, call.scale, call.mask_self, call.dropout_p)
+            out, _ = (_state.get("ops") or kernel()).forward(q, k, v, bias, keep, key_scale, documents, sinks,
+                                                             *options, 0 if seed is None else int(seed))
         return out
+
+
+def _dense(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """`t` in `dtype` and contiguous (itself when it already is: no dispatch for the common case)."""
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+@functools.lru_cache(maxsize=256)
+def _options(spec, scale: float, mask_self: bool, dropout_p: float) -> tuple:
+    """The kernel's plain arguments after the tensors: the window (`spec.bounds` as `left, right`, -1 for none),
+    `causal` (for sink tokens), sink tokens, softcap (0.0: none), scale, the shared-qk rule, dropout."""
+    left, right = spec.flash_bounds
+    return (spec.window_size, spec.look_backward, spec.look_forward, left, right, spec.causal, spec.sink_tokens,
+            float(spec.softcap or 0.0), float(scale), bool(mask_self), float(dropout_p))
+
+
+def _needs_op(*tensors: Tensor | None) -> bool:
+    """Whether a forward must go through the registered op: in traced code, when autograd records it, or for
+    a tensor that is not a plain `torch.Tensor` (a subclass or mode may dispatch it). Otherwise the op would
+    only call `kernel().forward`, after about 15 us of dispatch, a third of a small call."""
+    if torch.compiler.is_compiling():
+        return True
+    grad = torch.is_grad_enabled()
+    return any(t is not None and (type(t) is not Tensor or (grad and t.requires_grad)) for t in tensors)

@@ -154,8 +154,9 @@ def check_token_window(window, causal: bool) -> tuple[int, int]:
     return left, right
 
 
-def check_documents(documents, packed: int, n: int, device) -> None:
-    """Document ids `(b, n)` integer, non-decreasing along each row, `b` dividing the packed batch."""
+def check_documents(documents, packed: int, n: int, device, order: bool = True) -> None:
+    """Document ids `(b, n)` integer, non-decreasing along each row (`order=False`: that is left to
+    `check_document_order`), `b` dividing the packed batch."""
     if not isinstance(documents, torch.Tensor):
         raise TypeError(f"documents must be an integer tensor of shape (b, n), got {type(documents).__name__}")
     if documents.dtype.is_floating_point or documents.dtype.is_complex or documents.dtype == torch.bool:
@@ -165,7 +166,14 @@ def check_documents(documents, packed: int, n: int, device) -> None:
                          f"got {tuple(documents.shape)}")
     if documents.device != device:
         raise ValueError(f"documents must be on the device of q ({device}), got {documents.device}")
-    if n > 1 and bool((documents[:, 1:] < documents[:, :-1]).any()):
+    if order:
+        check_document_order(documents)
+
+
+def check_document_order(documents: torch.Tensor) -> None:
+    """Document ids `(b, n)` (shape already checked) non-decreasing along each row: the part of
+    `check_documents` that reads the values, so a call checks it every time (`ops.api` caches the rest)."""
+    if documents.shape[1] > 1 and bool((documents[:, 1:] < documents[:, :-1]).any()):
         raise ValueError("documents must be non-decreasing along each row (every document one contiguous run)")
 
 

@@ -90,6 +90,50 @@ inline std::pair<int64_t, int64_t> locate(const std::vector<int64_t>& start, int
   return {p_kv, t - start[p_kv]};
 }
 
+// Least multiply-adds a parallel chunk holds: a task list whose whole work is below it runs inline, on the
+// calling thread (opening a parallel region costs microseconds on an idle machine and milliseconds on a loaded
+// one, where the other threads wait to be scheduled), and bigger lists split into chunks of at least this much.
+constexpr double MIN_CHUNK_WORK = double(1 << 21);
+
+// The `at::parallel_for` grain of `tasks` tasks that hold about `work` multiply-adds in all (an upper bound).
+inline int64_t grain_for(int64_t tasks, double work) {
+  if (tasks <= 1 || work <= 0.0) return 1;
+  const double per_task = work / double(tasks);
+  return std::clamp<int64_t>(static_cast<int64_t>(std::ceil(MIN_CHUNK_WORK / per_task)), 1, tasks);
+}
+
+// MKL's thread-local thread count, by value (MKL's header maps `mkl_set_num_threads_local` to this name; the
+// lowercase symbol is the Fortran interface, which takes a pointer). Weak: a torch without MKL has no such
+// symbol, and then nothing is needed.
+extern "C" __attribute__((weak)) int MKL_Set_Num_Threads_Local(int);
+
+// `f(begin, end)` over the tasks [0, tasks) that hold about `work` multiply-adds in all: in chunks of at least
+// MIN_CHUNK_WORK on torch's threads, or inline on the calling thread when the whole list is smaller. Inline, the
+// BLAS calls run on one thread too: outside a parallel region MKL would open one of its own for each product
+// (milliseconds apiece on a loaded machine), however small.
+template <typename F>
+void parallel_tasks(int64_t tasks, double work, const F& f) {
+  const int64_t grain = grain_for(tasks, work);
+  const bool threads = at::get_num_threads() > 1 && !at::in_parallel_region();
+  if (tasks > grain && threads) {
+    at::parallel_for(0, tasks, grain, f);
+    return;
+  }
+  if (tasks <= 0) return;
+  if (!threads || !MKL_Set_Num_Threads_Local) {  // MKL runs on one thread already
+    f(0, tasks);
+    return;
+  }
+  const int previous = MKL_Set_Num_Threads_Local(1);
+  try {
+    f(0, tasks);
+  } catch (...) {
+    MKL_Set_Num_Threads_Local(previous);
+    throw;
+  }
+  MKL_Set_Num_Threads_Local(previous);
+}
+
 // A row's visible columns: up to three ascending, disjoint ranges [x0, x1): sink tokens before its window,
 // sink tokens after it (not causal: a sink prefix longer than the window's reach), and window keys.
 struct Cols {
@@ -268,7 +312,9 @@ void forward_impl(const Inputs<S>& in, const Plan& plan, S* out, Acc<S>* lse) {
   // task = (p_kv, block, r): the G query rows sharing a key row are neighbours (their keys stay in cache)
   std::vector<int64_t> start(P_kv + 1, 0);
   for (int64_t p_kv = 0; p_kv < P_kv; ++p_kv) start[p_kv + 1] = start[p_kv] + plan.spans[p_kv * G / plan.per].size() * G;
-  at::parallel_for(0, start[P_kv], 1, [&](int64_t begin, int64_t end) {
+  // a task: up to BLOCK_Q rows, each over at most `cap` keys, d + dv multiply-adds per key
+  const double work = double(start[P_kv]) * BLOCK_Q * double(cap) * double(in.d + in.dv);
+  parallel_tasks(start[P_kv], work, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(BLOCK_Q * cap), pbuf(cap), kbuf(cap), fbuf(in.dropout ? cap : 0);
     std::vector<T> obuf(same ? 0 : BLOCK_Q * in.dv);
     std::vector<S> wbuf(same ? 0 : BLOCK_Q * cap);
@@ -369,7 +415,9 @@ void sink_token_grads(const Inputs<S>& in, const Plan& plan, const Strided<S>& g
   constexpr bool same = std::is_same_v<S, T>;
   const int64_t n = in.g.n, w = in.g.w, G = in.groups, P_kv = in.P / G, cap = std::min(in.sink_tokens, n);
   const auto start = starts_of(P_kv, G, plan.per, plan.docs);
-  at::parallel_for(0, start[P_kv], 1, [&](int64_t begin, int64_t end) {
+  // all tasks together: every query row against the sink columns, four products of d or dv
+  const double work = double(in.P) * double(in.g.n_q) * double(cap) * 2.0 * double(in.d + in.dv);
+  parallel_tasks(start[P_kv], work, [&](int64_t begin, int64_t end) {
     std::vector<T> sbuf(BLOCK_Q * cap), gbuf(BLOCK_Q * cap), pbuf(cap), fbuf(in.dropout ? cap : 0);
     std::vector<T> tanh_buf(in.softcap > T(0) ? cap : 0);
     std::vector<S> wbuf(same ? 0 : BLOCK_Q * cap), dsbuf(same ? 0 : BLOCK_Q * cap);
@@ -449,7 +497,9 @@ void backward_impl(const Inputs<S>& in, const Plan& plan, const Strided<S>& grad
   for (int64_t phase = 0; phase < 2; ++phase) {
     const auto& units = plan.units[phase];
     const auto start = starts_of(P_kv, G, plan.per, units);
-    at::parallel_for(0, start[P_kv], 1, [&](int64_t begin, int64_t end) {
+    // the phase's tasks together cover at most every query row against `cap` keys, four products of d or dv
+    const double work = double(in.P) * double(in.g.n_q) * double(cap) * 2.0 * double(in.d + in.dv);
+    parallel_tasks(start[P_kv], work, [&](int64_t begin, int64_t end) {
       std::vector<T> sbuf(BLOCK_Q * cap), gbuf(BLOCK_Q * cap), pbuf(cap), kbuf(cap);
       std::vector<T> tanh_buf(in.softcap > T(0) ? BLOCK_Q * cap : 0);
       std::vector<T> fbuf(in.dropout ? cap : 0);

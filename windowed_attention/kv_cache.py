@@ -271,7 +271,7 @@ class KVCache:
         the last `slots` columns, ending with the new one, oldest first. A row whose new position is one
         of the first `sink_tokens` also keeps it in `sink_buffers`. In grad mode the new cache's buffers
         are copies (see the module docstring)."""
-        positions, sinks_due = self.positions, self.sinks_due
+        positions, sinks_due = self.positions, self.sinks_due or self.sinks_always
         cache, slot, first, key_bias = self._advance(sinks_due, torch.is_grad_enabled())
         if sinks_due:
             cache.write_sinks(positions, k[:, :, 0], v[:, :, 0])
@@ -288,6 +288,13 @@ class KVCache:
         """Whether some row's next position is one of the first `sink_tokens` (the step that writes it must also
         `write_sinks`; `update` does)."""
         return self._sinks is not None and self.column - self._start_range[1] < self.sink_tokens
+
+    @property
+    def sinks_always(self) -> bool:
+        """Traced code writes the sink-token buffers at every step (`write_sinks` leaves the rows past them as
+        they are): `sinks_due` is a branch on the column, which would tie the graph to the steps before or
+        after the last sink token."""
+        return self._sinks is not None and torch.compiler.is_compiling()
 
     def write_sinks(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Keep the keys and values `(b, h, d)` of the rows whose `positions` `(b,)` (those the step wrote) are

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+import types
 import weakref
 from typing import Callable, Iterator, Sequence
 
@@ -195,8 +196,7 @@ class CompiledStep:
             cache._claim()
         if graph is _PENDING:
             return self._compile(key, token, caches)
-        with torch.compiler.config.patch(dynamic_sources=_COLUMNS):  # a new trace (a recompile) keeps it symbolic
-            return graph(model, token, caches)
+        return graph(model, token, caches)  # no guards: it never traces again
 
     def _compile(self, key: tuple, token: torch.Tensor, caches: list[KVCache]):
         """Compile the graph of `key` on this step (announced, timed); the eager step if compiling fails."""
@@ -204,7 +204,10 @@ class CompiledStep:
         b = token.shape[0]
         print(f"windowed-attention: compiling the decode step (batch {b}, {len(caches)} layers; once per model and "
               f"batch shape; torch.compile, tens of seconds on a small CPU)", file=sys.stderr, flush=True)
-        graph = torch.compile(_step, fullgraph=True, dynamic=False,
+        # `_step` under a code object of its own: dynamo keeps graphs by code object, and a graph without guards
+        # must be reached by its own configuration alone
+        step = types.FunctionType(_step.__code__.replace(), _step.__globals__, _step.__name__)
+        graph = torch.compile(step, fullgraph=True, dynamic=False,
                               options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
         started = time.perf_counter()
         try:

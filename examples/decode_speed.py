@@ -25,8 +25,8 @@ layer's), inside real steps. `--compile` also times ours with each decode step c
 compile=True)`: one graph per step, `generation.engine.CompiledStep`; compiled in the warm-up, whose time
 is printed), timed at the ends of the engine's prefill and steps (the graph holds no Python hook).
 `--profile-step` profiles `--tokens` - 1 decode steps of the README model (`README_CONFIG`), eager and
-compiled (torch.profiler, at batch 1 after a prompt of the smallest context): a step's time, that of
-the kernels in it (our decode-attention, small-linear and hyper-connection kernels and torch's matrix
+compiled (at batch 1 after a prompt of the smallest context): a step's time (`--clock`), that of
+the kernels in it (torch.profiler) (our decode-attention, small-linear and hyper-connection kernels and torch's matrix
 products, by their self time) and the rest (Python, dispatch, the small ops; inside the compiled graph, inductor's fused
 elementwise kernels count as the rest).
 Run: python examples/decode_speed.py [--batches 1 16] [--contexts 512 8192] [--rounds 5] [--threads N]
@@ -103,21 +103,25 @@ def engine_rate(model, prime, n: int, **options) -> float:
 
 @torch.no_grad()
 def profile_steps(model, prime, steps: int, compile: bool) -> tuple[float, float]:
-    """Seconds of a decode step and of the kernels in it (`KERNELS`, self time), means over `steps` steps
-    under torch.profiler (which adds its own cost to every op it records)."""
+    """Seconds of a decode step (the median of `steps` steps, `CLOCK`) and of the kernels in it (`KERNELS`,
+    their self time per step over `steps` more steps under torch.profiler, which adds its cost to every op
+    it records but little to a kernel's own time)."""
     from torch.profiler import ProfilerActivity, profile
 
-    tokens = torch.randint(0, 256, (prime.shape[0], steps + 3), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, 256, (prime.shape[0], 2 * steps + 3), generator=torch.Generator().manual_seed(1))
     _, caches = engine.prefill(model, prime)
     for t in range(3):  # the eager first step of a configuration, the compilation, a warm step
         _, caches = engine.decode_step(model, tokens[:, t : t + 1], caches, compile)
+    times = []
+    for t in range(3, steps + 3):
+        started = CLOCK[0]()
+        _, caches = engine.decode_step(model, tokens[:, t : t + 1], caches, compile)
+        times.append(CLOCK[0]() - started)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        started = time.perf_counter()
-        for t in range(3, steps + 3):
+        for t in range(steps + 3, 2 * steps + 3):
             _, caches = engine.decode_step(model, tokens[:, t : t + 1], caches, compile)
-        total = time.perf_counter() - started
     kernels = sum(event.self_cpu_time_total for event in prof.key_averages() if event.key in KERNELS) / 1e6
-    return total / steps, kernels / steps
+    return statistics.median(times), kernels / steps
 
 
 CLOCK = [time.perf_counter]  # or time.process_time (--clock cpu)
@@ -298,7 +302,7 @@ def main() -> None:
             step, kernels = statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
             print(f"README model decode step, {'compiled' if compile else 'eager'}: {step * 1e3:.3f} ms, kernels "
                   f"{kernels * 1e3:.3f} ms, outside the kernels {(step - kernels) * 1e3:.3f} ms (medians of "
-                  f"{args.rounds} profiled runs of {args.tokens - 1} steps)")
+                  f"{args.rounds} runs of {args.tokens - 1} steps)")
 
     short, long = min(args.contexts), max(args.contexts)
     for name in mine:

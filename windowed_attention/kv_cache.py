@@ -26,6 +26,12 @@ onto the last: the cache holds its whole history until `detach()` cuts it.
 Weights: the module whose forward built a cache ties it to its parameters (`Weights`), and each step
 checks that it is that module and its parameters are unchanged since (`check_weights`): keys computed
 with other weights would give a wrong result without a word.
+
+Traced code (torch.compile: the compiled decode step, `generation.engine.CompiledStep`) runs the same
+`update`/`advance` with no branch on the column, the one value that moves: it writes the buffers through
+`narrow` (the column stays symbolic), writes the key bias and the sink-token buffers at every step, and
+leaves the checks on Python state (`check_weights`, `_claim`, inference tensors) to the compiled step,
+which makes them before the graph.
 """
 
 from __future__ import annotations
@@ -366,7 +372,7 @@ class KVCache:
         """Raise ValueError unless `module` built this cache and its parameters are unchanged since (or since
         `detach()`). Only the outermost module reads the versions (a LocalTransformer's, whose parameters
         include its layers'); a module inside it checks that the cache is its own. Traced code (torch.compile)
-        skips it: the compiled decode step (`generation.compiled`) checks before it enters the graph."""
+        skips it: the compiled decode step (`generation.engine.CompiledStep`) checks before the graph."""
         if torch.compiler.is_compiling():
             return
         for record in self.weights:

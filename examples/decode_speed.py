@@ -25,8 +25,8 @@ layer's), inside real steps. `--compile` also times ours with each decode step c
 compile=True)`: one graph per step, `generation.engine.CompiledStep`; compiled in the warm-up, whose time
 is printed), timed at the ends of the engine's prefill and steps (the graph holds no Python hook).
 `--profile-step` profiles `--tokens` - 1 decode steps of the README model (`README_CONFIG`), eager and
-compiled (at batch 1 after a prompt of the smallest context): a step's time (`--clock`), that of
-the kernels in it (torch.profiler) (our decode-attention, small-linear and hyper-connection kernels and torch's matrix
+compiled (at batch 1 after a prompt of the smallest context): a step's time (wall clock), that of
+the kernels in it (torch.profiler, the same clock) (our decode-attention, small-linear and hyper-connection kernels and torch's matrix
 products, by their self time) and the rest (Python, dispatch, the small ops; inside the compiled graph, inductor's fused
 elementwise kernels count as the rest).
 Run: python examples/decode_speed.py [--batches 1 16] [--contexts 512 8192] [--rounds 5] [--threads N]
@@ -103,9 +103,9 @@ def engine_rate(model, prime, n: int, **options) -> float:
 
 @torch.no_grad()
 def profile_steps(model, prime, steps: int, compile: bool) -> tuple[float, float]:
-    """Seconds of a decode step (the median of `steps` steps, `CLOCK`) and of the kernels in it (`KERNELS`,
-    their self time per step over `steps` more steps under torch.profiler, which adds its cost to every op
-    it records but little to a kernel's own time)."""
+    """Seconds of a decode step (the median of `steps` steps, wall clock: the profiler's) and of the kernels in
+    it (`KERNELS`, their self time per step over `steps` more steps under torch.profiler, which adds its cost
+    to every op it records but little to a kernel's own time)."""
     from torch.profiler import ProfilerActivity, profile
 
     tokens = torch.randint(0, 256, (prime.shape[0], 2 * steps + 3), generator=torch.Generator().manual_seed(1))
@@ -114,9 +114,9 @@ def profile_steps(model, prime, steps: int, compile: bool) -> tuple[float, float
         _, caches = engine.decode_step(model, tokens[:, t : t + 1], caches, compile)
     times = []
     for t in range(3, steps + 3):
-        started = CLOCK[0]()
+        started = time.perf_counter()
         _, caches = engine.decode_step(model, tokens[:, t : t + 1], caches, compile)
-        times.append(CLOCK[0]() - started)
+        times.append(time.perf_counter() - started)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for t in range(steps + 3, 2 * steps + 3):
             _, caches = engine.decode_step(model, tokens[:, t : t + 1], caches, compile)
@@ -295,7 +295,7 @@ def main() -> None:
 
     if args.profile_step:
         torch.manual_seed(0)
-        readme = LocalTransformer(max_seq_len=max_seq_len, **README_CONFIG).eval()
+        readme = LocalTransformer(max_seq_len=max_seq_len + 2 * args.tokens, **README_CONFIG).eval()
         prime = primes[1, min(args.contexts)] if (1, min(args.contexts)) in primes else torch.randint(0, 256, (1, 512))
         for compile in (False, True):
             results = [profile_steps(readme, prime, args.tokens - 1, compile) for _ in range(args.rounds)]

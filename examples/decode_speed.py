@@ -24,11 +24,11 @@ caches were built from the model's current weights (`KVCache.check_weights`: the
 layer's), inside real steps. `--compile` also times ours with each decode step compiled (`generate(...,
 compile=True)`: one graph per step, `generation.engine.CompiledStep`; compiled in the warm-up, whose time
 is printed), timed at the ends of the engine's prefill and steps (the graph holds no Python hook).
-`--profile-step` profiles `--tokens` - 1 decode steps of the README model (`README_CONFIG`), eager and
-compiled (at batch 1 after a prompt of the smallest context): a step's time (wall clock), that of
-the kernels in it (torch.profiler, the same clock) (our decode-attention, small-linear and hyper-connection kernels and torch's matrix
-products, by their self time) and the rest (Python, dispatch, the small ops; inside the compiled graph, inductor's fused
-elementwise kernels count as the rest).
+`--profile-step` times `--tokens` - 1 decode steps of the README model (`README_CONFIG`), eager and
+compiled (at batch 1 after a prompt of the smallest context), and the kernels of a step replayed alone
+(`profile_steps`: our decode-attention, small-linear and hyper-connection kernels, with the inputs an eager
+step gave them), by `--clock`; the rest of a step is outside the kernels (Python, dispatch, the small ops;
+in the compiled graph, inductor's fused elementwise kernels).
 Run: python examples/decode_speed.py [--batches 1 16] [--contexts 512 8192] [--rounds 5] [--threads N]
 """
 
@@ -49,9 +49,6 @@ from windowed_attention.generation import engine
 
 CONFIG = dict(num_tokens=256, dim=256, depth=4, heads=4, dim_head=64, local_attn_window_size=256)
 README_CONFIG = dict(num_tokens=256, dim=256, depth=2, local_attn_window_size=128, kv_heads=2)  # the README's model
-KERNELS = ("windowed_attention_cpu::decode_attend", "windowed_attention_cpu::small_linear",
-           "windowed_attention_cpu::hyper_forward", "windowed_attention_cpu::hyper_write", "aten::mm", "aten::addmm",
-           "aten::bmm")  # what --profile-step counts as kernels (self time)
 
 
 @torch.no_grad()
@@ -101,27 +98,50 @@ def engine_rate(model, prime, n: int, **options) -> float:
     return prime.shape[0] * (n - 1) / (ends[-1] - ends[0])
 
 
+class _Recorder:
+    """Stands for the kernel library (`fused_cpu.kernel()`): notes each call (name, inputs) and makes it."""
+
+    def __init__(self, ops):
+        self.ops, self.calls = ops, []
+
+    def __getattr__(self, name):
+        op = getattr(self.ops, name)
+
+        def call(*args):
+            self.calls.append((op, [a.clone() if isinstance(a, torch.Tensor) else a for a in args]))
+            return op(*args)
+        return call
+
+
 @torch.no_grad()
 def profile_steps(model, prime, steps: int, compile: bool) -> tuple[float, float]:
-    """Seconds of a decode step (the median of `steps` steps, wall clock: the profiler's) and of the kernels in
-    it (`KERNELS`, their self time per step over `steps` more steps under torch.profiler, which adds its cost
-    to every op it records but little to a kernel's own time)."""
-    from torch.profiler import ProfilerActivity, profile
+    """Seconds of a decode step (the median of `steps` steps, `CLOCK`) and of the kernels in it: the calls of
+    our kernel library one eager step makes (decode attention, small linears, hyper connections), noted with
+    their inputs and replayed alone, `steps` times (median). What a step makes besides them is what the
+    compiled graph exists to cut (the Python, the dispatch, the small ops, inductor's fused kernels)."""
+    from windowed_attention.ops import fused_cpu
 
-    tokens = torch.randint(0, 256, (prime.shape[0], 2 * steps + 3), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, 256, (prime.shape[0], steps + 4), generator=torch.Generator().manual_seed(1))
     _, caches = engine.prefill(model, prime)
     for t in range(3):  # the eager first step of a configuration, the compilation, a warm step
         _, caches = engine.decode_step(model, tokens[:, t : t + 1], caches, compile)
     times = []
     for t in range(3, steps + 3):
-        started = time.perf_counter()
+        started = CLOCK[0]()
         _, caches = engine.decode_step(model, tokens[:, t : t + 1], caches, compile)
-        times.append(time.perf_counter() - started)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for t in range(steps + 3, 2 * steps + 3):
-            _, caches = engine.decode_step(model, tokens[:, t : t + 1], caches, compile)
-    kernels = sum(event.self_cpu_time_total for event in prof.key_averages() if event.key in KERNELS) / 1e6
-    return statistics.median(times), kernels / steps
+        times.append(CLOCK[0]() - started)
+    recorder = fused_cpu._state["ops"] = _Recorder(fused_cpu.kernel())
+    try:
+        engine.decode_step(model, tokens[:, -1:], caches)  # eager: the same kernels, called from Python
+    finally:
+        fused_cpu._state["ops"] = recorder.ops
+    replays = []
+    for _ in range(steps):
+        started = CLOCK[0]()
+        for op, args in recorder.calls:
+            op(*args)
+        replays.append(CLOCK[0]() - started)
+    return statistics.median(times), statistics.median(replays)
 
 
 CLOCK = [time.perf_counter]  # or time.process_time (--clock cpu)

@@ -10,8 +10,9 @@ memory; 1 row 24 against 50 us and 177 against 337 us.
 
 The kernel runs where it computes the same function: float32 strided tensors on CPU, no autograd
 (nothing to differentiate: a decode step runs under `no_grad`; nor forward-mode AD or torch.func
-transforms), no autocast, not while torch.compile, torch.export, torch.jit.trace or torch.fx trace (they
-see `F.linear`). Each output is a float32 sum in order over the input channels, so it
+transforms), no autocast, not while torch.jit.trace or torch.fx trace (they see `F.linear`). Traced by
+torch.compile or torch.export without grad (the compiled decode step, `generation.engine.CompiledStep`), it
+is the custom op `windowed_attention::small_linear`; with grad, `F.linear`. Each output is a float32 sum in order over the input channels, so it
 may differ from MKL's in the last bits (as MKL's own results differ between shapes).
 """
 
@@ -91,7 +92,8 @@ def _traced_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`."""
     if torch.compiler.is_compiling() and _traced_takes(x, weight, bias):
-        return small_linear_op(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias).view(*x.shape[:-1], weight.shape[0])
+        out = small_linear_op(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
     if not _takes(x, weight, bias):
         return F.linear(x, weight, bias)
     out = _fused(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)

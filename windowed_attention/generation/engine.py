@@ -4,7 +4,8 @@
 differ) and keeps, per layer, a `KVCache` of only the keys the next token can see. `decode_step` feeds
 the next token of every row through the model's own forward against those caches: O(window) time and
 memory per token, whatever the length so far. With `use_abs_pos_emb=False` (rotary only) the model has
-no maximum length, and `stream` can run indefinitely in constant memory.
+no maximum length, and `stream` can run indefinitely in constant memory. With `compile=True` each decode
+step is that same forward compiled into one graph (`CompiledStep`), the eager step its fallback and reference.
 
 Works with any causal token model whose `forward(x, mask=None, cache=None, return_cache=False)` follows
 `LocalTransformer`'s (that class's `generate` calls this module; this module does not import it).

@@ -21,7 +21,14 @@ the wall clock, for a machine that others load; `--paired` also times single dec
 baseline's in turns (prefill, then step by step: the medians of `--rounds` x (`--tokens` - 1) steps each, a
 finer comparison than whole runs). `--weights-check` times what a decode step spends checking that the
 caches were built from the model's current weights (`KVCache.check_weights`: the model's record and each
-layer's), inside real steps.
+layer's), inside real steps. `--compile` also times ours with each decode step compiled (`generate(...,
+compile=True)`: one graph per step, `generation.engine.CompiledStep`; compiled in the warm-up, whose time
+is printed), timed at the ends of the engine's prefill and steps (the graph holds no Python hook).
+`--profile-step` times `--tokens` - 1 decode steps of the README model (`README_CONFIG`), eager and
+compiled (at batch 1 after a prompt of the smallest context), and the kernels of a step replayed alone
+(`profile_steps`: our decode-attention, small-linear and hyper-connection kernels, with the inputs an eager
+step gave them), by `--clock`; the rest of a step is outside the kernels (Python, dispatch, the small ops;
+in the compiled graph, inductor's fused elementwise kernels).
 Run: python examples/decode_speed.py [--batches 1 16] [--contexts 512 8192] [--rounds 5] [--threads N]
 """
 
@@ -38,13 +45,17 @@ import torch
 
 import windowed_attention
 from windowed_attention import KVCache, LocalTransformer
+from windowed_attention.generation import engine
 
 CONFIG = dict(num_tokens=256, dim=256, depth=4, heads=4, dim_head=64, local_attn_window_size=256)
+README_CONFIG = dict(num_tokens=256, dim=256, depth=2, local_attn_window_size=128, kv_heads=2)  # the README's model
 
 
 @torch.no_grad()
 def decode_rate(model, prime, n: int, **options) -> float:
     """Tokens/s of the decode steps of `model.generate(prime, n, **options)` (the prefill left out)."""
+    if options.get("compile"):
+        return engine_rate(model, prime, n, **options)
     ends, forward = [], model.forward
 
     def timed(*args, **kwargs):  # local-attention's generate calls self.forward, so no hook would see it
@@ -60,6 +71,77 @@ def decode_rate(model, prime, n: int, **options) -> float:
     if len(ends) != n:
         raise RuntimeError(f"expected one forward per token, got {len(ends)} for {n} tokens")
     return prime.shape[0] * (n - 1) / (ends[-1] - ends[0])
+
+
+@torch.no_grad()
+def engine_rate(model, prime, n: int, **options) -> float:
+    """`decode_rate` timed at the ends of the engine's `prefill` and `decode_step` calls (a compiled step
+    runs no Python hook inside the model)."""
+    ends, functions = [], {name: getattr(engine, name) for name in ("prefill", "decode_step")}
+
+    def timed(function):
+        def call(*args, **kwargs):
+            out = function(*args, **kwargs)
+            ends.append(CLOCK[0]())
+            return out
+        return call
+
+    for name, function in functions.items():
+        setattr(engine, name, timed(function))
+    try:
+        model.generate(prime, n, **options)
+    finally:
+        for name, function in functions.items():
+            setattr(engine, name, function)
+    if len(ends) != n:
+        raise RuntimeError(f"expected a prefill and a step per token, got {len(ends)} calls for {n} tokens")
+    return prime.shape[0] * (n - 1) / (ends[-1] - ends[0])
+
+
+class _Recorder:
+    """Stands for the kernel library (`fused_cpu.kernel()`): notes each call (name, inputs) and makes it."""
+
+    def __init__(self, ops):
+        self.ops, self.calls = ops, []
+
+    def __getattr__(self, name):
+        op = getattr(self.ops, name)
+
+        def call(*args):
+            self.calls.append((op, [a.clone() if isinstance(a, torch.Tensor) else a for a in args]))
+            return op(*args)
+        return call
+
+
+@torch.no_grad()
+def profile_steps(model, prime, steps: int, compile: bool) -> tuple[float, float]:
+    """Seconds of a decode step (the median of `steps` steps, `CLOCK`) and of the kernels in it: the calls of
+    our kernel library one eager step makes (decode attention, small linears, hyper connections), noted with
+    their inputs and replayed alone, `steps` times (median). What a step makes besides them is what the
+    compiled graph exists to cut (the Python, the dispatch, the small ops, inductor's fused kernels)."""
+    from windowed_attention.ops import fused_cpu
+
+    tokens = torch.randint(0, 256, (prime.shape[0], steps + 4), generator=torch.Generator().manual_seed(1))
+    _, caches = engine.prefill(model, prime)
+    for t in range(3):  # the eager first step of a configuration, the compilation, a warm step
+        _, caches = engine.decode_step(model, tokens[:, t : t + 1], caches, compile)
+    times = []
+    for t in range(3, steps + 3):
+        started = CLOCK[0]()
+        _, caches = engine.decode_step(model, tokens[:, t : t + 1], caches, compile)
+        times.append(CLOCK[0]() - started)
+    recorder = fused_cpu._state["ops"] = _Recorder(fused_cpu.kernel())
+    try:
+        engine.decode_step(model, tokens[:, -1:], caches)  # eager: the same kernels, called from Python
+    finally:
+        fused_cpu._state["ops"] = recorder.ops
+    replays = []
+    for _ in range(steps):
+        started = CLOCK[0]()
+        for op, args in recorder.calls:
+            op(*args)
+        replays.append(CLOCK[0]() - started)
+    return statistics.median(times), statistics.median(replays)
 
 
 CLOCK = [time.perf_counter]  # or time.process_time (--clock cpu)
@@ -149,6 +231,9 @@ def main() -> None:
     parser.add_argument("--paired", action="store_true",
                         help="with --baseline, also time single decode steps of the two in turns, step by step")
     parser.add_argument("--weights-check", action="store_true", help="time the weights checks of a step")
+    parser.add_argument("--compile", action="store_true", help="also time ours with compiled decode steps")
+    parser.add_argument("--profile-step", action="store_true",
+                        help="profile the README model's decode step, eager and compiled: kernels and the rest")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall time, or this process's CPU time (steadier on a machine others load; "
                              "with --threads 1, as spinning worker threads would count) (default: %(default)s)")
@@ -165,6 +250,8 @@ def main() -> None:
     for cache_dtype in args.cache_dtypes:
         name = "windowed-attention" + ("" if cache_dtype == "float32" else f" {cache_dtype} cache")
         models[name] = (ours, {} if cache_dtype == "float32" else {"cache_dtype": getattr(torch, cache_dtype)})
+    if args.compile:
+        models["windowed-attention compiled"] = (ours, {"compile": True})
     if args.baseline:
         baseline = load_baseline(args.baseline).LocalTransformer(max_seq_len=max_seq_len, num_residual_streams=1,
                                                                  **CONFIG).eval()
@@ -182,8 +269,12 @@ def main() -> None:
     primes = {(b, c): torch.randint(0, 256, (b, c), generator=torch.Generator().manual_seed(c)) for b, c in points}
     mine = [name for name in models if name.startswith("windowed-attention") or name == "baseline"]
     runs = [(name, b, c) for b, c in points for name in models if name in mine or b in args.their_batches]
-    for name, b, c in runs:  # warm-up: builds the kernel, first-touches the caches
-        decode_rate(models[name][0], primes[b, c], 2, **models[name][1])
+    for name, b, c in runs:  # warm-up: builds the kernel, first-touches the caches, compiles (a first step is eager)
+        decode_rate(models[name][0], primes[b, c], 4, **models[name][1])
+    if args.compile:
+        seconds = engine.CompiledStep.of(ours).compile_seconds
+        print(f"compiled the decode step {len(seconds)} time(s) in the warm-up: "
+              + ", ".join(f"{s:.1f} s" for s in seconds))
     rates: dict[tuple, list[float]] = {run: [] for run in runs}
     for _ in range(args.rounds):
         for name, b, c in runs:
@@ -221,6 +312,17 @@ def main() -> None:
             step, seconds = statistics.median(steps), statistics.median(checks)
             print(f"batch {b} context {c}: weights checks {seconds * 1e6:.1f} us of a {step * 1e3:.3f} ms step "
                   f"({seconds / step:.2%}; {reads} parameter versions read; medians of {args.rounds} runs)")
+
+    if args.profile_step:
+        torch.manual_seed(0)
+        readme = LocalTransformer(max_seq_len=max_seq_len + 2 * args.tokens, **README_CONFIG).eval()
+        prime = primes[1, min(args.contexts)] if (1, min(args.contexts)) in primes else torch.randint(0, 256, (1, 512))
+        for compile in (False, True):
+            results = [profile_steps(readme, prime, args.tokens - 1, compile) for _ in range(args.rounds)]
+            step, kernels = statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
+            print(f"README model decode step, {'compiled' if compile else 'eager'}: {step * 1e3:.3f} ms, kernels "
+                  f"{kernels * 1e3:.3f} ms, outside the kernels {(step - kernels) * 1e3:.3f} ms (medians of "
+                  f"{args.rounds} runs of {args.tokens - 1} steps)")
 
     short, long = min(args.contexts), max(args.contexts)
     for name in mine:

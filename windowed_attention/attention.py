@@ -313,14 +313,20 @@ class LocalAttention(nn.Module):
             constants = self._decode_constants(cache.length + 1, attn_bias, q.shape[0] * q.shape[1], k.dtype, k.device)
             cache = cache.resized(cache_capacity(constants.spec)).with_constants(constants, attn_bias)
         constants = cache.constants
-        if constants.base is None or not constants.base <= cache.column < constants.base + ROTATION_CHUNK:
-            self._next_chunk(constants, cache)
-        step = cache.column - constants.base
+        table = constants.table
+        if torch.compiler.is_compiling():  # traced code: this step's rotation and residues in the graph (no chunk
+            positions = cache.positions     # state, whose refresh would be a branch that recompiles)
+            rotation = None if self.rel_pos is None else step_rotation(self.rel_pos, positions, table.dtype)
+            residues = positions % constants.spec.window_size
+        else:
+            if constants.base is None or not constants.base <= cache.column < constants.base + ROTATION_CHUNK:
+                self._next_chunk(constants, cache)
+            step = cache.column - constants.base
+            rotation = None if self.rel_pos is None else (constants.cos[step], constants.sin[step])
+            residues = constants.residues[step]
         if self.shared_qk:
             k = F.normalize(k, dim=-1)
-        rotation = None if self.rel_pos is None else (constants.cos[step], constants.sin[step])
-        table = constants.table
-        row = table if table.shape[0] == 1 else table[constants.residues[step]]  # (b or 1, heads or 1, slots)
+        row = table if table.shape[0] == 1 else table[residues]  # (b or 1, heads or 1, slots)
         scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
         return attend_step(q, k, v, cache, rotation, row, scale=scale, shared_qk=self.shared_qk,
                            key_factors=constants.key_factors, softcap=self.spec.softcap, sinks=sinks,

@@ -26,6 +26,12 @@ onto the last: the cache holds its whole history until `detach()` cuts it.
 Weights: the module whose forward built a cache ties it to its parameters (`Weights`), and each step
 checks that it is that module and its parameters are unchanged since (`check_weights`): keys computed
 with other weights would give a wrong result without a word.
+
+Traced code (torch.compile: the compiled decode step, `generation.engine.CompiledStep`) runs the same
+`update`/`advance` with no branch on the column, the one value that moves: it writes the buffers through
+`narrow` (the column stays symbolic), writes the key bias and the sink-token buffers at every step, and
+leaves the checks on Python state (`check_weights`, `_claim`, inference tensors) to the compiled step,
+which makes them before the graph.
 """
 
 from __future__ import annotations
@@ -271,24 +277,30 @@ class KVCache:
         the last `slots` columns, ending with the new one, oldest first. A row whose new position is one
         of the first `sink_tokens` also keeps it in `sink_buffers`. In grad mode the new cache's buffers
         are copies (see the module docstring)."""
-        positions, sinks_due = self.positions, self.sinks_due
+        positions, sinks_due = self.positions, self.sinks_due or self.sinks_always
         cache, slot, first, key_bias = self._advance(sinks_due, torch.is_grad_enabled())
         if sinks_due:
             cache.write_sinks(positions, k[:, :, 0], v[:, :, 0])
         slots, keys, values = self.slots, cache._k, cache._v
-        keys[..., slot, :] = k[..., 0, :]
-        keys[..., slot + slots, :] = k[..., 0, :]
-        values[..., slot, :] = v[..., 0, :]
-        values[..., slot + slots, :] = v[..., 0, :]
-        window = (slice(None),) * 2 + (slice(first, first + slots),)
-        bias_view = None if key_bias is None else key_bias[window][:, :, None]
-        return cache, keys[window], values[window], bias_view
+        # narrow, not indexing: traced code keeps `slot` symbolic (an index would be a guard on its value)
+        for buffer, new in ((keys, k), (values, v)):
+            buffer.narrow(-2, slot, 1).copy_(new)
+            buffer.narrow(-2, slot + slots, 1).copy_(new)
+        bias_view = None if key_bias is None else key_bias.narrow(-1, first, slots)[:, :, None]
+        return cache, keys.narrow(-2, first, slots), values.narrow(-2, first, slots), bias_view
 
     @property
     def sinks_due(self) -> bool:
         """Whether some row's next position is one of the first `sink_tokens` (the step that writes it must also
         `write_sinks`; `update` does)."""
         return self._sinks is not None and self.column - self._start_range[1] < self.sink_tokens
+
+    @property
+    def sinks_always(self) -> bool:
+        """Traced code writes the sink-token buffers at every step (`write_sinks` leaves the rows past them as
+        they are): `sinks_due` is a branch on the column, which would tie the graph to the steps before or
+        after the last sink token."""
+        return self._sinks is not None and torch.compiler.is_compiling()
 
     def write_sinks(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Keep the keys and values `(b, h, d)` of the rows whose `positions` `(b,)` (those the step wrote) are
@@ -316,16 +328,17 @@ class KVCache:
         if not writes_sinks and self.sinks_due:
             raise ValueError("sink_tokens: a row's new position is a sink token; write it with update(k, v)")
         k_buf, v_buf, bias_buf, sinks = self._k, self._v, self._key_bias, self._sinks
+        # (traced code cannot ask is_inference(): the compiled step hands such a cache to the eager step first)
         if recording or k_buf.requires_grad or v_buf.requires_grad or (
-                k_buf.is_inference() and not torch.is_inference_mode_enabled()):
+                not torch.compiler.is_compiling() and k_buf.is_inference() and not torch.is_inference_mode_enabled()):
             k_buf, v_buf, bias_buf = k_buf.clone(), v_buf.clone(), bias_buf.clone()
             sinks = None if sinks is None else tuple(t.clone() for t in sinks)
         slot, slots = self.column % self.slots, self.slots
         key_bias = None
-        if self.key_bias_needed:
+        if self.key_bias_needed or torch.compiler.is_compiling():  # traced code: always (no branch to recompile)
             key_bias = bias_buf
-            key_bias[..., slot] = 0.0
-            key_bias[..., slot + slots] = 0.0
+            key_bias.narrow(-1, slot, 1).fill_(0.0)
+            key_bias.narrow(-1, slot + slots, 1).fill_(0.0)
         self._newest[0] = column = self.column + 1
         cache = KVCache(k_buf, v_buf, bias_buf, self._start, column, self.capacity, self._start_range,
                         self.constants, self.signature, self.attn_bias, self._newest, self._held_from, sinks,
@@ -358,7 +371,10 @@ class KVCache:
     def check_weights(self, module: torch.nn.Module) -> None:
         """Raise ValueError unless `module` built this cache and its parameters are unchanged since (or since
         `detach()`). Only the outermost module reads the versions (a LocalTransformer's, whose parameters
-        include its layers'); a module inside it checks that the cache is its own."""
+        include its layers'); a module inside it checks that the cache is its own. Traced code (torch.compile)
+        skips it: the compiled decode step (`generation.engine.CompiledStep`) checks before the graph."""
+        if torch.compiler.is_compiling():
+            return
         for record in self.weights:
             if record.owner() is module:
                 if record is self.weights[-1] and record.changed():
@@ -374,7 +390,10 @@ class KVCache:
         )
 
     def _claim(self) -> None:
-        """Refuse a cache whose buffers a later one has written (or left)."""
+        """Refuse a cache whose buffers a later one has written (or left). Traced code skips it (reading the
+        shared column there made torch.compile lose a symbol): the compiled step claims before it enters."""
+        if torch.compiler.is_compiling():
+            return
         if self._newest[0] != self.column:
             raise ValueError(
                 "cache was already updated: its buffers now hold a later position; continue from the "

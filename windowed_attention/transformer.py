@@ -401,7 +401,7 @@ class LocalTransformer(nn.Module):
     @torch.no_grad()
     def generate(self, prime, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9,
                  use_kv_cache: bool = True, top_p: float | None = None, generator: torch.Generator | None = None,
-                 cache_dtype=None, **kwargs):
+                 cache_dtype=None, compile: bool = False, **kwargs):
         """Sample `seq_len` tokens after `prime`; returns only the new tokens `(b, seq_len)`.
 
         `prime` is a `(b, n)` tensor or a list of 1-D prompts of different lengths (each row generates
@@ -415,7 +415,8 @@ class LocalTransformer(nn.Module):
         must be reproducible across the two routes.
         The tokens come back as `torch.long`, whatever the prompt's integer dtype.
         `cache_dtype=torch.bfloat16` (float32 models) halves the cache and a step's reads, not exactly
-        (see `forward`).
+        (see `forward`). `compile=True` runs each decode step as one graph compiled by `torch.compile` (once per
+        model and batch shape, announced on stderr; the same tokens; `generation.engine.CompiledStep`).
         """
         if self.token_emb is None:
             raise ValueError("generate needs token ids and logits: the model was built with num_tokens=None (a backbone)")
@@ -426,6 +427,7 @@ class LocalTransformer(nn.Module):
         seq_len = check_int("seq_len", seq_len, 0)
         check_sampling(temperature, filter_thres, top_p)
         use_kv_cache = check_bool("use_kv_cache", use_kv_cache)
+        compile = check_bool("compile", compile)
         if cache_dtype is not None and not use_kv_cache:
             raise ValueError("cache_dtype needs use_kv_cache=True")
         if not self.causal:
@@ -437,5 +439,5 @@ class LocalTransformer(nn.Module):
         # global layers: no cache (see forward); every step recomputes the sequence
         out = engine.generate(self, prime, seq_len, temperature=temperature, filter_thres=filter_thres,
                               top_p=top_p, generator=generator, use_cache=use_kv_cache and not self.has_global_layers,
-                              cache_dtype=cache_dtype)
+                              cache_dtype=cache_dtype, compile=compile)
         return out  # torch.long: a narrow prompt dtype (int8, uint8, int16) would wrap the ids

@@ -4,7 +4,8 @@
 differ) and keeps, per layer, a `KVCache` of only the keys the next token can see. `decode_step` feeds
 the next token of every row through the model's own forward against those caches: O(window) time and
 memory per token, whatever the length so far. With `use_abs_pos_emb=False` (rotary only) the model has
-no maximum length, and `stream` can run indefinitely in constant memory.
+no maximum length, and `stream` can run indefinitely in constant memory. With `compile=True` each decode
+step is that same forward compiled into one graph (`CompiledStep`), the eager step its fallback and reference.
 
 Works with any causal token model whose `forward(x, mask=None, cache=None, return_cache=False)` follows
 `LocalTransformer`'s (that class's `generate` calls this module; this module does not import it).
@@ -18,6 +19,10 @@ for a batch of one (a batch is reproducible for the same seed and prompts).
 from __future__ import annotations
 
 import contextlib
+import sys
+import time
+import types
+import weakref
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -101,12 +106,125 @@ def prefill(model, prompt: torch.Tensor, lengths: torch.Tensor | None = None,
     return _last(logits, lengths), caches
 
 
-@torch.no_grad()
-def decode_step(model, token: torch.Tensor, caches: list[KVCache]) -> tuple[torch.Tensor, list[KVCache]]:
-    """The next token of every row `(b, 1)` through the model against `caches`: its logits `(b, vocab)`
-    and the new caches."""
+def _step(model, token: torch.Tensor, caches: list[KVCache]) -> tuple[torch.Tensor, list[KVCache]]:
+    """The decode step: the model's own forward with its caches (what `torch.compile` traces)."""
     logits, caches = model(token, cache=caches, return_cache=True)
     return logits[:, -1], caches
+
+
+@torch.no_grad()
+def decode_step(model, token: torch.Tensor, caches: list[KVCache],
+                compile: bool = False) -> tuple[torch.Tensor, list[KVCache]]:
+    """The next token of every row `(b, 1)` through the model against `caches`: its logits `(b, vocab)`
+    and the new caches. `compile=True` runs the step as one compiled graph (`CompiledStep`)."""
+    if compile:
+        return CompiledStep.of(model)(token, caches)
+    return _step(model, token, caches)
+
+
+# the source names under which dynamo sees each cache's column in `_step`: symbolic from the first trace
+_PENDING = object()  # a configuration whose first (eager) step ran: the next compiles
+_COLUMNS = r"L\['caches'\]\[\d+\]\.column"
+
+
+class CompiledStep:
+    """The decode step of one model (`model(token, cache=caches, return_cache=True)`, the same forward) as one
+    graph compiled by `torch.compile`: the embedding, every layer's projections, cache update and attention
+    (our kernels as custom ops), the logits; gpt-fast's recipe. What makes it one graph: the caches' buffers
+    are static (a ring written in place), the one thing that moves, each cache's `column`, is a symbolic int
+    of the graph, and the step takes no branch on it (traced code writes the key bias and the sink-token
+    buffers at every step, computes the rotation of the position in the graph); the Python checks of an eager
+    step (the weights, the claim on the buffers) run here before the graph.
+
+    The graph is compiled once per model and static configuration (`_key`: the batch shape, the caches'
+    shapes and dtypes, each row's start, the layers that own them), announced on stderr with the seconds it
+    took. Its guards are left out (they cost a fifth of a step): `_key` is what they would check. Steps the
+    graph does not take run eagerly, as the reference: a cache whose window grows (`ops.decode.decode_window`)
+    or was detached, buffers that are inference tensors outside inference mode, a text past `max_seq_len`
+    (the eager step raises), and the first step of every configuration (it checks what the graph will take
+    on trust). Sampling stays outside the graph (a `torch.Generator` cannot enter it, and seeded sampling
+    then draws as the eager step does).
+    """
+
+    _models: "weakref.WeakKeyDictionary[torch.nn.Module, CompiledStep]" = weakref.WeakKeyDictionary()
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = weakref.ref(model)
+        self.graphs: dict[tuple, Callable] = {}  # `_key` -> compiled step
+        self.compile_seconds: list[float] = []  # of each compilation, in order
+        self.eager_steps = 0  # steps this object handed to the eager step
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "CompiledStep":
+        """The compiled step of `model` (one per model, kept while the model lives)."""
+        step = cls._models.get(model)
+        if step is None:
+            step = cls._models[model] = cls(model)
+        return step
+
+    @staticmethod
+    def _key(model, token: torch.Tensor, caches) -> tuple | None:
+        """What the graph of a step specializes on, or None when the step is not the graph's to take."""
+        if not isinstance(caches, (list, tuple)) or not caches or not all(isinstance(c, KVCache) for c in caches):
+            return None
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        pos_emb = getattr(model, "pos_emb", None)
+        if grad or model.training or (pos_emb is not None and caches[0].length + 1 > model.max_seq_len):
+            return None
+        key = [tuple(token.shape), token.dtype, token.device, inference, torch.get_num_threads()]
+        for cache in caches:
+            constants = cache.constants
+            if constants is None or cache.length >= constants.limit or (cache._k.is_inference() and not inference):
+                return None
+            owner = cache.weights[0].owner() if cache.weights else None
+            key += [cache.signature, cache._k.shape, cache._k.dtype, cache._v.shape, cache._start_range,
+                    cache.capacity, cache._held_from, cache.sink_tokens, constants.limit, constants.table.shape,
+                    None if cache.attn_bias is None else cache.attn_bias.shape, id(owner)]
+        return tuple(key)
+
+    def __call__(self, token: torch.Tensor, caches: list[KVCache]) -> tuple[torch.Tensor, list[KVCache]]:
+        """`decode_step(model, token, caches)`: logits `(b, vocab)` and the new caches."""
+        model = self.model()
+        key = self._key(model, token, caches)
+        graph = None if key is None else self.graphs.get(key)
+        if graph is None:
+            if key is not None:  # the eager step checks what the graph will take on trust, then compile
+                self.graphs[key] = _PENDING
+            self.eager_steps += 1
+            return _step(model, token, caches)
+        caches[0].check_weights(model)
+        for cache in caches:
+            cache._claim()
+        if graph is _PENDING:
+            return self._compile(key, token, caches)
+        return graph(model, token, caches)  # no guards: it never traces again
+
+    def _compile(self, key: tuple, token: torch.Tensor, caches: list[KVCache]):
+        """Compile the graph of `key` on this step (announced, timed); the eager step if compiling fails."""
+        model = self.model()
+        b = token.shape[0]
+        print(f"windowed-attention: compiling the decode step (batch {b}, {len(caches)} layers; once per model and "
+              f"batch shape; torch.compile, tens of seconds on a small CPU)", file=sys.stderr, flush=True)
+        # `_step` under a code object of its own: dynamo keeps graphs by code object, and a graph without guards
+        # must be reached by its own configuration alone
+        step = types.FunctionType(_step.__code__.replace(), _step.__globals__, _step.__name__)
+        graph = torch.compile(step, fullgraph=True, dynamic=False,
+                              options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
+        started = time.perf_counter()
+        try:
+            with torch.compiler.config.patch(dynamic_sources=_COLUMNS):
+                out = graph(model, token, caches)
+        except Exception as error:  # noqa: BLE001 - no compiler, an op dynamo cannot trace: decode eagerly
+            print(f"windowed-attention: compiling the decode step failed ({type(error).__name__}: "
+                  f"{str(error).splitlines()[0] if str(error) else ''}); decoding eagerly", file=sys.stderr, flush=True)
+            self.graphs[key] = _step
+            self.eager_steps += 1
+            return _step(model, token, caches)
+        seconds = time.perf_counter() - started
+        self.compile_seconds.append(seconds)
+        self.graphs[key] = graph
+        print(f"windowed-attention: compiled the decode step in {seconds:.1f} s", file=sys.stderr, flush=True)
+        return out
 
 
 def cache_nbytes(caches: list[KVCache]) -> int:
@@ -118,7 +236,8 @@ def cache_nbytes(caches: list[KVCache]) -> int:
 def stream(model, prompt, max_new_tokens: int | None, *, temperature: float = 1.0, filter_thres: float = 0.9,
            top_p: float | None = None, generator: torch.Generator | None = None,
            on_caches: Callable[[int, list[KVCache]], None] | None = None,
-           use_cache: bool = True, cache_dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
+           use_cache: bool = True, cache_dtype: torch.dtype | None = None,
+           compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield new tokens `(b, 1)` one by one after `prompt` (a `(b, n)` tensor or a list of 1-D prompts of
     different lengths); `max_new_tokens=None` never stops (needs a model without absolute positions to
     run past `max_seq_len`).
@@ -128,8 +247,12 @@ def stream(model, prompt, max_new_tokens: int | None, *, temperature: float = 1.
     `use_cache=False` runs the whole sequence through the model at every step (same tokens, for testing).
     `cache_dtype=torch.bfloat16` (a float32 model) keeps the caches in bfloat16: half the memory and the
     bytes a step reads, but not exact (the keys and values are rounded), so not the tokens of `use_cache=False`.
+    `compile=True` runs each decode step as one compiled graph (`CompiledStep`: compiled once per model and
+    batch shape, announced on stderr; the same tokens as the eager step, which it falls back to).
     """
     model = _check_model(model)
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
     tokens, lengths = batch_prompts(prompt)
     check_sampling(temperature, filter_thres, top_p)
     if cache_dtype is not None and not isinstance(cache_dtype, torch.dtype):
@@ -159,7 +282,7 @@ def stream(model, prompt, max_new_tokens: int | None, *, temperature: float = 1.
         if max_new_tokens is not None and step >= max_new_tokens:
             return
         with _eval_mode(model):
-            logits, caches = decode_step(model, token, caches)
+            logits, caches = decode_step(model, token, caches, compile)
         if on_caches is not None:
             on_caches(step, caches)
 
@@ -188,12 +311,12 @@ def _stream_uncached(model, tokens, lengths, max_new_tokens, temperature, filter
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens: int, *, temperature: float = 1.0, filter_thres: float = 0.9,
              top_p: float | None = None, generator: torch.Generator | None = None,
-             use_cache: bool = True, cache_dtype: torch.dtype | None = None) -> torch.Tensor:
+             use_cache: bool = True, cache_dtype: torch.dtype | None = None, compile: bool = False) -> torch.Tensor:
     """Sample `max_new_tokens` tokens after `prompt` (a `(b, n)` tensor or a list of 1-D prompts of
     different lengths) with the rolling KV cache; returns `(b, max_new_tokens)`.
 
     Gives the same tokens as `use_cache=False` (a full forward per token), except with a reduced
-    `cache_dtype` (see `stream`)."""
+    `cache_dtype` (see `stream`). `compile=True`: each decode step is one compiled graph (see `stream`)."""
     if max_new_tokens is None:
         raise ValueError("max_new_tokens must be an int >= 0 (use stream() to generate without end)")
     _check_count(max_new_tokens)
@@ -201,6 +324,6 @@ def generate(model, prompt, max_new_tokens: int, *, temperature: float = 1.0, fi
     out = torch.empty(tokens.shape[0], max_new_tokens, dtype=torch.long, device=tokens.device)
     for index, token in enumerate(stream(model, prompt, max_new_tokens, temperature=temperature,
                                          filter_thres=filter_thres, top_p=top_p, generator=generator,
-                                         use_cache=use_cache, cache_dtype=cache_dtype)):
+                                         use_cache=use_cache, cache_dtype=cache_dtype, compile=compile)):
         out[:, index:index + 1] = token
     return out

@@ -163,6 +163,29 @@ def _rotate_step(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
+def _decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
+                   cos: torch.Tensor | None, sig: torch.Tensor | None, row: torch.Tensor, key_bias: torch.Tensor | None,
+                   key_factors: torch.Tensor | None, slot: int, first: int, scale: float, shared_qk: bool,
+                   softcap: float, sinks: torch.Tensor | None, sink_k: torch.Tensor | None,
+                   sink_v: torch.Tensor | None, sink_row: torch.Tensor | None) -> torch.Tensor:
+    """The decode kernel (`csrc/decode_cpu.cpp`: it writes the new, rotated `k`, `v` `(b, h_kv, d)` into the ring
+    buffers at `slot` and `slot + slots` and attends over the window from `first`) as the op
+    `windowed_attention::decode_attend`, which declares those writes: what traced code (torch.compile) calls.
+    Eager steps call the kernel directly (one dispatch less)."""
+    return fused_cpu.kernel().decode_attend(q, k, v, k_buf, v_buf, cos, sig, row, key_bias, key_factors, slot, first,
+                                            scale, shared_qk, softcap, sinks, sink_k, sink_v, sink_row)
+
+
+fused_cpu.LIBRARY.define("decode_attend" + torch.library.infer_schema(_decode_attend, mutates_args=("k_buf", "v_buf")))
+fused_cpu.LIBRARY.impl("decode_attend", _decode_attend, "CPU")
+decode_attend_op = torch.ops.windowed_attention.decode_attend.default
+
+
+@torch.library.register_fake(decode_attend_op)
+def _(q, k, v, k_buf, v_buf, *rest):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+
+
 def attend_step(q, k, v, cache, rotation, row, *, scale: float, shared_qk: bool, key_factors=None, softcap=None,
                 sinks=None, sink_spec: WindowSpec | None = None):
     """A decode step: rotate the new `q` `(b, h, 1, d)` and `k` `(b, h_kv, 1, d)` by `rotation`
@@ -192,18 +215,18 @@ def attend_step(q, k, v, cache, rotation, row, *, scale: float, shared_qk: bool,
         if cache.sink_tokens:
             sink_k, sink_v = cache.sink_buffers
             seen_sinks = sink_row(sink_spec, positions, cache.sink_tokens, row.dtype)[:, 0].contiguous()  # (b, S)
-        writes_sinks = cache.sinks_due
+        writes_sinks = cache.sinks_due or cache.sinks_always
         cache, slot, first, key_bias = cache.advance(writes_sinks=writes_sinks)
         k_buf, v_buf = cache.buffers
         cos, sin = (None, None) if rotation is None else rotation
         if sinks is not None:
             sinks = sinks.detach().to(row.dtype).contiguous()
-        out = fused_cpu.kernel().decode_attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], k_buf, v_buf, cos, sin, row,
-                                               key_bias, key_factors, slot, first, scale, shared_qk,
-                                               0.0 if softcap is None else float(softcap), sinks, sink_k, sink_v,
-                                               seen_sinks)
+        attend = decode_attend_op if torch.compiler.is_compiling() else fused_cpu.kernel().decode_attend
+        out = attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], k_buf, v_buf, cos, sin, row, key_bias, key_factors, slot,
+                     first, scale, shared_qk, 0.0 if softcap is None else float(softcap), sinks, sink_k, sink_v,
+                     seen_sinks)
         if writes_sinks:  # the new keys (rotated, as the kernel wrote them into the ring) of rows below S
-            cache.write_sinks(positions, k_buf[:, :, slot], v_buf[:, :, slot])
+            cache.write_sinks(positions, k_buf.select(2, slot), v_buf.select(2, slot))
         return out[:, :, None], cache
     dtype = q.dtype
     if rotation is not None:

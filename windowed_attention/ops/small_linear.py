@@ -10,8 +10,9 @@ memory; 1 row 24 against 50 us and 177 against 337 us.
 
 The kernel runs where it computes the same function: float32 strided tensors on CPU, no autograd
 (nothing to differentiate: a decode step runs under `no_grad`; nor forward-mode AD or torch.func
-transforms), no autocast, not while torch.compile, torch.export, torch.jit.trace or torch.fx trace (they
-see `F.linear`). Each output is a float32 sum in order over the input channels, so it
+transforms), no autocast, not while torch.jit.trace or torch.fx trace (they see `F.linear`). Traced by
+torch.compile or torch.export without grad (the compiled decode step, `generation.engine.CompiledStep`), it
+is the custom op `windowed_attention::small_linear`; with grad, `F.linear`. Each output is a float32 sum in order over the input channels, so it
 may differ from MKL's in the last bits (as MKL's own results differ between shapes).
 """
 
@@ -62,8 +63,37 @@ def _takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return fused_cpu.available()
 
 
+@fused_cpu.custom_op("small_linear")
+def small_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The kernel as the op `windowed_attention::small_linear`: what a compiled decode step calls
+    (`generation.engine`: traced code sees this op where eager code calls the kernel directly)."""
+    return _fused(x, weight, bias)
+
+
+@torch.library.register_fake(small_linear_op)
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _traced_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """`_takes` for torch.compile (static facts of the trace: a compiled decode step under `no_grad`)."""
+    if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or not fused_cpu.available():
+        return False  # the op has no derivative
+    if any(t.dtype != torch.float32 or not t.is_cpu for t in (x, weight, *(() if bias is None else (bias,)))):
+        return False
+    k = x.shape[-1] if x.ndim else 0
+    if k < 1 or weight.ndim != 2 or weight.shape[1] != k or not weight.is_contiguous():
+        return False
+    if bias is not None and (bias.shape != weight.shape[:1] or not bias.is_contiguous()):
+        return False
+    return MIN_ROWS <= x.numel() // k <= MAX_ROWS
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`."""
+    if torch.compiler.is_compiling() and _traced_takes(x, weight, bias):
+        out = small_linear_op(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
     if not _takes(x, weight, bias):
         return F.linear(x, weight, bias)
     out = _fused(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)

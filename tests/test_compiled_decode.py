@@ -57,6 +57,22 @@ def test_compile_is_one_per_configuration_and_announced(fake_compile, capsys):
     assert len(fake_compile) == 2
 
 
+def test_autocast_and_the_weights_dtype_get_graphs_of_their_own(fake_compile):
+    """A graph traced without autocast (or for other weights) must never serve a step that the eager forward
+    would compute otherwise: the guards are off, so the key (the caches' dtypes, autocast, the weights'
+    dtype) must tell them apart."""
+    model = _model()
+    prompts = _prompts()
+    model.generate(prompts, 4, temperature=0, compile=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = model.generate(prompts, 4, temperature=0)
+        assert torch.equal(model.generate(prompts, 4, temperature=0, compile=True), eager)
+    assert len(fake_compile) == 2
+    model.double()
+    assert torch.equal(model.generate(prompts, 4, temperature=0, compile=True), model.generate(prompts, 4, temperature=0))
+    assert len(fake_compile) == 3
+
+
 def test_steps_the_graph_cannot_take_go_to_the_eager_step(fake_compile):
     model = _model(max_seq_len=20)
     tokens = torch.randint(0, 64, (2, 6))

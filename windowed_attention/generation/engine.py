@@ -136,8 +136,8 @@ class CompiledStep:
     buffers at every step, computes the rotation of the position in the graph); the Python checks of an eager
     step (the weights, the claim on the buffers) run here before the graph.
 
-    The graph is compiled once per model and static configuration (`_key`: the batch shape, the caches'
-    shapes and dtypes, each row's start, the layers that own them), announced on stderr with the seconds it
+    The graph is compiled once per model and static configuration (`_key`: the batch shape, autocast, the
+    weights' dtype, the caches' shapes and dtypes, each row's start, the layers that own them), announced on stderr with the seconds it
     took. Its guards are left out (they cost a fifth of a step): `_key` is what they would check. Steps the
     graph does not take run eagerly, as the reference: a cache whose window grows (`ops.decode.decode_window`)
     or was detached, buffers that are inference tensors outside inference mode, a text past `max_seq_len`
@@ -171,7 +171,11 @@ class CompiledStep:
         pos_emb = getattr(model, "pos_emb", None)
         if grad or model.training or (pos_emb is not None and caches[0].length + 1 > model.max_seq_len):
             return None
-        key = [tuple(token.shape), token.dtype, token.device, inference, torch.get_num_threads()]
+        device_type = token.device.type
+        autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
+        weights = next(model.parameters(), None)
+        key = [tuple(token.shape), token.dtype, token.device, inference, torch.get_num_threads(), autocast,
+               None if weights is None else weights.dtype]
         for cache in caches:
             constants = cache.constants
             if constants is None or cache.length >= constants.limit or (cache._k.is_inference() and not inference):

@@ -42,6 +42,17 @@ def _plain(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 and t.is_cpu and t.layout == torch.strided and not t.is_neg() and not _wrapped(t)
 
 
+def _shapes_fit(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """`x (..., K)` of MIN_ROWS..MAX_ROWS rows, a contiguous `weight (N, K)` and a contiguous `bias (N,)` or none:
+    the shapes the kernel takes (eager `_takes` and traced `_traced_takes` alike)."""
+    k = x.shape[-1] if x.ndim else 0
+    if k < 1 or weight.ndim != 2 or weight.shape[1] != k or not weight.is_contiguous():
+        return False
+    if bias is not None and (bias.shape != weight.shape[:1] or not bias.is_contiguous()):
+        return False
+    return MIN_ROWS <= x.numel() // k <= MAX_ROWS
+
+
 def _takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether the kernel computes `F.linear(x, weight, bias)` here (a decode step's projections pass
     every check; together they cost about 2 us a call)."""
@@ -51,12 +62,7 @@ def _takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         return False  # other dtypes, devices, layouts and transforms
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return False  # training
-    k = x.shape[-1] if x.ndim else 0
-    if k < 1 or weight.ndim != 2 or weight.shape[1] != k or not weight.is_contiguous():
-        return False
-    if bias is not None and (bias.shape != weight.shape[:1] or not bias.is_contiguous()):
-        return False
-    if not MIN_ROWS <= x.numel() // k <= MAX_ROWS:
+    if not _shapes_fit(x, weight, bias):
         return False
     if torch.autograd.forward_ad._current_level >= 0 or torch.is_autocast_enabled("cpu"):
         return False  # forward-mode AD (a tangent to carry), autocast
@@ -81,20 +87,16 @@ def _traced_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return False  # the op has no derivative
     if any(t.dtype != torch.float32 or not t.is_cpu for t in (x, weight, *(() if bias is None else (bias,)))):
         return False
-    k = x.shape[-1] if x.ndim else 0
-    if k < 1 or weight.ndim != 2 or weight.shape[1] != k or not weight.is_contiguous():
-        return False
-    if bias is not None and (bias.shape != weight.shape[:1] or not bias.is_contiguous()):
-        return False
-    return MIN_ROWS <= x.numel() // k <= MAX_ROWS
+    return _shapes_fit(x, weight, bias)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`."""
-    if torch.compiler.is_compiling() and _traced_takes(x, weight, bias):
-        out = small_linear_op(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
-        return out.view(*x.shape[:-1], weight.shape[0])
-    if not _takes(x, weight, bias):
+    if torch.compiler.is_compiling():  # traced code sees the op; eager code calls the kernel directly
+        kernel = small_linear_op if _traced_takes(x, weight, bias) else None
+    else:
+        kernel = _fused if _takes(x, weight, bias) else None
+    if kernel is None:
         return F.linear(x, weight, bias)
-    out = _fused(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
+    out = kernel(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
     return out.view(*x.shape[:-1], weight.shape[0])

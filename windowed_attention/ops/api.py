@@ -207,19 +207,21 @@ def local_attention(
     the sink tokens a rank's queries see) travel between ranks, point to point. Shorter queries are refused
     with a group.
     """
-    if group is None and not torch.compiler.is_compiling():  # traced code validates once, when traced
+    # cached unless traced (traced code validates once, when traced) or with a group (the halo exchange checks
+    # the ranks agree; the bias is for the whole sequence)
+    cached = group is None and not torch.compiler.is_compiling()
+    key = plan = None
+    if cached:
         key = _plan_key(q, k, v, window_size, causal, look_backward, look_forward, exact_windowsize, mask, attn_bias,
                         scale, dropout_p, shared_qk, backend, documents, sinks, sink_tokens, softcap)
         plan = PLANS.get(key)
-        if plan is None:
-            plan = _check(q, k, v, window_size, causal, look_backward, look_forward, exact_windowsize, mask, attn_bias,
-                          scale, dropout_p, shared_qk, backend, None, documents, sinks, sink_tokens, softcap)
-            PLANS.put(key, plan)
-        else:  # availability may change (a failed build): the explicit name is checked every call, cheaply
-            backends.check_name(backend, q.device)
-    else:  # (with a group: the halo exchange checks the ranks agree; the bias is for the whole sequence)
+    if plan is None:
         plan = _check(q, k, v, window_size, causal, look_backward, look_forward, exact_windowsize, mask, attn_bias,
                       scale, dropout_p, shared_qk, backend, group, documents, sinks, sink_tokens, softcap)
+        if cached:
+            PLANS.put(key, plan)
+    else:  # availability may change (a failed build): the explicit name is checked every call, cheaply
+        backends.check_name(backend, q.device)
     if plan.empty:  # nothing to attend (no batch size can be inferred)
         return empty_result(q, k, v, sinks)
     if documents is not None:  # reads the values: every call

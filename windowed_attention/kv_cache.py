@@ -277,7 +277,7 @@ class KVCache:
         the last `slots` columns, ending with the new one, oldest first. A row whose new position is one
         of the first `sink_tokens` also keeps it in `sink_buffers`. In grad mode the new cache's buffers
         are copies (see the module docstring)."""
-        positions, sinks_due = self.positions, self.sinks_due or self.sinks_always
+        positions, sinks_due = self.positions, self.sinks_to_write
         cache, slot, first, key_bias = self._advance(sinks_due, torch.is_grad_enabled())
         if sinks_due:
             cache.write_sinks(positions, k[:, :, 0], v[:, :, 0])
@@ -296,11 +296,11 @@ class KVCache:
         return self._sinks is not None and self.column - self._start_range[1] < self.sink_tokens
 
     @property
-    def sinks_always(self) -> bool:
-        """Traced code writes the sink-token buffers at every step (`write_sinks` leaves the rows past them as
-        they are): `sinks_due` is a branch on the column, which would tie the graph to the steps before or
-        after the last sink token."""
-        return self._sinks is not None and torch.compiler.is_compiling()
+    def sinks_to_write(self) -> bool:
+        """Whether this step writes the sink-token buffers: when they are due (`sinks_due`), and at every step
+        in traced code (`write_sinks` leaves the rows past them as they are): `sinks_due` is a branch on the
+        column, which would tie the graph to the steps before or after the last sink token."""
+        return self.sinks_due or (self._sinks is not None and torch.compiler.is_compiling())
 
     def write_sinks(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Keep the keys and values `(b, h, d)` of the rows whose `positions` `(b,)` (those the step wrote) are

@@ -215,7 +215,7 @@ def attend_step(q, k, v, cache, rotation, row, *, scale: float, shared_qk: bool,
         if cache.sink_tokens:
             sink_k, sink_v = cache.sink_buffers
             seen_sinks = sink_row(sink_spec, positions, cache.sink_tokens, row.dtype)[:, 0].contiguous()  # (b, S)
-        writes_sinks = cache.sinks_due or cache.sinks_always
+        writes_sinks = cache.sinks_to_write
         cache, slot, first, key_bias = cache.advance(writes_sinks=writes_sinks)
         k_buf, v_buf = cache.buffers
         cos, sin = (None, None) if rotation is None else rotation

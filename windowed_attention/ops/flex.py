@@ -134,6 +134,15 @@ def _window_tiles(spec: WindowSpec, n: int) -> int:
     return min(-(-n // BLOCK), -(-keys // BLOCK) + 1)
 
 
+@functools.cache
+def _from_kv_blocks_parameters() -> frozenset[str]:
+    """The keywords `BlockMask.from_kv_blocks` takes in this torch (`seq_lengths`, `compute_q_blocks` are newer):
+    read once, not per block mask."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    return frozenset(inspect.signature(BlockMask.from_kv_blocks).parameters)
+
+
 def _block_mask(spec: WindowSpec, n_q: int, n: int, offset: int, mask_mod, device, key_ok: torch.Tensor | None = None,
                 starts: torch.Tensor | None = None, ends: torch.Tensor | None = None, q_blocks: bool = True):
     """The `BlockMask` of the call's rule, built from each query tile's key ranges (`WindowSpec.key_range`), on
@@ -214,8 +223,9 @@ def _block_mask(spec: WindowSpec, n_q: int, n: int, offset: int, mask_mod, devic
 
     count, index = ordered(partial.expand(rows, -1, -1))
     full_count, full_index = ordered(full.expand(rows, -1, -1))
-    extra = {"seq_lengths": (n_q, n)} if "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters else {}
-    if not q_blocks and "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters:
+    takes = _from_kv_blocks_parameters()
+    extra = {"seq_lengths": (n_q, n)} if "seq_lengths" in takes else {}
+    if not q_blocks and "compute_q_blocks" in takes:
         extra["compute_q_blocks"] = False
     return BlockMask.from_kv_blocks(count, index, full_count, full_index, BLOCK_SIZE=BLOCK, mask_mod=mask_mod, **extra)
 

@@ -101,26 +101,16 @@ def save_checkpoint(out: str | Path, *, model: torch.nn.Module, model_config: Mo
     with locks.publishing(out):
         _finish_interrupted_save(out)
 
-    config = {"format_version": FORMAT_VERSION, "step": step, "model": to_dict(model_config),
-              "train": None if train_config is None else to_dict(train_config)}
-    if run_id is not None:  # the run that saved it (metrics.jsonl's records carry the same id)
-        config["run_id"] = run_id
     weights = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     contents = {WEIGHTS: save_safetensors_bytes(weights, metadata={"step": str(step)})}
     if trainer_state is not None:
-        state = io.BytesIO()
-        torch.save({**trainer_state, "step": step}, state)
-        contents[STATE] = state.getvalue()
-    contents[CONFIG] = (json.dumps(config, indent=2) + "\n").encode()
+        contents[STATE] = _state_bytes(trainer_state, step)
+    contents[CONFIG] = _config_bytes(FORMAT_VERSION, step, model_config, train_config, run_id)
     contents[SUMS] = "".join(f"{_sha256(data)}  {name}\n" for name, data in contents.items()).encode()
 
     try:
         staging.mkdir()
-        for name, data in contents.items():
-            _write(staging / name, data)
-        _fsync_dir(staging)
-        _write(staging / COMPLETE, str(step).encode())
-        _fsync_dir(staging)
+        _stage(staging, contents, step)
     except OSError as error:  # a full disk, a quota: keep the previous checkpoint, free what was staged
         shutil.rmtree(staging, ignore_errors=True)
         reason = error.strerror or str(error)
@@ -128,6 +118,35 @@ def save_checkpoint(out: str | Path, *, model: torch.nn.Module, model_config: Mo
                               "the previous checkpoint is unchanged") from None
     with locks.publishing(out):
         _finish_interrupted_save(out)
+
+
+def _state_bytes(trainer_state: dict, step: int) -> bytes:
+    """`trainer_state.pt`: the trainer's state with its step."""
+    state = io.BytesIO()
+    torch.save({**trainer_state, "step": step}, state)
+    return state.getvalue()
+
+
+def _config_bytes(version: int, step: int, model_config: ModelConfig, train_config: TrainConfig | None,
+                  run_id: str | None) -> bytes:
+    """`config.json`: the format, the step, both configs and the run that saved it (metrics.jsonl's records
+    carry the same id; absent for a model saved from Python)."""
+    config = {"format_version": version, "step": step, "model": to_dict(model_config),
+              "train": None if train_config is None else to_dict(train_config)}
+    if run_id is not None:
+        config["run_id"] = run_id
+    return (json.dumps(config, indent=2) + "\n").encode()
+
+
+def _stage(staging: Path, contents: dict[str, bytes], step: int, synced: tuple[Path, ...] = ()) -> None:
+    """Write `contents` into the `staging` folder, make them durable (the `synced` folders beside it), then
+    mark it complete: what `_finish_interrupted_save` rolls forward."""
+    for name, data in contents.items():
+        _write(staging / name, data)
+    for folder in (*synced, staging):
+        _fsync_dir(folder)
+    _write(staging / COMPLETE, str(step).encode())
+    _fsync_dir(staging)
 
 
 def _finish_interrupted_save(out: Path) -> None:
@@ -481,22 +500,14 @@ def save_sharded_checkpoint(out: str | Path, *, model: torch.nn.Module, optimize
         failure = _dcp_failure(error)
     agree("shards")
     if main:
-        config = {"format_version": SHARDED_FORMAT, "step": step, "model": to_dict(model_config),
-                  "train": to_dict(train_config), "run_id": run_id}
-        state = io.BytesIO()
-        torch.save({**trainer_state, "step": step}, state)
-        contents = {STATE: state.getvalue(), CONFIG: (json.dumps(config, indent=2) + "\n").encode()}
+        contents = {STATE: _state_bytes(trainer_state, step),
+                    CONFIG: _config_bytes(SHARDED_FORMAT, step, model_config, train_config, run_id)}
         try:
             sums = {name: _sha256(data) for name, data in contents.items()}
             for path in sorted((staging / DCP).iterdir()):
                 sums[f"{DCP}/{path.name}"] = _sha256_file(path)
             contents[SUMS] = "".join(f"{digest}  {name}\n" for name, digest in sums.items()).encode()
-            for name, data in contents.items():
-                _write(staging / name, data)
-            _fsync_dir(staging / DCP)
-            _fsync_dir(staging)
-            _write(staging / COMPLETE, str(step).encode())
-            _fsync_dir(staging)
+            _stage(staging, contents, step, synced=(staging / DCP,))
         except OSError as error:
             failure = error.strerror or str(error)
     agree("publishing")

@@ -481,10 +481,18 @@ def test_fused_bfloat16_matches_reference_through_either_gemm(bf16_gemm, pb):
     _compare(fused_cpu_attention, pb)
 
 
-@pytest.fixture(params=[False, True], ids=["mkl-f32-gemm", "own-f32-gemm"])
+@pytest.fixture(params=["mkl", "avx2", "avx512"], ids=lambda isa: f"{isa}-f32-gemm")
 def f32_gemm(request):
-    """The fused kernel with MKL's float32 GEMM, then with ours (AVX-512F)."""
-    yield from _gemm_choice(request.param, "f32", "AVX-512F")
+    """The fused kernel with MKL's float32 GEMM, then with ours in each build the CPU runs (AVX2 with FMA,
+    AVX-512F), the previous choice restored afterwards."""
+    kernel = fused_cpu.kernel()
+    before = kernel.f32_gemm_isa()
+    try:
+        if kernel.use_f32_gemm_isa(request.param) != request.param:
+            pytest.skip(f"this CPU does not run the {request.param} build")
+        yield kernel
+    finally:
+        kernel.use_f32_gemm_isa(before)
 
 
 # (m, n, k): tiny ones, the tails of the 6 x 64 tiles and of the 16-wide transposes, k = 0, k in several
@@ -512,6 +520,57 @@ def test_f32_gemm_matches_float64_in_every_layout(f32_gemm):
                     got = f32_gemm.f32_gemm(ta, tb, a, b, alpha, beta, c.clone())
                     bound = 1e-6 * max(1.0, ref.abs().max().item()) * max(1, k) ** 0.5
                     assert (got.double() - ref).abs().max() <= bound, (ta, tb, m, n, k, alpha, beta)
+
+
+def _band(rows, cols, g):
+    """Random rows' column ranges [lo, hi) within [0, cols), both non-decreasing, some empty (int64)."""
+    lo = torch.sort(torch.randint(0, cols + 1, (rows,), generator=g)).values
+    hi = torch.maximum(lo, torch.sort(torch.randint(0, cols + 1, (rows,), generator=g)).values)
+    return lo, hi
+
+
+def test_f32_gemm_band_computes_what_the_band_needs(f32_gemm):
+    """The band lets the GEMM skip what a block's rows cannot see: over the keys (`cols`: only the band's
+    entries of C are defined; C holds NaN elsewhere before), summed per row over its keys (`k_rows`), or per
+    key over the rows that see it (`k_cols`); the operand is zero outside the band, as the kernel's weights
+    are. Every in-band entry must equal the full float64 product: a tile skipped or cut short shows."""
+    g = torch.Generator().manual_seed(1)
+    for m, n, k in [(64, 416, 64), (13, 70, 9), (64, 64, 300), (7, 1, 5)]:
+        for trial in range(3):
+            # cols: C (m x n) = A (m x k) B^T (n x k), row r defined on [lo[r], hi[r])
+            lo, hi = _band(m, n, g)
+            a, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+            c = torch.full((m, n), float("nan"))
+            f32_gemm.f32_gemm_band(0, lo, hi, False, True, a, b, 0.5, 0.0, c)
+            inside = (torch.arange(n) >= lo[:, None]) & (torch.arange(n) < hi[:, None])
+            ref = 0.5 * a.double() @ b.double().T
+            assert (c.double() - ref)[inside].abs().le(1e-5 * k ** 0.5).all(), (m, n, k, "cols")
+            # k_rows: C (m x n) = W (m x k) V (k x n), W zero outside row r's [lo[r], hi[r]) of k
+            lo, hi = _band(m, k, g)
+            w = torch.randn(m, k, generator=g) * ((torch.arange(k) >= lo[:, None]) & (torch.arange(k) < hi[:, None]))
+            v, c0 = torch.randn(k, n, generator=g), torch.randn(m, n, generator=g)
+            got = f32_gemm.f32_gemm_band(1, lo, hi, False, False, w, v, 1.0, 1.0, c0.clone())
+            ref = w.double() @ v.double() + c0.double()
+            assert (got.double() - ref).abs().max() <= 1e-5 * k ** 0.5, (m, n, k, "k_rows")
+            # k_cols: C (n x k') = W^T Q, W (m x n) zero outside row r's [lo[r], hi[r]) of the n keys
+            lo, hi = _band(m, n, g)
+            w = torch.randn(m, n, generator=g) * ((torch.arange(n) >= lo[:, None]) & (torch.arange(n) < hi[:, None]))
+            q, c0 = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+            got = f32_gemm.f32_gemm_band(2, lo, hi, True, False, w, q, 0.25, 1.0, c0.clone())
+            ref = 0.25 * w.double().T @ q.double() + c0.double()
+            assert (got.double() - ref).abs().max() <= 1e-5 * m ** 0.5, (m, n, k, "k_cols")
+
+
+def test_f32_gemm_keeps_packed_keys_across_products(f32_gemm):
+    """A kernel call's blocks reuse the keys packed for the block before (the same first key, more of them or
+    fewer): each product must still equal its own float64 product, whatever was packed before."""
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(64, 64, generator=g), torch.randn(700, 64, generator=g)
+    ns = [100, 200, 320, 384, 90, 448, 513, 700, 1, 650]  # panels packed in part, then extended
+    got = f32_gemm.f32_gemm_packed(a, b, [torch.full((64, n), float("nan")) for n in ns])
+    for n, c in zip(ns, got):
+        ref = a.double() @ b[:n].double().T
+        assert (c.double() - ref).abs().max() <= 1e-5 * 8, n
 
 
 @settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])  # the GEMM choice holds for all

@@ -10,8 +10,8 @@ masks, `attn_bias` (with its gradient), `shared_qk`, xpos (`key_scale`, a consta
 drop is a hash of a seed drawn from torch's generator and the (head, query, key) position, so the backward
 recomputes them instead of storing a mask), block and token windows (the rule's `spec.bounds`), shorter
 queries, softcap, learned sinks (with their gradient), packed documents (each as if alone, no work across
-them) and sink tokens. Matmuls go to MKL, or to our own GEMMs: float32 on CPUs with AVX-512F
-(`csrc/f32_gemm.h`), bfloat16 on CPUs with AVX512-BF16 but no AMX (`csrc/bf16_gemm.h`).
+them) and sink tokens. Matmuls go to MKL, or to our own GEMMs: float32 on CPUs with AVX-512F or AVX2 and
+FMA (`csrc/f32_gemm.h`), bfloat16 on CPUs with AVX512-BF16 but no AMX (`csrc/bf16_gemm.h`).
 
 Outputs of 32 MB and more (the output and the q, k, v gradients) come from a pool inside the kernel that
 keeps the memory of freed outputs for the next call, so long sequences do not pay fresh page faults

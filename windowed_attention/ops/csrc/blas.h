@@ -29,23 +29,30 @@ void gemm_f16f16f32_(const char*, const char*, const int*, const int*, const int
 
 namespace local_attention {
 
-// Which float32 GEMM runs: our AVX-512F one where the CPU has those instructions (see f32_gemm.h), else
-// MKL's. `use_own_f32_gemm` switches it (for tests).
-inline std::atomic<bool> own_f32_gemm{f32_gemm::preferred()};
+using f32_gemm::Band;
+using f32_gemm::Packed;
+
+// Which float32 GEMM runs: our widest build the CPU runs (AVX-512F, else AVX2 with FMA; see f32_gemm.h), else
+// MKL's. `use_f32_gemm` switches it (for tests).
+inline std::atomic<f32_gemm::Isa> f32_isa{f32_gemm::preferred()};
 
 // Row-major C (m x n) = alpha * op(A) (m x k) * op(B) (k x n) + beta * C, through Fortran BLAS
-// (column-major: C^T = op(B)^T op(A)^T).
+// (column-major: C^T = op(B)^T op(A)^T). `band` and `packed` (f32_gemm.h) let our GEMM skip work; every
+// other GEMM computes all of C, which is what the band allows too.
 inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-                 const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (own_f32_gemm.load(std::memory_order_relaxed))
-    return f32_gemm::gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+                 const float* b, int64_t ldb, float beta, float* c, int64_t ldc, const Band* band = nullptr,
+                 Packed* packed = nullptr) {
+  const f32_gemm::Isa isa = f32_isa.load(std::memory_order_relaxed);
+  if (isa != f32_gemm::Isa::none)
+    return f32_gemm::gemm(isa, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, band, packed);
   const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
   const int M = m, N = n, K = k, LDA = lda, LDB = ldb, LDC = ldc;
   sgemm_(&trb, &tra, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
 }
 
 inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
-                 const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+                 const double* b, int64_t ldb, double beta, double* c, int64_t ldc, const Band* = nullptr,
+                 Packed* = nullptr) {
   const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
   const int M = m, N = n, K = k, LDA = lda, LDB = ldb, LDC = ldc;
   dgemm_(&trb, &tra, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
@@ -56,7 +63,8 @@ inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha
 inline std::atomic<bool> own_bf16_gemm{bf16_gemm::preferred()};
 
 inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloat16* a, int64_t lda,
-                 const c10::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+                 const c10::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc,
+                 const Band* = nullptr, Packed* = nullptr) {
   if (own_bf16_gemm.load(std::memory_order_relaxed))
     return bf16_gemm::gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
@@ -66,7 +74,8 @@ inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
 }
 
 inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const c10::Half* a, int64_t lda,
-                 const c10::Half* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+                 const c10::Half* b, int64_t ldb, float beta, float* c, int64_t ldc, const Band* = nullptr,
+                 Packed* = nullptr) {
   const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
   const int M = m, N = n, K = k, LDA = lda, LDB = ldb, LDC = ldc;
   gemm_f16f16f32_(&trb, &tra, &N, &M, &K, &alpha, reinterpret_cast<const uint16_t*>(b), &LDB,

@@ -23,6 +23,16 @@ inline bool avx512f() {
   return __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((b >> 16) & 1);
 }
 
+// AVX2 and FMA, with the OS saving the YMM state.
+inline bool avx2_fma() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1) || !((c >> 12) & 1)) return false;  // OSXSAVE, FMA
+  unsigned lo = 0, hi = 0;
+  __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  if ((lo & 0x6) != 0x6) return false;
+  return __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((b >> 5) & 1);
+}
+
 // AVX512-BF16 (vdpbf16ps); meaningful where avx512f() holds.
 inline bool avx512_bf16() {
   unsigned a = 0, b = 0, c = 0, d = 0;
@@ -38,6 +48,7 @@ inline bool amx_bf16() {
 #else
 
 inline bool avx512f() { return false; }
+inline bool avx2_fma() { return false; }
 inline bool avx512_bf16() { return false; }
 inline bool amx_bf16() { return false; }
 

@@ -1,16 +1,19 @@
-// A float32 GEMM on AVX-512F for the attention kernel's block matmuls, for CPUs that have those
-// instructions. MKL's sgemm keeps to its AVX2 code on AMD Zen 4/5: on the kernel's blocks (64 query rows x
-// 320-512 keys x 64 dims) it ran at 71-98 GFLOP/s per core on a Zen 4 whose 512-bit FMA peak is 115, this
-// GEMM at 96-115.
+// A float32 GEMM for the attention kernel's block matmuls, in two builds: AVX-512F and AVX2 with FMA (the
+// widest the CPU runs is chosen at run time). MKL's sgemm keeps to its AVX2 code on AMD Zen 4/5: on the
+// kernel's blocks (64 query rows x 320-512 keys x 64 dims) it ran at 71-98 GFLOP/s per core on a Zen 4 whose
+// 512-bit FMA peak is 115, this GEMM at 96-115.
 //
 // Row-major, the contract of the kernel's `gemm` wrappers: C (m x n) = alpha op(A) (m x k) op(B) (k x n)
-// + beta C, op(X) = X^T when transposed; beta = 0 never reads C. A micro-tile of R rows and V vectors of 16
-// columns keeps R x V accumulators in registers over a chunk of at most KC steps of k (the chunks add into
-// C, so rounding errors grow with the chunk, as MKL's do), each step broadcasting one element of op(A) per
-// row and loading V vectors of a row of op(B). Rows of op(B) are read in place when B is not transposed
-// (the columns beyond n masked off); a transposed B is packed, one panel of NR columns at a time (k x NR,
-// zero beyond n), through 16 x 16 in-register transposes. Elements of op(A) are read in place either way:
-// along a row of `a` when A is not transposed, across R consecutive columns of a row of `a` when it is.
+// + beta C, op(X) = X^T when transposed; beta = 0 never reads C. The micro-kernel and the loops around it
+// (`f32_gemm_kernel.h`) are written once over a vector type and compiled twice, inside a `#pragma GCC
+// target` region per instruction set.
+//
+// Two things the attention kernel tells the GEMM, which a BLAS cannot be told:
+// - `Band`: which entries of a block's product matter. Row r of a block sees the keys [lo[r], hi[r]), both
+//   non-decreasing in r; outside them its weights are zero. So the causal diagonal's masked half (and a token
+//   window's far corner) is skipped, down to one micro-tile.
+// - `Packed`: a transposed B packed once and kept for the next product on the same rows of B. The blocks of
+//   one window read the same keys from the same first key, each a few more: each packs only the new ones.
 
 #pragma once
 
@@ -29,154 +32,159 @@
 
 namespace f32_gemm {
 
+// The entries of a block's product that matter (see above). Row r of the block (r < rows) sees the columns
+// [lo[r], hi[r]) of the block's keys (hi[r] may equal lo[r]: none). How it applies, by the product's shape:
+// - `cols`: C is (query rows x keys), op(A) the rows' side: entries of C outside a row's band are left
+//   unwritten (the caller never reads them).
+// - `k_rows`: C is (query rows x d), summed over keys (k): a row sums only over its band (op(A) is zero
+//   outside it).
+// - `k_cols`: C is (keys x d), summed over query rows (k): a key sums only over the rows whose band holds it
+//   (op(A) is zero elsewhere).
+struct Band {
+  enum Kind { cols, k_rows, k_cols };
+  Kind kind;
+  const int64_t* lo;
+  const int64_t* hi;
+  int64_t rows;
+};
+
+// A transposed B packed into panels, kept between products (one per operand and thread, within one call
+// of the attention kernel: its memory must not change while the cache is in use).
+struct Packed {
+  const float* b = nullptr;
+  int64_t ldb = 0, k = 0, n = 0;  // the rows of b packed: [0, n)
+  std::vector<float> buf;
+};
+
+// Which build runs: none (MKL's sgemm), AVX2 with FMA, or AVX-512F.
+enum class Isa : int { none = 0, avx2 = 1, avx512 = 2 };
+
 #if F32_GEMM_AVAILABLE
 
-// 24 accumulators: 6 rows x 4 vectors (64 columns, the head dimension of the kernel's NN and TN products)
-constexpr int MR = 6;            // rows of a micro-tile
-constexpr int NV = 4;            // vectors of 16 columns in a micro-tile
-constexpr int64_t NR = 16 * NV;  // columns of a micro-tile (and of a packed panel of B)
-constexpr int64_t KC = 256;      // the longest sum over k kept in registers
-
-// Whether this CPU and OS run this GEMM: AVX512F, with the OS saving the AVX-512 state.
-inline bool supported() { return cpu_features::avx512f(); }
-
-// Whether it should be used: wherever it is supported (measured against MKL on AMD Zen 4 only, where MKL
-// takes its AVX2 path; on Intel CPUs MKL's own AVX-512 code is at least as fast on large products).
-inline bool preferred() { return supported(); }
-
-inline __mmask16 lanes(int64_t count) {
-  return count >= 16 ? __mmask16(0xffff) : count <= 0 ? __mmask16(0) : __mmask16((1u << count) - 1);
+// The widest build this CPU and OS run.
+inline Isa best() {
+  if (cpu_features::avx512f()) return Isa::avx512;
+  if (cpu_features::avx2_fma()) return Isa::avx2;
+  return Isa::none;
 }
 
-// op(B) (k x n) = b^T (b is n x k, leading dimension ldb) as panels of NR columns: panel p holds, for q < k,
-// the NR values op(B)[q][p * NR + c] at p * k * NR + q * NR + c, zero beyond n.
-__attribute__((target("avx512f"))) inline void pack_bt(int64_t n, int64_t k, const float* b, int64_t ldb,
-                                                       float* out) {
-  for (int64_t j0 = 0; j0 < n; j0 += 16) {
-    float* panel = out + (j0 / NR) * k * NR + j0 % NR;
-    const int64_t cols = std::min<int64_t>(16, n - j0);
-    for (int64_t q0 = 0; q0 < k; q0 += 16) {
-      const __mmask16 mq = lanes(k - q0);
-      __m512 r[16];
-      for (int c = 0; c < 16; ++c)
-        r[c] = c < cols ? _mm512_maskz_loadu_ps(mq, b + (j0 + c) * ldb + q0) : _mm512_setzero_ps();
-      // 16 x 16 transpose: r[c][q] -> t[q][c], in four rounds of 2 x 2 block swaps
-      __m512 t[16];
-      for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-      }
-      for (int i = 0; i < 16; i += 4) {
-        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-      }
-      for (int i = 0; i < 8; ++i) {
-        const int x = (i / 4) * 8 + (i % 4), y = x + 4;
-        t[x] = _mm512_shuffle_f32x4(r[x], r[y], 0x88);
-        t[y] = _mm512_shuffle_f32x4(r[x], r[y], 0xdd);
-      }
-      for (int i = 0; i < 8; ++i) {
-        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
-      }
-      // r[q] now holds column q0 + q of the 16 rows: row q0 + q of the panel
-      for (int q = 0; q < 16; ++q)
-        if (q0 + q < k) _mm512_storeu_ps(panel + (q0 + q) * NR, r[q]);
+inline bool supported(Isa isa) { return isa == Isa::none || static_cast<int>(isa) <= static_cast<int>(best()); }
+
+// The one used unless a test says otherwise: the widest supported (measured against MKL on AMD Zen 4 only,
+// where MKL takes its AVX2 path; on Intel CPUs MKL's own AVX-512 code is at least as fast on large products).
+inline Isa preferred() { return best(); }
+
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+namespace avx512 {
+
+// 16 float lanes; a micro-tile of 6 rows x 4 vectors (64 columns, the kernel's head dimension): 24
+// accumulators of the 32 registers.
+struct Vec {
+  using reg = __m512;
+  using mask = __mmask16;
+  static constexpr int L = 16, MR = 6, NV = 4;
+  static reg zero() { return _mm512_setzero_ps(); }
+  static reg set1(float x) { return _mm512_set1_ps(x); }
+  static reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static reg load(mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  static void store(float* p, mask m, reg x) { _mm512_mask_storeu_ps(p, m, x); }
+  static void store(float* p, reg x) { _mm512_storeu_ps(p, x); }
+  static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  static mask lanes(int64_t count) {
+    return count >= 16 ? mask(0xffff) : count <= 0 ? mask(0) : mask((1u << count) - 1);
+  }
+  // The 16 x 16 transpose in registers: r[c][q] -> r[q][c], four rounds of 2 x 2 block swaps.
+  static void transpose(reg* r) {
+    reg t[16];
+    for (int i = 0; i < 16; i += 2) {
+      t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+      r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+      r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+      r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+      r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    }
+    for (int i = 0; i < 8; ++i) {
+      const int x = (i / 4) * 8 + (i % 4), y = x + 4;
+      t[x] = _mm512_shuffle_f32x4(r[x], r[y], 0x88);
+      t[y] = _mm512_shuffle_f32x4(r[x], r[y], 0xdd);
+    }
+    for (int i = 0; i < 8; ++i) {
+      r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+      r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
     }
   }
-}
+};
 
-// R rows x V vectors of C. op(A)[i][q] is at a + i * ra + q * qa; op(B)[q][16 v + c] at b + q * ldb + 16 v + c,
-// the last vector masked by `mlast`. Writes alpha * acc + beta * C (C not read when beta is 0).
-template <int R, int V>
-__attribute__((target("avx512f"))) void tile(int64_t k, const float* a, int64_t ra, int64_t qa, const float* b,
-                                             int64_t ldb, __mmask16 mlast, float alpha, float beta, float* c,
-                                             int64_t ldc) {
-  __m512 acc[R][V];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (int64_t q = 0; q < k; ++q) {
-    __m512 bv[V];
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v)
-      bv[v] = v + 1 < V ? _mm512_loadu_ps(b + q * ldb + 16 * v) : _mm512_maskz_loadu_ps(mlast, b + q * ldb + 16 * v);
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const __m512 av = _mm512_set1_ps(a[r * ra + q * qa]);
-#pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+#include "f32_gemm_kernel.h"
+
+}  // namespace avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+
+// 8 float lanes; a micro-tile of 6 rows x 2 vectors (16 columns): 12 accumulators of the 16 registers.
+struct Vec {
+  using reg = __m256;
+  using mask = __m256i;
+  static constexpr int L = 8, MR = 6, NV = 2;
+  static reg zero() { return _mm256_setzero_ps(); }
+  static reg set1(float x) { return _mm256_set1_ps(x); }
+  static reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static reg load(mask m, const float* p) { return _mm256_maskload_ps(p, m); }
+  static void store(float* p, mask m, reg x) { _mm256_maskstore_ps(p, m, x); }
+  static void store(float* p, reg x) { _mm256_storeu_ps(p, x); }
+  static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static mask lanes(int64_t count) {  // lane j on (all ones) when j < count
+    const int c = static_cast<int>(std::clamp<int64_t>(count, 0, 8));
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  // The 8 x 8 transpose in registers: r[c][q] -> r[q][c].
+  static void transpose(reg* r) {
+    reg t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+      u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+      u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+      u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+      u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+    }
+    for (int i = 0; i < 4; ++i) {
+      r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+      r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
     }
   }
-  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) {
-      const __mmask16 m = v + 1 < V ? __mmask16(0xffff) : mlast;
-      float* out = c + r * ldc + 16 * v;
-      __m512 y = _mm512_mul_ps(acc[r][v], va);
-      if (beta != 0.0f) y = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, out), vb, y);
-      _mm512_mask_storeu_ps(out, m, y);
-    }
-}
+};
 
-// The last rows < R of a panel.
-template <int R, int V>
-void tail_rows(int64_t rows, int64_t k, const float* a, int64_t ra, int64_t qa, const float* b, int64_t ldb,
-               __mmask16 mlast, float alpha, float beta, float* c, int64_t ldc) {
-  if constexpr (R > 1) {
-    if (rows < R) return tail_rows<R - 1, V>(rows, k, a, ra, qa, b, ldb, mlast, alpha, beta, c, ldc);
-  }
-  tile<R, V>(k, a, ra, qa, b, ldb, mlast, alpha, beta, c, ldc);
-}
+#include "f32_gemm_kernel.h"
 
-// One panel of columns (at most NR) for all m rows: tiles of MR rows, then the rest.
-template <int V>
-void panel_rows(int64_t m, int64_t k, const float* a, int64_t ra, int64_t qa, const float* b, int64_t ldb,
-                __mmask16 mlast, float alpha, float beta, float* c, int64_t ldc) {
-  int64_t i = 0;
-  for (; i + MR <= m; i += MR) tile<MR, V>(k, a + i * ra, ra, qa, b, ldb, mlast, alpha, beta, c + i * ldc, ldc);
-  if (i < m) tail_rows<MR - 1, V>(m - i, k, a + i * ra, ra, qa, b, ldb, mlast, alpha, beta, c + i * ldc, ldc);
-}
+}  // namespace avx2
+#pragma GCC pop_options
 
-// The GEMM. A per-thread buffer holds a transposed B's current panel; call only where `supported()`.
-inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-                 const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (m <= 0 || n <= 0) return;
-  const int64_t ra = ta ? 1 : lda, qa = ta ? lda : 1;
-  thread_local std::vector<float> bbuf;
-  if (tb) bbuf.resize(std::max<int64_t>(NR * k, 1));
-  for (int64_t j0 = 0; j0 < n; j0 += NR) {
-    const int64_t cols = std::min(NR, n - j0);
-    if (tb) pack_bt(cols, k, b + j0 * ldb, ldb, bbuf.data());  // one panel at a time: it stays in L1
-    const float* bp = tb ? bbuf.data() : b + j0;
-    const int64_t ldp = tb ? NR : ldb;
-    const __mmask16 mlast = lanes(cols - (cols - 1) / 16 * 16);
-    float* cp = c + j0;
-    for (int64_t k0 = 0; k0 == 0 || k0 < k; k0 += KC) {
-      const int64_t kc = std::min(KC, k - k0);
-      const float* ap = a + k0 * qa;
-      const float* bk = bp + k0 * ldp;
-      const float bc = k0 == 0 ? beta : 1.0f;
-      switch ((cols + 15) / 16) {
-        case 4: panel_rows<4>(m, kc, ap, ra, qa, bk, ldp, mlast, alpha, bc, cp, ldc); break;
-        case 3: panel_rows<3>(m, kc, ap, ra, qa, bk, ldp, mlast, alpha, bc, cp, ldc); break;
-        case 2: panel_rows<2>(m, kc, ap, ra, qa, bk, ldp, mlast, alpha, bc, cp, ldc); break;
-        default: panel_rows<1>(m, kc, ap, ra, qa, bk, ldp, mlast, alpha, bc, cp, ldc); break;
-      }
-    }
-  }
+// The GEMM in the build `isa` (not none; the CPU must run it). `band`, `packed`: see above (may be null).
+inline void gemm(Isa isa, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                 int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc,
+                 const Band* band = nullptr, Packed* packed = nullptr) {
+  if (isa == Isa::avx512) avx512::gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, band, packed);
+  else avx2::gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, band, packed);
 }
 
 #else
-inline bool supported() { return false; }
-inline bool preferred() { return false; }
-inline void gemm(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*, int64_t, float,
-                 float*, int64_t) {}
+inline Isa best() { return Isa::none; }
+inline bool supported(Isa isa) { return isa == Isa::none; }
+inline Isa preferred() { return Isa::none; }
+inline void gemm(Isa, bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*, int64_t,
+                 float, float*, int64_t, const Band* = nullptr, Packed* = nullptr) {}
 #endif
 
 }  // namespace f32_gemm

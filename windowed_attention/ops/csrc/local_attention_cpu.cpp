@@ -5,7 +5,9 @@
 // Each task owns a block of at most BLOCK_Q query rows inside one window. The keys every row of a block
 // may see form one contiguous range [klo, khi) (each row's visible keys are an interval, and the
 // intervals move right with the row), so a block costs two (forward) or five (backward) BLAS calls on
-// exactly that range: masked work is skipped down to BLOCK_Q-sized steps, unlike a dense window block.
+// exactly that range: masked work is skipped down to BLOCK_Q-sized steps, unlike a dense window block, and
+// with our float32 GEMM down to its micro-tiles (the rows' ranges passed as a `Band`; the keys and values
+// packed for one block kept for the next, `Packed`).
 // The scores of one block (BLOCK_Q x span*w) live in a per-thread buffer, so memory stays O(n d).
 //
 // Forward: S = Q K^T; P = softmax of the visible entries (row max and sum in one sweep); O = P V; saves
@@ -55,6 +57,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -227,7 +230,9 @@ struct Inputs {
   // The block's scores Q K^T (rows x cols, leading dimension cols): the sink columns, then the window's.
   // With key_scale, the queries are scaled per slot into qs (slot s at qs + s * BLOCK_Q * d), which the
   // backward reuses for dK (sink tokens take no key scale, as in the reference).
-  void scores(const Block& b, T* out, S* qs) const {
+  // `band` (the rows' window columns, `bands`) and `packed` (the keys packed for the block before) let the GEMM
+  // skip work.
+  void scores(const Block& b, T* out, S* qs, const Band* band = nullptr, Packed* packed = nullptr) const {
     const S* qb = q_rows(b);
     const S* kb = k + (b.p / groups * g.n + b.klo) * d;
     const int64_t m = b.rows(), L = b.keys(), C = b.cols();
@@ -235,7 +240,7 @@ struct Inputs {
     out += b.nsb;
     if (L <= 0) return;
     if (key_scale == nullptr) {
-      gemm(false, true, m, L, d, T(1), qb, d, kb, d, T(0), out, C);
+      gemm(false, true, m, L, d, T(1), qb, d, kb, d, T(0), out, C, band, packed);
       return;
     }
     for_each_slot(b, [&](int64_t slot, int64_t lo, int64_t hi) {
@@ -245,6 +250,20 @@ struct Inputs {
         for (int64_t c = 0; c < d; ++c) qsb[r * d + c] = static_cast<S>(static_cast<T>(qb[r * d + c]) * f[c]);
       gemm(false, true, m, hi - lo, d, T(1), qsb, d, kb + (lo - b.klo) * d, d, T(0), out + (lo - b.klo), C);
     });
+  }
+
+  // The block's rows' window columns [lo[r], hi[r]) (relative to klo; what `logits` keeps) as the GEMM's
+  // bands: over the block's columns (`cols`), over its keys summed per row (`k_rows`), and per key summed
+  // over its rows (`k_cols`). lo, hi: BLOCK_Q entries each.
+  std::array<Band, 3> bands(const Block& b, int64_t* lo, int64_t* hi) const {
+    for (int64_t i = b.r0; i < b.r1; ++i) {
+      int64_t l, h;
+      g.interval(i, b.s, b.e, l, h);
+      lo[i - b.r0] = l - b.klo;
+      hi[i - b.r0] = std::max(h - b.klo, l - b.klo);
+    }
+    return {Band{Band::cols, lo, hi, b.rows()}, Band{Band::k_rows, lo, hi, b.rows()},
+            Band{Band::k_cols, lo, hi, b.rows()}};
   }
 
   // The key padding mask over the block's columns (1 = kept) in `buf` (or in place), or null.
@@ -319,6 +338,8 @@ void forward_impl(const Inputs<S>& in, const Plan& plan, S* out, Acc<S>* lse) {
     std::vector<T> obuf(same ? 0 : BLOCK_Q * in.dv);
     std::vector<S> wbuf(same ? 0 : BLOCK_Q * cap);
     std::vector<S> qsbuf(in.key_scale ? (in.g.lb + in.g.lf + 1) * BLOCK_Q * in.d : 0);
+    std::vector<int64_t> lo(BLOCK_Q), hi(BLOCK_Q);
+    Packed keys;  // the keys packed for the block before (the next block of a window reads the same ones, and more)
     for (int64_t t = begin; t < end; ++t) {
       const auto [p_kv, local] = locate(start, t);
       const int64_t p = p_kv * G + local % G;
@@ -331,7 +352,8 @@ void forward_impl(const Inputs<S>& in, const Plan& plan, S* out, Acc<S>* lse) {
         continue;
       }
       T* scores = buf.data();
-      in.scores(b, scores, qsbuf.data());
+      const auto band = in.bands(b, lo.data(), hi.data());
+      in.scores(b, scores, qsbuf.data(), &band[0], &keys);
       const T* keep = in.keep_cols(b, kbuf.data());
       const T* pen = in.penalty(b, keep, pbuf.data());
       for (int64_t i = b.r0; i < b.r1; ++i) {
@@ -366,7 +388,8 @@ void forward_impl(const Inputs<S>& in, const Plan& plan, S* out, Acc<S>* lse) {
       T* ob = nullptr;
       if constexpr (same) ob = o;
       else ob = obuf.data();
-      if (b.keys() > 0) gemm(false, false, b.rows(), in.dv, b.keys(), T(1), weights + nsb, C, vb, in.dv, T(0), ob, in.dv);
+      if (b.keys() > 0)
+        gemm(false, false, b.rows(), in.dv, b.keys(), T(1), weights + nsb, C, vb, in.dv, T(0), ob, in.dv, &band[1]);
       if (nsb > 0) gemm(false, false, b.rows(), in.dv, nsb, T(1), weights, C, vs, in.dv, T(b.keys() > 0), ob, in.dv);
       if constexpr (!same) at::vec::convert(obuf.data(), o, b.rows() * in.dv);
     }
@@ -508,6 +531,8 @@ void backward_impl(const Inputs<S>& in, const Plan& plan, const Strided<S>& grad
       std::vector<T> qbuf(same && !in.key_scale ? 0 : BLOCK_Q * in.d);
       std::vector<T> tbuf(in.key_scale ? BLOCK_Q * in.d : 0);
       std::vector<S> qsbuf(in.key_scale ? (in.g.lb + in.g.lf + 1) * BLOCK_Q * in.d : 0);
+      std::vector<int64_t> lo(BLOCK_Q), hi(BLOCK_Q);
+      Packed keys, values;  // packed for the block before, as in the forward
       T* db = nullptr;
       if (bias_numel) {
         auto& part = dbias_parts[at::get_thread_num()];
@@ -541,8 +566,9 @@ void backward_impl(const Inputs<S>& in, const Plan& plan, const Strided<S>& grad
               const S* gob = grad_out.rows(p, b.r0 - in.g.off, m, in.dv, gobuf.data(), ldg);
               T* scores = sbuf.data();
               T* Gr = gbuf.data();
-              in.scores(b, scores, qsbuf.data());
-              if (L > 0) gemm(false, true, m, L, in.dv, T(1), gob, ldg, vb, in.dv, T(0), Gr + nsb, C);
+              const auto band = in.bands(b, lo.data(), hi.data());
+              in.scores(b, scores, qsbuf.data(), &band[0], &keys);
+              if (L > 0) gemm(false, true, m, L, in.dv, T(1), gob, ldg, vb, in.dv, T(0), Gr + nsb, C, &band[0], &values);
               if (nsb > 0)
                 gemm(false, true, m, nsb, in.dv, T(1), gob, ldg, in.v + (p_kv * n + b.s) * in.dv, in.dv, T(0), Gr, C);
               const T* keep = in.keep_cols(b, kbuf.data());
@@ -583,7 +609,8 @@ void backward_impl(const Inputs<S>& in, const Plan& plan, const Strided<S>& grad
               const S* weights = operand<S>(scores, wbuf.data(), m * C);
               const S* dlogits = operand<S>(Gr, dsbuf.data(), m * C);
               if (L > 0)
-                gemm(true, false, L, in.dv, m, T(1), weights + nsb, C, gob, ldg, T(1), dv + (p_kv * n + b.klo) * in.dv, in.dv);
+                gemm(true, false, L, in.dv, m, T(1), weights + nsb, C, gob, ldg, T(1), dv + (p_kv * n + b.klo) * in.dv, in.dv,
+                     &band[2]);
               if (in.key_scale != nullptr) {  // per slot: dQ += scale (dS K) * f, dK += scale dS^T (Q * f)
                 T* acc = qbuf.data();
                 std::fill(acc, acc + m * in.d, T(0));
@@ -604,11 +631,12 @@ void backward_impl(const Inputs<S>& in, const Plan& plan, const Strided<S>& grad
                 T* acc = nullptr;
                 if constexpr (same) acc = dqb;
                 else acc = qbuf.data();
-                if (L > 0) gemm(false, false, m, in.d, L, in.scale, dlogits + nsb, C, kb, in.d, T(0), acc, in.d);
+                if (L > 0) gemm(false, false, m, in.d, L, in.scale, dlogits + nsb, C, kb, in.d, T(0), acc, in.d, &band[1]);
                 if (nsb > 0) gemm(false, false, m, in.d, nsb, in.scale, dlogits, C, ks, in.d, T(L > 0), acc, in.d);
                 if constexpr (!same) at::vec::convert(qbuf.data(), dqb, m * in.d);
                 if (L > 0)
-                  gemm(true, false, L, in.d, m, in.scale, dlogits + nsb, C, qb, in.d, T(1), dk + (p_kv * n + b.klo) * in.d, in.d);
+                  gemm(true, false, L, in.d, m, in.scale, dlogits + nsb, C, qb, in.d, T(1), dk + (p_kv * n + b.klo) * in.d, in.d,
+                       &band[2]);
               }
             }
           }

@@ -36,6 +36,10 @@ using f32_gemm::Packed;
 // MKL's. `use_f32_gemm` switches it (for tests).
 inline std::atomic<f32_gemm::Isa> f32_isa{f32_gemm::preferred()};
 
+// Whether our float32 GEMM takes the band and the kept packing (`use_f32_gemm_skips` turns them off, to measure
+// what they save).
+inline std::atomic<bool> f32_skips{true};
+
 // Row-major C (m x n) = alpha * op(A) (m x k) * op(B) (k x n) + beta * C, through Fortran BLAS
 // (column-major: C^T = op(B)^T op(A)^T). `band` and `packed` (f32_gemm.h) let our GEMM skip work; every
 // other GEMM computes all of C, which is what the band allows too.
@@ -43,8 +47,11 @@ inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
                  const float* b, int64_t ldb, float beta, float* c, int64_t ldc, const Band* band = nullptr,
                  Packed* packed = nullptr) {
   const f32_gemm::Isa isa = f32_isa.load(std::memory_order_relaxed);
-  if (isa != f32_gemm::Isa::none)
-    return f32_gemm::gemm(isa, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, band, packed);
+  if (isa != f32_gemm::Isa::none) {
+    const bool skip = f32_skips.load(std::memory_order_relaxed);
+    return f32_gemm::gemm(isa, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, skip ? band : nullptr,
+                          skip ? packed : nullptr);
+  }
   const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
   const int M = m, N = n, K = k, LDA = lda, LDB = ldb, LDC = ldc;
   sgemm_(&trb, &tra, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);

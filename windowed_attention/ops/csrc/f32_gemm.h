@@ -83,7 +83,7 @@ namespace avx512 {
 struct Vec {
   using reg = __m512;
   using mask = __mmask16;
-  static constexpr int L = 16, MR = 6, NV = 4;
+  static constexpr int L = 16, MR = 6, NV = 4, NREG = 4;
   static reg zero() { return _mm512_setzero_ps(); }
   static reg set1(float x) { return _mm512_set1_ps(x); }
   static reg load(const float* p) { return _mm512_loadu_ps(p); }
@@ -129,11 +129,12 @@ struct Vec {
 #pragma GCC target("avx2,fma")
 namespace avx2 {
 
-// 8 float lanes; a micro-tile of 6 rows x 2 vectors (16 columns): 12 accumulators of the 16 registers.
+// 8 float lanes; a micro-tile of 6 rows x 4 vectors (32 columns), computed as two blocks of 2 vectors: 12
+// accumulators of the 16 registers.
 struct Vec {
   using reg = __m256;
   using mask = __m256i;
-  static constexpr int L = 8, MR = 6, NV = 2;
+  static constexpr int L = 8, MR = 6, NV = 4, NREG = 2;
   static reg zero() { return _mm256_setzero_ps(); }
   static reg set1(float x) { return _mm256_set1_ps(x); }
   static reg load(const float* p) { return _mm256_loadu_ps(p); }

@@ -2,7 +2,8 @@
 // x NV vectors) and included by `f32_gemm.h` once per instruction set, inside that set's namespace and
 // `#pragma GCC target` region (so there is no include guard).
 //
-// A micro-tile of R rows and V vectors keeps R x V accumulators in registers over a chunk of at most KC
+// A micro-tile of R rows and V vectors keeps R x V accumulators in registers (at most NREG vectors at a time:
+// a wider tile is computed in blocks) over a chunk of at most KC
 // steps of k (the chunks add into C, so rounding errors grow with the chunk, as MKL's do), each step
 // broadcasting one element of op(A) per row and loading V vectors of a row of op(B). Rows of op(B) are read
 // in place when B is not transposed (the columns beyond n masked off); a transposed B is packed into panels
@@ -31,11 +32,12 @@ inline void pack_panel(int64_t cols, int64_t k, const float* b, int64_t ldb, flo
   }
 }
 
-// R rows x V vectors of C. op(A)[i][q] is at a + i * ra + q * qa; op(B)[q][L v + c] at b + q * ldb + L v + c,
-// the last vector masked by `mlast` when `Partial`. Writes alpha * acc + beta * C (C not read when beta is 0).
-// Masked loads and stores only where a vector is partial: on AMD CPUs AVX2's masked stores are microcoded.
+// R rows x V <= Vec::NREG vectors of C, in registers. op(A)[i][q] is at a + i * ra + q * qa; op(B)[q][L v + c]
+// at b + q * ldb + L v + c, the last vector masked by `mlast` when `Partial`. Writes alpha * acc + beta * C (C
+// not read when beta is 0). Masked loads and stores only where a vector is partial: on AMD CPUs AVX2's masked
+// stores are microcoded.
 template <int R, int V, bool Partial>
-void tile(int64_t k, const float* a, int64_t ra, int64_t qa, const float* b, int64_t ldb, typename Vec::mask mlast,
+void block(int64_t k, const float* a, int64_t ra, int64_t qa, const float* b, int64_t ldb, typename Vec::mask mlast,
           float alpha, float beta, float* c, int64_t ldc) {
   typename Vec::reg acc[R][V];
 #pragma GCC unroll 16
@@ -69,6 +71,19 @@ void tile(int64_t k, const float* a, int64_t ra, int64_t qa, const float* b, int
         Vec::store(out, y);
       }
     }
+}
+
+// R rows x V vectors of C: blocks of Vec::NREG vectors one after another (a micro-tile wider than the registers
+// hold, so that one call covers a panel).
+template <int R, int V, bool Partial>
+void tile(int64_t k, const float* a, int64_t ra, int64_t qa, const float* b, int64_t ldb, typename Vec::mask mlast,
+          float alpha, float beta, float* c, int64_t ldc) {
+  if constexpr (V > Vec::NREG) {
+    block<R, Vec::NREG, false>(k, a, ra, qa, b, ldb, mlast, alpha, beta, c, ldc);
+    tile<R, V - Vec::NREG, Partial>(k, a, ra, qa, b + Vec::NREG * L, ldb, mlast, alpha, beta, c + Vec::NREG * L, ldc);
+  } else {
+    block<R, V, Partial>(k, a, ra, qa, b, ldb, mlast, alpha, beta, c, ldc);
+  }
 }
 
 template <int R, bool Partial>

@@ -55,6 +55,10 @@ inline void define_test_hooks(torch::Library& m) {
                 "float32 a, b and c");
     return small_gemm<float>(ta, tb, a, b, alpha, beta, c);
   });
+  m.def("use_f32_gemm_skips", [](bool on) {
+    f32_skips = on;
+    return f32_skips.load();
+  });
   // The float32 GEMM with a band (kind 0 cols, 1 k_rows, 2 k_cols; int64 lo, hi: one entry per row of the block)
   m.def("f32_gemm_band", [](int64_t kind, const at::Tensor& lo, const at::Tensor& hi, bool ta, bool tb, const at::Tensor& a,
                             const at::Tensor& b, double alpha, double beta, at::Tensor c) {

@@ -286,7 +286,7 @@ def _check(q, k, v, window_size, causal, look_backward, look_forward, exact_wind
     if sinks is not None:
         check_sinks(sinks, packed, q)
     plain = None
-    if group is None:
+    if group is None and not torch.compiler.is_compiling():  # only a cached plan's route is taken
         call = AttentionCall(spec, scale, mask=mask, attn_bias=attn_bias, mask_self=shared_qk, dropout_p=dropout_p,
                              documents=documents, sinks=sinks, query_offset=n - n_q)
         plain = backends.plain_route(q, k, v, fit_window(call, n), backend)

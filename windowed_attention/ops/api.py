@@ -260,7 +260,8 @@ class Plan:
 
 def _check(q, k, v, window_size, causal, look_backward, look_forward, exact_windowsize, mask, attn_bias, scale,
            dropout_p, shared_qk, backend, group, documents, sinks, sink_tokens, softcap) -> Plan:
-    """Every check of `local_attention`'s arguments that reads no tensor's values (errors name the argument)."""
+    """Every check of `local_attention`'s arguments that reads no tensor's values (errors name the argument),
+    and the fused kernel's plain entry's options where it computes the call (`backends.plain_route`)."""
     check_qkv(q, k, v)
     spec = make_spec(window_size, causal, look_backward, look_forward, exact_windowsize, sink_tokens, softcap)
     shared_qk = check_bool("shared_qk", shared_qk)

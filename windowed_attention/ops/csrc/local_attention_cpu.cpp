@@ -812,8 +812,8 @@ bool any_nonfinite(const at::Tensor& t) {  // t contiguous
 // The plain call (`ops/fused_cpu.py`, `plain_forward`): q (..., n_q, d), k (..., n, d), v (..., n, dv) with any
 // leading dims, packed to (P, n, d) as `ops.api.pack_leading` does; no mask, bias, key scale, documents,
 // sinks, shared-qk rule or dropout. Returns the output (..., n_q, dv), or None when k or v holds a NaN or an
-// infinity, for the caller's exact route (`ops/finite.py`): a check of every entry here costs a fraction of
-// a microsecond on a small call, the Python sums it replaces several.
+// infinity, for the caller's exact route (`ops/finite.py`): checking every entry here costs a fraction of a
+// microsecond on a small call, where the Python sums it replaces cost several.
 std::optional<at::Tensor> forward_plain(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t w,
                                         int64_t lb, int64_t lf, int64_t left, int64_t right, bool causal,
                                         int64_t sink_tokens, double softcap, double scale) {

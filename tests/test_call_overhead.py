@@ -5,6 +5,8 @@
   what reads tensor values (document order, finiteness) runs every call.
 - `backends._decided`: `decide` remembered.
 - the fused backend's direct kernel call (no grad, eager) against the registered op.
+- the fused kernel's plain entry (`backends.plain_route`, `plain_forward`: no optional tensors, no grad, no
+  autocast) against the general path and the reference; it finds every non-finite entry of k and v.
 - the fused kernel's work-based grain: small task lists run inline (one thread, BLAS too), big ones in parallel.
 - flex block masks built from key ranges with key masks, documents, sink tokens and shorter queries folded in:
   never missing a tile `create_block_mask` finds, never calling a tile full that is not; a right-padded mask
@@ -210,6 +212,142 @@ def test_fused_direct_kernel_call_equals_the_op_and_grads_still_flow():
     torch.testing.assert_close(direct, reference_attention(q, k, v, call), rtol=1e-5, atol=1e-5)
     through_op.sum().backward()
     assert all(t.grad is not None for t in leaves)
+
+
+def _random_plain_call(rng: random.Random):
+    """Random arguments of a plain call (`backends.plain_route`): any leading dims (none, grouped-query heads),
+    shorter queries, token and block windows, sink tokens, softcap, scale, every dtype; q sometimes a strided
+    view."""
+    dtype = rng.choice([torch.float32, torch.float32, torch.float64, torch.bfloat16, torch.float16])
+    n, d, d_v = rng.randint(1, 150), rng.choice([4, 16]), rng.choice([4, 16, 24])
+    n_q = rng.choice([n, rng.randint(1, n)])
+    lead, lead_kv = rng.choice([((), ()), ((3,), (3,)), ((2, 4), (2, 2)), ((2, 3), (2, 1)), ((1, 2, 2), (1, 2, 2))])
+    q = torch.randn(*lead, n_q, d, dtype=dtype)
+    if rng.random() < 0.3:  # a transposed view: the entry packs a copy
+        q = torch.randn(*lead, d, n_q, dtype=dtype).transpose(-1, -2)
+    k, v = torch.randn(*lead_kv, n, d, dtype=dtype), torch.randn(*lead_kv, n, d_v, dtype=dtype)
+    causal = rng.random() < 0.5
+    options = dict(causal=causal)
+    if rng.random() < 0.3:
+        options["window_size"] = (rng.choice([-1, 0, 5, 70]), 0 if causal else rng.choice([-1, 2]))
+    else:
+        options.update(window_size=rng.choice([1, 7, 64, 128, 200]), look_backward=rng.randint(0, 2),
+                       exact_windowsize=rng.random() < 0.3)
+        if not causal:
+            options["look_forward"] = rng.randint(0, 2)
+    if rng.random() < 0.3:
+        options["sink_tokens"] = rng.randint(1, 3)
+    if rng.random() < 0.3:
+        options["softcap"] = rng.choice([5.0, 30])
+    if rng.random() < 0.3:
+        options["scale"] = rng.choice([0.5, 1])
+    return q, k, v, options
+
+
+@pytest.fixture
+def plain_calls():
+    """The tensors `backends.plain_forward` got, in order (None where it found a non-finite k or v)."""
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        entry = backends.plain_forward
+
+        def spy(q, k, v, options):
+            out = entry(q, k, v, options)
+            calls.append(out)
+            return out
+
+        patch.setattr(backends, "plain_forward", spy)
+        yield calls
+
+
+@pytest.mark.skipif(not fused_cpu.available(), reason="the fused CPU kernel is not built")
+def test_plain_calls_take_the_kernels_entry_and_match_the_backend_and_the_reference(plain_calls):
+    """On random plain calls without grad: the entry computes them (cache miss and hit) and returns exactly what
+    the fused backend returns through the general path, within rounding of the reference; with grad the
+    general path (the op, autograd) runs instead, and its gradients match the reference's."""
+    rng = random.Random(3)
+    tolerance = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+    for _ in range(60):
+        q, k, v, options = _random_plain_call(rng)
+        api.PLANS.clear()
+        plain_calls.clear()
+        first, second = (local_attention(q, k, v, **options) for _ in range(2))
+        assert len(plain_calls) == 2 and all(out is not None for out in plain_calls)
+        assert api.PLANS.entries[_key(q, k, v, **options)].plain is not None
+        with pytest.MonkeyPatch.context() as patch:  # the general path: the entry finds nothing to do
+            patch.setattr(backends, "plain_forward", lambda *args: None)
+            general = local_attention(q, k, v, **options)
+        explicit = local_attention(q, k, v, backend="fused", **options)
+        assert len(plain_calls) == 3
+        reference = local_attention(q, k, v, backend="reference", **options)
+        assert first.shape == reference.shape and first.dtype == q.dtype
+        for out in (second, general, explicit):
+            torch.testing.assert_close(out, first, rtol=0, atol=0)
+        atol = tolerance[q.dtype]
+        torch.testing.assert_close(first, reference, rtol=atol, atol=atol)
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        results = []
+        for backend in ("auto", "reference"):
+            out = local_attention(*leaves, backend=backend, **options)
+            weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+            results.append([out, *torch.autograd.grad((out * weights).sum(), leaves)])
+        assert len(plain_calls) == 3  # autograd records the call: the general path
+        torch.testing.assert_close(results[0][0].detach(), first, rtol=0, atol=0)
+        for got, ref in zip(*results):
+            torch.testing.assert_close(got, ref, rtol=10 * atol, atol=10 * atol)
+
+
+@pytest.mark.skipif(not fused_cpu.available(), reason="the fused CPU kernel is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_the_plain_entry_finds_every_non_finite_entry_and_only_those(dtype, plain_calls):
+    """A NaN or infinity anywhere in k or v (however far from the rows that see it) sends the call down the
+    exact route of `ops.finite`, whose result the call then returns; the largest finite numbers, subnormals
+    and negative zero do not."""
+    options = dict(window_size=8, causal=True)
+    info = torch.finfo(dtype)
+    for name in ("k", "v"):
+        for position in (0, 37, 3 * 5 * 40 - 1):
+            for bad in (float("nan"), float("inf"), float("-inf")):
+                q, k, v = (torch.randn(3, 40, 5, dtype=dtype) for _ in range(3))
+                tensors = {"q": q, "k": k, "v": v}
+                tensors[name].view(-1)[position] = bad
+                plain_calls.clear()
+                out = local_attention(q, k, v, **options)
+                assert plain_calls == [None]
+                reference = local_attention(q, k, v, backend="reference", **options)
+                torch.testing.assert_close(out, reference, equal_nan=True, rtol=2e-2, atol=2e-2)
+        for special in (info.max, -info.max, info.tiny, info.tiny / 2, info.smallest_normal, -0.0):
+            q, k, v = (torch.randn(3, 40, 5, dtype=dtype) for _ in range(3))
+            {"k": k, "v": v}[name].view(-1)[1::7] = special
+            plain_calls.clear()
+            local_attention(q, k, v, **options)
+            assert len(plain_calls) == 1 and plain_calls[0] is not None
+
+
+@pytest.mark.skipif(not fused_cpu.available(), reason="the fused CPU kernel is not built")
+def test_calls_the_plain_entry_does_not_compute_take_the_general_path(plain_calls):
+    """Any option the entry lacks, another backend, autocast or a subclass keeps the call off it (and correct)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 20, 8) for _ in range(3))
+    base = dict(window_size=4, causal=True)
+    others = [dict(mask=torch.rand(2, 20) < 0.8), dict(attn_bias=torch.zeros(3, 4, 8)),
+              dict(documents=torch.sort(torch.randint(0, 3, (2, 20)), dim=1).values), dict(sinks=torch.zeros(3)),
+              dict(shared_qk=True), dict(dropout_p=0.1), dict(backend="reference"), dict(backend="sdpa")]
+    for other in others:
+        out = local_attention(q, k, v, **base, **other)
+        if "dropout_p" not in other:
+            reference = local_attention(q, k, v, **{**base, **other, "backend": "reference"})
+            torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert local_attention(q, k, v, **base).dtype == torch.bfloat16
+
+    class Sub(torch.Tensor):
+        pass
+
+    local_attention(q.as_subclass(Sub), k, v, **base)
+    assert plain_calls == []
+    local_attention(q, k, v, **base)
+    assert len(plain_calls) == 1
 
 
 @pytest.mark.skipif(not fused_cpu.available(), reason="the fused CPU kernel is not built")

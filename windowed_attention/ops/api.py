@@ -222,6 +222,13 @@ def local_attention(
             PLANS.put(key, plan)
     else:  # availability may change (a failed build): the explicit name is checked every call, cheaply
         backends.check_name(backend, q.device)
+    # the fused kernel's plain entry (docs/design.md, "Per-call overhead"): what autograd and autocast would
+    # change is checked here, every call; None back means a non-finite k or v, for the exact route below
+    if plan.plain is not None and not torch.is_autocast_enabled("cpu") and not (
+            torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        out = backends.plain_forward(q, k, v, plan.plain)
+        if out is not None:
+            return out
     if plan.empty:  # nothing to attend (no batch size can be inferred)
         return empty_result(q, k, v, sinks)
     if documents is not None:  # reads the values: every call
@@ -248,11 +255,13 @@ class Plan:
     dropout_p: float
     query_offset: int
     empty: bool  # no queries or no keys: the result is `empty_result`
+    plain: tuple | None = None  # the options of the fused kernel's plain entry, where it computes the call
 
 
 def _check(q, k, v, window_size, causal, look_backward, look_forward, exact_windowsize, mask, attn_bias, scale,
            dropout_p, shared_qk, backend, group, documents, sinks, sink_tokens, softcap) -> Plan:
-    """Every check of `local_attention`'s arguments that reads no tensor's values (errors name the argument)."""
+    """Every check of `local_attention`'s arguments that reads no tensor's values (errors name the argument),
+    and the fused kernel's plain entry's options where it computes the call (`backends.plain_route`)."""
     check_qkv(q, k, v)
     spec = make_spec(window_size, causal, look_backward, look_forward, exact_windowsize, sink_tokens, softcap)
     shared_qk = check_bool("shared_qk", shared_qk)
@@ -277,7 +286,12 @@ def _check(q, k, v, window_size, causal, look_backward, look_forward, exact_wind
         check_documents(documents, packed, n, q.device, order=False)
     if sinks is not None:
         check_sinks(sinks, packed, q)
-    return Plan(spec, scale, shared_qk, dropout_p, n - n_q, False)
+    plain = None
+    if group is None and not torch.compiler.is_compiling():  # only a cached plan's route is taken
+        call = AttentionCall(spec, scale, mask=mask, attn_bias=attn_bias, mask_self=shared_qk, dropout_p=dropout_p,
+                             documents=documents, sinks=sinks, query_offset=n - n_q)
+        plain = backends.plain_route(q, k, v, fit_window(call, n), backend)
+    return Plan(spec, scale, shared_qk, dropout_p, n - n_q, False, plain)
 
 
 def _plan_key(q, k, v, window_size, causal, look_backward, look_forward, exact_windowsize, mask, attn_bias, scale,

@@ -141,3 +141,24 @@ def choose(q: torch.Tensor, call: AttentionCall, *, value_dim: int | None = None
 def _decided(device_type, dtype, used, head_dim, value_dim, available: tuple) -> str:
     """`decide`, remembered: it is a pure function of exactly these arguments (availability as pairs)."""
     return decide(device_type, dtype, used, head_dim=head_dim, value_dim=value_dim, available=dict(available))
+
+
+# The fused kernel's plain entry, which `ops.api` calls for a plan that `plain_route` gave options.
+plain_forward = fused_cpu.plain_forward
+
+
+def plain_route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall, backend: str) -> tuple | None:
+    """The options of `plain_forward` when it computes this call: `q (..., n_q, d)`, `k, v (..., n, d)` plain
+    CPU tensors and `call` (its window fitted to `n`) with no mask, bias, key scale, documents, sinks,
+    shared-qk rule or dropout, for which `backend` (already checked) is `fused` or `auto` picks it without
+    autocast. None otherwise. A pure function of the tensors' types, shapes, dtypes and devices, the call
+    and availability, so a cached plan holds it; whether autograd records the call and autocast are the
+    caller's to check, every call."""
+    if (backend not in ("auto", "fused") or call.features() - {"token_window", "block_window", "sink_tokens",
+                                                               "softcap", "short_queries"}
+            or any(type(t) is not torch.Tensor or t.device.type != "cpu" for t in (q, k, v))):
+        return None
+    if backend == "auto" and decide("cpu", q.dtype, call.features(), head_dim=q.shape[-1], value_dim=v.shape[-1],
+                                    available=availability()) != "fused":
+        return None
+    return fused_cpu.plain_options(call)

@@ -386,6 +386,22 @@ def fused_cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call:
         return out
 
 
+def plain_options(call: AttentionCall) -> tuple:
+    """The arguments after `q, k, v` of `plain_forward` for `call`, a call with no mask, bias, key scale,
+    documents, sinks, shared-qk rule or dropout (`ops.backends.plain_route`)."""
+    return _options(call.spec, call.scale, False, 0.0)[:9]
+
+
+def plain_forward(q: Tensor, k: Tensor, v: Tensor, options: tuple) -> Tensor | None:
+    """The kernel's forward in one call for a plain call (`plain_options`) that autograd does not record, eager,
+    without autocast: `q (..., n_q, d)`, `k (..., n, d)`, `v (..., n, d_v)`, plain CPU tensors of one dtype of
+    `DTYPES`, packed and unpacked as `ops.api.pack_leading` does -> `(..., n_q, d_v)`; the same result as the
+    backend's. None when `k` or `v` holds a non-finite entry (checked in the kernel, entry by entry): the
+    caller then takes the exact route of `ops.finite`. Saves the Python packing, finiteness sums and dispatch
+    of a small call (issue #22)."""
+    return _state["ops"].forward_plain(q, k, v, *options)
+
+
 def _dense(t: Tensor, dtype: torch.dtype) -> Tensor:
     """`t` in `dtype` and contiguous (itself when it already is: no dispatch for the common case)."""
     if t.dtype != dtype:

@@ -60,7 +60,9 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -811,11 +813,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   return {dq, dk, dv, dbias, dsinks};
 }
 
+// Whether any of the `len` entries at `x` (floating-point numbers of U's width) is NaN or infinite: all its
+// exponent bits set. Branch-free, so the loop vectorizes.
+template <typename U>
+bool any_nonfinite(const void* x, int64_t len, U exponent) {
+  const auto* bytes = static_cast<const unsigned char*>(x);
+  U bad = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    U bits;
+    std::memcpy(&bits, bytes + i * sizeof(U), sizeof(U));
+    bad |= static_cast<U>((bits & exponent) == exponent);
+  }
+  return bad != 0;
+}
+
+bool any_nonfinite(const at::Tensor& t) {  // t contiguous
+  switch (t.scalar_type()) {
+    case at::kFloat: return any_nonfinite<uint32_t>(t.const_data_ptr(), t.numel(), 0x7f800000u);
+    case at::kDouble: return any_nonfinite<uint64_t>(t.const_data_ptr(), t.numel(), 0x7ff0000000000000ull);
+    case at::kBFloat16: return any_nonfinite<uint16_t>(t.const_data_ptr(), t.numel(), 0x7f80);
+    case at::kHalf: return any_nonfinite<uint16_t>(t.const_data_ptr(), t.numel(), 0x7c00);
+    default: TORCH_CHECK(false, "q, k, v must be float32, float64, bfloat16 or float16");
+  }
+}
+
+// The plain call (`ops/fused_cpu.py`, `plain_forward`): q (..., n_q, d), k (..., n, d), v (..., n, dv) with any
+// leading dims, packed to (P, n, d) as `ops.api.pack_leading` does; no mask, bias, key scale, documents,
+// sinks, shared-qk rule or dropout. Returns the output (..., n_q, dv), or None when k or v holds a NaN or an
+// infinity, for the caller's exact route (`ops/finite.py`): checking every entry here costs a fraction of a
+// microsecond on a small call, where the Python sums it replaces cost several.
+std::optional<at::Tensor> forward_plain(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t w,
+                                        int64_t lb, int64_t lf, int64_t left, int64_t right, bool causal,
+                                        int64_t sink_tokens, double softcap, double scale) {
+  TORCH_CHECK(q.dim() >= 2 && k.dim() >= 2 && v.dim() >= 2 && q.numel() > 0 && k.numel() > 0,
+              "q, k, v must be (..., n, d), not empty");
+  const auto pack = [](const at::Tensor& t) { return t.reshape({-1, t.size(-2), t.size(-1)}).contiguous(); };
+  const at::Tensor qp = pack(q), kp = pack(k), vp = pack(v);
+  if (any_nonfinite(kp) || any_nonfinite(vp)) return std::nullopt;
+  const std::optional<at::Tensor> none;
+  auto out = std::get<0>(forward(qp, kp, vp, none, none, none, none, none, w, lb, lf, left, right, causal,
+                                 sink_tokens, softcap, scale, false, 0.0, 0));
+  std::vector<int64_t> sizes = q.sizes().vec();
+  sizes.back() = v.size(-1);
+  return out.view(sizes);
+}
+
 }  // namespace
 }  // namespace local_attention
 
 TORCH_LIBRARY(windowed_attention_cpu, m) {
   m.def("forward", &local_attention::forward);
+  m.def("forward_plain", &local_attention::forward_plain);
   m.def("backward", &local_attention::backward);
   m.def("release_memory", [] { local_attention::OutputPool::instance().release(); });
   m.def("idle_bytes", [] { return local_attention::OutputPool::instance().idle_bytes(); });

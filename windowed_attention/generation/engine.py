@@ -212,8 +212,13 @@ class CompiledStep:
         # `_step` under a code object of its own: dynamo keeps graphs by code object, and a graph without guards
         # must be reached by its own configuration alone
         step = types.FunctionType(_step.__code__.replace(), _step.__globals__, _step.__name__)
-        graph = torch.compile(step, fullgraph=True, dynamic=False,
-                              options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
+        # on CPU, inductor's C++ wrapper: the graph's launcher is compiled C++ rather than Python, and it calls our
+        # kernels' ops (registered in C++) through the dispatcher with no Python in between (a README model's step:
+        # 0.45 against 0.49 ms, 0.25 ms of kernels; and no slower to compile)
+        options = {"guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
+        if token.device.type == "cpu":
+            options["cpp_wrapper"] = True
+        graph = torch.compile(step, fullgraph=True, dynamic=False, options=options)
         started = time.perf_counter()
         try:
             with torch.compiler.config.patch(dynamic_sources=_COLUMNS):

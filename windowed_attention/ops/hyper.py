@@ -5,8 +5,10 @@ narrow projection, tanh, and batched `(1 + s, s) @ (s, dim)` matmuls per token. 
 over all the streams, and the backward takes about twice as many; the kernel does the forward in one
 pass and the backward in one, per token, in float32 or float64. It is a `torch.library` custom op with a
 fake implementation and an autograd formula (double backward raises), so `torch.compile` and
-`torch.export` trace through it; `residual.HyperConnection` keeps the torch formula (the reference it is
-tested against) for other devices and dtypes, under autocast, and where the kernel cannot be built.
+`torch.export` trace through it (code torch.compile traces without grad, such as a compiled decode step,
+calls the kernel's own ops instead, registered in C++: see `_kernel_op`); `residual.HyperConnection` keeps the
+torch formula (the reference it is tested against) for other devices and dtypes, under autocast, and where
+the kernel cannot be built.
 """
 
 from __future__ import annotations

@@ -227,7 +227,7 @@ def test_compiled_code_calls_the_kernel_ops_and_export_the_python_ops():
 
     g = torch.Generator().manual_seed(1)
     x, weight = torch.randn(2, 16, generator=g), torch.randn(8, 16, generator=g)
-    remixed, beta, out = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, generator=g), torch.randn(2, 8, generator=g)
+    remixed, beta, out = (torch.randn(*shape, generator=g) for shape in ((2, 3, 8), (2, 3), (2, 8)))
 
     def f(x, weight, remixed, beta, out):
         return small_linear.linear(x, weight), hyper.write(remixed, beta, out)

@@ -233,7 +233,9 @@ def attend_step(q, k, v, cache, rotation, row, *, scale: float, shared_qk: bool,
         if not torch.compiler.is_compiling():
             attend = fused_cpu.kernel().decode_attend
         else:  # the kernel is loaded (`available()` above)
-            attend = decode_attend_op if torch.compiler.is_exporting() else torch.ops.windowed_attention_cpu.decode_attend.default
+            attend = torch.ops.windowed_attention_cpu.decode_attend.default
+            if torch.compiler.is_exporting():
+                attend = decode_attend_op
         out = attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], k_buf, v_buf, cos, sin, row, key_bias, key_factors, slot,
                      first, scale, shared_qk, 0.0 if softcap is None else float(softcap), sinks, sink_k, sink_v,
                      seen_sinks)

@@ -40,7 +40,7 @@ def hyper_mix(h: Tensor, w: Tensor, static_alpha: Tensor, alpha_scale: Tensor, s
 # `hyper_write`): their schemas and fakes here, their CPU kernels registered in C++ (`csrc/hyper_cpu.cpp`), so that
 # a compiled graph without grad calls the kernels with no Python between (see `_kernel_op`).
 _KERNEL_LIBRARY = torch.library.Library("windowed_attention_cpu", "FRAGMENT")
-_KERNEL_LIBRARY.define(str(hyper_mix._schema).removeprefix("windowed_attention::").replace("hyper_mix", "hyper_forward", 1))
+_KERNEL_LIBRARY.define("hyper_forward" + str(hyper_mix._schema).removeprefix("windowed_attention::hyper_mix"))
 
 
 @torch.library.register_fake(hyper_mix)

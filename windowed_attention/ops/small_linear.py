@@ -104,7 +104,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if torch.compiler.is_compiling():  # traced code sees an op; eager code calls the kernel directly
         kernel = None
         if _traced_takes(x, weight, bias):  # (the kernel is loaded: `_traced_takes` asked)
-            kernel = small_linear_op if torch.compiler.is_exporting() else torch.ops.windowed_attention_cpu.small_linear.default
+            kernel = torch.ops.windowed_attention_cpu.small_linear.default
+            if torch.compiler.is_exporting():
+                kernel = small_linear_op
     else:
         kernel = _fused if _takes(x, weight, bias) else None
     if kernel is None:

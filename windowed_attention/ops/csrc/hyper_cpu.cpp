@@ -219,8 +219,9 @@ void check(const at::Tensor& h, const at::Tensor& w, const at::Tensor& static_al
 
 using Six = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-Six hyper_forward(const at::Tensor& h, const at::Tensor& w, const at::Tensor& static_alpha, const at::Tensor& alpha_scale,
-                  const at::Tensor& static_beta, const at::Tensor& beta_scale, double scale) {
+Six hyper_forward(const at::Tensor& h, const at::Tensor& w, const at::Tensor& static_alpha,
+                  const at::Tensor& alpha_scale, const at::Tensor& static_beta, const at::Tensor& beta_scale,
+                  double scale) {
   check(h, w, static_alpha, static_beta, alpha_scale, beta_scale);
   const int64_t tokens = h.size(0), s = h.size(1), D = h.size(2);
   const at::Tensor wt = w.t().contiguous();

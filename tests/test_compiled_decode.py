@@ -179,6 +179,88 @@ def test_opcheck_the_ops_of_a_compiled_step():
     torch.testing.assert_close(small_linear_op(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
 
 
+@pytest.mark.skipif(not fused_cpu.available(), reason="the fused CPU kernel is not built here")
+def test_opcheck_the_kernel_ops_a_compiled_step_calls():
+    """The kernels' own ops (`windowed_attention_cpu::`, schemas and fakes defined in Python, CPU kernels
+    registered in C++), which a compiled step calls with no Python in between: schema (the decode op declares
+    its writes), fake, registration, and the results of the ops defined in Python (the eager reference)."""
+    from windowed_attention.ops import hyper
+    from windowed_attention.ops.decode import decode_attend_op
+    from windowed_attention.ops.small_linear import small_linear_op
+
+    kernel_ops = torch.ops.windowed_attention_cpu
+    tests = ("test_schema", "test_faketensor", "test_autograd_registration")
+    g = torch.Generator().manual_seed(0)
+    b, h, hk, d, slots = 2, 4, 2, 16, 5
+    q, k, v = (torch.randn(b, n, d, generator=g) for n in (h, hk, hk))
+    buffers = [torch.randn(b, hk, 2 * slots, d, generator=g) for _ in range(2)]
+    rest = (torch.randn(b, d, generator=g), torch.randn(b, d, generator=g), torch.zeros(1, h, slots),
+            torch.zeros(b, 1, 2 * slots), None, 3, 4, 0.25, False, 0.0, None, None, None, None)
+    torch.library.opcheck(kernel_ops.decode_attend.default, (q, k, v, *buffers, *rest), test_utils=tests)
+    copies = [t.clone() for t in buffers]
+    out = kernel_ops.decode_attend.default(q, k, v, *buffers, *rest)
+    assert torch.equal(out, decode_attend_op(q, k, v, *copies, *rest))
+    assert all(torch.equal(a, c) for a, c in zip(buffers, copies))  # the same writes into the ring
+
+    x, weight, bias = torch.randn(3, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(8, generator=g)
+    torch.library.opcheck(kernel_ops.small_linear.default, (x, weight, bias), test_utils=tests)
+    assert torch.equal(kernel_ops.small_linear.default(x, weight, bias), small_linear_op(x, weight, bias))
+
+    tokens, streams, dim = 3, 4, 8
+    h_in = torch.randn(tokens, streams, dim, generator=g)
+    mix_args = (h_in, torch.randn(dim, streams + 2, generator=g), torch.randn(streams, streams + 1, generator=g),
+                torch.tensor(0.5), torch.randn(streams, generator=g), torch.tensor(0.25), 2.0)
+    torch.library.opcheck(kernel_ops.hyper_forward.default, mix_args, test_utils=tests)
+    assert all(map(torch.equal, kernel_ops.hyper_forward.default(*mix_args), hyper.hyper_mix(*mix_args)))
+    write_args = (torch.randn(tokens, streams, dim, generator=g), torch.randn(tokens, streams, generator=g),
+                  torch.randn(tokens, dim, generator=g))
+    torch.library.opcheck(kernel_ops.hyper_write.default, write_args, test_utils=tests)
+    assert torch.equal(kernel_ops.hyper_write.default(*write_args), hyper.hyper_write(*write_args))
+
+
+@pytest.mark.skipif(not fused_cpu.available(), reason="the fused CPU kernel is not built here")
+def test_compiled_code_calls_the_kernel_ops_and_export_the_python_ops():
+    """Traced by torch.compile without grad, the decode-path ops are the kernels' own (C++ registered); traced
+    by torch.export, those defined in Python (an exported program loads without the kernel); with grad, the
+    hyper-connection op with its autograd formula."""
+    from windowed_attention.ops import hyper, small_linear
+
+    g = torch.Generator().manual_seed(1)
+    x, weight = torch.randn(2, 16, generator=g), torch.randn(8, 16, generator=g)
+    remixed, beta, out = (torch.randn(*shape, generator=g) for shape in ((2, 3, 8), (2, 3), (2, 8)))
+
+    def f(x, weight, remixed, beta, out):
+        return small_linear.linear(x, weight), hyper.write(remixed, beta, out)
+
+    def targets(grad):
+        seen = []
+
+        def backend(gm, inputs):
+            seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+            return gm
+
+        torch._dynamo.reset()
+        with torch.set_grad_enabled(grad):
+            result = torch.compile(f, backend=backend, fullgraph=True)(x, weight, remixed, beta, out)
+        for got, want in zip(result, f(x, weight, remixed, beta, out)):
+            torch.testing.assert_close(got, want)  # (with grad, traced code takes F.linear: MKL's last bits)
+        return seen
+
+    assert {"windowed_attention_cpu.small_linear.default", "windowed_attention_cpu.hyper_write.default"} <= set(
+        targets(False))
+    assert "windowed_attention.hyper_write.default" in targets(True)  # (a linear with grad is F.linear)
+
+    class Module(torch.nn.Module):
+        def forward(self, x, weight, remixed, beta, out):
+            return f(x, weight, remixed, beta, out)
+
+    with torch.no_grad():
+        exported = torch.export.export(Module(), (x, weight, remixed, beta, out))
+    exported_targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert {"windowed_attention.small_linear.default", "windowed_attention.hyper_write.default"} <= exported_targets
+    assert not any(t.startswith("windowed_attention_cpu") for t in exported_targets)
+
+
 def test_compile_must_be_a_bool():
     with pytest.raises(TypeError, match="compile must be a bool"):
         _model().generate(_prompts(), 2, compile=1)
@@ -196,7 +278,9 @@ def _compare(model, prompts, n=12, **options):
             generator = torch.Generator().manual_seed(5)
             runs.append(model.generate(prompts, n, generator=generator, compile=compile, **sampling, **options))
         assert torch.equal(*runs), sampling
-    return CompiledStep.of(model)
+    step = CompiledStep.of(model)
+    assert step.compile_seconds  # the graph ran (a failed compilation leaves the eager step: the same tokens)
+    return step
 
 
 @pytest.mark.slow  # the first compilation of a process: 20 s to 80 s on the loaded 2-core EPYC

@@ -11,9 +11,11 @@ memory; 1 row 24 against 50 us and 177 against 337 us.
 The kernel runs where it computes the same function: float32 strided tensors on CPU, no autograd
 (nothing to differentiate: a decode step runs under `no_grad`; nor forward-mode AD or torch.func
 transforms), no autocast, not while torch.jit.trace or torch.fx trace (they see `F.linear`). Traced by
-torch.compile or torch.export without grad (the compiled decode step, `generation.engine.CompiledStep`), it
-is the custom op `windowed_attention::small_linear`; with grad, `F.linear`. Each output is a float32 sum in order over the input channels, so it
-may differ from MKL's in the last bits (as MKL's own results differ between shapes).
+torch.compile without grad (the compiled decode step, `generation.engine.CompiledStep`), it is the kernel's
+own op, `windowed_attention_cpu::small_linear` (registered in C++ for CPU tensors: the graph calls it with no
+Python in between); traced by torch.export, the op `windowed_attention::small_linear` (defined in Python, so an
+exported program loads without the kernel); with grad, `F.linear`. Each output is a float32 sum in order over
+the input channels, so it may differ from MKL's in the last bits (as MKL's own results differ between shapes).
 """
 
 from __future__ import annotations
@@ -76,7 +78,14 @@ def small_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return _fused(x, weight, bias)
 
 
+# The kernel's own op, `windowed_attention_cpu::small_linear`: its schema (the same) and fake here, its CPU kernel
+# registered in C++ (`csrc/small_linear_cpu.cpp`), so that a compiled graph calls the kernel with no Python between.
+_KERNEL_LIBRARY = torch.library.Library("windowed_attention_cpu", "FRAGMENT")
+_KERNEL_LIBRARY.define(str(small_linear_op._schema).removeprefix("windowed_attention::"))
+
+
 @torch.library.register_fake(small_linear_op)
+@torch.library.register_fake("windowed_attention_cpu::small_linear", lib=_KERNEL_LIBRARY)
 def _(x, weight, bias):
     return x.new_empty(x.shape[0], weight.shape[0])
 
@@ -92,8 +101,12 @@ def _traced_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`."""
-    if torch.compiler.is_compiling():  # traced code sees the op; eager code calls the kernel directly
-        kernel = small_linear_op if _traced_takes(x, weight, bias) else None
+    if torch.compiler.is_compiling():  # traced code sees an op; eager code calls the kernel directly
+        kernel = None
+        if _traced_takes(x, weight, bias):  # (the kernel is loaded: `_traced_takes` asked)
+            kernel = torch.ops.windowed_attention_cpu.small_linear.default
+            if torch.compiler.is_exporting():
+                kernel = small_linear_op
     else:
         kernel = _fused if _takes(x, weight, bias) else None
     if kernel is None:

@@ -280,4 +280,6 @@ at::Tensor decode_attend(const at::Tensor& q, const at::Tensor& k, const at::Ten
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(windowed_attention_cpu, m) { m.def("decode_attend", &decode_attend); }
+// The op's schema (which declares the ring buffers' writes) and its fake are defined in Python (ops/decode.py); the
+// kernel is registered here for CPU tensors, so that a compiled decode step calls it with no Python in between.
+TORCH_LIBRARY_IMPL(windowed_attention_cpu, CPU, m) { m.impl("decode_attend", &decode_attend); }

@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -216,9 +217,11 @@ void check(const at::Tensor& h, const at::Tensor& w, const at::Tensor& static_al
   TORCH_CHECK(h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble, "float32 or float64 only");
 }
 
-std::vector<at::Tensor> hyper_forward(const at::Tensor& h, const at::Tensor& w, const at::Tensor& static_alpha,
-                                      const at::Tensor& alpha_scale, const at::Tensor& static_beta,
-                                      const at::Tensor& beta_scale, double scale) {
+using Six = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Six hyper_forward(const at::Tensor& h, const at::Tensor& w, const at::Tensor& static_alpha,
+                  const at::Tensor& alpha_scale, const at::Tensor& static_beta, const at::Tensor& beta_scale,
+                  double scale) {
   check(h, w, static_alpha, static_beta, alpha_scale, beta_scale);
   const int64_t tokens = h.size(0), s = h.size(1), D = h.size(2);
   const at::Tensor wt = w.t().contiguous();
@@ -313,8 +316,13 @@ std::vector<at::Tensor> hyper_write_backward(const at::Tensor& grad, const at::T
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(windowed_attention_cpu, m) {
-  m.def("hyper_forward", &hyper_forward);
   m.def("hyper_backward", &hyper_backward);
-  m.def("hyper_write", &hyper_write);
   m.def("hyper_write_backward", &hyper_write_backward);
+}
+
+// The schemas and fakes of the forward and the write-back are defined in Python (ops/hyper.py); their kernels are
+// registered here for CPU tensors, so that a compiled decode step calls them with no Python in between.
+TORCH_LIBRARY_IMPL(windowed_attention_cpu, CPU, m) {
+  m.impl("hyper_forward", &hyper_forward);
+  m.impl("hyper_write", &hyper_write);
 }

@@ -101,4 +101,6 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const c10
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(windowed_attention_cpu, m) { m.def("small_linear", &small_linear); }
+// The op's schema and fake are defined in Python (ops/small_linear.py); the kernel is registered here for CPU
+// tensors, so that a compiled decode step calls it with no Python in between.
+TORCH_LIBRARY_IMPL(windowed_attention_cpu, CPU, m) { m.impl("small_linear", &small_linear); }

@@ -27,9 +27,10 @@ _ci = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if _ci else "default"))
 
 # The fast tier: `pytest -m "not slow"` leaves out what spawns processes, trains through the command
-# line or compiles, runs the first and last case of each parametrized test (`FAST_CASES`) and draws at most
-# `FAST_EXAMPLES` hypothesis examples per test (a test's own `@settings(max_examples=...)` included); it still runs
-# every other test function of every module. The full suite (plain `pytest`) is CI's.
+# line or compiles, runs the first and last case of each parametrized test (`FAST_CASES`), draws at most
+# `FAST_EXAMPLES` hypothesis examples per test (a test's own `@settings(max_examples=...)` included) and runs torch
+# on one thread (`FAST_THREADS`); it still runs every other test function of every module. The full suite (plain
+# `pytest`) is CI's.
 FAST_EXAMPLES = 3
 settings.register_profile("fast", max_examples=FAST_EXAMPLES, **_common)
 
@@ -78,9 +79,20 @@ SLOW_TESTS = {
 }
 
 
+# The fast tier runs torch on this many threads (0: torch's default). Its tensors are small, and a tiny parallel
+# region on a busy machine waits for a core for each of its threads (ten times the time and more here when
+# other work shares the two cores); the tests of thread counts set theirs themselves, and the full suite keeps
+# torch's default.
+FAST_THREADS = int(os.environ.get("FAST_THREADS", "1"))
+
+
+def _fast_tier(config) -> bool:
+    return "not slow" in (config.option.markexpr or "")
+
+
 def _fast_examples(config) -> bool:
     """Whether this run draws the fast tier's few hypothesis examples (a chosen profile wins)."""
-    return "not slow" in (config.option.markexpr or "") and "HYPOTHESIS_PROFILE" not in os.environ
+    return _fast_tier(config) and "HYPOTHESIS_PROFILE" not in os.environ
 
 
 def pytest_configure(config):
@@ -89,6 +101,10 @@ def pytest_configure(config):
                                        "(fewer than FAST_CASES; for tests whose every case is costly)")
     if _fast_examples(config):
         settings.load_profile("fast")
+    if _fast_tier(config) and FAST_THREADS > 0:
+        import torch
+
+        torch.set_num_threads(FAST_THREADS)
 
 
 # In the fast tier a parametrized test runs at most this many of its cases, spread evenly over its list (the

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAST_EXAMPLES, SLOW_MODULES, SLOW_TESTS, _cap_examples, fast_sample
+from conftest import FAST_EXAMPLES, FAST_THREADS, SLOW_MODULES, SLOW_TESTS, _cap_examples, _fast_tier, fast_sample
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -49,6 +49,13 @@ def test_the_fast_tier_caps_the_examples_a_test_asks_for_itself():
         _cap_examples(test)
         test()
     assert 1 <= calls["many"] <= FAST_EXAMPLES and calls["one"] == 1
+
+
+def test_the_fast_tier_runs_torch_on_its_threads(request):
+    import torch
+
+    if _fast_tier(request.config) and FAST_THREADS > 0:
+        assert torch.get_num_threads() == FAST_THREADS
 
 
 def _collected(*args: str, **env: str) -> set[str]:

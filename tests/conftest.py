@@ -27,9 +27,12 @@ _ci = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if _ci else "default"))
 
 # The fast tier: `pytest -m "not slow"` leaves out what spawns processes, trains through the command
-# line or compiles, runs the first and last case of each parametrized test (`FAST_CASES`) and draws fewer hypothesis
-# examples; it still runs every other test function of every module. The full suite (plain `pytest`) is CI's.
-settings.register_profile("fast", max_examples=3, **_common)
+# line or compiles, runs the first and last case of each parametrized test (`FAST_CASES`), draws at most
+# `FAST_EXAMPLES` hypothesis examples per test (a test's own `@settings(max_examples=...)` included) and runs torch
+# on one thread (`FAST_THREADS`); it still runs every other test function of every module. The full suite (plain
+# `pytest`) is CI's.
+FAST_EXAMPLES = 3
+settings.register_profile("fast", max_examples=FAST_EXAMPLES, **_common)
 
 SLOW_MODULES = {"test_context_parallel.py", "test_distributed.py", "test_compile.py", "test_runs.py",
                 "test_cuda.py", "test_checkpoint.py",
@@ -59,13 +62,49 @@ SLOW_TESTS = {
     "test_missing_transformers_names_the_extra",
     # eager FlexAttention on CPU over many configurations (the block-mask builder's tile tests stay)
     "test_flex_with_masks_documents_sinks_and_short_queries_matches_the_reference",
+    # the README's Python in a fresh interpreter (test_docs' link and quickstart checks stay)
+    "test_readme_python_runs_as_written",
+    # outputs of 32 MB and more, to reach the kernel's memory pool (about 2 s)
+    "test_fused_outputs_reuse_pooled_memory_exactly",
+    # xpos at a million positions (test_attention_properties' float64 xpos test stays)
+    "test_xpos_finite_at_a_million_positions_non_causal_autopad",
+    "test_xpos_is_finite_and_window_relative_at_a_million_positions",
+    # 2000 decoding steps (test_cache_grad's gradient tests and test_generation's rolling cache stay)
+    "test_memory_held_by_caches_is_flat_without_grad_and_after_each_detach",
+    # eager FlexAttention, about 1 s an example (test_robustness' eager flex tests and the tile tests stay)
+    "test_flex_forward_matches_reference",
+    # ragged prompts decoded several ways, about 1 s a case (test_generation's ragged sampling and bfloat16
+    # cache tests, which compare rows with their prompts alone, and test_cache's cut-window test stay)
+    "test_ragged_prompts_match_one_by_one", "test_ragged_prompts_with_a_window_longer_than_the_text",
 }
+
+
+# The fast tier runs torch on this many threads (0: torch's default). Its tensors are small, and a tiny parallel
+# region on a busy machine waits for a core for each of its threads (ten times the time and more here when
+# other work shares the two cores); the tests of thread counts set theirs themselves, and the full suite keeps
+# torch's default.
+FAST_THREADS = int(os.environ.get("FAST_THREADS", "1"))
+
+
+def _fast_tier(config) -> bool:
+    return "not slow" in (config.option.markexpr or "")
+
+
+def _fast_examples(config) -> bool:
+    """Whether this run draws the fast tier's few hypothesis examples (a chosen profile wins)."""
+    return _fast_tier(config) and "HYPOTHESIS_PROFILE" not in os.environ
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: left out of the fast tier (`pytest -m 'not slow'`)")
-    if "not slow" in (config.option.markexpr or "") and "HYPOTHESIS_PROFILE" not in os.environ:
+    config.addinivalue_line("markers", "fast_cases(n): the fast tier runs n cases of this parametrized test "
+                                       "(fewer than FAST_CASES; for tests whose every case is costly)")
+    if _fast_examples(config):
         settings.load_profile("fast")
+    if _fast_tier(config) and FAST_THREADS > 0:
+        import torch
+
+        torch.set_num_threads(FAST_THREADS)
 
 
 # In the fast tier a parametrized test runs at most this many of its cases, spread evenly over its list (the
@@ -92,7 +131,21 @@ def pytest_collection_modifyitems(config, items):
         elif getattr(item, "callspec", None) is not None:
             cases.setdefault((item.path, item.cls, item.originalname), []).append(item)
     for group in cases.values():
-        kept = fast_sample(len(group))
+        fewer = group[0].get_closest_marker("fast_cases")
+        kept = fast_sample(len(group), FAST_CASES if fewer is None or FAST_CASES <= 0 else min(FAST_CASES, fewer.args[0]))
         for index, item in enumerate(group):
             if index not in kept:
                 item.add_marker(pytest.mark.slow)
+    if _fast_examples(config):
+        for item in items:
+            _cap_examples(getattr(item, "obj", None))
+
+
+def _cap_examples(test) -> None:
+    """At most `FAST_EXAMPLES` examples for a hypothesis test, even one whose `@settings` asks for more: the
+    loaded profile only sets the default, and a test's own `max_examples` (there for the full suite) wins over it.
+    Hypothesis reads the settings from this attribute of the wrapped test on each call."""
+    test = getattr(test, "__func__", test)
+    own = getattr(test, "_hypothesis_internal_use_settings", None)
+    if getattr(test, "is_hypothesis_test", False) and own is not None and own.max_examples > FAST_EXAMPLES:
+        test._hypothesis_internal_use_settings = settings(own, max_examples=FAST_EXAMPLES)

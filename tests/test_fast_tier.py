@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SLOW_MODULES, SLOW_TESTS, fast_sample
+from conftest import FAST_EXAMPLES, FAST_THREADS, SLOW_MODULES, SLOW_TESTS, _cap_examples, _fast_tier, fast_sample
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +28,34 @@ def test_fast_sample_keeps_the_ends_and_spreads_evenly(count):
     if count > 3:  # gaps differ by at most one
         gaps = [b - a for a, b in zip(kept, kept[1:])]
         assert max(gaps) - min(gaps) <= 1
+
+
+def test_the_fast_tier_caps_the_examples_a_test_asks_for_itself():
+    """A test's own `@settings(max_examples=...)` wins over the loaded profile, so the fast tier lowers it on the
+    test: at most `FAST_EXAMPLES` calls however many it asks for, and a test asking for fewer keeps its number."""
+    calls = {"many": 0, "one": 0}
+
+    @settings(max_examples=50, database=None)
+    @given(st.integers())
+    def many(x):
+        calls["many"] += 1
+
+    @settings(max_examples=1, database=None)
+    @given(st.integers())
+    def one(x):
+        calls["one"] += 1
+
+    for test in (many, one):
+        _cap_examples(test)
+        test()
+    assert 1 <= calls["many"] <= FAST_EXAMPLES and calls["one"] == 1
+
+
+def test_the_fast_tier_runs_torch_on_its_threads(request):
+    import torch
+
+    if _fast_tier(request.config) and FAST_THREADS > 0:
+        assert torch.get_num_threads() == FAST_THREADS
 
 
 def _collected(*args: str, **env: str) -> set[str]:

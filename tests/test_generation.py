@@ -289,6 +289,7 @@ def test_streaming_an_eval_model_never_switches_modes(monkeypatch):
     assert len(tokens) == 20 and switches == []
 
 
+@pytest.mark.fast_cases(1)  # each case decodes 3 prompts 20 steps three ways
 @pytest.mark.parametrize("options", [dict(), dict(use_xpos=True, exact_windowsize=False), dict(use_dynamic_pos_bias=True),
                                      dict(shared_qk=True, kv_heads=1), dict(look_backward=2, qk_rmsnorm=True)], ids=str)
 def test_bfloat16_cache_rounds_keys_and_values_once(options):
@@ -346,6 +347,7 @@ def test_cache_dtype_errors_name_the_argument():
                        generate(model, prime, 5, temperature=0))  # the model's own dtype: the exact cache
 
 
+@pytest.mark.fast_cases(1)  # float64 (float32 models: test_cached_equals_uncached)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_cached_and_uncached_tokens_are_equal_in_full_precision(dtype):
     """The promise as stated (`LocalTransformer.generate`): float32 and float64 models give the same greedy
@@ -360,6 +362,7 @@ def test_cached_and_uncached_tokens_are_equal_in_full_precision(dtype):
         assert torch.equal(*tokens)
 
 
+@pytest.mark.fast_cases(1)  # three models, 43 steps each
 @pytest.mark.parametrize("dtype, bound", [(torch.bfloat16, 2e-2), (torch.float16, 4e-3)])
 def test_half_precision_cached_logits_agree_to_the_stated_rounding(dtype, bound):
     """In bfloat16 (float16) the two routes round activations at different places: each cached step's

@@ -71,6 +71,7 @@ def main() -> None:
         kernel.use_f32_gemm_isa(build)
         kernel.use_f32_gemm_skips(True)
     median = {name: statistics.median(values) for name, values in times.items()}
+    measure.matmul_peak(reps=1)  # warm-up
     peak = measure.matmul_peak()  # GFLOP/s
     print(f"{cpu_label()}; torch vector code {torch.backends.cpu.get_cpu_capability()}, {args.threads} thread(s), "
           f"{'process CPU' if args.threads == 1 else 'wall'} time, medians of {args.rounds} rounds; fp32 matmul "

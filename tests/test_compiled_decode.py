@@ -40,7 +40,30 @@ def fake_compile(monkeypatch):
         return lambda *args: fn(*args)
 
     monkeypatch.setattr(engine.torch, "compile", compile)
+    monkeypatch.setattr(engine, "compile_refusal", lambda device_type: None)  # any CPU: the stand-in is right
     return calls
+
+
+def _needs_compiled_steps():
+    refusal = engine.compile_refusal("cpu")
+    if refusal is not None:
+        pytest.skip(refusal)
+
+
+def test_cpus_below_avx512_decode_eagerly(monkeypatch, capsys):
+    """Where torch's vector code runs below AVX-512 the compiled step gave wrong tokens: such a CPU decodes
+    eagerly, says so once, and never compiles."""
+    if not fused_cpu.available():
+        pytest.skip("the fused CPU kernel is not built here")
+    monkeypatch.setattr(engine.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(engine.torch, "compile", lambda *args, **kwargs: pytest.fail("compiled"))
+    model = _model()
+    eager = model.generate(_prompts(), 6, temperature=0)
+    assert torch.equal(model.generate(_prompts(), 6, temperature=0, compile=True), eager)
+    assert torch.equal(model.generate(_prompts(), 6, temperature=0, compile=True), eager)
+    err = capsys.readouterr().err
+    assert err.count("not yet right with torch's vector code at AVX2; decoding eagerly") == 1
+    assert not CompiledStep.of(model).compile_seconds
 
 
 def test_compile_is_one_per_configuration_and_announced(fake_compile, capsys):
@@ -219,10 +242,11 @@ def test_opcheck_the_kernel_ops_a_compiled_step_calls():
 
 
 @pytest.mark.skipif(not fused_cpu.available(), reason="the fused CPU kernel is not built here")
-def test_compiled_code_calls_the_kernel_ops_and_export_the_python_ops():
-    """Traced by torch.compile without grad, the decode-path ops are the kernels' own (C++ registered); traced
-    by torch.export, those defined in Python (an exported program loads without the kernel); with grad, the
-    hyper-connection op with its autograd formula."""
+def test_compiled_and_exported_code_call_the_ops_defined_in_python():
+    """Traced by torch.compile (with grad or without) and by torch.export, the decode-path ops are those defined in
+    Python, never the kernels' own (`windowed_attention_cpu::*`, registered in C++): compiled graphs calling those
+    decoded wrong tokens with torch's vector code at AVX2 (not understood yet); an exported program loads
+    without the kernel."""
     from windowed_attention.ops import hyper, small_linear
 
     g = torch.Generator().manual_seed(1)
@@ -246,8 +270,9 @@ def test_compiled_code_calls_the_kernel_ops_and_export_the_python_ops():
             torch.testing.assert_close(got, want)  # (with grad, traced code takes F.linear: MKL's last bits)
         return seen
 
-    assert {"windowed_attention_cpu.small_linear.default", "windowed_attention_cpu.hyper_write.default"} <= set(
-        targets(False))
+    no_grad = set(targets(False))
+    assert {"windowed_attention.small_linear.default", "windowed_attention.hyper_write.default"} <= no_grad
+    assert not any(t.startswith("windowed_attention_cpu") for t in no_grad)
     assert "windowed_attention.hyper_write.default" in targets(True)  # (a linear with grad is F.linear)
 
     class Module(torch.nn.Module):
@@ -270,6 +295,7 @@ def test_compile_must_be_a_bool():
 
 def _compare(model, prompts, n=12, **options):
     """Greedy and seeded sampling: the compiled step's tokens are the eager step's."""
+    _needs_compiled_steps()
     torch._dynamo.reset()
     CompiledStep._models.pop(model, None)
     for sampling in (dict(temperature=0), dict(temperature=1.0, top_p=0.9)):
@@ -293,8 +319,29 @@ def test_compiled_step_gives_the_eager_tokens():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not fused_cpu.available(), reason="the fused CPU kernel is not built here")
+def test_compiled_step_of_the_benchmark_model_near_its_length_limit():
+    """The benchmark's model (dim 256, four heads of 64, window 256) after a 512-token prompt, a few tokens short
+    of `max_seq_len`, compiled in a first short run as the benchmark's warm-up does: the eager tokens. (With
+    inductor's C++ wrapper this run aborted on a corrupted heap in a script at one thread; not reproduced in
+    this test, which checks the Python launcher's tokens.)"""
+    _needs_compiled_steps()
+    torch.manual_seed(0)
+    model = LocalTransformer(num_tokens=256, dim=256, depth=4, heads=4, dim_head=64, local_attn_window_size=256,
+                             max_seq_len=522, num_residual_streams=1).eval()
+    prompt = torch.randint(0, 256, (1, 512), generator=torch.Generator().manual_seed(512))
+    torch._dynamo.reset()
+    CompiledStep._models.pop(model, None)
+    model.generate(prompt, 4, temperature=0, compile=True)  # compiles at its first step (the benchmark's warm-up)
+    runs = [model.generate(prompt, 9, temperature=0, compile=compile) for compile in (True, False)]
+    assert torch.equal(*runs)
+    assert CompiledStep.of(model).compile_seconds
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not fused_cpu.available(), reason="the fused CPU kernel is not built here")
 def test_graphs_of_two_models_and_batch_shapes_stay_apart():
     """Each graph has no guards: another model, or another batch shape, must reach its own graph."""
+    _needs_compiled_steps()
     first, second = _model(), _model(depth=2)
     runs = {}
     for model in (first, second):

@@ -170,10 +170,10 @@ def _decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_buf: tor
                    sink_v: torch.Tensor | None, sink_row: torch.Tensor | None) -> torch.Tensor:
     """The decode kernel (`csrc/decode_cpu.cpp`: it writes the new, rotated `k`, `v` `(b, h_kv, d)` into the ring
     buffers at `slot` and `slot + slots` and attends over the window from `first`) as the op
-    `windowed_attention::decode_attend`, which declares those writes: what traced code (torch.compile,
-    torch.export) calls. Eager steps call the kernel directly (one dispatch less). (Compiled graphs calling the
-    kernel's own op, `windowed_attention_cpu::decode_attend`, registered in C++, decoded wrong tokens when
-    torch's vector code ran at AVX2; not understood yet, so traced code keeps this op.)"""
+    `windowed_attention::decode_attend`, which declares those writes: what torch.export sees (an op defined in
+    Python, so an exported program loads without the kernel). torch.compile calls the kernel's own op,
+    `windowed_attention_cpu::decode_attend` (the same schema, registered in C++ for CPU tensors: no Python
+    between the graph and the kernel); eager steps call the kernel directly (one dispatch less)."""
     return fused_cpu.kernel().decode_attend(q, k, v, k_buf, v_buf, cos, sig, row, key_bias, key_factors, slot, first,
                                             scale, shared_qk, softcap, sinks, sink_k, sink_v, sink_row)
 
@@ -184,7 +184,7 @@ decode_attend_op = torch.ops.windowed_attention.decode_attend.default
 
 
 # The kernel's own op, `windowed_attention_cpu::decode_attend`: its schema (the same) and fake here, its CPU kernel
-# registered in C++ (`csrc/decode_cpu.cpp`); eager steps call it (traced code calls the op above: see `_decode_attend`).
+# registered in C++ (`csrc/decode_cpu.cpp`), so that a compiled graph calls the kernel with no Python between.
 _KERNEL_LIBRARY = torch.library.Library("windowed_attention_cpu", "FRAGMENT")
 _KERNEL_LIBRARY.define(str(decode_attend_op._schema).removeprefix("windowed_attention::"))
 
@@ -232,8 +232,10 @@ def attend_step(q, k, v, cache, rotation, row, *, scale: float, shared_qk: bool,
             sinks = sinks.detach().to(row.dtype).contiguous()
         if not torch.compiler.is_compiling():
             attend = fused_cpu.kernel().decode_attend
-        else:  # the op defined in Python (see `_decode_attend`)
-            attend = decode_attend_op
+        else:  # the kernel is loaded (`available()` above)
+            attend = torch.ops.windowed_attention_cpu.decode_attend.default
+            if torch.compiler.is_exporting():
+                attend = decode_attend_op
         out = attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], k_buf, v_buf, cos, sin, row, key_bias, key_factors, slot,
                      first, scale, shared_qk, 0.0 if softcap is None else float(softcap), sinks, sink_k, sink_v,
                      seen_sinks)

@@ -5,7 +5,9 @@ narrow projection, tanh, and batched `(1 + s, s) @ (s, dim)` matmuls per token. 
 over all the streams, and the backward takes about twice as many; the kernel does the forward in one
 pass and the backward in one, per token, in float32 or float64. It is a `torch.library` custom op with a
 fake implementation and an autograd formula (double backward raises), so `torch.compile` and
-`torch.export` trace through it; `residual.HyperConnection` keeps the torch formula (the reference it is tested against) for other devices and dtypes, under autocast, and where
+`torch.export` trace through it (code torch.compile traces without grad, such as a compiled decode step,
+calls the kernel's own ops instead, registered in C++: see `_kernel_op`); `residual.HyperConnection` keeps the
+torch formula (the reference it is tested against) for other devices and dtypes, under autocast, and where
 the kernel cannot be built.
 """
 
@@ -35,8 +37,8 @@ def hyper_mix(h: Tensor, w: Tensor, static_alpha: Tensor, alpha_scale: Tensor, s
 
 
 # The kernel's own ops, `windowed_attention_cpu::hyper_forward` and `hyper_write` (the schemas of `hyper_mix` and
-# `hyper_write`): their schemas and fakes here, their CPU kernels registered in C++ (`csrc/hyper_cpu.cpp`); the ops
-# above call them. (Traced code calls the ops above, not these: see `ops.decode._decode_attend`.)
+# `hyper_write`): their schemas and fakes here, their CPU kernels registered in C++ (`csrc/hyper_cpu.cpp`), so that
+# a compiled graph without grad calls the kernels with no Python between (see `_kernel_op`).
 _KERNEL_LIBRARY = torch.library.Library("windowed_attention_cpu", "FRAGMENT")
 _KERNEL_LIBRARY.define("hyper_forward" + str(hyper_mix._schema).removeprefix("windowed_attention::hyper_mix"))
 
@@ -125,16 +127,26 @@ torch.library.register_autograd(hyper_write, _write_grad, setup_context=_write_s
 torch.library.register_autograd(hyper_write_backward, _no_double_backward)
 
 
+def _kernel_op(name: str):
+    """In code torch.compile traces without grad (a compiled decode step), the kernel's own op `name`
+    (`windowed_attention_cpu::<name>`, registered in C++ for CPU tensors: the graph calls it with no Python in
+    between); None elsewhere (the op defined here: its autograd formula; an exported program that loads
+    without the kernel)."""
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled() and not torch.compiler.is_exporting():
+        return getattr(torch.ops.windowed_attention_cpu, name).default  # loaded: `supports` asked
+    return None
+
+
 def write(remixed: Tensor, beta: Tensor, out: Tensor) -> Tensor:
     """`remixed (T, s, D) + beta[..., None] * out[:, None]`: the write-back of `residual.HyperConnection`."""
-    return hyper_write(remixed.contiguous(), beta.contiguous(), out.contiguous())
+    return (_kernel_op("hyper_write") or hyper_write)(remixed.contiguous(), beta.contiguous(), out.contiguous())
 
 
 def mix(h: Tensor, w: Tensor, static_alpha: Tensor, alpha_scale: Tensor, static_beta: Tensor, beta_scale: Tensor,
         scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """`(x (T, D), remixed (T, s, D), beta (T, s))` of the streams `h (T, s, D)` (see the module docstring
     and `residual.HyperConnection`)."""
-    x, remixed, beta, *_ = hyper_mix(
+    x, remixed, beta, *_ = (_kernel_op("hyper_forward") or hyper_mix)(
         h.contiguous(), w.contiguous(), static_alpha.contiguous(), alpha_scale, static_beta.contiguous(), beta_scale,
         float(scale))
     return x, remixed, beta

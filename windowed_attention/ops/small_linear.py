@@ -79,8 +79,7 @@ def small_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 # The kernel's own op, `windowed_attention_cpu::small_linear`: its schema (the same) and fake here, its CPU kernel
-# registered in C++ (`csrc/small_linear_cpu.cpp`); eager code calls it (traced code the op above: see
-# `ops.decode._decode_attend`).
+# registered in C++ (`csrc/small_linear_cpu.cpp`), so that a compiled graph calls the kernel with no Python between.
 _KERNEL_LIBRARY = torch.library.Library("windowed_attention_cpu", "FRAGMENT")
 _KERNEL_LIBRARY.define(str(small_linear_op._schema).removeprefix("windowed_attention::"))
 
@@ -105,7 +104,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if torch.compiler.is_compiling():  # traced code sees an op; eager code calls the kernel directly
         kernel = None
         if _traced_takes(x, weight, bias):  # (the kernel is loaded: `_traced_takes` asked)
-            kernel = small_linear_op  # (not the kernel's own op: see `ops.decode._decode_attend`)
+            kernel = torch.ops.windowed_attention_cpu.small_linear.default
+            if torch.compiler.is_exporting():
+                kernel = small_linear_op
     else:
         kernel = _fused if _takes(x, weight, bias) else None
     if kernel is None:

@@ -49,6 +49,16 @@ def _fresh(q, k, v, **options):
     return api._check(q, k, v, *values)
 
 
+def _draw_scores_options(rng: random.Random, options: dict) -> None:
+    """Sink tokens, softcap and scale, each drawn with probability 0.3, into `options`."""
+    if rng.random() < 0.3:
+        options["sink_tokens"] = rng.randint(1, 3)
+    if rng.random() < 0.3:
+        options["softcap"] = rng.choice([5.0, 30])
+    if rng.random() < 0.3:
+        options["scale"] = rng.choice([0.5, 1])
+
+
 def _random_call(rng: random.Random):
     """Random valid arguments of `local_attention` (small tensors)."""
     b, h, n, d = rng.randint(1, 2), rng.randint(1, 3), rng.randint(1, 40), rng.choice([4, 8])
@@ -69,12 +79,7 @@ def _random_call(rng: random.Random):
         options["documents"] = torch.sort(torch.randint(0, 3, (b, n)), dim=1).values
     if rng.random() < 0.3:
         options["sinks"] = torch.randn(h)
-    if rng.random() < 0.3:
-        options["sink_tokens"] = rng.randint(1, 3)
-    if rng.random() < 0.3:
-        options["softcap"] = rng.choice([5.0, 30])
-    if rng.random() < 0.3:
-        options["scale"] = rng.choice([0.5, 1])
+    _draw_scores_options(rng, options)
     options["shared_qk"] = rng.random() < 0.2
     return q, k, v, options
 
@@ -235,12 +240,7 @@ def _random_plain_call(rng: random.Random):
                        exact_windowsize=rng.random() < 0.3)
         if not causal:
             options["look_forward"] = rng.randint(0, 2)
-    if rng.random() < 0.3:
-        options["sink_tokens"] = rng.randint(1, 3)
-    if rng.random() < 0.3:
-        options["softcap"] = rng.choice([5.0, 30])
-    if rng.random() < 0.3:
-        options["scale"] = rng.choice([0.5, 1])
+    _draw_scores_options(rng, options)
     return q, k, v, options
 
 

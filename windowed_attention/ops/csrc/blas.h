@@ -1,7 +1,7 @@
 // The matmuls of the attention kernel (`local_attention_cpu.cpp`): row-major GEMMs in float32 and float64,
 // and bfloat16 / float16 operands with float32 results, through the Fortran BLAS interface of the MKL that
-// PyTorch's x86 wheels bundle, or our own: float32 on AVX-512F (`f32_gemm.h`), bfloat16 on AVX512-BF16
-// (`bf16_gemm.h`).
+// PyTorch's x86 wheels bundle, or our own: float32 on AVX-512F or AVX2 with FMA (`f32_gemm.h`), bfloat16 on
+// AVX512-BF16 (`bf16_gemm.h`).
 
 #pragma once
 
@@ -33,7 +33,7 @@ using f32_gemm::Band;
 using f32_gemm::Packed;
 
 // Which float32 GEMM runs: our widest build the CPU runs (AVX-512F, else AVX2 with FMA; see f32_gemm.h), else
-// MKL's. `use_f32_gemm` switches it (for tests).
+// MKL's. `use_f32_gemm_isa` switches it (for tests).
 inline std::atomic<f32_gemm::Isa> f32_isa{f32_gemm::preferred()};
 
 // Whether our float32 GEMM takes the band and the kept packing (`use_f32_gemm_skips` turns them off, to measure

@@ -13,25 +13,21 @@ namespace cpu_features {
 
 #if CPU_FEATURES_X86
 
-// AVX512F, with the OS saving the AVX-512 state (XMM, YMM, opmask and ZMM).
-inline bool avx512f() {
+// Whether the OS saves every register state in `states` (bits of XCR0) and the CPU has the leaf-1 ECX bits
+// `ecx` and the leaf-7 EBX bit `ebx7`.
+inline bool runs(unsigned states, unsigned ecx, unsigned ebx7) {
   unsigned a = 0, b = 0, c = 0, d = 0;
-  if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return false;  // OSXSAVE
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1) || (c & ecx) != ecx) return false;  // OSXSAVE
   unsigned lo = 0, hi = 0;
   __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-  if ((lo & 0xe6) != 0xe6) return false;
-  return __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((b >> 16) & 1);
+  return (lo & states) == states && __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((b >> ebx7) & 1);
 }
 
-// AVX2 and FMA, with the OS saving the YMM state.
-inline bool avx2_fma() {
-  unsigned a = 0, b = 0, c = 0, d = 0;
-  if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1) || !((c >> 12) & 1)) return false;  // OSXSAVE, FMA
-  unsigned lo = 0, hi = 0;
-  __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-  if ((lo & 0x6) != 0x6) return false;
-  return __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((b >> 5) & 1);
-}
+// AVX512F, with the OS saving the AVX-512 state (XMM, YMM, opmask and ZMM).
+inline bool avx512f() { return runs(0xe6, 0, 16); }
+
+// AVX2 and FMA (leaf-1 ECX bit 12), with the OS saving the XMM and YMM state.
+inline bool avx2_fma() { return runs(0x6, 1u << 12, 5); }
 
 // AVX512-BF16 (vdpbf16ps); meaningful where avx512f() holds.
 inline bool avx512_bf16() {

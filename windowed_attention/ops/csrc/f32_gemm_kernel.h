@@ -132,8 +132,9 @@ inline const float* pack_all(int64_t n, int64_t k, const float* b, int64_t ldb, 
 
 // Not inlined into its callers, which are compiled for the CPU torch targets: this build's code stays within its
 // own instruction set (what a CPU that has only that set runs).
-__attribute__((noinline)) inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-                 const float* b, int64_t ldb, float beta, float* c, int64_t ldc, const Band* band, Packed* packed) {
+__attribute__((noinline)) inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
+                                           const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
+                                           float* c, int64_t ldc, const Band* band, Packed* packed) {
   if (m <= 0 || n <= 0) return;
   const int64_t ra = ta ? 1 : lda, qa = ta ? lda : 1;
   thread_local std::vector<float> bbuf;

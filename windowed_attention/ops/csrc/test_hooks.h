@@ -20,6 +20,8 @@ namespace local_attention {
 template <typename S>
 inline at::Tensor small_gemm(bool ta, bool tb, const at::Tensor& a, const at::Tensor& b, double alpha, double beta, at::Tensor c,
                              const Band* band = nullptr, Packed* packed = nullptr) {
+  TORCH_CHECK(a.scalar_type() == c10::CppTypeToScalarType<S>::value && b.scalar_type() == a.scalar_type() &&
+              c.scalar_type() == at::kFloat, "a and b of the GEMM's operand type, float32 c");
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2 && a.stride(1) == 1 && b.stride(1) == 1 && c.stride(1) == 1,
               "2-D a, b, c with unit column stride");
   const int64_t k = ta ? a.size(0) : a.size(1);
@@ -46,13 +48,9 @@ inline void define_test_hooks(torch::Library& m) {
     return std::string(ISA_NAMES[static_cast<int>(f32_isa.load())]);
   });
   m.def("bf16_gemm", [](bool ta, bool tb, const at::Tensor& a, const at::Tensor& b, double alpha, double beta, at::Tensor c) {
-    TORCH_CHECK(a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 && c.scalar_type() == at::kFloat,
-                "bf16 a, b and float32 c");
     return small_gemm<c10::BFloat16>(ta, tb, a, b, alpha, beta, c);
   });
   m.def("f32_gemm", [](bool ta, bool tb, const at::Tensor& a, const at::Tensor& b, double alpha, double beta, at::Tensor c) {
-    TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && c.scalar_type() == at::kFloat,
-                "float32 a, b and c");
     return small_gemm<float>(ta, tb, a, b, alpha, beta, c);
   });
   m.def("use_f32_gemm_skips", [](bool on) {
@@ -65,18 +63,15 @@ inline void define_test_hooks(torch::Library& m) {
     TORCH_CHECK(kind >= 0 && kind <= 2 && lo.scalar_type() == at::kLong && hi.scalar_type() == at::kLong &&
                 lo.is_contiguous() && hi.is_contiguous() && lo.numel() == hi.numel(), "kind 0-2, int64 lo and hi");
     TORCH_CHECK(lo.numel() == (kind == 2 ? (ta ? a.size(0) : a.size(1)) : c.size(0)), "a band entry per row of the block");
-    TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && c.scalar_type() == at::kFloat,
-                "float32 a, b and c");
     const Band band{static_cast<Band::Kind>(kind), lo.data_ptr<int64_t>(), hi.data_ptr<int64_t>(), lo.numel()};
     return small_gemm<float>(ta, tb, a, b, alpha, beta, c, &band);
   });
   // c_i = a b[:n_i]^T for each c_i (n_i: its columns), in turn, through one kept `Packed` (as a kernel call's
   // blocks do)
   m.def("f32_gemm_packed", [](const at::Tensor& a, const at::Tensor& b, std::vector<at::Tensor> cs) {
-    TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat, "float32 a, b and c");
     Packed packed;
     for (auto& c : cs) {
-      TORCH_CHECK(c.scalar_type() == at::kFloat && c.size(1) <= b.size(0), "c_i: float32 (m, n_i), n_i <= rows of b");
+      TORCH_CHECK(c.dim() == 2 && c.size(1) <= b.size(0), "c_i: (m, n_i), n_i <= rows of b");
       small_gemm<float>(false, true, a, b.narrow(0, 0, c.size(1)), 1.0, 0.0, c, nullptr, &packed);
     }
     return cs;

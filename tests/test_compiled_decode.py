@@ -9,6 +9,11 @@ that returns the eager step.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -40,30 +45,52 @@ def fake_compile(monkeypatch):
         return lambda *args: fn(*args)
 
     monkeypatch.setattr(engine.torch, "compile", compile)
-    monkeypatch.setattr(engine, "compile_refusal", lambda device_type: None)  # any CPU: the stand-in is right
     return calls
 
 
-def _needs_compiled_steps():
-    refusal = engine.compile_refusal("cpu")
-    if refusal is not None:
-        pytest.skip(refusal)
+@pytest.mark.parametrize("capability, bits", [("AVX512", 512), ("AVX2", 256), ("DEFAULT", 0), ("NEON", None)])
+def test_the_graph_is_compiled_for_the_vector_width_torch_runs_at(fake_compile, monkeypatch, capability, bits):
+    """inductor's on-disk cache keys code by its config, not by the vector width: the width must be in the
+    options (else a cache filled at another width hands back code for that width: wrong tokens, a corrupted
+    heap; `test_a_cache_of_another_vector_width_is_not_reused` runs that)."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    _model().generate(_prompts(), 3, temperature=0, compile=True)
+    options = fake_compile[0]["options"]
+    assert options.get("cpp.simdlen") == bits and ("cpp.simdlen" in options) == (bits is not None)
+    assert options["cpp_wrapper"] is True
 
 
-def test_cpus_below_avx512_decode_eagerly(monkeypatch, capsys):
-    """Where torch's vector code runs below AVX-512 the compiled step gave wrong tokens: such a CPU decodes
-    eagerly, says so once, and never compiles."""
-    if not fused_cpu.available():
-        pytest.skip("the fused CPU kernel is not built here")
-    monkeypatch.setattr(engine.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    monkeypatch.setattr(engine.torch, "compile", lambda *args, **kwargs: pytest.fail("compiled"))
-    model = _model()
-    eager = model.generate(_prompts(), 6, temperature=0)
-    assert torch.equal(model.generate(_prompts(), 6, temperature=0, compile=True), eager)
-    assert torch.equal(model.generate(_prompts(), 6, temperature=0, compile=True), eager)
-    err = capsys.readouterr().err
-    assert err.count("not yet right with torch's vector code at AVX2; decoding eagerly") == 1
-    assert not CompiledStep.of(model).compile_seconds
+_VECTOR_WIDTH_RUN = """
+import torch
+from windowed_attention import LocalTransformer
+torch.manual_seed(0)
+model = LocalTransformer(num_tokens=64, max_seq_len=256, dim=32, depth=1, heads=2, dim_head=16,
+                         local_attn_window_size=8, num_residual_streams=1).eval()
+generator = torch.Generator().manual_seed(3)
+prompts = [torch.randint(0, 64, (n,), generator=generator) for n in (5, 11, 3)]
+eager = model.generate(prompts, 6, temperature=0)
+compiled = model.generate(prompts, 6, temperature=0, compile=True)
+print(torch.backends.cpu.get_cpu_capability(), eager.tolist() == compiled.tolist())
+"""
+
+
+@pytest.mark.slow  # two processes, each compiling a decode step
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="needs a CPU that runs AVX-512")
+def test_a_cache_of_another_vector_width_is_not_reused(tmp_path):
+    """One inductor cache directory, a decode step compiled at AVX-512, then the same step in a process whose
+    torch runs at AVX2 (`ATEN_CPU_CAPABILITY=avx2`, as on an AVX2-only CPU): the eager tokens there too. Without
+    the width in the options the second process took the first one's AVX-512 code (wrong tokens). The torch
+    formula (`WINDOWED_ATTENTION_NO_FUSED=1`) spares the second process a build of our kernels for AVX2."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "WINDOWED_ATTENTION_NO_FUSED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))}
+    env.pop("ATEN_CPU_CAPABILITY", None)
+    for capability in ("AVX512", "AVX2"):
+        if capability == "AVX2":
+            env["ATEN_CPU_CAPABILITY"] = "avx2"
+        run = subprocess.run([sys.executable, "-c", _VECTOR_WIDTH_RUN], env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.split() == [capability, "True"], run.stderr[-2000:]
 
 
 def test_compile_is_one_per_configuration_and_announced(fake_compile, capsys):
@@ -293,7 +320,6 @@ def test_compile_must_be_a_bool():
 
 def _compare(model, prompts, n=12, **options):
     """Greedy and seeded sampling: the compiled step's tokens are the eager step's."""
-    _needs_compiled_steps()
     torch._dynamo.reset()
     CompiledStep._models.pop(model, None)
     for sampling in (dict(temperature=0), dict(temperature=1.0, top_p=0.9)):
@@ -321,8 +347,7 @@ def test_compiled_step_of_the_benchmark_model_near_its_length_limit():
     """The benchmark's model (dim 256, four heads of 64, window 256) after a 512-token prompt, a few tokens short
     of `max_seq_len`, compiled in a first short run as the benchmark's warm-up does: the eager tokens. (With
     inductor's C++ wrapper this run aborted on a corrupted heap in a script at one thread; not reproduced in
-    this test, which checks the Python launcher's tokens.)"""
-    _needs_compiled_steps()
+    this test.)"""
     torch.manual_seed(0)
     model = LocalTransformer(num_tokens=256, dim=256, depth=4, heads=4, dim_head=64, local_attn_window_size=256,
                              max_seq_len=522, num_residual_streams=1).eval()
@@ -339,7 +364,6 @@ def test_compiled_step_of_the_benchmark_model_near_its_length_limit():
 @pytest.mark.skipif(not fused_cpu.available(), reason="the fused CPU kernel is not built here")
 def test_graphs_of_two_models_and_batch_shapes_stay_apart():
     """Each graph has no guards: another model, or another batch shape, must reach its own graph."""
-    _needs_compiled_steps()
     first, second = _model(), _model(depth=2)
     runs = {}
     for model in (first, second):

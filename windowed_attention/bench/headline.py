@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..compiling import inductor_options
 from . import impls, measure
 
 N, W = 8192, 256
@@ -135,7 +136,7 @@ def _documents_vs_flex(documents: torch.Tensor, reps: int) -> dict:
 
     block_mask = create_block_mask(mask_mod, None, None, N, N, device="cpu")
     torch._dynamo.reset()
-    flex = torch.compile(flex_attention, dynamic=False)
+    flex = torch.compile(flex_attention, dynamic=False, options=inductor_options())
     inputs = measure.make_inputs(N, torch.float32, False)
     fns = {
         "ours": measure.step(lambda q, k, v: local_attention(q, k, v, window_size=(W, 0), causal=True,

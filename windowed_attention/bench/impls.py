@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from windowed_attention import LocalAttention, local_attention
+from windowed_attention.compiling import inductor_options
 from windowed_attention.ops import sdpa_blocks
 from windowed_attention.ops.spec import WindowSpec
 
@@ -70,7 +71,7 @@ def compiled_flex(n, w, dtype=torch.float32, exact=False, rotary_pos=False):
     # A fresh compile per shape: past dynamo's recompile limit flex would silently fall back to an
     # unfused implementation that materialises the n x n scores.
     torch._dynamo.reset()
-    flex = torch.compile(flex_attention, dynamic=False)
+    flex = torch.compile(flex_attention, dynamic=False, options=inductor_options())
     return lambda q, k, v: flex(q, k, v, block_mask=block_mask)
 
 

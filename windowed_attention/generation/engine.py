@@ -27,8 +27,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from ..compiling import inductor_options
 from ..kv_cache import KVCache
-from ..ops import fused_cpu
 from ..sampling import check_sampling, sample
 
 
@@ -210,21 +210,15 @@ class CompiledStep:
         """Compile the graph of `key` on this step (announced, timed); the eager step if compiling fails."""
         model = self.model()
         b = token.shape[0]
-        refusal = compile_refusal(token.device.type)
-        if refusal is not None:
-            print(f"windowed-attention: {refusal}; decoding eagerly", file=sys.stderr, flush=True)
-            self.graphs[key] = _step
-            self.eager_steps += 1
-            return _step(model, token, caches)
         print(f"windowed-attention: compiling the decode step (batch {b}, {len(caches)} layers; once per model and "
               f"batch shape; torch.compile, tens of seconds on a small CPU)", file=sys.stderr, flush=True)
         # `_step` under a code object of its own: dynamo keeps graphs by code object, and a graph without guards
         # must be reached by its own configuration alone
         step = types.FunctionType(_step.__code__.replace(), _step.__globals__, _step.__name__)
-        # the graph's launcher stays inductor's Python one: its C++ wrapper (`cpp_wrapper=True`, 0.04 ms a README
-        # model step faster) corrupted the heap in a step of the benchmark's model (dim 256, depth 4, a 512-token
-        # prompt, 9 tokens; torch 2.13 on CPU), so it is left off until that is understood
-        options = {"guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
+        # inductor's C++ wrapper launches the graph's kernels: no Python between them (measured in docs/generation.md); the vector width in the options keeps inductor's
+        # on-disk cache from handing back code written for another width (`compiling`)
+        options = {"guard_filter_fn": torch.compiler.skip_all_guards_unsafe, "cpp_wrapper": True,
+                   **inductor_options()}
         graph = torch.compile(step, fullgraph=True, dynamic=False, options=options)
         started = time.perf_counter()
         try:
@@ -241,17 +235,6 @@ class CompiledStep:
         self.graphs[key] = _without_dynamo_entry(step, graph)
         print(f"windowed-attention: compiled the decode step in {seconds:.1f} s", file=sys.stderr, flush=True)
         return out
-
-
-def compile_refusal(device_type: str) -> str | None:
-    """Why a compiled decode step is not taken on this machine (one line), or None. Measured: with torch's vector
-    code at AVX2 (`ATEN_CPU_CAPABILITY=avx2` on an AVX-512 CPU) a compiled step that calls our kernels decoded
-    wrong tokens, while the eager step and a graph without our kernels were right; until that is understood,
-    CPUs where torch runs below AVX-512 decode eagerly."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    if device_type == "cpu" and capability != "AVX512" and fused_cpu.available():
-        return f"the compiled decode step is not yet right with torch's vector code at {capability}"
-    return None
 
 
 def _without_dynamo_entry(step: types.FunctionType, graph: Callable) -> Callable:

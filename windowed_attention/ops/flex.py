@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from ..compiling import inductor_options
 from .call import AttentionCall, document_bounds
 from .reference import repeat_kv
 from .spec import SELF_ATTN_SCORE, WindowSpec
@@ -244,7 +245,7 @@ def _compiled_flex():
     # Shapes left to dynamo's automatic dynamic: a static compile per sequence length (and grad mode)
     # reaches the recompile limit (8) after a few lengths, and dynamo then runs flex_attention eagerly,
     # which materialises the n x n scores (32 TiB at n = 2**20).
-    return torch.compile(flex_attention)
+    return torch.compile(flex_attention, options=inductor_options())
 
 
 def flex_attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:

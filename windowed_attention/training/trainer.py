@@ -30,6 +30,7 @@ from ..ops import backends
 from ..ops.call import AttentionCall
 from . import distributed
 from ..cli_types import Interrupted, say
+from ..compiling import inductor_options
 from ..extras import require
 from .checkpoint import (CheckpointError, has_checkpoint, load_config, load_run_id, load_sharded_state,
                          load_trainer_state, load_weights, remove_checkpoint, save_checkpoint, save_sharded_checkpoint)
@@ -384,7 +385,7 @@ def _train(model_config, config, out, resume_step, progress, info, started, stop
     if not config.fsdp:
         train_model = distributed.wrap(model, info, device)
     if config.compile:
-        train_model = torch.compile(train_model)
+        train_model = torch.compile(train_model, options=inductor_options())
     use_bf16 = config.precision == "bf16"
 
     def autocast():

@@ -135,3 +135,22 @@ def test_other_inputs_and_transforms_take_f_linear(calls):
         assert calls  # the module itself takes the kernel
         for traced in (torch.jit.script(ff), torch.jit.trace(ff, x), torch.fx.symbolic_trace(ff)):
             torch.testing.assert_close(traced(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m, n, k", [(1, 4096, 1024), (1, 96, 64), (20, 520, 520), (3, 40, 24)])
+def test_threads_split_large_products_and_give_the_same_bits(m, n, k):
+    """Products of over 2^21 multiply-adds are split among torch's threads, smaller ones run on the calling
+    thread (`work_grain.h`): every output is the same sum either way, so two threads give one thread's bits,
+    and both stay within rounding of float64."""
+    generator = torch.Generator().manual_seed(m * n + k)
+    x, weight, bias = (torch.randn(*shape, generator=generator) for shape in ((m, k), (n, k), (n,)))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = small_linear.linear(x, weight, bias)
+        torch.set_num_threads(2)
+        two = small_linear.linear(x, weight, bias)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    _check(x, weight, bias)

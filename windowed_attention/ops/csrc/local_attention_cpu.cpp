@@ -44,8 +44,8 @@
 // all of its query rows, so the dK, dV sums over the sharing heads need no locks either.
 //
 // What it builds on, one header each: blas.h (the matmuls), row_kernels.h (vectorized row operations),
-// plan.h (a call's blocks and backward units), output_pool.h (the memory of large outputs) and test_hooks.h
-// (ops only tests call).
+// plan.h (a call's blocks and backward units), output_pool.h (the memory of large outputs), work_grain.h (how
+// finely work is split among threads) and test_hooks.h (ops only tests call).
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -72,6 +72,7 @@
 #include "plan.h"
 #include "row_kernels.h"
 #include "test_hooks.h"
+#include "work_grain.h"
 
 namespace local_attention {
 namespace {
@@ -95,17 +96,7 @@ inline std::pair<int64_t, int64_t> locate(const std::vector<int64_t>& start, int
   return {p_kv, t - start[p_kv]};
 }
 
-// Least multiply-adds a parallel chunk holds: a task list whose whole work is below it runs inline, on the
-// calling thread (opening a parallel region costs microseconds on an idle machine and milliseconds on a loaded
-// one, where the other threads wait to be scheduled), and bigger lists split into chunks of at least this much.
-constexpr double MIN_CHUNK_WORK = double(1 << 21);
-
-// The `at::parallel_for` grain of `tasks` tasks that hold about `work` multiply-adds in all (an upper bound).
-inline int64_t grain_for(int64_t tasks, double work) {
-  if (tasks <= 1 || work <= 0.0) return 1;
-  const double per_task = work / double(tasks);
-  return std::clamp<int64_t>(static_cast<int64_t>(std::ceil(MIN_CHUNK_WORK / per_task)), 1, tasks);
-}
+using work_grain::grain_for;
 
 // MKL's thread-local thread count, by value (MKL's header maps `mkl_set_num_threads_local` to this name; the
 // lowercase symbol is the Fortran interface, which takes a pointer). Weak: a torch without MKL has no such

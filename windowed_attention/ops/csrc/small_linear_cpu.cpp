@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include "vec_dots.h"
+#include "work_grain.h"
 
 #include <utility>
 #include <vector>
@@ -73,7 +74,8 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const c10
   auto out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
   if (M == 1) {
-    at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t begin, int64_t end) {
+    const int64_t groups = (N + 3) / 4;  // of four outputs, 4 K multiply-adds each
+    at::parallel_for(0, groups, work_grain::grain_for(groups, double(N) * K), [&](int64_t begin, int64_t end) {
       wa_vec::dots(x.data_ptr<float>(), weight.data_ptr<float>(), K, begin * 4, std::min(end * 4, N), out.data_ptr<float>());
     });
     if (has_bias) out.add_(*bias);
@@ -87,7 +89,7 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const c10
   const float* w = weight.data_ptr<float>();
   float* o = out.data_ptr<float>();
   const int64_t blocks = (N + NB - 1) / NB;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, blocks, work_grain::grain_for(blocks, double(M) * N * K), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n0 = b * NB, nb = std::min(NB, N - n0);
       const float* next = b + 1 < end ? w + (n0 + NB) * K : nullptr;

@@ -9,11 +9,6 @@ that returns the eager step.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -52,45 +47,12 @@ def fake_compile(monkeypatch):
 def test_the_graph_is_compiled_for_the_vector_width_torch_runs_at(fake_compile, monkeypatch, capability, bits):
     """inductor's on-disk cache keys code by its config, not by the vector width: the width must be in the
     options (else a cache filled at another width hands back code for that width: wrong tokens, a corrupted
-    heap; `test_a_cache_of_another_vector_width_is_not_reused` runs that)."""
+    heap; tests/test_compiling.py runs that)."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     _model().generate(_prompts(), 3, temperature=0, compile=True)
     options = fake_compile[0]["options"]
     assert options.get("cpp.simdlen") == bits and ("cpp.simdlen" in options) == (bits is not None)
     assert options["cpp_wrapper"] is True
-
-
-_VECTOR_WIDTH_RUN = """
-import torch
-from windowed_attention import LocalTransformer
-torch.manual_seed(0)
-model = LocalTransformer(num_tokens=64, max_seq_len=256, dim=32, depth=1, heads=2, dim_head=16,
-                         local_attn_window_size=8, num_residual_streams=1).eval()
-generator = torch.Generator().manual_seed(3)
-prompts = [torch.randint(0, 64, (n,), generator=generator) for n in (5, 11, 3)]
-eager = model.generate(prompts, 6, temperature=0)
-compiled = model.generate(prompts, 6, temperature=0, compile=True)
-print(torch.backends.cpu.get_cpu_capability(), eager.tolist() == compiled.tolist())
-"""
-
-
-@pytest.mark.slow  # two processes, each compiling a decode step
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="needs a CPU that runs AVX-512")
-def test_a_cache_of_another_vector_width_is_not_reused(tmp_path):
-    """One inductor cache directory, a decode step compiled at AVX-512, then the same step in a process whose
-    torch runs at AVX2 (`ATEN_CPU_CAPABILITY=avx2`, as on an AVX2-only CPU): the eager tokens there too. Without
-    the width in the options the second process took the first one's AVX-512 code (wrong tokens). The torch
-    formula (`WINDOWED_ATTENTION_NO_FUSED=1`) spares the second process a build of our kernels for AVX2."""
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "WINDOWED_ATTENTION_NO_FUSED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))}
-    env.pop("ATEN_CPU_CAPABILITY", None)
-    for capability in ("AVX512", "AVX2"):
-        if capability == "AVX2":
-            env["ATEN_CPU_CAPABILITY"] = "avx2"
-        run = subprocess.run([sys.executable, "-c", _VECTOR_WIDTH_RUN], env=env, capture_output=True, text=True,
-                             timeout=600)
-        assert run.returncode == 0, run.stderr[-2000:]
-        assert run.stdout.split() == [capability, "True"], run.stderr[-2000:]
 
 
 def test_compile_is_one_per_configuration_and_announced(fake_compile, capsys):

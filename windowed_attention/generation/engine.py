@@ -215,10 +215,11 @@ class CompiledStep:
         # `_step` under a code object of its own: dynamo keeps graphs by code object, and a graph without guards
         # must be reached by its own configuration alone
         step = types.FunctionType(_step.__code__.replace(), _step.__globals__, _step.__name__)
-        # inductor's C++ wrapper launches the graph's kernels: no Python between them (measured in docs/generation.md); the vector width in the options keeps inductor's
+        # on CPU inductor's C++ wrapper launches the graph's kernels: no Python between them (docs/generation.md
+        # has the figures; untried on CUDA, where it stays off); the vector width in the options keeps inductor's
         # on-disk cache from handing back code written for another width (`compiling`)
-        options = {"guard_filter_fn": torch.compiler.skip_all_guards_unsafe, "cpp_wrapper": True,
-                   **inductor_options()}
+        options = {"guard_filter_fn": torch.compiler.skip_all_guards_unsafe,
+                   "cpp_wrapper": token.device.type == "cpu", **inductor_options()}
         graph = torch.compile(step, fullgraph=True, dynamic=False, options=options)
         started = time.perf_counter()
         try:

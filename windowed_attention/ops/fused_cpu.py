@@ -58,7 +58,10 @@ CSRC = Path(__file__).parent / "csrc"
 # (`ops/decode.py`), the hyper-connection stream mix (`ops/hyper.py`) and the few-row projections
 # (`ops/small_linear.py`), in one library
 SOURCES = [CSRC / "local_attention_cpu.cpp", CSRC / "rotary_cpu.cpp", CSRC / "decode_cpu.cpp", CSRC / "hyper_cpu.cpp",
-           CSRC / "small_linear_cpu.cpp"]
+           CSRC / "small_linear_cpu.cpp", CSRC / "f32_gemm_avx2.cpp"]
+# sources compiled without the instruction-set flags of the CPU torch targets: the AVX2 build of the GEMM, whose
+# `#pragma GCC target("avx2,fma")` would otherwise add to AVX-512's sets (see the file)
+OWN_ISA_SOURCES = {CSRC / "f32_gemm_avx2.cpp"}
 HEADERS = sorted(CSRC.glob("*.h"))  # included by the sources: part of what the build's hash covers
 DISABLE_ENV = "WINDOWED_ATTENTION_NO_FUSED"
 CACHE_ENV = kernel_cache.CACHE_ENV
@@ -88,7 +91,8 @@ def _build() -> object:
         "-O3", "-std=c++20", "-fPIC", "-fopenmp", "-fvisibility=hidden",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", *_capability_flags(),
     ]
-    built_from = [torch.__version__, compiler, *flags, kernel_cache.RECORD_FORMAT]
+    built_from = [torch.__version__, compiler, *flags, kernel_cache.RECORD_FORMAT,
+                  "own-isa: " + " ".join(sorted(source.name for source in OWN_ISA_SOURCES))]
     digest = hashlib.sha256(
         b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS)) + " ".join(built_from).encode()
     ).hexdigest()[:16]
@@ -127,7 +131,9 @@ def _compile(compiler: str, flags: list[str], library: Path) -> None:
     started = time.perf_counter()
     try:
         # one compiler process per source, side by side, then the link
-        jobs = [subprocess.Popen([compiler, *flags, *includes, "-c", str(source), "-o", str(obj)],
+        isa = set(_capability_flags())
+        jobs = [subprocess.Popen([compiler, *(f for f in flags if source not in OWN_ISA_SOURCES or f not in isa),
+                                  *includes, "-c", str(source), "-o", str(obj)],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for source, obj in zip(SOURCES, objects)]
         failed = [err for job in jobs for _, err in [job.communicate()] if job.returncode != 0]

@@ -6,7 +6,7 @@
 // Row-major, the contract of the kernel's `gemm` wrappers: C (m x n) = alpha op(A) (m x k) op(B) (k x n)
 // + beta C, op(X) = X^T when transposed; beta = 0 never reads C. The micro-kernel and the loops around it
 // (`f32_gemm_kernel.h`) are written once over a vector type and compiled twice, inside a `#pragma GCC
-// target` region per instruction set.
+// target` region per instruction set: here for AVX-512F, in `f32_gemm_avx2.cpp` for AVX2.
 //
 // Two things the attention kernel tells the GEMM, which a BLAS cannot be told:
 // - `Band`: which entries of a block's product matter. Row r of a block sees the keys [lo[r], hi[r]), both
@@ -125,52 +125,14 @@ struct Vec {
 }  // namespace avx512
 #pragma GCC pop_options
 
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
+// The AVX2 build lives in a source of its own, `f32_gemm_avx2.cpp`, which the library's build compiles without
+// the instruction-set flags the rest gets (on an AVX-512 CPU, AVX-512's): a `#pragma GCC target` region adds to
+// the command line's sets, so here the AVX2 build would use AVX-512VL's registers and encodings, and tests on an
+// AVX-512 CPU would not run the code an AVX2-only CPU runs.
 namespace avx2 {
-
-// 8 float lanes; a micro-tile of 6 rows x 4 vectors (32 columns), computed as two blocks of 2 vectors: 12
-// accumulators of the 16 registers.
-struct Vec {
-  using reg = __m256;
-  using mask = __m256i;
-  static constexpr int L = 8, MR = 6, NV = 4, NREG = 2;
-  static reg zero() { return _mm256_setzero_ps(); }
-  static reg set1(float x) { return _mm256_set1_ps(x); }
-  static reg load(const float* p) { return _mm256_loadu_ps(p); }
-  static reg load(mask m, const float* p) { return _mm256_maskload_ps(p, m); }
-  static void store(float* p, mask m, reg x) { _mm256_maskstore_ps(p, m, x); }
-  static void store(float* p, reg x) { _mm256_storeu_ps(p, x); }
-  static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
-  static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
-  static mask lanes(int64_t count) {  // lane j on (all ones) when j < count
-    const int c = static_cast<int>(std::clamp<int64_t>(count, 0, 8));
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  }
-  // The 8 x 8 transpose in registers: r[c][q] -> r[q][c].
-  static void transpose(reg* r) {
-    reg t[8], u[8];
-    for (int i = 0; i < 8; i += 2) {
-      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 8; i += 4) {
-      u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-      u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
-      u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-      u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
-    }
-    for (int i = 0; i < 4; ++i) {
-      r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
-      r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
-    }
-  }
-};
-
-#include "f32_gemm_kernel.h"
-
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
+          int64_t ldb, float beta, float* c, int64_t ldc, const Band* band, Packed* packed);
 }  // namespace avx2
-#pragma GCC pop_options
 
 // The GEMM in the build `isa` (not none; the CPU must run it). `band`, `packed`: see above (may be null).
 inline void gemm(Isa isa, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,

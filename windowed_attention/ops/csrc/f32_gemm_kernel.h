@@ -1,6 +1,6 @@
 // The float32 GEMM of `f32_gemm.h`, written once over a vector type `Vec` (lanes L, a micro-tile of MR rows
-// x NV vectors) and included by `f32_gemm.h` once per instruction set, inside that set's namespace and
-// `#pragma GCC target` region (so there is no include guard).
+// x NV vectors) and included once per instruction set, inside that set's namespace and `#pragma GCC target`
+// region: by `f32_gemm.h` for AVX-512F, by `f32_gemm_avx2.cpp` for AVX2 (so there is no include guard).
 //
 // A micro-tile of R rows and V vectors keeps R x V accumulators in registers (at most NREG vectors at a time:
 // a wider tile is computed in blocks) over a chunk of at most KC
@@ -11,6 +11,10 @@
 // in L1), or all of them into a `Packed` kept for the next product. Elements of op(A) are read in place
 // either way: along a row of `a` when A is not transposed, across R consecutive columns of a row of `a`
 // when it is.
+
+#ifndef F32_GEMM_ENTRY  // how the entry `gemm` is defined: inline in the including source, unless it says
+#define F32_GEMM_ENTRY __attribute__((noinline)) inline
+#endif
 
 constexpr int L = Vec::L, MR = Vec::MR, NV = Vec::NV;
 constexpr int64_t NR = int64_t(L) * NV;  // columns of a micro-tile and of a packed panel of B
@@ -131,10 +135,10 @@ inline const float* pack_all(int64_t n, int64_t k, const float* b, int64_t ldb, 
 }
 
 // Not inlined into its callers, which are compiled for the CPU torch targets: this build's code stays within its
-// own instruction set (what a CPU that has only that set runs).
-__attribute__((noinline)) inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
-                                           const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
-                                           float* c, int64_t ldc, const Band* band, Packed* packed) {
+// own instruction set (what a CPU that has only that set runs). The AVX2 build defines it in its own source.
+F32_GEMM_ENTRY void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                         const float* b, int64_t ldb, float beta, float* c, int64_t ldc, const Band* band,
+                         Packed* packed) {
   if (m <= 0 || n <= 0) return;
   const int64_t ra = ta ? 1 : lda, qa = ta ? lda : 1;
   thread_local std::vector<float> bbuf;

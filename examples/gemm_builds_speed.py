@@ -5,7 +5,8 @@ them, and MKL's sgemm.
 
 `--as-avx2` runs everything as on a CPU without AVX-512: torch's vector code at AVX2
 (`ATEN_CPU_CAPABILITY=avx2`, set before torch is imported; local-attention's softmax and the rest run
-there too), the kernel compiled for AVX2 and our AVX2 build of the GEMM. Each round times every variant
+there too), MKL's at AVX2 (`MKL_ENABLE_INSTRUCTIONS=AVX2`: local-attention's matmuls; on AMD CPUs MKL
+keeps to its AVX2 code anyway), the kernel compiled for AVX2 and our AVX2 build of the GEMM. Each round times every variant
 once, in turn; medians of the rounds. One thread is timed by process CPU time (less disturbed by other
 processes), more by wall time. Prints the CPU, the fp32 matmul rate of the same run and the ratios;
 writes nothing. Needs local-attention (the test extra).
@@ -28,8 +29,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--as-avx2", action="store_true", help="run as an AVX2-only CPU would (see above)")
     args = parser.parse_args()
-    if args.as_avx2:
+    if args.as_avx2:  # set before torch (and MKL) load
         os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
+        os.environ["MKL_ENABLE_INSTRUCTIONS"] = "AVX2"
     import torch
 
     from windowed_attention.bench import impls, measure

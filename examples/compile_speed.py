@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from windowed_attention.compiling import inductor_options
 from windowed_attention.training.config import ModelConfig, TrainConfig
 from windowed_attention.training.trainer import make_optimizer
 
@@ -38,7 +39,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = config.build()
         optimizer = make_optimizer(model, TrainConfig())
-        run = torch.compile(model) if name == "compiled" else model
+        run = torch.compile(model, options=inductor_options()) if name == "compiled" else model
 
         def step(run=run, model=model, optimizer=optimizer):
             batch = torch.randint(0, 256, (args.batch_size, args.seq_len + 1))

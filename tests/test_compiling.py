@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from windowed_attention import compiling
 from windowed_attention.compiling import inductor_options
 
 _RUN = """
@@ -28,10 +29,29 @@ print(torch.backends.cpu.get_cpu_capability(), torch.allclose(got, f(x, y), rtol
 """
 
 
-@pytest.mark.parametrize("capability, bits", [("AVX512", 512), ("AVX2", 256), ("DEFAULT", 0), ("NEON", None)])
-def test_the_options_name_the_width_torch_runs_at(monkeypatch, capability, bits):
+@pytest.mark.parametrize("machine, capability, bits", [
+    ("x86_64", "AVX512", 512), ("x86_64", "AVX2", 256), ("x86_64", "DEFAULT", 0), ("AMD64", "AVX2", 256),
+    # elsewhere inductor's own choice stands: DEFAULT is NEON to it on ARM without SVE, not scalar code
+    ("aarch64", "DEFAULT", None), ("arm64", "DEFAULT", None), ("aarch64", "SVE256", None), ("ppc64le", "VSX", None),
+])
+def test_the_options_name_the_width_torch_runs_at(monkeypatch, machine, capability, bits):
+    monkeypatch.setattr(compiling.platform, "machine", lambda: machine)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     assert inductor_options() == ({} if bits is None else {"cpp.simdlen": bits})
+
+
+def test_a_torch_whose_options_cannot_take_the_width_gets_none(monkeypatch):
+    """torch 2.5's compile options must have the type of the default (None for `cpp.simdlen`): an int
+    there fails the compile, so such a torch gets no options (recognised by its config lacking `get_type`)."""
+    import types
+
+    import torch._inductor
+
+    monkeypatch.setattr(compiling.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert inductor_options() == {"cpp.simdlen": 256}
+    monkeypatch.setattr(torch._inductor, "config", types.SimpleNamespace(cpp=torch._inductor.config.cpp))
+    assert inductor_options() == {}
 
 
 @pytest.mark.slow  # two processes, each compiling a small graph

@@ -7,19 +7,36 @@ variable changed, or a cache directory shared by machines of different CPUs) han
 the other width. Measured on an AVX-512 CPU: a decode graph written for AVX-512 and rebuilt for AVX2 loaded
 16 floats into 8-float vectors (wrong tokens), and graphs written for AVX2 and rebuilt for AVX-512
 corrupted the heap. Naming the width in the config (`cpp.simdlen`, the width inductor would pick itself)
-puts it into the key.
+puts it into the key. Only the width: x86 CPUs of one width with different extensions (AVX-512 with or
+without VNNI or AMX) still share entries, and on other architectures (ARM, POWER, s390x) inductor's own
+choice stands unnamed, so a cache directory shared by unlike machines is not made safe by this alone.
+Torch versions whose `torch.compile` options cannot take an int for an option that defaults to None (those
+before the type check `config.get_type`, torch 2.5) get no options: there the cache keeps its old key.
 """
 
 from __future__ import annotations
 
+import platform
+
 import torch
 
-# torch's CPU capability -> inductor's vector width in bits (0: no vector code, as inductor does for DEFAULT)
+# torch's CPU capability -> inductor's vector width in bits, on x86 (0: no vector code, as inductor does for
+# DEFAULT there; on other architectures DEFAULT is not scalar to inductor: ARM without SVE gets NEON)
 _WIDTHS = {"AVX512": 512, "AVX2": 256, "DEFAULT": 0}
+_X86 = {"x86_64", "amd64", "i386", "i686", "x86"}
 
 
 def inductor_options() -> dict[str, object]:
-    """`{"cpp.simdlen": bits}` for the vector width torch runs at on this CPU, or `{}` where the capability
-    has no fixed x86 width (ARM, POWER, s390x: inductor's own choice stands)."""
+    """`{"cpp.simdlen": bits}` for the vector width torch runs at on this x86 CPU, or `{}` elsewhere (other
+    architectures, other capabilities: inductor's own choice stands) and on a torch whose compile options
+    cannot take it."""
+    if platform.machine().lower() not in _X86:
+        return {}
     bits = _WIDTHS.get(torch.backends.cpu.get_cpu_capability())
-    return {} if bits is None else {"cpp.simdlen": bits}
+    if bits is None:
+        return {}
+    from torch._inductor import config  # only when compiling: eager code never imports inductor
+
+    if not hasattr(config, "get_type"):  # torch 2.5 checks the option's type against None's
+        return {}
+    return {"cpp.simdlen": bits}

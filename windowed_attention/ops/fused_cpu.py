@@ -82,6 +82,13 @@ def _capability_flags() -> list[str]:
     return []
 
 
+def _source_flags(source: Path, flags: list[str]) -> list[str]:
+    """The flags one source is compiled with (each source's are part of the build's hash): `flags`, less the
+    capability flags for the sources that set their own instruction set."""
+    isa = set(_capability_flags())
+    return [f for f in flags if source not in OWN_ISA_SOURCES or f not in isa]
+
+
 def _build() -> object:
     """Compile the kernel once per (source, torch, flags) into the cache (`ops.kernel_cache`) and load it into
     torch.ops. A cached library is loaded only when `kernel_cache.flaw` finds nothing wrong with it; one that
@@ -91,8 +98,8 @@ def _build() -> object:
         "-O3", "-std=c++20", "-fPIC", "-fopenmp", "-fvisibility=hidden",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", *_capability_flags(),
     ]
-    built_from = [torch.__version__, compiler, *flags, kernel_cache.RECORD_FORMAT,
-                  "own-isa: " + " ".join(sorted(source.name for source in OWN_ISA_SOURCES))]
+    built_from = [torch.__version__, compiler, kernel_cache.RECORD_FORMAT,
+                  *(f"{source.name}: {' '.join(_source_flags(source, flags))}" for source in SOURCES)]
     digest = hashlib.sha256(
         b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS)) + " ".join(built_from).encode()
     ).hexdigest()[:16]
@@ -131,9 +138,8 @@ def _compile(compiler: str, flags: list[str], library: Path) -> None:
     started = time.perf_counter()
     try:
         # one compiler process per source, side by side, then the link
-        isa = set(_capability_flags())
-        jobs = [subprocess.Popen([compiler, *(f for f in flags if source not in OWN_ISA_SOURCES or f not in isa),
-                                  *includes, "-c", str(source), "-o", str(obj)],
+        jobs = [subprocess.Popen([compiler, *_source_flags(source, flags), *includes, "-c", str(source),
+                                  "-o", str(obj)],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for source, obj in zip(SOURCES, objects)]
         failed = [err for job in jobs for _, err in [job.communicate()] if job.returncode != 0]

@@ -74,8 +74,15 @@ inline bool supported(Isa isa) { return isa == Isa::none || static_cast<int>(isa
 // where MKL takes its AVX2 path; on Intel CPUs MKL's own AVX-512 code is at least as fast on large products).
 inline Isa preferred() { return best(); }
 
+#if defined(__clang__) && __clang_major__ >= 18  // clang ignores GCC's target pragma: its own gives each
+// function of the region the target (since clang 18 512-bit vectors also need evex512)
+#pragma clang attribute push(__attribute__((target("avx512f,evex512"))), apply_to = function)
+#elif defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx512f")
+#endif
 namespace avx512 {
 
 // 16 float lanes; a micro-tile of 6 rows x 4 vectors (64 columns, the kernel's head dimension): 24
@@ -123,7 +130,11 @@ struct Vec {
 #include "f32_gemm_kernel.h"
 
 }  // namespace avx512
+#ifdef __clang__
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 
 // The AVX2 build lives in a source of its own, `f32_gemm_avx2.cpp`, which the library's build compiles without
 // the instruction-set flags the rest gets (on an AVX-512 CPU, AVX-512's): a `#pragma GCC target` region adds to

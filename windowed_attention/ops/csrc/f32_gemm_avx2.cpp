@@ -6,8 +6,12 @@
 
 #if F32_GEMM_AVAILABLE
 
+#ifdef __clang__  // as in f32_gemm.h
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#endif
 namespace f32_gemm::avx2 {
 
 struct Vec {
@@ -46,10 +50,15 @@ struct Vec {
   }
 };
 
+#undef F32_GEMM_ENTRY  // f32_gemm.h's AVX-512 build defined it
 #define F32_GEMM_ENTRY  // the `gemm` declared in f32_gemm.h: defined here, called from the other sources
 #include "f32_gemm_kernel.h"
 
 }  // namespace f32_gemm::avx2
+#ifdef __clang__
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 
 #endif

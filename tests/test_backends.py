@@ -460,12 +460,13 @@ def bf16_gemm(request):
 
 
 def test_bf16_gemm_matches_float64_in_every_layout(bf16_gemm):
-    """Both transpositions, odd and tiny sizes (tails of the 8 x 32 tiles, an odd k), alpha and beta, and
-    leading dimensions wider than the rows."""
+    """Both transpositions, odd and tiny sizes (tails of the 8 x 32 tiles, of the packing's 16 x 16 transposes
+    and 32-wide interleaves, an odd k), alpha and beta, and leading dimensions wider than the rows."""
     g = torch.Generator().manual_seed(0)
     for ta in (False, True):
         for tb in (False, True):
-            for m, n, k in [(1, 1, 1), (3, 5, 7), (8, 32, 64), (9, 33, 65), (64, 100, 31), (17, 1, 2), (100, 3, 1)]:
+            for m, n, k in [(1, 1, 1), (3, 5, 7), (8, 32, 64), (9, 33, 65), (64, 100, 31), (17, 1, 2), (100, 3, 1),
+                            (5, 47, 67), (40, 50, 34)]:
                 a = torch.randn(k if ta else m, (m if ta else k) + 3, generator=g).bfloat16()[:, : m if ta else k]
                 b = torch.randn(n if tb else k, (k if tb else n) + 2, generator=g).bfloat16()[:, : k if tb else n]
                 c = torch.randn(m, n, generator=g)
@@ -567,10 +568,22 @@ def test_f32_gemm_keeps_packed_keys_across_products(f32_gemm):
     g = torch.Generator().manual_seed(2)
     a, b = torch.randn(64, 64, generator=g), torch.randn(700, 64, generator=g)
     ns = [100, 200, 320, 384, 90, 448, 513, 700, 1, 650]  # panels packed in part, then extended
-    got = f32_gemm.f32_gemm_packed(a, b, [torch.full((64, n), float("nan")) for n in ns])
+    got = f32_gemm.gemm_packed(a, b, [torch.full((64, n), float("nan")) for n in ns])
     for n, c in zip(ns, got):
         ref = a.double() @ b[:n].double().T
         assert (c.double() - ref).abs().max() <= 1e-5 * 8, n
+
+
+def test_bf16_gemm_keeps_packed_keys_across_products(bf16_gemm):
+    """The same for the bfloat16 GEMM's pair panels (32 columns each; an odd k gives a half pair)."""
+    g = torch.Generator().manual_seed(3)
+    for k in (64, 37):
+        a, b = torch.randn(64, k, generator=g).bfloat16(), torch.randn(700, k, generator=g).bfloat16()
+        ns = [100, 200, 320, 384, 90, 448, 513, 700, 1, 650]
+        got = bf16_gemm.gemm_packed(a, b, [torch.full((64, n), float("nan")) for n in ns])
+        for n, c in zip(ns, got):
+            ref = a.double() @ b[:n].double().T
+            assert (c.double() - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item()), (k, n)
 
 
 @settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])  # the GEMM choice holds for all

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "f32_gemm.h"  // its AVX-512 16 x 16 transpose (32-bit lanes) packs transposed operands here
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -43,33 +44,65 @@ inline uint32_t pair(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t
 
 inline uint16_t bits(const c10::BFloat16& x) { return x.x; }
 
+#if defined(__clang__) && __clang_major__ >= 18  // 512-bit vectors also need evex512 there
+#define BF16_GEMM_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,evex512")))
+#else
+#define BF16_GEMM_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#endif
+
+// out[j] = pair(lo[j], hi[j]) for j < count <= 32 (hi null: zero partners); nothing written beyond count.
+BF16_GEMM_TARGET inline void interleave(const c10::BFloat16* lo, const c10::BFloat16* hi, int64_t count,
+                                        uint32_t* out) {
+  // 16-bit lane 2j of the first result takes lo[j], lane 2j + 1 hi[j] (index 32 + j: the second source)
+  alignas(64) static constexpr uint16_t first[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                     8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static constexpr uint16_t second[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                      24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __mmask32 m = count >= 32 ? ~__mmask32(0) : (__mmask32(1) << count) - 1;
+  const __m512i l = _mm512_maskz_loadu_epi16(m, lo);
+  const __m512i h = hi != nullptr ? _mm512_maskz_loadu_epi16(m, hi) : _mm512_setzero_si512();
+  const __mmask16 m0 = count >= 16 ? __mmask16(0xffff) : __mmask16((1u << count) - 1);
+  const __mmask16 m1 =
+      count >= 32 ? __mmask16(0xffff) : count <= 16 ? __mmask16(0) : __mmask16((1u << (count - 16)) - 1);
+  _mm512_mask_storeu_epi32(out, m0, _mm512_permutex2var_epi16(l, _mm512_load_si512(first), h));
+  _mm512_mask_storeu_epi32(out + 16, m1, _mm512_permutex2var_epi16(l, _mm512_load_si512(second), h));
+}
+
+// Panel columns [c0, c0 + 16) of a transposed B: for pairs t < full, panel[t * NR + c0 + c] = the 32-bit pair
+// at b + (c0 + c) * ldb + 2t, for c < cols - c0 (zero beyond), 16 x 16 blocks transposed in registers.
+BF16_GEMM_TARGET inline void pack_transposed(const c10::BFloat16* b, int64_t ldb, int64_t c0, int64_t cols,
+                                             int64_t full, uint32_t* panel) {
+  for (int64_t t0 = 0; t0 < full; t0 += 16) {
+    const int64_t count = std::min<int64_t>(16, full - t0);
+    const __mmask16 mt = count >= 16 ? __mmask16(0xffff) : __mmask16((1u << count) - 1);
+    __m512 r[16];
+    for (int c = 0; c < 16; ++c)
+      r[c] = c0 + c < cols ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(mt, b + (c0 + c) * ldb + 2 * t0))
+                           : _mm512_setzero_ps();
+    f32_gemm::avx512::Vec::transpose(r);  // r[t]: pair t0 + t of the 16 columns
+    for (int64_t t = 0; t < count; ++t) _mm512_storeu_ps(reinterpret_cast<float*>(panel + (t0 + t) * NR + c0), r[t]);
+  }
+}
+
 // op(B) (k x n) as panels of NR columns: panel p holds, for t < ceil(k / 2), NR pairs (op(B)[2t][j],
 // op(B)[2t+1][j]) for j = p * NR + c; zero beyond n and k.
-inline void pack_b(bool tb, int64_t n, int64_t k, const c10::BFloat16* b, int64_t ldb, uint32_t* out) {
+// Panels from `first` on (the ones before are in `out` already).
+BF16_GEMM_TARGET inline void pack_b(bool tb, int64_t n, int64_t k, const c10::BFloat16* b, int64_t ldb,
+                                    uint32_t* out, int64_t first = 0) {
   const int64_t kt = (k + 1) / 2;
-  for (int64_t p0 = 0; p0 < n; p0 += NR) {
+  for (int64_t p0 = first * NR; p0 < n; p0 += NR) {
     uint32_t* panel = out + (p0 / NR) * kt * NR;
     const int64_t cols = std::min(NR, n - p0);
     if (tb) {  // op(B)[q][j] = b[j * ldb + q]: column j of op(B) is a contiguous row of b
-      for (int64_t c = 0; c < NR; ++c) {
-        if (c >= cols) {
-          for (int64_t t = 0; t < kt; ++t) panel[t * NR + c] = 0;
-          continue;
-        }
-        const c10::BFloat16* row = b + (p0 + c) * ldb;
-        for (int64_t t = 0; t < k / 2; ++t) {
-          uint32_t v;
-          std::memcpy(&v, row + 2 * t, sizeof v);
-          panel[t * NR + c] = v;
-        }
-        if (k % 2) panel[(kt - 1) * NR + c] = pair(bits(row[k - 1]), 0);
-      }
+      for (int64_t c0 = 0; c0 < NR; c0 += 16) pack_transposed(b + p0 * ldb, ldb, c0, cols, k / 2, panel);
+      if (k % 2)
+        for (int64_t c = 0; c < NR; ++c)
+          panel[(kt - 1) * NR + c] = c < cols ? pair(bits(b[(p0 + c) * ldb + k - 1]), 0) : 0;
     } else {  // op(B)[q][j] = b[q * ldb + j]: rows 2t and 2t+1 interleave
       for (int64_t t = 0; t < kt; ++t) {
         const c10::BFloat16* lo = b + (2 * t) * ldb + p0;
-        const c10::BFloat16* hi = 2 * t + 1 < k ? lo + ldb : nullptr;
         uint32_t* dst = panel + t * NR;
-        for (int64_t c = 0; c < cols; ++c) dst[c] = pair(bits(lo[c]), hi ? bits(hi[c]) : 0);
+        interleave(lo, 2 * t + 1 < k ? lo + ldb : nullptr, cols, dst);
         for (int64_t c = cols; c < NR; ++c) dst[c] = 0;
       }
     }
@@ -86,7 +119,7 @@ struct PairsA {
 
 // R rows of A times one packed panel; writes alpha * acc + beta * C to `cols` columns of C.
 template <int R>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void tile(
+BF16_GEMM_TARGET void tile(
     const PairsA& A, const uint32_t* panel, float alpha, float beta, float* c, int64_t ldc, int64_t cols) {
   __m512 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
@@ -131,26 +164,47 @@ void tile_rows(int rows, const PairsA& A, const uint32_t* panel, float alpha, fl
   tile<R>(A, panel, alpha, beta, c, ldc, cols);
 }
 
-// The GEMM. Per-thread packing buffers; call only where `preferred()` (the CPU has AVX512-BF16).
+// The panels of a transposed B for n columns, in `packed` (those it holds for the same b, ldb and k kept, as
+// f32_gemm.h's `pack_all` keeps its own).
+inline const uint32_t* pack_kept(int64_t n, int64_t k, const c10::BFloat16* b, int64_t ldb, f32_gemm::Packed& packed) {
+  if (packed.b != b || packed.ldb != ldb || packed.k != k) {
+    packed.b = b;
+    packed.ldb = ldb;
+    packed.k = k;
+    packed.n = 0;
+  }
+  const int64_t kt = (k + 1) / 2, panels = (n + NR - 1) / NR;
+  if (static_cast<int64_t>(packed.pairs.size()) < std::max<int64_t>(panels * kt * NR, 1))
+    packed.pairs.resize(std::max<int64_t>(panels * kt * NR, 1));  // keeps the panels packed so far
+  if (n > packed.n) pack_b(true, n, k, b, ldb, packed.pairs.data(), packed.n / NR);  // a part-packed panel whole
+  packed.n = std::max(packed.n, n);
+  return packed.pairs.data();
+}
+
+// The GEMM. Per-thread packing buffers, or a transposed B's panels kept in `packed`; call only where
+// `preferred()` (the CPU has AVX512-BF16).
 inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloat16* a, int64_t lda,
-                 const c10::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+                 const c10::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc,
+                 f32_gemm::Packed* packed = nullptr) {
   if (m <= 0 || n <= 0) return;
   thread_local std::vector<uint32_t> bbuf, abuf;
   const int64_t kt = (k + 1) / 2, panels = (n + NR - 1) / NR;
-  bbuf.resize(std::max<int64_t>(panels * kt * NR, 1));
-  pack_b(tb, n, k, b, ldb, bbuf.data());
+  const uint32_t* bp = nullptr;
+  if (tb && packed != nullptr) {
+    bp = pack_kept(n, k, b, ldb, *packed);
+  } else {
+    bbuf.resize(std::max<int64_t>(panels * kt * NR, 1));
+    pack_b(tb, n, k, b, ldb, bbuf.data());
+    bp = bbuf.data();
+  }
   PairsA A{a, lda, 2, k / 2, k % 2 == 1};  // rows of op(A) are rows of a: pairs in place
   if (ta) {  // op(A)[i][q] = a[q * lda + i]: pairs (a[2t][i], a[2t+1][i]) packed as [t][i], rows 2t, 2t+1 read along i
     abuf.resize(std::max<int64_t>(kt * m, 1));
     for (int64_t t = 0; t < kt; ++t) {
       const c10::BFloat16* lo = a + (2 * t) * lda;
       const c10::BFloat16* hi = 2 * t + 1 < k ? lo + lda : nullptr;
-      uint32_t* dst = abuf.data() + t * m;
-      if (hi != nullptr) {
-        for (int64_t i = 0; i < m; ++i) dst[i] = pair(bits(lo[i]), bits(hi[i]));
-      } else {
-        for (int64_t i = 0; i < m; ++i) dst[i] = pair(bits(lo[i]), 0);
-      }
+      for (int64_t i = 0; i < m; i += 32) interleave(lo + i, hi ? hi + i : nullptr, std::min<int64_t>(32, m - i),
+                                                      abuf.data() + t * m + i);
     }
     A = PairsA{reinterpret_cast<const c10::BFloat16*>(abuf.data()), 2, 2 * m, kt, false};
   }
@@ -159,7 +213,7 @@ inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
     for (int64_t i0 = 0; i0 < m; i0 += MR) {
       const int rows = static_cast<int>(std::min(MR, m - i0));
       const PairsA rows_of_a{A.a + i0 * A.row, A.row, A.step, A.full, A.odd};
-      tile_rows<MR>(rows, rows_of_a, bbuf.data() + p * kt * NR, alpha, beta, c + i0 * ldc + j0, ldc, cols);
+      tile_rows<MR>(rows, rows_of_a, bp + p * kt * NR, alpha, beta, c + i0 * ldc + j0, ldc, cols);
     }
   }
 }
@@ -168,7 +222,7 @@ inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
 inline bool supported() { return false; }
 inline bool preferred() { return false; }
 inline void gemm(bool, bool, int64_t, int64_t, int64_t, float, const c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t,
-                 float, float*, int64_t) {}
+                 float, float*, int64_t, f32_gemm::Packed* = nullptr) {}
 #endif
 
 }  // namespace bf16_gemm

@@ -71,9 +71,9 @@ inline std::atomic<bool> own_bf16_gemm{bf16_gemm::preferred()};
 
 inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloat16* a, int64_t lda,
                  const c10::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc,
-                 const Band* = nullptr, Packed* = nullptr) {
+                 const Band* = nullptr, Packed* packed = nullptr) {
   if (own_bf16_gemm.load(std::memory_order_relaxed))
-    return bf16_gemm::gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return bf16_gemm::gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, packed);
   const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
   const int M = m, N = n, K = k, LDA = lda, LDB = ldb, LDC = ldc;
   gemm_bf16bf16f32_(&trb, &tra, &N, &M, &K, &alpha, reinterpret_cast<const uint16_t*>(b), &LDB,

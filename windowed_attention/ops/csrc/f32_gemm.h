@@ -51,9 +51,10 @@ struct Band {
 // A transposed B packed into panels, kept between products (one per operand and thread, within one call
 // of the attention kernel: its memory must not change while the cache is in use).
 struct Packed {
-  const float* b = nullptr;
+  const void* b = nullptr;
   int64_t ldb = 0, k = 0, n = 0;  // the rows of b packed: [0, n)
-  std::vector<float> buf;
+  std::vector<float> buf;         // this GEMM's panels
+  std::vector<uint32_t> pairs;    // bf16_gemm.h's panels (bfloat16 pairs), when the operands are bfloat16
 };
 
 // Which build runs: none (MKL's sgemm), AVX2 with FMA, or AVX-512F.

@@ -67,12 +67,15 @@ inline void define_test_hooks(torch::Library& m) {
     return small_gemm<float>(ta, tb, a, b, alpha, beta, c, &band);
   });
   // c_i = a b[:n_i]^T for each c_i (n_i: its columns), in turn, through one kept `Packed` (as a kernel call's
-  // blocks do)
-  m.def("f32_gemm_packed", [](const at::Tensor& a, const at::Tensor& b, std::vector<at::Tensor> cs) {
+  // blocks do), in float32 or bfloat16 (the operands' type)
+  m.def("gemm_packed", [](const at::Tensor& a, const at::Tensor& b, std::vector<at::Tensor> cs) {
     Packed packed;
     for (auto& c : cs) {
       TORCH_CHECK(c.dim() == 2 && c.size(1) <= b.size(0), "c_i: (m, n_i), n_i <= rows of b");
-      small_gemm<float>(false, true, a, b.narrow(0, 0, c.size(1)), 1.0, 0.0, c, nullptr, &packed);
+      if (a.scalar_type() == at::kBFloat16)
+        small_gemm<c10::BFloat16>(false, true, a, b.narrow(0, 0, c.size(1)), 1.0, 0.0, c, nullptr, &packed);
+      else
+        small_gemm<float>(false, true, a, b.narrow(0, 0, c.size(1)), 1.0, 0.0, c, nullptr, &packed);
     }
     return cs;
   });

@@ -531,6 +531,16 @@ def _band(rows, cols, g):
 
 
 def test_f32_gemm_band_computes_what_the_band_needs(f32_gemm):
+    _band_products(f32_gemm, torch.float32, 1e-5)
+
+
+def test_bf16_gemm_band_computes_what_the_band_needs(bf16_gemm):
+    """The same for the bfloat16 GEMM (8-row tiles, 32-column panels, k in pairs: a band may start or end inside
+    a pair)."""
+    _band_products(bf16_gemm, torch.bfloat16, 1e-5)
+
+
+def _band_products(kernel, dtype, tol):
     """The band lets the GEMM skip what a block's rows cannot see: over the keys (`cols`: only the band's
     entries of C are defined; C holds NaN elsewhere before), summed per row over its keys (`k_rows`), or per
     key over the rows that see it (`k_cols`); the operand is zero outside the band, as the kernel's weights
@@ -540,26 +550,28 @@ def test_f32_gemm_band_computes_what_the_band_needs(f32_gemm):
         for trial in range(3):
             # cols: C (m x n) = A (m x k) B^T (n x k), row r defined on [lo[r], hi[r])
             lo, hi = _band(m, n, g)
-            a, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+            a, b = torch.randn(m, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype)
             c = torch.full((m, n), float("nan"))
-            f32_gemm.f32_gemm_band(0, lo, hi, False, True, a, b, 0.5, 0.0, c)
+            kernel.gemm_band(0, lo, hi, False, True, a, b, 0.5, 0.0, c)
             inside = (torch.arange(n) >= lo[:, None]) & (torch.arange(n) < hi[:, None])
             ref = 0.5 * a.double() @ b.double().T
-            assert (c.double() - ref)[inside].abs().le(1e-5 * k ** 0.5).all(), (m, n, k, "cols")
+            assert (c.double() - ref)[inside].abs().le(tol * k ** 0.5).all(), (m, n, k, "cols")
             # k_rows: C (m x n) = W (m x k) V (k x n), W zero outside row r's [lo[r], hi[r]) of k
             lo, hi = _band(m, k, g)
-            w = torch.randn(m, k, generator=g) * ((torch.arange(k) >= lo[:, None]) & (torch.arange(k) < hi[:, None]))
-            v, c0 = torch.randn(k, n, generator=g), torch.randn(m, n, generator=g)
-            got = f32_gemm.f32_gemm_band(1, lo, hi, False, False, w, v, 1.0, 1.0, c0.clone())
+            inside = (torch.arange(k) >= lo[:, None]) & (torch.arange(k) < hi[:, None])
+            w = (torch.randn(m, k, generator=g) * inside).to(dtype)
+            v, c0 = torch.randn(k, n, generator=g).to(dtype), torch.randn(m, n, generator=g)
+            got = kernel.gemm_band(1, lo, hi, False, False, w, v, 1.0, 1.0, c0.clone())
             ref = w.double() @ v.double() + c0.double()
-            assert (got.double() - ref).abs().max() <= 1e-5 * k ** 0.5, (m, n, k, "k_rows")
+            assert (got.double() - ref).abs().max() <= tol * k ** 0.5, (m, n, k, "k_rows")
             # k_cols: C (n x k') = W^T Q, W (m x n) zero outside row r's [lo[r], hi[r]) of the n keys
             lo, hi = _band(m, n, g)
-            w = torch.randn(m, n, generator=g) * ((torch.arange(n) >= lo[:, None]) & (torch.arange(n) < hi[:, None]))
-            q, c0 = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
-            got = f32_gemm.f32_gemm_band(2, lo, hi, True, False, w, q, 0.25, 1.0, c0.clone())
+            inside = (torch.arange(n) >= lo[:, None]) & (torch.arange(n) < hi[:, None])
+            w = (torch.randn(m, n, generator=g) * inside).to(dtype)
+            q, c0 = torch.randn(m, k, generator=g).to(dtype), torch.randn(n, k, generator=g)
+            got = kernel.gemm_band(2, lo, hi, True, False, w, q, 0.25, 1.0, c0.clone())
             ref = 0.25 * w.double().T @ q.double() + c0.double()
-            assert (got.double() - ref).abs().max() <= 1e-5 * m ** 0.5, (m, n, k, "k_cols")
+            assert (got.double() - ref).abs().max() <= tol * m ** 0.5, (m, n, k, "k_cols")
 
 
 def test_f32_gemm_keeps_packed_keys_across_products(f32_gemm):

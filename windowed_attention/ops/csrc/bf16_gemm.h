@@ -7,6 +7,8 @@
 // products into one fp32 lane, so B is packed into panels of 32 columns holding (B[2t][j], B[2t+1][j])
 // pairs, and each row of A contributes the pair (A[i][2t], A[i][2t+1]) broadcast to all lanes. An odd k
 // gets a zero partner. Each k-pair is summed in fp32 (the same precision as MKL's bf16 -> fp32 kernels).
+// Packing runs in vector code; like the float32 GEMM (f32_gemm.h) this one takes the attention kernel's
+// `Band` (down to 8-row tiles, 32-column panels and pairs of k) and keeps a transposed B's panels in `Packed`.
 
 #pragma once
 
@@ -181,11 +183,19 @@ inline const uint32_t* pack_kept(int64_t n, int64_t k, const c10::BFloat16* b, i
   return packed.pairs.data();
 }
 
-// The GEMM. Per-thread packing buffers, or a transposed B's panels kept in `packed`; call only where
+// The pairs [t0, t1) of a micro-tile's k range [q0, q1) (whole pairs: a half-used pair's other element is zero
+// in op(A) outside the band, as f32_gemm.h's `Band` promises, or the zero partner of an odd k).
+inline void pair_range(int64_t q0, int64_t q1, int64_t kt, int64_t& t0, int64_t& t1) {
+  t0 = std::min(q0 / 2, kt);
+  t1 = std::clamp<int64_t>((q1 + 1) / 2, t0, kt);
+}
+
+// The GEMM. Per-thread packing buffers, or a transposed B's panels kept in `packed`; `band` as for the
+// float32 GEMM (f32_gemm.h), here down to 8-row micro-tiles and 32-column panels. Call only where
 // `preferred()` (the CPU has AVX512-BF16).
 inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloat16* a, int64_t lda,
                  const c10::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc,
-                 f32_gemm::Packed* packed = nullptr) {
+                 f32_gemm::Packed* packed = nullptr, const f32_gemm::Band* band = nullptr) {
   if (m <= 0 || n <= 0) return;
   thread_local std::vector<uint32_t> bbuf, abuf;
   const int64_t kt = (k + 1) / 2, panels = (n + NR - 1) / NR;
@@ -212,8 +222,22 @@ inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
     const int64_t j0 = p * NR, cols = std::min(NR, n - j0);
     for (int64_t i0 = 0; i0 < m; i0 += MR) {
       const int rows = static_cast<int>(std::min(MR, m - i0));
-      const PairsA rows_of_a{A.a + i0 * A.row, A.row, A.step, A.full, A.odd};
-      tile_rows<MR>(rows, rows_of_a, bp + p * kt * NR, alpha, beta, c + i0 * ldc + j0, ldc, cols);
+      int64_t t0 = 0, t1 = kt;  // the tile's pairs of k
+      if (band != nullptr && band->kind == f32_gemm::Band::cols) {
+        if (std::min(band->hi[i0 + rows - 1] - j0, cols) <= std::max<int64_t>(band->lo[i0] - j0, 0))
+          continue;  // no row of the tile sees a column of the panel
+      } else if (band != nullptr && band->kind == f32_gemm::Band::k_rows) {
+        const int64_t q0 = std::clamp<int64_t>(band->lo[i0], 0, k);
+        pair_range(q0, std::clamp<int64_t>(band->hi[i0 + rows - 1], q0, k), kt, t0, t1);
+      } else if (band != nullptr) {  // k_cols: C's rows are keys; k runs over the band's rows
+        const int64_t q0 = std::min<int64_t>(std::upper_bound(band->hi, band->hi + band->rows, i0) - band->hi, k);
+        const int64_t q1 = std::lower_bound(band->lo, band->lo + band->rows, i0 + rows) - band->lo;
+        pair_range(q0, std::clamp<int64_t>(q1, q0, k), kt, t0, t1);
+      }
+      // pairs [t0, t1): the whole ones of A, then its half pair when the range ends at an odd k's last
+      const int64_t full = std::max<int64_t>(std::min(t1, A.full) - t0, 0);
+      const PairsA rows_of_a{A.a + i0 * A.row + t0 * A.step, A.row, A.step, full, A.odd && t1 == kt};
+      tile_rows<MR>(rows, rows_of_a, bp + (p * kt + t0) * NR, alpha, beta, c + i0 * ldc + j0, ldc, cols);
     }
   }
 }
@@ -222,7 +246,7 @@ inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
 inline bool supported() { return false; }
 inline bool preferred() { return false; }
 inline void gemm(bool, bool, int64_t, int64_t, int64_t, float, const c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t,
-                 float, float*, int64_t, f32_gemm::Packed* = nullptr) {}
+                 float, float*, int64_t, f32_gemm::Packed* = nullptr, const f32_gemm::Band* = nullptr) {}
 #endif
 
 }  // namespace bf16_gemm

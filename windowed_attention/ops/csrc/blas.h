@@ -36,8 +36,8 @@ using f32_gemm::Packed;
 // MKL's. `use_f32_gemm_isa` switches it (for tests).
 inline std::atomic<f32_gemm::Isa> f32_isa{f32_gemm::preferred()};
 
-// Whether our float32 GEMM takes the band and the kept packing (`use_f32_gemm_skips` turns them off, to measure
-// what they save).
+// Whether our float32 and bfloat16 GEMMs take the band and the kept packing (`use_f32_gemm_skips` turns them
+// off, to measure what they save).
 inline std::atomic<bool> f32_skips{true};
 
 // Row-major C (m x n) = alpha * op(A) (m x k) * op(B) (k x n) + beta * C, through Fortran BLAS
@@ -71,9 +71,12 @@ inline std::atomic<bool> own_bf16_gemm{bf16_gemm::preferred()};
 
 inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloat16* a, int64_t lda,
                  const c10::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc,
-                 const Band* = nullptr, Packed* packed = nullptr) {
-  if (own_bf16_gemm.load(std::memory_order_relaxed))
-    return bf16_gemm::gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, packed);
+                 const Band* band = nullptr, Packed* packed = nullptr) {
+  if (own_bf16_gemm.load(std::memory_order_relaxed)) {
+    const bool skip = f32_skips.load(std::memory_order_relaxed);
+    return bf16_gemm::gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, skip ? packed : nullptr,
+                           skip ? band : nullptr);
+  }
   const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
   const int M = m, N = n, K = k, LDA = lda, LDB = ldb, LDC = ldc;
   gemm_bf16bf16f32_(&trb, &tra, &N, &M, &K, &alpha, reinterpret_cast<const uint16_t*>(b), &LDB,

@@ -57,13 +57,15 @@ inline void define_test_hooks(torch::Library& m) {
     f32_skips = on;
     return f32_skips.load();
   });
-  // The float32 GEMM with a band (kind 0 cols, 1 k_rows, 2 k_cols; int64 lo, hi: one entry per row of the block)
-  m.def("f32_gemm_band", [](int64_t kind, const at::Tensor& lo, const at::Tensor& hi, bool ta, bool tb, const at::Tensor& a,
+  // The float32 or bfloat16 GEMM (the operands' type) with a band (kind 0 cols, 1 k_rows, 2 k_cols; int64 lo, hi:
+  // one entry per row of the block)
+  m.def("gemm_band", [](int64_t kind, const at::Tensor& lo, const at::Tensor& hi, bool ta, bool tb, const at::Tensor& a,
                             const at::Tensor& b, double alpha, double beta, at::Tensor c) {
     TORCH_CHECK(kind >= 0 && kind <= 2 && lo.scalar_type() == at::kLong && hi.scalar_type() == at::kLong &&
                 lo.is_contiguous() && hi.is_contiguous() && lo.numel() == hi.numel(), "kind 0-2, int64 lo and hi");
     TORCH_CHECK(lo.numel() == (kind == 2 ? (ta ? a.size(0) : a.size(1)) : c.size(0)), "a band entry per row of the block");
     const Band band{static_cast<Band::Kind>(kind), lo.data_ptr<int64_t>(), hi.data_ptr<int64_t>(), lo.numel()};
+    if (a.scalar_type() == at::kBFloat16) return small_gemm<c10::BFloat16>(ta, tb, a, b, alpha, beta, c, &band);
     return small_gemm<float>(ta, tb, a, b, alpha, beta, c, &band);
   });
   // c_i = a b[:n_i]^T for each c_i (n_i: its columns), in turn, through one kept `Packed` (as a kernel call's

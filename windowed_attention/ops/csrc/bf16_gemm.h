@@ -46,6 +46,10 @@ inline uint32_t pair(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t
 
 inline uint16_t bits(const c10::BFloat16& x) { return x.x; }
 
+// 16-lane masks of the first `count` lanes (none for count <= 0) and the 16 x 16 transpose: the AVX-512 float32
+// GEMM's vector type
+using Lanes = f32_gemm::avx512::Vec;
+
 #if defined(__clang__) && __clang_major__ >= 18  // 512-bit vectors also need evex512 there
 #define BF16_GEMM_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,evex512")))
 #else
@@ -63,9 +67,7 @@ BF16_GEMM_TARGET inline void interleave(const c10::BFloat16* lo, const c10::BFlo
   const __mmask32 m = count >= 32 ? ~__mmask32(0) : (__mmask32(1) << count) - 1;
   const __m512i l = _mm512_maskz_loadu_epi16(m, lo);
   const __m512i h = hi != nullptr ? _mm512_maskz_loadu_epi16(m, hi) : _mm512_setzero_si512();
-  const __mmask16 m0 = count >= 16 ? __mmask16(0xffff) : __mmask16((1u << count) - 1);
-  const __mmask16 m1 =
-      count >= 32 ? __mmask16(0xffff) : count <= 16 ? __mmask16(0) : __mmask16((1u << (count - 16)) - 1);
+  const __mmask16 m0 = Lanes::lanes(count), m1 = Lanes::lanes(count - 16);
   _mm512_mask_storeu_epi32(out, m0, _mm512_permutex2var_epi16(l, _mm512_load_si512(first), h));
   _mm512_mask_storeu_epi32(out + 16, m1, _mm512_permutex2var_epi16(l, _mm512_load_si512(second), h));
 }
@@ -76,12 +78,12 @@ BF16_GEMM_TARGET inline void pack_transposed(const c10::BFloat16* b, int64_t ldb
                                              int64_t full, uint32_t* panel) {
   for (int64_t t0 = 0; t0 < full; t0 += 16) {
     const int64_t count = std::min<int64_t>(16, full - t0);
-    const __mmask16 mt = count >= 16 ? __mmask16(0xffff) : __mmask16((1u << count) - 1);
+    const __mmask16 mt = Lanes::lanes(count);
     __m512 r[16];
     for (int c = 0; c < 16; ++c)
       r[c] = c0 + c < cols ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(mt, b + (c0 + c) * ldb + 2 * t0))
                            : _mm512_setzero_ps();
-    f32_gemm::avx512::Vec::transpose(r);  // r[t]: pair t0 + t of the 16 columns
+    Lanes::transpose(r);  // r[t]: pair t0 + t of the 16 columns
     for (int64_t t = 0; t < count; ++t) _mm512_storeu_ps(reinterpret_cast<float*>(panel + (t0 + t) * NR + c0), r[t]);
   }
 }
@@ -142,8 +144,7 @@ BF16_GEMM_TARGET void tile(
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
     }
   }
-  const __mmask16 m0 = cols >= 16 ? __mmask16(0xffff) : __mmask16((1u << cols) - 1);
-  const __mmask16 m1 = cols >= 32 ? __mmask16(0xffff) : cols <= 16 ? __mmask16(0) : __mmask16((1u << (cols - 16)) - 1);
+  const __mmask16 m0 = Lanes::lanes(cols), m1 = Lanes::lanes(cols - 16);
   const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
   for (int r = 0; r < R; ++r) {
     float* row = c + r * ldc;
@@ -169,12 +170,7 @@ void tile_rows(int rows, const PairsA& A, const uint32_t* panel, float alpha, fl
 // The panels of a transposed B for n columns, in `packed` (those it holds for the same b, ldb and k kept, as
 // f32_gemm.h's `pack_all` keeps its own).
 inline const uint32_t* pack_kept(int64_t n, int64_t k, const c10::BFloat16* b, int64_t ldb, f32_gemm::Packed& packed) {
-  if (packed.b != b || packed.ldb != ldb || packed.k != k) {
-    packed.b = b;
-    packed.ldb = ldb;
-    packed.k = k;
-    packed.n = 0;
-  }
+  packed.hold(b, ldb, k);
   const int64_t kt = (k + 1) / 2, panels = (n + NR - 1) / NR;
   if (static_cast<int64_t>(packed.pairs.size()) < std::max<int64_t>(panels * kt * NR, 1))
     packed.pairs.resize(std::max<int64_t>(panels * kt * NR, 1));  // keeps the panels packed so far

@@ -55,6 +55,16 @@ struct Packed {
   int64_t ldb = 0, k = 0, n = 0;  // the rows of b packed: [0, n)
   std::vector<float> buf;         // this GEMM's panels
   std::vector<uint32_t> pairs;    // bf16_gemm.h's panels (bfloat16 pairs), when the operands are bfloat16
+
+  // The panels are b's (leading dimension ldb, k wide) from now on: those of another b are dropped (their
+  // memory kept).
+  void hold(const void* rows, int64_t ld, int64_t width) {
+    if (b == rows && ldb == ld && k == width) return;
+    b = rows;
+    ldb = ld;
+    k = width;
+    n = 0;
+  }
 };
 
 // Which build runs: none (MKL's sgemm), AVX2 with FMA, or AVX-512F.

@@ -124,7 +124,7 @@ inline void tile_any(bool partial, int rows, int vectors, int64_t k, const float
 
 // The panels of a transposed B for n columns, in `packed` (those it holds for the same b, ldb and k kept).
 inline const float* pack_all(int64_t n, int64_t k, const float* b, int64_t ldb, Packed& packed) {
-  if (packed.b != b || packed.ldb != ldb || packed.k != k) packed = Packed{b, ldb, k, 0, std::move(packed.buf)};
+  packed.hold(b, ldb, k);
   const int64_t panels = (n + NR - 1) / NR;
   if (static_cast<int64_t>(packed.buf.size()) < std::max<int64_t>(panels * NR * k, 1))
     packed.buf.resize(std::max<int64_t>(panels * NR * k, 1));  // keeps the panels packed so far

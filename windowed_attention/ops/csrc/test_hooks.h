@@ -32,6 +32,13 @@ inline at::Tensor small_gemm(bool ta, bool tb, const at::Tensor& a, const at::Te
   return c;
 }
 
+// `small_gemm` in the operands' type: bfloat16, else float32.
+inline at::Tensor gemm_of_operands(bool ta, bool tb, const at::Tensor& a, const at::Tensor& b, double alpha,
+                                   double beta, at::Tensor c, const Band* band, Packed* packed = nullptr) {
+  if (a.scalar_type() == at::kBFloat16) return small_gemm<c10::BFloat16>(ta, tb, a, b, alpha, beta, c, band, packed);
+  return small_gemm<float>(ta, tb, a, b, alpha, beta, c, band, packed);
+}
+
 inline constexpr const char* ISA_NAMES[] = {"mkl", "avx2", "avx512"};  // by f32_gemm::Isa
 
 inline void define_test_hooks(torch::Library& m) {
@@ -65,8 +72,7 @@ inline void define_test_hooks(torch::Library& m) {
                 lo.is_contiguous() && hi.is_contiguous() && lo.numel() == hi.numel(), "kind 0-2, int64 lo and hi");
     TORCH_CHECK(lo.numel() == (kind == 2 ? (ta ? a.size(0) : a.size(1)) : c.size(0)), "a band entry per row of the block");
     const Band band{static_cast<Band::Kind>(kind), lo.data_ptr<int64_t>(), hi.data_ptr<int64_t>(), lo.numel()};
-    if (a.scalar_type() == at::kBFloat16) return small_gemm<c10::BFloat16>(ta, tb, a, b, alpha, beta, c, &band);
-    return small_gemm<float>(ta, tb, a, b, alpha, beta, c, &band);
+    return gemm_of_operands(ta, tb, a, b, alpha, beta, c, &band);
   });
   // c_i = a b[:n_i]^T for each c_i (n_i: its columns), in turn, through one kept `Packed` (as a kernel call's
   // blocks do), in float32 or bfloat16 (the operands' type)
@@ -74,10 +80,7 @@ inline void define_test_hooks(torch::Library& m) {
     Packed packed;
     for (auto& c : cs) {
       TORCH_CHECK(c.dim() == 2 && c.size(1) <= b.size(0), "c_i: (m, n_i), n_i <= rows of b");
-      if (a.scalar_type() == at::kBFloat16)
-        small_gemm<c10::BFloat16>(false, true, a, b.narrow(0, 0, c.size(1)), 1.0, 0.0, c, nullptr, &packed);
-      else
-        small_gemm<float>(false, true, a, b.narrow(0, 0, c.size(1)), 1.0, 0.0, c, nullptr, &packed);
+      gemm_of_operands(false, true, a, b.narrow(0, 0, c.size(1)), 1.0, 0.0, c, nullptr, &packed);
     }
     return cs;
   });

@@ -64,8 +64,6 @@ SLOW_TESTS = {
     "test_flex_with_masks_documents_sinks_and_short_queries_matches_the_reference",
     # the README's Python in a fresh interpreter (test_docs' link and quickstart checks stay)
     "test_readme_python_runs_as_written",
-    # outputs of 32 MB and more, to reach the kernel's memory pool (about 2 s)
-    "test_fused_outputs_reuse_pooled_memory_exactly",
     # xpos at a million positions (test_attention_properties' float64 xpos test stays)
     "test_xpos_finite_at_a_million_positions_non_causal_autopad",
     "test_xpos_is_finite_and_window_relative_at_a_million_positions",

@@ -13,7 +13,7 @@ queries, softcap, learned sinks (with their gradient), packed documents (each as
 them) and sink tokens. Matmuls go to MKL, or to our own GEMMs: float32 on CPUs with AVX-512F or AVX2 and
 FMA (`csrc/f32_gemm.h`), bfloat16 on CPUs with AVX512-BF16 but no AMX (`csrc/bf16_gemm.h`).
 
-Outputs of 32 MB and more (the output and the q, k, v gradients) come from a pool inside the kernel that
+Outputs of 1 MB and more (the output and the q, k, v gradients) come from a pool inside the kernel that
 keeps the memory of freed outputs for the next call, so long sequences do not pay fresh page faults
 every step; idle memory is marked reclaimable (MADV_FREE), bounded by `$WINDOWED_ATTENTION_POOL_MB`
 (`POOL_ENV`; default 1024, 0 turns the pool off, read once when the kernel loads) and returned by

@@ -283,17 +283,28 @@ struct Inputs {
     else scale_row(x, n, scale);
   }
 
+  // The columns row i of the block sees (its window keys [lo, hi)): sink columns, then the window columns.
+  void visible(const Block& b, int64_t i, Cols& cols, int64_t& lo, int64_t& hi) const {
+    g.interval(i, b.s, b.e, lo, hi);
+    sink_only(b, lo, hi, cols);
+    cols.r[2][0] = b.nsb + lo - b.klo;
+    cols.r[2][1] = b.nsb + std::max(hi, lo) - b.klo;
+  }
+
+  // Whether the logits are the scaled scores alone (no softcap, bias, key padding or self score), so that the
+  // softmax can take the scale inside its exponent (`exp_scaled`) instead of a pass of its own.
+  bool raw_logits() const {
+    return bias == nullptr && softcap == T(0) && keep == nullptr && !mask_self && scale > T(0);
+  }
+
   // Row i of the block (s: its scores over the block's columns): zero the columns it cannot see and turn the
   // rest into the logits the softmax sees (scale or softcap, bias, key padding, the self score). Its visible
   // columns `cols`: sink columns, then the window columns [nsb + a, nsb + e). t: tanh of the softcap (same
   // layout), or null.
   void logits(const Block& b, int64_t i, T* s, const T* pen, T* t, Cols& cols) const {
     int64_t lo, hi;
-    g.interval(i, b.s, b.e, lo, hi);
-    const int64_t a = lo - b.klo, e = std::max(hi - b.klo, a);
-    sink_only(b, lo, hi, cols);
-    cols.r[2][0] = b.nsb + a;
-    cols.r[2][1] = b.nsb + e;
+    visible(b, i, cols, lo, hi);
+    const int64_t a = cols.r[2][0] - b.nsb, e = cols.r[2][1] - b.nsb;
     T* sw = s + b.nsb;
     const T* brow = nullptr;
     if (bias != nullptr)  // columns count from the document's start
@@ -332,6 +343,8 @@ void forward_impl(const Inputs<S>& in, const Plan& plan, S* out, Acc<S>* lse) {
     std::vector<S> wbuf(same ? 0 : BLOCK_Q * cap);
     std::vector<S> qsbuf(in.key_scale ? (in.g.lb + in.g.lf + 1) * BLOCK_Q * in.d : 0);
     std::vector<int64_t> lo(BLOCK_Q), hi(BLOCK_Q);
+    std::vector<T> norm(BLOCK_Q);  // per row: 1 / the softmax's denominator (0 where no weight survives)
+    const bool raw = in.raw_logits();
     Packed keys;  // the keys packed for the block before (the next block of a window reads the same ones, and more)
     for (int64_t t = begin; t < end; ++t) {
       const auto [p_kv, local] = locate(start, t);
@@ -352,16 +365,26 @@ void forward_impl(const Inputs<S>& in, const Plan& plan, S* out, Acc<S>* lse) {
       for (int64_t i = b.r0; i < b.r1; ++i) {
         T* s = scores + (i - b.r0) * C;
         Cols cols;
-        in.logits(b, i, s, pen, nullptr, cols);
-        T mx = -std::numeric_limits<T>::max();
-        cols.each([&](int64_t c, int64_t len) { mx = std::max(mx, row_max(s + c, len)); });
+        T mx = -std::numeric_limits<T>::max(), sum = T(0);
+        if (raw) {  // the max of the scores, scaled (scale > 0); the scale goes into the exponent
+          int64_t lo, hi;
+          in.visible(b, i, cols, lo, hi);
+          cols.zero_rest(s, C);
+          cols.each([&](int64_t c, int64_t len) { mx = std::max(mx, row_max(s + c, len)); });
+          mx *= in.scale;
+        } else {
+          in.logits(b, i, s, pen, nullptr, cols);
+          cols.each([&](int64_t c, int64_t len) { mx = std::max(mx, row_max(s + c, len)); });
+        }
         // a learned sink joins the denominator (and the shift, so that a large one cannot overflow)
         const T shift = in.sinks != nullptr ? std::max(mx, in.sink(p)) : mx;
-        T sum = T(0);
-        cols.each([&](int64_t c, int64_t len) { sum += exp_sum(s + c, len, shift, keep ? keep + c : nullptr); });
+        if (raw) cols.each([&](int64_t c, int64_t len) { sum += exp_scaled(s + c, len, in.scale, shift, static_cast<const T*>(nullptr)); });
+        else cols.each([&](int64_t c, int64_t len) { sum += exp_sum(s + c, len, shift, keep ? keep + c : nullptr); });
+        // the weights stay unnormalised: the output rows are divided by their totals after the products
+        norm[i - b.r0] = T(0);
         if (sum > T(0)) {
           const T total = sum + (in.sinks != nullptr ? std::exp(in.sink(p) - shift) : T(0));
-          cols.each([&](int64_t c, int64_t len) { scale_row(s + c, len, T(1) / total); });
+          norm[i - b.r0] = T(1) / total;
           lse[in.qrow(p, i)] = shift + std::log(total);
           if (in.dropout) {
             cols.each([&](int64_t c, int64_t len) {
@@ -384,6 +407,7 @@ void forward_impl(const Inputs<S>& in, const Plan& plan, S* out, Acc<S>* lse) {
       if (b.keys() > 0)
         gemm(false, false, b.rows(), in.dv, b.keys(), T(1), weights + nsb, C, vb, in.dv, T(0), ob, in.dv, &band[1]);
       if (nsb > 0) gemm(false, false, b.rows(), in.dv, nsb, T(1), weights, C, vs, in.dv, T(b.keys() > 0), ob, in.dv);
+      for (int64_t r = 0; r < b.rows(); ++r) scale_row(ob + r * in.dv, in.dv, norm[r]);
       if constexpr (!same) at::vec::convert(obuf.data(), o, b.rows() * in.dv);
     }
   });
@@ -525,6 +549,7 @@ void backward_impl(const Inputs<S>& in, const Plan& plan, const Strided<S>& grad
       std::vector<T> tbuf(in.key_scale ? BLOCK_Q * in.d : 0);
       std::vector<S> qsbuf(in.key_scale ? (in.g.lb + in.g.lf + 1) * BLOCK_Q * in.d : 0);
       std::vector<int64_t> lo(BLOCK_Q), hi(BLOCK_Q);
+      const bool raw = in.raw_logits();
       Packed keys, values;  // packed for the block before, as in the forward
       T* db = nullptr;
       if (bias_numel) {
@@ -571,18 +596,29 @@ void backward_impl(const Inputs<S>& in, const Plan& plan, const Strided<S>& grad
                 T* g = Gr + (i - b.r0) * C;      // grad of weights -> grad of logits dS
                 T* th = in.softcap > T(0) ? tanh_buf.data() + (i - b.r0) * C : nullptr;
                 Cols cols;
-                in.logits(b, i, s, pen, th, cols);
-                const int64_t a = cols.r[2][0] - nsb, e = cols.r[2][1] - nsb;
                 const T l = lse[in.qrow(p, i)];
-                cols.each([&](int64_t c, int64_t len) { exp_sum(s + c, len, l, keep ? keep + c : nullptr); });
                 T delta = T(0);
-                cols.each([&](int64_t c, int64_t len) {
-                  if (in.dropout) {  // g: the gradient of the dropped weights -> of the softmax weights
-                    in.dropout_factors(p, i, c < nsb ? b.s + c : b.klo + c - nsb, len, fbuf.data() + c);
-                    mul_row(g + c, fbuf.data() + c, len);
-                  }
-                  delta += dot(s + c, g + c, len);
-                });
+                if (raw) {  // P = exp(scale S - lse), and without dropout delta in the same pass
+                  int64_t lo, hi;
+                  in.visible(b, i, cols, lo, hi);
+                  cols.zero_rest(s, C);
+                  cols.each([&](int64_t c, int64_t len) {
+                    const T part = exp_scaled(s + c, len, in.scale, l, in.dropout ? static_cast<const T*>(nullptr) : g + c);
+                    if (!in.dropout) delta += part;
+                  });
+                } else {
+                  in.logits(b, i, s, pen, th, cols);
+                  cols.each([&](int64_t c, int64_t len) { exp_sum(s + c, len, l, keep ? keep + c : nullptr); });
+                }
+                const int64_t a = cols.r[2][0] - nsb, e = cols.r[2][1] - nsb;
+                if (!raw || in.dropout)
+                  cols.each([&](int64_t c, int64_t len) {
+                    if (in.dropout) {  // g: the gradient of the dropped weights -> of the softmax weights
+                      in.dropout_factors(p, i, c < nsb ? b.s + c : b.klo + c - nsb, len, fbuf.data() + c);
+                      mul_row(g + c, fbuf.data() + c, len);
+                    }
+                    delta += dot(s + c, g + c, len);
+                  });
                 cols.each([&](int64_t c, int64_t len) {
                   logit_grad(s + c, g + c, len, delta);
                   if (in.dropout) mul_row(s + c, fbuf.data() + c, len);  // s: the dropped weights, for dV

@@ -70,3 +70,20 @@ def test_context_parallel_must_divide_the_world_and_seq_len(tmp_path, capsys):
     assert "--context-parallel 2" in capsys.readouterr().err
     assert train_cli.main(["--out", str(tmp_path / "b"), "--data", str(data), "--context-parallel", "3", *TINY]) == 2
     assert "--seq-len 32 must divide by --context-parallel 3" in capsys.readouterr().err
+
+
+def test_teardown_meets_at_a_barrier_only_after_a_finished_run(tmp_path, monkeypatch):
+    """A rank whose run finished waits for the others before leaving the group; a failed one leaves at once
+    (a barrier there could wait on ranks that died). One gloo process stands in for the group."""
+    import torch.distributed as dist
+
+    from windowed_attention.training import distributed
+
+    met = []
+    monkeypatch.setattr(dist, "monitored_barrier", lambda **kw: met.append(kw["timeout"].total_seconds()))
+    info = distributed.DistInfo(world_size=2)  # `enabled`; the group itself has one rank
+    for finished, expected in ((False, []), (True, [60.0])):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / str(finished)}", rank=0, world_size=1)
+        distributed.teardown(info, finished)
+        assert not dist.is_initialized()
+        assert met == expected

@@ -12,6 +12,7 @@ optimizer state. Without torchrun everything here is a no-op on a single process
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -82,8 +83,20 @@ def setup(device_type: str, context_parallel: int = 1, fsdp: bool = False) -> Di
                     mesh.get_local_rank("dp"), world_size // context_parallel, fsdp_mesh)
 
 
-def teardown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+def teardown(info: DistInfo, finished: bool = False) -> None:
+    """Leave the process group. After a run that `finished` on this rank, the ranks first meet at a barrier,
+    so that none tears its group down while another still flushes its last collectives (a rank aborted at
+    exit once in CI, "terminate called without an active exception", after a run that had finished);
+    within a minute on gloo (`monitored_barrier` names a rank that never came), the group's timeout else."""
+    if not (info.enabled and dist.is_initialized()):
+        return
+    try:
+        if finished:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            else:
+                dist.barrier()
+    finally:
         dist.destroy_process_group()
 
 

@@ -267,10 +267,13 @@ def train(model_config: ModelConfig, config: TrainConfig, out: str | Path, *, re
     created = not out.exists()
     info = distributed.setup(config.device, config.context_parallel, config.fsdp)
     lock = RunLock(out)
+    finished = False
     with StopSignal(announce=info.is_main) as stop:
         try:
             _lock_run(lock, info, config.device, claim=None if resume_step is not None else overwrite)
-            return _train(model_config, config, out, resume_step, progress and info.is_main, info, started, stop)
+            result = _train(model_config, config, out, resume_step, progress and info.is_main, info, started, stop)
+            finished = True
+            return result
         except Interrupted as interrupted:
             if interrupted.message in ("SIGINT", "SIGTERM"):  # an abort in the loop: name the last checkpoint
                 raise Interrupted(f"aborted by a second {interrupted.message}; {_last_checkpoint(out)}",
@@ -280,7 +283,7 @@ def train(model_config: ModelConfig, config: TrainConfig, out: str | Path, *, re
             lock.release()
             if created and info.is_main:
                 _remove_if_unsaved(out)
-            distributed.teardown(info)
+            distributed.teardown(info, finished)
 
 
 class RunFolderTaken(Exception):

@@ -371,7 +371,7 @@ void forward_impl(const Inputs<S>& in, const Plan& plan, S* out, Acc<S>* lse) {
           in.visible(b, i, cols, lo, hi);
           cols.zero_rest(s, C);
           cols.each([&](int64_t c, int64_t len) { mx = std::max(mx, row_max(s + c, len)); });
-          mx *= in.scale;
+          if (mx > -std::numeric_limits<T>::max()) mx *= in.scale;  // a row that sees nothing keeps the floor
         } else {
           in.logits(b, i, s, pen, nullptr, cols);
           cols.each([&](int64_t c, int64_t len) { mx = std::max(mx, row_max(s + c, len)); });

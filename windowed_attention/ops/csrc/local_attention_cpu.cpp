@@ -345,6 +345,7 @@ void forward_impl(const Inputs<S>& in, const Plan& plan, S* out, Acc<S>* lse) {
     std::vector<int64_t> lo(BLOCK_Q), hi(BLOCK_Q);
     std::vector<T> norm(BLOCK_Q);  // per row: 1 / the softmax's denominator (0 where no weight survives)
     const bool raw = in.raw_logits();
+    const T* none = nullptr;
     Packed keys;  // the keys packed for the block before (the next block of a window reads the same ones, and more)
     for (int64_t t = begin; t < end; ++t) {
       const auto [p_kv, local] = locate(start, t);
@@ -378,8 +379,9 @@ void forward_impl(const Inputs<S>& in, const Plan& plan, S* out, Acc<S>* lse) {
         }
         // a learned sink joins the denominator (and the shift, so that a large one cannot overflow)
         const T shift = in.sinks != nullptr ? std::max(mx, in.sink(p)) : mx;
-        if (raw) cols.each([&](int64_t c, int64_t len) { sum += exp_scaled(s + c, len, in.scale, shift, static_cast<const T*>(nullptr)); });
-        else cols.each([&](int64_t c, int64_t len) { sum += exp_sum(s + c, len, shift, keep ? keep + c : nullptr); });
+        cols.each([&](int64_t c, int64_t len) {
+          sum += raw ? exp_scaled(s + c, len, in.scale, shift, none) : exp_sum(s + c, len, shift, keep ? keep + c : none);
+        });
         // the weights stay unnormalised: the output rows are divided by their totals after the products
         norm[i - b.r0] = T(0);
         if (sum > T(0)) {
@@ -550,6 +552,7 @@ void backward_impl(const Inputs<S>& in, const Plan& plan, const Strided<S>& grad
       std::vector<S> qsbuf(in.key_scale ? (in.g.lb + in.g.lf + 1) * BLOCK_Q * in.d : 0);
       std::vector<int64_t> lo(BLOCK_Q), hi(BLOCK_Q);
       const bool raw = in.raw_logits();
+      const T* none = nullptr;
       Packed keys, values;  // packed for the block before, as in the forward
       T* db = nullptr;
       if (bias_numel) {
@@ -603,7 +606,7 @@ void backward_impl(const Inputs<S>& in, const Plan& plan, const Strided<S>& grad
                   in.visible(b, i, cols, lo, hi);
                   cols.zero_rest(s, C);
                   cols.each([&](int64_t c, int64_t len) {
-                    const T part = exp_scaled(s + c, len, in.scale, l, in.dropout ? static_cast<const T*>(nullptr) : g + c);
+                    const T part = exp_scaled(s + c, len, in.scale, l, in.dropout ? none : g + c);
                     if (!in.dropout) delta += part;
                   });
                 } else {

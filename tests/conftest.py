@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 # tests/oracle.py is imported as `oracle` by the test modules
@@ -147,3 +148,21 @@ def _cap_examples(test) -> None:
     own = getattr(test, "_hypothesis_internal_use_settings", None)
     if getattr(test, "is_hypothesis_test", False) and own is not None and own.max_examples > FAST_EXAMPLES:
         test._hypothesis_internal_use_settings = settings(own, max_examples=FAST_EXAMPLES)
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    """`count_calls(owner, name)` replaces `owner.name` with a wrapper that counts its calls and returns the
+    list that grows by one entry per call (a kernel's entry point, to see that a path took it)."""
+
+    def spy_on(owner, name: str) -> list:
+        count, original = [], getattr(owner, name)
+
+        def spy(*args, **kwargs):
+            count.append(1)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, spy)
+        return count
+
+    return spy_on

@@ -16,17 +16,9 @@ pytestmark = pytest.mark.skipif(not fused_cpu.available(), reason="the fused CPU
 
 
 @pytest.fixture
-def calls(monkeypatch):
+def calls(count_calls):
     """How many times the kernel ran."""
-    count = []
-    fused = small_linear._fused
-
-    def spy(*args):
-        count.append(1)
-        return fused(*args)
-
-    monkeypatch.setattr(small_linear, "_fused", spy)
-    return count
+    return count_calls(small_linear, "_fused")
 
 
 def _check(x, weight, bias):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .linear import Linear
+from .ops.geglu import geglu
 from .ops.validation import check_int, check_positive_real, check_probability
 
 
@@ -13,8 +15,10 @@ class GEGLU(nn.Module):
     """`(..., 2e) -> (..., e)`: first half times GELU of the second half."""
 
     def forward(self, x):
-        x, gate = x.chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        if torch.jit.is_scripting():  # TorchScript compiles only this branch
+            x, gate = x.chunk(2, dim=-1)
+            return x * F.gelu(gate)
+        return geglu(x)
 
 
 def FeedForward(dim: int, mult: float = 4, dropout: float = 0.0) -> nn.Sequential:

@@ -55,10 +55,10 @@ from .reference import repeat_kv
 
 CSRC = Path(__file__).parent / "csrc"
 # the attention kernel, the rotary kernel the modules use on CPU (`positional.py`), the decode step
-# (`ops/decode.py`), the hyper-connection stream mix (`ops/hyper.py`) and the few-row projections
-# (`ops/small_linear.py`), in one library
+# (`ops/decode.py`), the hyper-connection stream mix (`ops/hyper.py`), the few-row projections
+# (`ops/small_linear.py`) and the feed-forward's gate (`ops/geglu.py`), in one library
 SOURCES = [CSRC / "local_attention_cpu.cpp", CSRC / "rotary_cpu.cpp", CSRC / "decode_cpu.cpp", CSRC / "hyper_cpu.cpp",
-           CSRC / "small_linear_cpu.cpp", CSRC / "f32_gemm_avx2.cpp"]
+           CSRC / "small_linear_cpu.cpp", CSRC / "geglu_cpu.cpp", CSRC / "f32_gemm_avx2.cpp"]
 # sources compiled without the instruction-set flags of the CPU torch targets: the AVX2 build of the GEMM, whose
 # `#pragma GCC target("avx2,fma")` would otherwise add to AVX-512's sets (see the file)
 OWN_ISA_SOURCES = {CSRC / "f32_gemm_avx2.cpp"}

@@ -1,0 +1,42 @@
+"""`geglu(x)`: `a * F.gelu(g)` for `x = [a | g]` (halves of the last dimension), in our CPU kernel
+(`csrc/geglu_cpu.cpp`) where it computes the same function: eager float32 CPU tensors without autograd
+(decode steps, inference). torch hands a contiguous float32 `gelu` to oneDNN, which opens a parallel region
+for every call: one per layer and decode step, which on a machine with another busy process made two threads
+decode 3x slower than one. The kernel splits rows among threads only when the work pays for it, and computes
+GELU as torch's own kernel does (erf), so results agree to float32 rounding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import fused_cpu
+from .small_linear import _plain
+
+_fx_proxy = torch.fx.Proxy
+
+
+def _fused(x: torch.Tensor) -> torch.Tensor:
+    """The kernel on `x (M, 2e)` (contiguous)."""
+    return fused_cpu.kernel().geglu(x)
+
+
+def _takes(x: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or isinstance(x, _fx_proxy):  # tracers: F.gelu
+        return False
+    if not _plain(x) or x.ndim == 0 or x.shape[-1] % 2:
+        return False
+    if torch.is_grad_enabled() and x.requires_grad:
+        return False  # training: autograd's gelu
+    if torch.autograd.forward_ad._current_level >= 0 or torch.is_autocast_enabled("cpu"):
+        return False
+    return fused_cpu.available()
+
+
+def geglu(x: torch.Tensor) -> torch.Tensor:
+    """`(..., 2e) -> (..., e)`: the first half times GELU (exact, erf) of the second."""
+    if not _takes(x):
+        a, gate = x.chunk(2, dim=-1)
+        return a * F.gelu(gate)
+    y = _fused(x.reshape(-1, x.shape[-1]).contiguous())
+    return y.view(*x.shape[:-1], x.shape[-1] // 2)

@@ -72,18 +72,44 @@ def test_context_parallel_must_divide_the_world_and_seq_len(tmp_path, capsys):
     assert "--seq-len 32 must divide by --context-parallel 3" in capsys.readouterr().err
 
 
-def test_teardown_meets_at_a_barrier_only_after_a_finished_run(tmp_path, monkeypatch):
+def test_teardown_meets_at_a_barrier_only_after_a_finished_run(tmp_path, monkeypatch, capsys):
     """A rank whose run finished waits for the others before leaving the group; a failed one leaves at once
-    (a barrier there could wait on ranks that died). One gloo process stands in for the group."""
+    (a barrier there could wait on ranks that died); a barrier that fails (a rank never came) is reported and
+    the group still left. One gloo process stands in for the group."""
     import torch.distributed as dist
 
     from windowed_attention.training import distributed
 
     met = []
-    monkeypatch.setattr(dist, "monitored_barrier", lambda **kw: met.append(kw["timeout"].total_seconds()))
-    info = distributed.DistInfo(world_size=2)  # `enabled`; the group itself has one rank
-    for finished, expected in ((False, []), (True, [60.0])):
-        dist.init_process_group("gloo", init_method=f"file://{tmp_path / str(finished)}", rank=0, world_size=1)
-        distributed.teardown(info, finished)
-        assert not dist.is_initialized()
-        assert met == expected
+
+    def barrier(**kw):
+        met.append(kw["timeout"].total_seconds())
+        if len(met) == 2:
+            raise RuntimeError("Rank 1 failed to pass monitoredBarrier in 60000 ms\nmore")
+
+    monkeypatch.setattr(dist, "monitored_barrier", barrier)
+    info = distributed.DistInfo(rank=0, world_size=2)  # `enabled`; the group itself has one rank
+    try:
+        for case, (finished, expected) in enumerate(((False, []), (True, [60.0]), (True, [60.0, 60.0]))):
+            dist.init_process_group("gloo", init_method=f"file://{tmp_path / str(case)}", rank=0, world_size=1)
+            distributed.teardown(info, finished)
+            assert not dist.is_initialized()
+            assert met == expected
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert capsys.readouterr().err == ("rank 0: another rank did not reach the end of the run (Rank 1 failed to pass "
+                                       "monitoredBarrier in 60000 ms)\n")
+
+
+def test_training_tells_teardown_whether_the_run_finished(tmp_path, monkeypatch):
+    from windowed_attention.training import cli as train_cli
+    from windowed_attention.training import distributed
+
+    seen = []
+    monkeypatch.setattr(distributed, "teardown", lambda info, finished=False: seen.append(finished))
+    data = tmp_path / "data.txt"
+    data.write_text("".join(f"{i} squared is {i * i}\n" for i in range(500)))
+    assert train_cli.main(["--out", str(tmp_path / "run"), "--data", str(data), "--steps", "1", *TINY]) == 0
+    assert train_cli.main(["--out", str(tmp_path / "run"), "--data", str(data), "--steps", "1", *TINY]) == 2  # taken
+    assert seen == [True, False]

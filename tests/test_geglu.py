@@ -84,9 +84,27 @@ def test_a_decode_step_takes_it_and_equals_the_full_forward(calls):
                              local_attn_window_size=8).eval()
     tokens = torch.randint(0, 40, (3, 24))
     logits, caches = prefill(model, tokens[:, :12])
-    before = len(calls)
     for t in range(12, 24):
+        before = len(calls)
         logits, caches = decode_step(model, tokens[:, t:t + 1], caches)
+        assert len(calls) - before == 2  # a gate per layer
         with torch.no_grad():
             torch.testing.assert_close(logits, model(tokens[:, :t + 1])[:, -1], rtol=1e-4, atol=1e-4)
-    assert len(calls) - before >= 12 * 2  # a gate per layer and step (and the full forwards' own)
+
+
+def test_tracers_see_the_op_or_torch_gelu():
+    """make_fx records the kernel's op (its replay computes the same) or, with fake tensors, torch's gelu."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from windowed_attention.feedforward import GEGLU
+
+    x = torch.randn(3, 10)
+    with torch.no_grad():
+        expected = GEGLU()(x)
+        for mode, op in (("real", "windowed_attention_cpu.geglu.default"), ("fake", "aten.gelu.default")):
+            graph = make_fx(GEGLU(), tracing_mode=mode)(x)
+            assert op in {str(node.target) for node in graph.graph.nodes}, mode
+            torch.testing.assert_close(graph(x), expected)
+        with FakeTensorMode() as fake:
+            assert GEGLU()(fake.from_tensor(x)).shape == (3, 5)

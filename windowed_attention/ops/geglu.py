@@ -15,6 +15,16 @@ from .small_linear import _plain
 
 _fx_proxy = torch.fx.Proxy
 
+# The kernel's op, `windowed_attention_cpu::geglu`: its schema and fake here, its CPU kernel registered in C++
+# (`csrc/geglu_cpu.cpp`), so that a tracer that reaches it (make_fx, fake tensors) records the op.
+_KERNEL_LIBRARY = torch.library.Library("windowed_attention_cpu", "FRAGMENT")
+_KERNEL_LIBRARY.define("geglu(Tensor x) -> Tensor")
+
+
+@torch.library.register_fake("windowed_attention_cpu::geglu", lib=_KERNEL_LIBRARY)
+def _(x):
+    return x.new_empty(x.shape[0], x.shape[1] // 2)
+
 
 def _fused(x: torch.Tensor) -> torch.Tensor:
     """The kernel on `x (M, 2e)` (contiguous)."""
@@ -24,7 +34,7 @@ def _fused(x: torch.Tensor) -> torch.Tensor:
 def _takes(x: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or isinstance(x, _fx_proxy):  # tracers: F.gelu
         return False
-    if not _plain(x) or x.ndim == 0 or x.shape[-1] % 2:
+    if type(x) is not torch.Tensor or not _plain(x) or x.ndim == 0 or x.shape[-1] % 2:  # subclasses: their own gelu
         return False
     if torch.is_grad_enabled() and x.requires_grad:
         return False  # training: autograd's gelu

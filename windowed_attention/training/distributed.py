@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -84,18 +85,20 @@ def setup(device_type: str, context_parallel: int = 1, fsdp: bool = False) -> Di
 
 
 def teardown(info: DistInfo, finished: bool = False) -> None:
-    """Leave the process group. After a run that `finished` on this rank, the ranks first meet at a barrier,
-    so that none tears its group down while another still flushes its last collectives (a rank aborted at
-    exit once in CI, "terminate called without an active exception", after a run that had finished);
-    within a minute on gloo (`monitored_barrier` names a rank that never came), the group's timeout else."""
+    """Leave the process group. On gloo, after a run that `finished` on this rank, the ranks first meet at a
+    barrier, so that none tears its group down while another still flushes its last collectives (a rank
+    aborted at exit once in CI, "terminate called without an active exception", after a run that had
+    finished). A rank that does not come within a minute (it failed after the last collective, in work of
+    rank 0 alone) is named on stderr, and this rank's finished run still counts. NCCL leaves at once, as
+    before: a barrier there would wait out the group's timeout for a rank that failed."""
     if not (info.enabled and dist.is_initialized()):
         return
     try:
-        if finished:
-            if dist.get_backend() == "gloo":
-                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
-            else:
-                dist.barrier()
+        if finished and dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+    except RuntimeError as error:
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        print(f"rank {info.rank}: another rank did not reach the end of the run ({first_line})", file=sys.stderr)
     finally:
         dist.destroy_process_group()
 

@@ -280,10 +280,12 @@ def train(model_config: ModelConfig, config: TrainConfig, out: str | Path, *, re
                                   interrupted.code) from None
             raise
         finally:
-            lock.release()
-            if created and info.is_main:
-                _remove_if_unsaved(out)
-            distributed.teardown(info, finished)
+            try:
+                lock.release()
+                if created and info.is_main:
+                    _remove_if_unsaved(out)
+            finally:
+                distributed.teardown(info, finished)
 
 
 class RunFolderTaken(Exception):

@@ -54,4 +54,6 @@ at::Tensor geglu(const at::Tensor& x) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(windowed_attention_cpu, m) { m.def("geglu", &geglu); }
+// The op's schema and fake are defined in Python (ops/geglu.py), its kernel registered here for CPU tensors: a
+// tracer (make_fx, fake tensors) sees the op, not its body.
+TORCH_LIBRARY_IMPL(windowed_attention_cpu, CPU, m) { m.impl("geglu", &geglu); }

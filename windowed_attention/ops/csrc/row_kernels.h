@@ -82,22 +82,32 @@ inline T exp_sum(T* x, int64_t n, T shift, const T* keep) {
   return at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, vsum);
 }
 
-// x = exp(x * scale - shift) (the scale folded into the exponent's multiply-add: logits that are the scaled
-// scores alone need no pass of their own); returns the sum of x, or of x * g when g is set (the softmax's
-// delta_i = sum_j P_ij dP_ij, taken in the same pass).
+// `v` as it stands, rounded: the compiler may not fuse the multiply that made it into a later add (GCC and clang
+// contract a * b + c into one multiply-add by default, which rounds once).
+template <typename V>
+inline V rounded(V v) {
+  asm("" : "+m"(v));
+  return v;
+}
+
+// x = exp(x * scale - shift) (the scale applied inside the exponent's pass: logits that are the scaled scores
+// alone need no pass of their own); returns the sum of x, or of x * g when g is set (the softmax's delta_i =
+// sum_j P_ij dP_ij, taken in the same pass). x * scale is rounded before the shift, as a pass of its own would
+// round it: not fused into one multiply-add, so that the row's largest score, whose rounded logit is the
+// shift, weighs exactly 1 (a saturated row's gradient is then exactly zero).
 template <typename T>
 inline T exp_scaled(T* x, int64_t n, T scale, T shift, const T* g) {
   const Vec<T> vscale(scale), vshift(-shift);
   Vec<T> vsum(T(0));
   int64_t c = 0;
   for (; c + Vec<T>::size() <= n; c += Vec<T>::size()) {
-    const Vec<T> y = at::vec::fmadd(Vec<T>::loadu(x + c), vscale, vshift).exp_u20();
+    const Vec<T> y = (rounded(Vec<T>::loadu(x + c) * vscale) + vshift).exp_u20();
     y.store(x + c);
     vsum = g != nullptr ? at::vec::fmadd(y, Vec<T>::loadu(g + c), vsum) : vsum + y;
   }
   if (c < n) {  // the ragged end: one partial vector, its unused lanes zeroed
     const int64_t rest = n - c;
-    Vec<T> y = at::vec::fmadd(Vec<T>::loadu(x + c, rest), vscale, vshift).exp_u20();
+    Vec<T> y = (rounded(Vec<T>::loadu(x + c, rest) * vscale) + vshift).exp_u20();
     y = Vec<T>::set(Vec<T>(T(0)), y, rest);
     y.store(x + c, rest);
     vsum = g != nullptr ? at::vec::fmadd(y, Vec<T>::loadu(g + c, rest), vsum) : vsum + y;

@@ -11,9 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fused_cpu
-from .small_linear import _plain
-
-_fx_proxy = torch.fx.Proxy
+from .small_linear import eager_without_autograd
 
 # The kernel's op, `windowed_attention_cpu::geglu`: its schema and fake here, its CPU kernel registered in C++
 # (`csrc/geglu_cpu.cpp`), so that a tracer that reaches it (make_fx, fake tensors) records the op.
@@ -32,16 +30,9 @@ def _fused(x: torch.Tensor) -> torch.Tensor:
 
 
 def _takes(x: torch.Tensor) -> bool:
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or isinstance(x, _fx_proxy):  # tracers: F.gelu
+    if type(x) is not torch.Tensor:  # subclasses (fake tensors among them) and FX proxies: torch's gelu
         return False
-    if type(x) is not torch.Tensor or not _plain(x) or x.ndim == 0 or x.shape[-1] % 2:  # subclasses: their own gelu
-        return False
-    if torch.is_grad_enabled() and x.requires_grad:
-        return False  # training: autograd's gelu
-    if torch.autograd.forward_ad._current_level >= 0 or torch.is_autocast_enabled("cpu"):
-        return False
-    return fused_cpu.available()
-
+    return eager_without_autograd(x) and x.ndim > 0 and x.shape[-1] % 2 == 0
 
 def geglu(x: torch.Tensor) -> torch.Tensor:
     """`(..., 2e) -> (..., e)`: the first half times GELU (exact, erf) of the second."""

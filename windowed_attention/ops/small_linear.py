@@ -55,20 +55,27 @@ def _shapes_fit(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return MIN_ROWS <= x.numel() // k <= MAX_ROWS
 
 
+def eager_without_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether an eager CPU kernel without a derivative may compute on `tensors` (None: an absent optional
+    input) in place of torch's ops: no tracer (torch.compile, jit.trace, FX), plain float32 CPU tensors
+    (`_plain`), nothing for autograd to record, no forward-mode AD (a tangent to carry), no autocast, and the
+    kernel built. Shared by the few-row projection and the feed-forward's gate (`ops/geglu.py`)."""
+    given = [t for t in tensors if t is not None]
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or any(isinstance(t, _fx_proxy) for t in given):
+        return False
+    if not all(_plain(t) for t in given):
+        return False  # other dtypes, devices, layouts and transforms
+    if torch.is_grad_enabled() and any(t.requires_grad for t in given):
+        return False  # training
+    if torch.autograd.forward_ad._current_level >= 0 or torch.is_autocast_enabled("cpu"):
+        return False
+    return fused_cpu.available()
+
+
 def _takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether the kernel computes `F.linear(x, weight, bias)` here (a decode step's projections pass
     every check; together they cost about 2 us a call)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or isinstance(x, _fx_proxy):  # tracers: F.linear alone
-        return False
-    if not (_plain(x) and _plain(weight) and (bias is None or _plain(bias))):
-        return False  # other dtypes, devices, layouts and transforms
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return False  # training
-    if not _shapes_fit(x, weight, bias):
-        return False
-    if torch.autograd.forward_ad._current_level >= 0 or torch.is_autocast_enabled("cpu"):
-        return False  # forward-mode AD (a tangent to carry), autocast
-    return fused_cpu.available()
+    return eager_without_autograd(x, weight, bias) and _shapes_fit(x, weight, bias)
 
 
 @fused_cpu.custom_op("small_linear")

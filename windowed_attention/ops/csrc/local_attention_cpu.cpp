@@ -297,6 +297,13 @@ struct Inputs {
     return bias == nullptr && softcap == T(0) && keep == nullptr && !mask_self && scale > T(0);
   }
 
+  // Row i of the block when `raw_logits`: its scores as they stand, the columns it cannot see zeroed.
+  void raw_row(const Block& b, int64_t i, T* s, Cols& cols) const {
+    int64_t lo, hi;
+    visible(b, i, cols, lo, hi);
+    cols.zero_rest(s, b.cols());
+  }
+
   // Row i of the block (s: its scores over the block's columns): zero the columns it cannot see and turn the
   // rest into the logits the softmax sees (scale or softcap, bias, key padding, the self score). Its visible
   // columns `cols`: sink columns, then the window columns [nsb + a, nsb + e). t: tanh of the softcap (same
@@ -367,16 +374,11 @@ void forward_impl(const Inputs<S>& in, const Plan& plan, S* out, Acc<S>* lse) {
         T* s = scores + (i - b.r0) * C;
         Cols cols;
         T mx = -std::numeric_limits<T>::max(), sum = T(0);
-        if (raw) {  // the max of the scores, scaled (scale > 0); the scale goes into the exponent
-          int64_t lo, hi;
-          in.visible(b, i, cols, lo, hi);
-          cols.zero_rest(s, C);
-          cols.each([&](int64_t c, int64_t len) { mx = std::max(mx, row_max(s + c, len)); });
-          if (mx > -std::numeric_limits<T>::max()) mx *= in.scale;  // a row that sees nothing keeps the floor
-        } else {
-          in.logits(b, i, s, pen, nullptr, cols);
-          cols.each([&](int64_t c, int64_t len) { mx = std::max(mx, row_max(s + c, len)); });
-        }
+        if (raw) in.raw_row(b, i, s, cols);  // the scale goes into the exponent
+        else in.logits(b, i, s, pen, nullptr, cols);
+        cols.each([&](int64_t c, int64_t len) { mx = std::max(mx, row_max(s + c, len)); });
+        // raw: the max of the scores, scaled (scale > 0); a row that sees nothing keeps the floor
+        if (raw && mx > -std::numeric_limits<T>::max()) mx *= in.scale;
         // a learned sink joins the denominator (and the shift, so that a large one cannot overflow)
         const T shift = in.sinks != nullptr ? std::max(mx, in.sink(p)) : mx;
         cols.each([&](int64_t c, int64_t len) {
@@ -602,9 +604,7 @@ void backward_impl(const Inputs<S>& in, const Plan& plan, const Strided<S>& grad
                 const T l = lse[in.qrow(p, i)];
                 T delta = T(0);
                 if (raw) {  // P = exp(scale S - lse), and without dropout delta in the same pass
-                  int64_t lo, hi;
-                  in.visible(b, i, cols, lo, hi);
-                  cols.zero_rest(s, C);
+                  in.raw_row(b, i, s, cols);
                   cols.each([&](int64_t c, int64_t len) {
                     const T part = exp_scaled(s + c, len, in.scale, l, in.dropout ? none : g + c);
                     if (!in.dropout) delta += part;

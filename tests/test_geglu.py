@@ -108,3 +108,27 @@ def test_tracers_see_the_op_or_torch_gelu():
             torch.testing.assert_close(graph(x), expected)
         with FakeTensorMode() as fake:
             assert GEGLU()(fake.from_tensor(x)).shape == (3, 5)
+
+
+@pytest.mark.parametrize("e", [1, 7, 16, 23, 40])
+def test_non_finite_gates_as_torch_in_every_lane(calls, e):
+    """Infinities and NaN in the gate or the value, in the vector lanes and in the row's tail: the same
+    infinities and NaN as the path without the kernel, `a * F.gelu(g)` on the halves (gelu(+inf) = +inf; torch's
+    oneDNN route, taken for a contiguous gate, gives NaN there, its own kernel +inf)."""
+    specials = torch.tensor([float("inf"), float("-inf"), float("nan"), 1e30, -1e30, 0.0, 3.0, -3.0])
+    rows = []
+    for where in range(e):
+        for value in specials:
+            for side in (0, 1):
+                row = torch.ones(2 * e)
+                row[side * e + where] = value
+                rows.append(row)
+    x = torch.stack(rows)
+    with torch.no_grad():
+        out = geglu.geglu(x)
+    a, g = x.chunk(2, dim=-1)
+    expected = a * F.gelu(g)
+    assert len(calls) == 1
+    # finite entries within float32 rounding (erf's few ulp of 1, cancelled by 1 + erf for negative gates)
+    torch.testing.assert_close(out, expected, equal_nan=True, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out.isnan(), expected.isnan()) and torch.equal(out.isinf(), expected.isinf())

@@ -441,6 +441,34 @@ def test_fused_pool_can_be_turned_off():
         assert (int(done.stdout.split()[-1]) > 0) == pooled, (cap, done.stdout)
 
 
+def test_fused_pool_unmaps_memory_no_call_reused():
+    """Outputs no call has reused for `$WINDOWED_ATTENTION_POOL_IDLE_S` seconds are unmapped at the pool's next
+    use; those reused in time stay (a loop of one shape keeps its memory)."""
+    from windowed_attention.ops import fused_cpu
+
+    code = (
+        "import time, torch\n"
+        "from windowed_attention.ops import fused_cpu\n"
+        "from windowed_attention.ops.call import AttentionCall\n"
+        "from windowed_attention.ops.spec import WindowSpec\n"
+        "def run(n):\n"
+        "    q = torch.randn(1, n, 64)\n"
+        "    return fused_cpu.fused_cpu_attention(q, q, q, AttentionCall(WindowSpec(8, True, 1, 0, False), scale=1.0))\n"
+        "run(2**14)\n"  # 4 MB: pooled
+        "first = fused_cpu.idle_bytes()\n"
+        "run(2**14)\n"  # reused at once, kept again
+        "again = fused_cpu.idle_bytes()\n"
+        "time.sleep(1.5)\n"
+        "run(2**15)\n"  # another size, after the first's has been idle for longer than the limit
+        "print(first, again, fused_cpu.idle_bytes())\n"
+    )
+    env = {**os.environ, fused_cpu.POOL_IDLE_ENV: "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    first, again, last = (int(x) for x in done.stdout.split()[-3:])
+    assert first >= 2**14 * 64 * 4 and again == first, done.stdout
+    assert 2**15 * 64 * 4 <= last < 2**15 * 64 * 4 + first, done.stdout  # the 4 MB mapping is gone
+
+
 def _gemm_choice(own: bool, kind: str, instructions: str):
     """The fused kernel with MKL's `kind` GEMM (own False) or ours (skipped on CPUs without `instructions`),
     the previous choice restored afterwards."""

@@ -16,8 +16,9 @@ FMA (`csrc/f32_gemm.h`), bfloat16 on CPUs with AVX512-BF16 but no AMX (`csrc/bf1
 Outputs of 1 MB and more (the output and the q, k, v gradients) come from a pool inside the kernel that
 keeps the memory of freed outputs for the next call, so long sequences do not pay fresh page faults
 every step; idle memory is marked reclaimable (MADV_FREE), bounded by `$WINDOWED_ATTENTION_POOL_MB`
-(`POOL_ENV`; default 1024, 0 turns the pool off, read once when the kernel loads) and returned by
-`release_memory()`.
+(`POOL_ENV`; default 1024, 0 turns the pool off, read once when the kernel loads), unmapped at the pool's
+next use once no call has reused it for `$WINDOWED_ATTENTION_POOL_IDLE_S` seconds (`POOL_IDLE_ENV`; default
+30) and returned at once by `release_memory()`.
 
 The kernels are registered as `torch.library` custom ops (`torch.ops.windowed_attention.attention_forward`,
 `attention_backward`, `rotate`; the hyper-connection ops live in `ops/hyper.py`) with fake implementations
@@ -66,6 +67,7 @@ HEADERS = sorted(CSRC.glob("*.h"))  # included by the sources: part of what the 
 DISABLE_ENV = "WINDOWED_ATTENTION_NO_FUSED"
 CACHE_ENV = kernel_cache.CACHE_ENV
 POOL_ENV = "WINDOWED_ATTENTION_POOL_MB"
+POOL_IDLE_ENV = "WINDOWED_ATTENTION_POOL_IDLE_S"
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 _lock = threading.Lock()

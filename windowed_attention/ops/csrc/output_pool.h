@@ -10,11 +10,10 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <mutex>
-#include <tuple>
-#include <utility>
 #include <vector>
 
 namespace local_attention {
@@ -27,7 +26,11 @@ namespace local_attention {
 // mappings of freed outputs (up to `cap` bytes, $WINDOWED_ATTENTION_POOL_MB, default 1024; 0 turns it off)
 // and hands them to the next call of a size that fits. Idle mappings are marked MADV_FREE: reusing them
 // costs no page faults, yet the kernel may still reclaim their pages under memory pressure (a reclaimed
-// page reads as zeros, which is fine: every output is written in full before it is read).
+// page reads as zeros, which is fine: every output is written in full before it is read). Until it does,
+// they count in the process's resident memory, so a mapping no call has reused for `max_idle` seconds
+// ($WINDOWED_ATTENTION_POOL_IDLE_S, default 30) is unmapped at the pool's next use: a loop of one shape
+// reuses its mappings every step, while the sizes of calls that stopped (another length, a finished
+// prefill) do not stay resident up to the cap.
 //
 // It is a c10::Allocator, so its tensors are ordinary CPU tensors (resizable; a resize allocates here too).
 class OutputPool final : public c10::Allocator {
@@ -52,18 +55,22 @@ class OutputPool final : public c10::Allocator {
     const size_t need = (bytes + page - 1) / page * page;
     void* data = nullptr;
     size_t len = 0;
+    std::vector<Idle> evicted;
     {
       std::lock_guard<std::mutex> hold(mutex_);
+      evict_stale(Clock::now(), evicted);
       auto best = idle_.end();  // the smallest idle mapping that fits without wasting over a quarter
       for (auto it = idle_.begin(); it != idle_.end(); ++it)
-        if (it->second >= need && it->second <= need + need / 4 && (best == idle_.end() || it->second < best->second))
+        if (it->len >= need && it->len <= need + need / 4 && (best == idle_.end() || it->len < best->len))
           best = it;
       if (best != idle_.end()) {
-        std::tie(data, len) = *best;
+        data = best->data;
+        len = best->len;
         idle_bytes_ -= len;
         idle_.erase(best);
       }
     }
+    unmap(evicted);
     if (data == nullptr) {
       data = mmap(nullptr, need, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
       if (data == MAP_FAILED) return c10::GetCPUAllocator()->allocate(bytes);
@@ -76,13 +83,13 @@ class OutputPool final : public c10::Allocator {
 
   // Unmap every idle mapping.
   void release() {
-    std::vector<std::pair<void*, size_t>> idle;
+    std::vector<Idle> idle;
     {
       std::lock_guard<std::mutex> hold(mutex_);
       idle.swap(idle_);
       idle_bytes_ = 0;
     }
-    for (const auto& [p, len] : idle) munmap(p, len);
+    unmap(idle);
   }
 
   int64_t idle_bytes() {
@@ -91,15 +98,40 @@ class OutputPool final : public c10::Allocator {
   }
 
  private:
+  using Clock = std::chrono::steady_clock;
+
   OutputPool() {
     const char* mb = std::getenv("WINDOWED_ATTENTION_POOL_MB");
     cap_ = static_cast<size_t>(mb != nullptr && *mb != '\0' ? std::max(std::atoll(mb), 0LL) : 1024) << 20;
+    const char* idle_s = std::getenv("WINDOWED_ATTENTION_POOL_IDLE_S");
+    const double seconds = idle_s != nullptr && *idle_s != '\0' ? std::max(std::atof(idle_s), 0.0) : 30.0;
+    max_idle_ = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(std::min(seconds, 1e9)));
   }
 
   struct Mapping {
     void* data;
     size_t len;
   };
+
+  struct Idle {
+    void* data;
+    size_t len;
+    Clock::time_point since;
+  };
+
+  static void unmap(const std::vector<Idle>& mappings) {
+    for (const auto& m : mappings) munmap(m.data, m.len);
+  }
+
+  // Moves the mappings idle for longer than max_idle_ (the oldest first) into `evicted`; mutex_ held.
+  void evict_stale(Clock::time_point now, std::vector<Idle>& evicted) {
+    auto fresh = idle_.begin();
+    while (fresh != idle_.end() && now - fresh->since > max_idle_) {
+      idle_bytes_ -= fresh->len;
+      evicted.push_back(*fresh++);
+    }
+    idle_.erase(idle_.begin(), fresh);
+  }
 
   static void give_back(void* context) {
     const Mapping mapping = *static_cast<Mapping*>(context);
@@ -111,23 +143,26 @@ class OutputPool final : public c10::Allocator {
 #ifdef MADV_FREE
     madvise(p, len, MADV_FREE);
 #endif
-    std::vector<std::pair<void*, size_t>> evicted;
+    std::vector<Idle> evicted;
     {
       std::lock_guard<std::mutex> hold(mutex_);
-      idle_.emplace_back(p, len);
+      const auto now = Clock::now();
+      evict_stale(now, evicted);
+      idle_.push_back(Idle{p, len, now});
       idle_bytes_ += len;
       while (idle_bytes_ > cap_) {  // the oldest go first
         evicted.push_back(idle_.front());
-        idle_bytes_ -= idle_.front().second;
+        idle_bytes_ -= idle_.front().len;
         idle_.erase(idle_.begin());
       }
     }
-    for (const auto& [q, n] : evicted) munmap(q, n);
+    unmap(evicted);
   }
 
   std::mutex mutex_;
-  std::vector<std::pair<void*, size_t>> idle_;  // oldest first
+  std::vector<Idle> idle_;  // oldest first
   size_t idle_bytes_ = 0, cap_ = 0;
+  Clock::duration max_idle_{};
 };
 
 }  // namespace local_attention

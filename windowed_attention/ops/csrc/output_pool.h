@@ -104,8 +104,9 @@ class OutputPool final : public c10::Allocator {
     const char* mb = std::getenv("WINDOWED_ATTENTION_POOL_MB");
     cap_ = static_cast<size_t>(mb != nullptr && *mb != '\0' ? std::max(std::atoll(mb), 0LL) : 1024) << 20;
     const char* idle_s = std::getenv("WINDOWED_ATTENTION_POOL_IDLE_S");
-    const double seconds = idle_s != nullptr && *idle_s != '\0' ? std::max(std::atof(idle_s), 0.0) : 30.0;
-    max_idle_ = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(std::min(seconds, 1e9)));
+    double seconds = idle_s != nullptr && *idle_s != '\0' ? std::atof(idle_s) : 30.0;
+    seconds = seconds >= 0.0 ? std::min(seconds, 1e9) : 0.0;  // negative or NaN: 0, keep none between uses
+    max_idle_ = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
   }
 
   struct Mapping {

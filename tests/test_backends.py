@@ -422,23 +422,30 @@ def test_fused_outputs_reuse_pooled_memory_exactly(masked):
     assert fused_cpu.idle_bytes() == 0
 
 
+def _pool_in_fresh_process(code: str, env: dict[str, str]) -> list[int]:
+    """`code` run in a new Python process (the pool reads its settings once, when the kernel loads) with `env`
+    added to the environment and `run(n)`, a fused call on (1, n, 64) inputs whose output it drops, defined; the
+    integers of its last printed line."""
+    preamble = (
+        "import time, torch\n"
+        "from windowed_attention.ops import fused_cpu\n"
+        "from windowed_attention.ops.call import AttentionCall\n"
+        "from windowed_attention.ops.spec import WindowSpec\n"
+        "def run(n):\n"
+        "    q = torch.randn(1, n, 64)\n"
+        "    return fused_cpu.fused_cpu_attention(q, q, q, AttentionCall(WindowSpec(8, True, 1, 0, False), scale=1.0))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", preamble + code], capture_output=True, text=True,
+                          env={**os.environ, **env}, check=True)
+    return [int(x) for x in done.stdout.splitlines()[-1].split()]
+
+
 def test_fused_pool_can_be_turned_off():
     from windowed_attention.ops import fused_cpu
 
-    code = (
-        "import torch\n"
-        "from windowed_attention.ops import fused_cpu\n"
-        "from windowed_attention.ops.spec import WindowSpec\n"
-        "q = torch.randn(1, 2**17 + 1, 64)\n"
-        "from windowed_attention.ops.call import AttentionCall\n"
-        "out = fused_cpu.fused_cpu_attention(q, q, q, AttentionCall(WindowSpec(8, True, 1, 0, False), scale=1.0))\n"
-        "del out\n"
-        "print(fused_cpu.idle_bytes())\n"
-    )
     for cap, pooled in (("0", False), ("64", True)):
-        env = {**os.environ, fused_cpu.POOL_ENV: cap}
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-        assert (int(done.stdout.split()[-1]) > 0) == pooled, (cap, done.stdout)
+        (idle,) = _pool_in_fresh_process("run(2**17 + 1)\nprint(fused_cpu.idle_bytes())\n", {fused_cpu.POOL_ENV: cap})
+        assert (idle > 0) == pooled, (cap, idle)
 
 
 def test_fused_pool_unmaps_memory_no_call_reused():
@@ -447,13 +454,6 @@ def test_fused_pool_unmaps_memory_no_call_reused():
     from windowed_attention.ops import fused_cpu
 
     code = (
-        "import time, torch\n"
-        "from windowed_attention.ops import fused_cpu\n"
-        "from windowed_attention.ops.call import AttentionCall\n"
-        "from windowed_attention.ops.spec import WindowSpec\n"
-        "def run(n):\n"
-        "    q = torch.randn(1, n, 64)\n"
-        "    return fused_cpu.fused_cpu_attention(q, q, q, AttentionCall(WindowSpec(8, True, 1, 0, False), scale=1.0))\n"
         "run(2**14)\n"  # 4 MB: pooled
         "first = fused_cpu.idle_bytes()\n"
         "run(2**14)\n"  # reused at once, kept again
@@ -462,11 +462,9 @@ def test_fused_pool_unmaps_memory_no_call_reused():
         "run(2**15)\n"  # another size, after the first's has been idle for longer than the limit
         "print(first, again, fused_cpu.idle_bytes())\n"
     )
-    env = {**os.environ, fused_cpu.POOL_IDLE_ENV: "1"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    first, again, last = (int(x) for x in done.stdout.split()[-3:])
-    assert first >= 2**14 * 64 * 4 and again == first, done.stdout
-    assert 2**15 * 64 * 4 <= last < 2**15 * 64 * 4 + first, done.stdout  # the 4 MB mapping is gone
+    first, again, last = _pool_in_fresh_process(code, {fused_cpu.POOL_IDLE_ENV: "1"})
+    assert first >= 2**14 * 64 * 4 and again == first, (first, again)
+    assert 2**15 * 64 * 4 <= last < 2**15 * 64 * 4 + first, (first, last)  # the 4 MB mapping is gone
 
 
 def _gemm_choice(own: bool, kind: str, instructions: str):

@@ -58,7 +58,7 @@ class OutputPool final : public c10::Allocator {
     std::vector<Idle> evicted;
     {
       std::lock_guard<std::mutex> hold(mutex_);
-      evict_stale(Clock::now(), evicted);
+      evict(Clock::now(), evicted);
       auto best = idle_.end();  // the smallest idle mapping that fits without wasting over a quarter
       for (auto it = idle_.begin(); it != idle_.end(); ++it)
         if (it->len >= need && it->len <= need + need / 4 && (best == idle_.end() || it->len < best->len))
@@ -124,14 +124,15 @@ class OutputPool final : public c10::Allocator {
     for (const auto& m : mappings) munmap(m.data, m.len);
   }
 
-  // Moves the mappings idle for longer than max_idle_ (the oldest first) into `evicted`; mutex_ held.
-  void evict_stale(Clock::time_point now, std::vector<Idle>& evicted) {
-    auto fresh = idle_.begin();
-    while (fresh != idle_.end() && now - fresh->since > max_idle_) {
-      idle_bytes_ -= fresh->len;
-      evicted.push_back(*fresh++);
+  // Moves the oldest mappings into `evicted` while they are over the cap or idle for longer than max_idle_;
+  // mutex_ held.
+  void evict(Clock::time_point now, std::vector<Idle>& evicted) {
+    auto kept = idle_.begin();
+    while (kept != idle_.end() && (idle_bytes_ > cap_ || now - kept->since > max_idle_)) {
+      idle_bytes_ -= kept->len;
+      evicted.push_back(*kept++);
     }
-    idle_.erase(idle_.begin(), fresh);
+    idle_.erase(idle_.begin(), kept);
   }
 
   static void give_back(void* context) {
@@ -148,14 +149,9 @@ class OutputPool final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> hold(mutex_);
       const auto now = Clock::now();
-      evict_stale(now, evicted);
       idle_.push_back(Idle{p, len, now});
       idle_bytes_ += len;
-      while (idle_bytes_ > cap_) {  // the oldest go first
-        evicted.push_back(idle_.front());
-        idle_bytes_ -= idle_.front().len;
-        idle_.erase(idle_.begin());
-      }
+      evict(now, evicted);
     }
     unmap(evicted);
   }
